@@ -1,0 +1,183 @@
+"""The attack contract: a final ``__call__`` that enforces the threat model for every attack.
+
+Subclasses implement :meth:`Attack.perturb` only. ``__call__`` checks the inputs, runs the
+attack with the model in eval mode (restoring every submodule's mode afterwards, also on
+error), projects the result onto the eps ball and [0, 1], and never moves a tensor between
+devices. Randomness (random starts) comes from torch's global RNG, so callers seed it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, final
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from harden.errors import PolicyError, ThreatModelError
+from harden.policy import ThreatModel
+from harden.registry import Registry
+
+__all__ = ["ATTACKS", "Attack", "AttackParams", "input_grad", "lp_norm", "normalize_grad", "project", "restore_modes", "save_modes"]
+
+
+class AttackParams(BaseModel):
+    """Base of every attack's parameters (unknown keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack", entry_point_group="harden.attacks")
+
+
+def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example norm of a batch, shape ``(N,)``."""
+    flat = t.flatten(1)
+    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
+
+
+def normalize_grad(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction for the norm: ``sign(g)`` (linf) or ``g / ||g||_2`` (l2)."""
+    if norm == "linf":
+        return g.sign()
+    n = g.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+    return g / n.view(-1, *([1] * (g.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project ``x_adv`` onto ``{x' : ||x' - x|| <= eps} ∩ [0, 1]``.
+
+    For l2 the ball projection is followed by clipping to the box, which keeps the norm bound.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 2, 2)
+        >>> project(torch.ones(1, 1, 2, 2), x, "linf", 0.1).max().item()
+        0.10000000149011612
+    """
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+        factor = (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+        delta = delta * factor
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def save_modes(model: nn.Module) -> dict[str, bool]:
+    """Every submodule's ``training`` flag, to restore later exactly."""
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Restore the flags saved by :func:`save_modes`."""
+    for name, m in model.named_modules():
+        if name in modes:
+            m.training = modes[name]
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+class Attack(ABC):
+    """Base class of every attack.
+
+    Args:
+        threat: the threat model (norm, eps) enforced on the result.
+        params: the attack's parameters (a mapping or its ``Params`` instance).
+
+    Example:
+        >>> from harden.attacks import ATTACKS
+        >>> from harden.testing import TinyMLP
+        >>> pgd = ATTACKS.get("pgd")(ThreatModel(eps=0.1), {"steps": 3})
+        >>> x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        >>> bool(((pgd(TinyMLP(num_classes=3), x, y) - x).abs().max() <= 0.1 + 1e-6))
+        True
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = AttackParams
+    #: Whether the result is projected onto the threat model's eps ball (else only onto [0, 1]).
+    bounded: ClassVar[bool] = True
+    #: Whether the attack needs gradients of the model (white-box).
+    white_box: ClassVar[bool] = True
+
+    def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
+        if not isinstance(threat, ThreatModel):
+            raise ThreatModelError(f"expected a harden.ThreatModel, got {type(threat).__name__}")
+        self.threat = threat
+        if isinstance(params, self.Params):
+            self.params: Any = params
+        else:
+            try:
+                self.params = self.Params.model_validate(dict(params or {}))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise PolicyError(f"{self.name or type(self).__name__} params: {where}: {err['msg']}") from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.threat.norm}, eps={self.threat.eps}, {self.params!r})"
+
+    @final
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attack ``model`` at ``(x, y)``; returns adversarial pixels inside the threat model.
+
+        Raises:
+            ThreatModelError: ``x`` is not float NCHW in [0, 1], ``y`` not matching labels, or
+                the model and the data are on different devices.
+        """
+        self._check_inputs(model, x, y)
+        modes = save_modes(model)
+        model.eval()
+        try:
+            with torch.enable_grad():
+                x_adv = self.perturb(model, x.detach(), y.detach())
+        finally:
+            restore_modes(model, modes)
+        if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape or x_adv.device != x.device:
+            raise ThreatModelError(f"{self.name}: expected perturb() to return a tensor like x {tuple(x.shape)} on {x.device}, got {getattr(x_adv, 'shape', x_adv)!r}")
+        x_adv = x_adv.detach()
+        if not torch.isfinite(x_adv).all():
+            raise ThreatModelError(f"{self.name}: expected finite adversarial pixels, got NaN or infinity")
+        if self.bounded:
+            return project(x_adv, x, self.threat.norm, self.threat.eps)
+        return x_adv.clamp(0.0, 1.0)
+
+    def _check_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not isinstance(model, nn.Module):
+            raise ThreatModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            raise ThreatModelError(f"expected x as float32 pixels, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != 4 or x.shape[0] == 0:
+            raise ThreatModelError(f"expected x as a non-empty NCHW batch, got shape {tuple(x.shape)}")
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            raise ThreatModelError(f"expected y as {x.shape[0]} integer labels, got {getattr(y, 'shape', type(y).__name__)}")
+        if y.device != x.device:
+            raise ThreatModelError(f"expected x and y on one device, got {x.device} and {y.device}")
+        dev = _model_device(model)
+        if dev is not None and dev != x.device:
+            raise ThreatModelError(f"expected the model and x on one device, got {dev} and {x.device}; move them yourself (attacks never move tensors)")
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= -1e-6 and hi <= 1 + 1e-6):
+            raise ThreatModelError(f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (normalization belongs inside the model)")
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return adversarial pixels for ``(x, y)``; the model is already in eval mode."""
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, loss_fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at ``x`` and the gradient of ``loss_fn(logits).sum()`` w.r.t. ``x``."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    loss = loss_fn(logits)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return logits.detach(), grad.detach()

@@ -1,0 +1,121 @@
+"""The worst-case cascade: each attack runs only on the examples still robust.
+
+As in AutoAttack's standard evaluation, an example counts as robust only if every attack of
+the suite fails on it; attacks run in order, each on the survivors of the previous ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from harden.attacks.base import ATTACKS, Attack
+from harden.policy import AttackSpec, ThreatModel
+
+__all__ = ["SuiteResult", "build_attack", "suite_labels", "run_suite"]
+
+
+def build_attack(spec: AttackSpec, threat: ThreatModel) -> Attack:
+    """Instantiate the attack an :class:`AttackSpec` names under ``threat``.
+
+    Example:
+        >>> build_attack(AttackSpec(name="pgd", params={"steps": 3}), ThreatModel(eps=0.1)).params.steps
+        3
+    """
+    return ATTACKS.get(spec.name)(threat, spec.params)
+
+
+def suite_labels(names: Sequence[str]) -> list[str]:
+    """Unique labels for attacks in a suite: ``pgd``, ``pgd#2``, ...
+
+    Example:
+        >>> suite_labels(["fgsm", "pgd", "pgd"])
+        ['fgsm', 'pgd', 'pgd#2']
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+@dataclass
+class SuiteResult:
+    """Per-example outcome of a suite on one batch (or several, concatenated).
+
+    Attributes:
+        labels: attack labels in cascade order.
+        clean_correct: the model is right on the clean input.
+        still_correct: per label, the example survived the cascade up to and including it.
+        broken_by: per example, the label of the first attack that fooled it ("" if none, or
+            "clean" if the clean input was already wrong).
+        seconds: wall time per label.
+    """
+
+    labels: list[str]
+    clean_correct: torch.Tensor
+    still_correct: dict[str, torch.Tensor]
+    broken_by: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """Survived every attack (worst case per example)."""
+        return self.still_correct[self.labels[-1]] if self.labels else self.clean_correct
+
+    def extend(self, other: SuiteResult) -> None:
+        """Append another batch's result."""
+        self.clean_correct = torch.cat([self.clean_correct, other.clean_correct])
+        for k in self.labels:
+            self.still_correct[k] = torch.cat([self.still_correct[k], other.still_correct[k]])
+            self.seconds[k] = self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0)
+        self.broken_by.extend(other.broken_by)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1)
+
+
+def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack]) -> SuiteResult:
+    """Run ``attacks`` as a cascade on one batch; returns per-example outcomes on CPU.
+
+    The model is evaluated in eval mode; its train/eval modes are restored afterwards.
+
+    Example:
+        >>> from harden.testing import TinyMLP
+        >>> atk = build_attack(AttackSpec(name="fgsm"), ThreatModel(eps=0.1))
+        >>> r = run_suite(TinyMLP(num_classes=2), torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), [atk])
+        >>> r.labels, len(r.broken_by)
+        (['fgsm'], 4)
+    """
+    from harden.attacks.base import restore_modes, save_modes
+
+    labels = suite_labels([a.name for a in attacks])
+    modes = save_modes(model)
+    model.eval()
+    try:
+        correct = _predict(model, x) == y
+        clean = correct.clone()
+        broken = ["" if c else "clean" for c in clean.tolist()]
+        still: dict[str, torch.Tensor] = {}
+        seconds: dict[str, float] = {}
+        for label, attack in zip(labels, attacks, strict=True):
+            t0 = time.perf_counter()
+            idx = correct.nonzero().flatten()
+            if idx.numel():
+                x_adv = attack(model, x[idx], y[idx])
+                fooled = _predict(model, x_adv) != y[idx]
+                for i in idx[fooled].tolist():
+                    broken[i] = label
+                correct[idx[fooled]] = False
+            seconds[label] = time.perf_counter() - t0
+            still[label] = correct.clone().cpu()
+    finally:
+        restore_modes(model, modes)
+    return SuiteResult(labels, clean.cpu(), still, broken, seconds)

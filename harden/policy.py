@@ -1,0 +1,514 @@
+"""The policy: one validated, frozen description of a hardening job.
+
+A policy is YAML (read with ``yaml.safe_load``) validated by pydantic v2 with ``extra="forbid"``.
+Every objective and attack validates its own ``params`` with its own pydantic ``Params`` model,
+so third-party plugins get the same checks and error messages as the built-ins.
+
+Any problem raises :class:`harden.PolicyError` with one line naming the file and the key path::
+
+    policies/bad.yaml: objectives.0.params.beta: expected a number >= 0, got -1.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from harden.errors import PolicyError, UnknownNameError
+
+__all__ = [
+    "AttackSpec",
+    "DataSpec",
+    "ExportSpec",
+    "ModelSpec",
+    "ObjectiveSpec",
+    "Policy",
+    "ThreatModel",
+    "TrainSpec",
+    "VerifySpec",
+    "dump_policy",
+    "load_policy",
+    "policy_hash",
+    "validate_policy",
+]
+
+_MODULE_ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+MAX_POLICY_BYTES = 1_000_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _nested_params_error(kind: str, name: str, exc: ValidationError) -> PydanticCustomError:
+    """Turn a Params model's first error into one that carries the nested key path."""
+    err = exc.errors()[0]
+    path = ".".join(["params", *(str(p) for p in err["loc"])])
+    return PydanticCustomError(
+        "harden_nested",
+        "{msg}",
+        {"path": path, "msg": f"{_describe(err)} (params of {kind} {name!r})"},
+    )
+
+
+def _validate_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        validated = params_model.model_validate(params)
+    except ValidationError as exc:
+        raise _nested_params_error(kind, name, exc) from None
+    return validated.model_dump(mode="json")
+
+
+class ThreatModel(_Strict):
+    """The attacker's budget, in pixel space ([0, 1]).
+
+    Attributes:
+        norm: ``linf`` or ``l2``.
+        eps: radius of the perturbation ball (0 < eps <= 1 for linf; for l2, 0 < eps <= 100).
+        rho: IWD budget (internal Wasserstein distance) for the IWD attack and IWD-AT.
+    """
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(0.3, gt=0)
+    rho: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _eps_range(self) -> ThreatModel:
+        if self.norm == "linf" and self.eps > 1:
+            raise PydanticCustomError(
+                "harden_nested", "{msg}",
+                {"path": "eps", "msg": f"expected eps <= 1 for an linf ball on [0, 1] pixels, got {self.eps}"},
+            )
+        if self.norm == "l2" and self.eps > 100:
+            raise PydanticCustomError(
+                "harden_nested", "{msg}",
+                {"path": "eps", "msg": f"expected eps <= 100 for an l2 ball, got {self.eps}"},
+            )
+        return self
+
+
+class ModelSpec(_Strict):
+    """Which model to harden.
+
+    Attributes:
+        name: ``timm:<name>`` (e.g. ``timm:resnet10t``) or ``module:attr`` (a class, factory or
+            ``nn.Module`` instance). Ignored when ``harden.fit`` is given an ``nn.Module``.
+        num_classes: output classes; defaults to the data's.
+        in_chans: input channels; defaults to the data's.
+        pretrained_file: local ``.safetensors`` (or weights-only ``.pth``) file with weights to
+            start from; never downloaded.
+        mean: per-channel mean folded into the model (``Normalized``); default: timm's
+            pretrained config when ``pretrained_file`` is set, else no normalization.
+        std: per-channel std, as ``mean``.
+        args: extra keyword arguments for ``timm.create_model`` or the ``module:attr`` factory.
+    """
+
+    name: str = "timm:resnet10t"
+    num_classes: int | None = Field(None, ge=2)
+    in_chans: int | None = Field(None, ge=1)
+    pretrained_file: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    args: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name.startswith("timm:"):
+            from harden.models import check_timm_name
+
+            try:
+                check_timm_name(name[5:])
+            except UnknownNameError as exc:
+                raise ValueError(str(exc)) from None
+        elif not _MODULE_ATTR.match(name):
+            raise ValueError(f"expected 'timm:<model name>' or 'package.module:attr', got {name!r}")
+        return name
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if std is not None and any(s <= 0 for s in std):
+            raise ValueError(f"expected every std > 0, got {list(std)}")
+        return std
+
+    @model_validator(mode="after")
+    def _mean_std_together(self) -> ModelSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("expected both mean and std, or neither")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"expected mean and std of equal length, got {len(self.mean)} and {len(self.std)}")
+        return self
+
+
+class DataSpec(_Strict):
+    """Where the data comes from.
+
+    Attributes:
+        name: a registered dataset (``digits``, ``mnist-5k``, ``cifar10``, ``imagefolder``,
+            ``synthetic``) or ``module:function`` returning ``(train_dataset, test_dataset)``.
+        root: local directory for ``cifar10`` / ``imagefolder`` (never downloaded).
+        batch_size: training batch size.
+        eval_batch_size: batch size for evaluation and attacks.
+        train_limit: use only the first N training examples (after the seeded split).
+        test_limit: use only the first N test examples.
+        image_size: resize ``imagefolder`` images to this square size.
+        num_workers: DataLoader worker processes.
+    """
+
+    name: str = "mnist-5k"
+    root: str | None = None
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=4)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, name: str) -> str:
+        if ":" in name:
+            if not _MODULE_ATTR.match(name):
+                raise ValueError(f"expected 'package.module:function', got {name!r}")
+            return name
+        from harden.data import DATASETS
+
+        try:
+            DATASETS.get(name)
+        except UnknownNameError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+
+class ObjectiveSpec(_Strict):
+    """One weighted term of the training loss.
+
+    Attributes:
+        name: a registered objective (``ce``, ``pgd_at``, ``trades``, ...).
+        weight: its weight in the sum (>= 0).
+        params: the objective's own parameters, validated by its ``Params`` model.
+    """
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_params(self) -> ObjectiveSpec:
+        from harden.objectives import OBJECTIVES
+
+        try:
+            cls = OBJECTIVES.get(self.name)
+        except UnknownNameError as exc:
+            raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
+        object.__setattr__(self, "params", _validate_params("objective", self.name, cls.Params, self.params))
+        return self
+
+
+class AttackSpec(_Strict):
+    """One attack of the verification suite.
+
+    Attributes:
+        name: a registered attack (``fgsm``, ``pgd``, ...).
+        params: the attack's own parameters, validated by its ``Params`` model.
+    """
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_params(self) -> AttackSpec:
+        from harden.attacks import ATTACKS
+
+        try:
+            cls = ATTACKS.get(self.name)
+        except UnknownNameError as exc:
+            raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
+        object.__setattr__(self, "params", _validate_params("attack", self.name, cls.Params, self.params))
+        return self
+
+
+class TrainSpec(_Strict):
+    """How to train.
+
+    Attributes:
+        epochs: number of epochs (>= 1).
+        optimizer: ``sgd`` (with Nesterov momentum) or ``adamw``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        schedule: ``cosine`` (to 0 over all steps), ``step`` (times ``gamma`` at each epoch in
+            ``milestones``) or ``constant``.
+        warmup_epochs: linear warm-up length, in epochs (may be fractional).
+        milestones: epochs at which the ``step`` schedule multiplies the lr by ``gamma``.
+        gamma: multiplier of the ``step`` schedule.
+        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        probe_examples: test examples for the per-epoch PGD probe (0 disables it).
+        probe_steps: PGD steps of the per-epoch probe.
+        checkpoint_every: write a checkpoint every N epochs (the last epoch always is).
+        keep_checkpoints: how many epoch checkpoints to keep (older ones are deleted).
+    """
+
+    epochs: int = Field(3, ge=1, le=100_000)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: tuple[int, ...] = ()
+    gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    probe_examples: int = Field(256, ge=0)
+    probe_steps: int = Field(10, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+
+
+class VerifySpec(_Strict):
+    """The attack suite run by ``harden verify`` / ``harden run``.
+
+    Attributes:
+        attacks: attacks in cascade order; each runs only on the examples still robust.
+        n_examples: test examples to attack (the first N of the test split).
+    """
+
+    attacks: tuple[AttackSpec, ...] = Field(
+        default_factory=lambda: (AttackSpec(name="fgsm"), AttackSpec(name="pgd", params={"steps": 40})),
+        min_length=1,
+    )
+    n_examples: int = Field(1000, ge=1)
+
+
+class ExportSpec(_Strict):
+    """ONNX export settings.
+
+    Attributes:
+        opset: ONNX opset (None: the exporter's default).
+        parity_examples: inputs on which onnxruntime must match torch.
+        parity_atol: largest allowed absolute logit difference.
+    """
+
+    opset: int | None = Field(None, ge=13)
+    parity_examples: int = Field(64, ge=1)
+    parity_atol: float = Field(1e-4, gt=0)
+
+
+class Policy(_Strict):
+    """A complete hardening job.
+
+    Attributes:
+        name: a label for runs and reports.
+        seed: seeds data order, initialisation and attacks.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available). Nothing moves
+            to a GPU unless the policy says so.
+        model: see :class:`ModelSpec`.
+        data: see :class:`DataSpec`.
+        threat: see :class:`ThreatModel`.
+        train: see :class:`TrainSpec`.
+        objectives: the loss is the weighted sum of these terms.
+        verify: see :class:`VerifySpec`.
+        export: see :class:`ExportSpec`.
+
+    Example:
+        >>> p = Policy(objectives=[ObjectiveSpec(name="pgd_at")])
+        >>> p.threat.eps, p.objectives[0].params["steps"]
+        (0.3, 7)
+    """
+
+    name: str = Field("harden", min_length=1, max_length=100, pattern=r"^[\w.\-]+$")
+    seed: int = Field(0, ge=0, lt=2**32)
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?|mps)$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    threat: ThreatModel = Field(default_factory=ThreatModel)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    objectives: tuple[ObjectiveSpec, ...] = Field(min_length=1)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Policy:
+        if all(o.weight == 0 for o in self.objectives):
+            raise PydanticCustomError(
+                "harden_nested", "{msg}",
+                {"path": "objectives", "msg": "expected at least one objective with weight > 0, got all zero"},
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_PHRASES: dict[str, str] = {
+    "greater_than_equal": "a number >= {ge}",
+    "greater_than": "a number > {gt}",
+    "less_than_equal": "a number <= {le}",
+    "less_than": "a number < {lt}",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "literal_error": "one of {expected}",
+    "too_short": "at least {min_length} item(s)",
+    "too_long": "at most {max_length} item(s)",
+    "string_too_short": "a string of at least {min_length} character(s)",
+    "string_too_long": "a string of at most {max_length} characters",
+    "string_pattern_mismatch": "a string matching {pattern}",
+    "finite_number": "a finite number",
+}
+
+
+def _describe(err: Any) -> str:
+    """One readable phrase for a pydantic error: 'expected ..., got ...'."""
+    kind = err["type"]
+    if kind == "harden_nested":
+        return str(err["ctx"]["msg"])
+    if kind == "extra_forbidden":
+        return "unknown key (not allowed here)"
+    if kind == "missing":
+        return "expected a value, got nothing (required key)"
+    if kind.startswith("value_error"):
+        return str(err["msg"]).removeprefix("Value error, ")
+    got = err.get("input")
+    got_s = repr(got) if not isinstance(got, (dict, list, tuple)) else f"a {type(got).__name__}"
+    if len(got_s) > 60:
+        got_s = got_s[:57] + "..."
+    phrase = _PHRASES.get(kind)
+    if phrase is not None:
+        try:
+            phrase = phrase.format(**err.get("ctx", {}))
+        except (KeyError, IndexError):
+            phrase = None
+    if phrase is None:
+        msg = str(err["msg"])
+        phrase = msg.removeprefix("Input should be ").removeprefix("input should be ")
+    return f"expected {phrase}, got {got_s}"
+
+
+def _format(exc: ValidationError, source: str | None) -> str:
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "harden_nested" and err["ctx"]["path"]:
+        loc.append(err["ctx"]["path"])
+    path = ".".join(loc) or "(top level)"
+    # errors on a parent of the first one (e.g. a list left empty by it) are consequences
+    others = [e for e in errors[1:] if tuple(e["loc"]) != tuple(err["loc"])[: len(e["loc"])]]
+    more = f" (and {len(others)} more)" if others else ""
+    prefix = f"{source}: " if source else ""
+    return f"{prefix}{path}: {_describe(err)}{more}"
+
+
+def validate_policy(data: Any, source: str | None = None) -> Policy:
+    """Validate a mapping (e.g. parsed YAML) into a :class:`Policy`.
+
+    Args:
+        data: the policy document as Python objects.
+        source: file name used in error messages.
+
+    Raises:
+        PolicyError: the document is invalid; the message names ``source`` and the key path.
+
+    Example:
+        >>> validate_policy({"objectives": [{"name": "ce"}]}).objectives[0].name
+        'ce'
+    """
+    if not isinstance(data, dict):
+        prefix = f"{source}: " if source else ""
+        raise PolicyError(f"{prefix}(top level): expected a mapping of policy keys, got {type(data).__name__}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format(exc, source)) from None
+    except RecursionError:
+        prefix = f"{source}: " if source else ""
+        raise PolicyError(f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply") from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors/aliases (no 'billion laughs' expansion)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "expected plain YAML, got an alias (anchors and aliases are not allowed in policies)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file.
+
+    Args:
+        path: a YAML file.
+
+    Returns:
+        The validated, frozen :class:`Policy`.
+
+    Raises:
+        PolicyError: the file is missing, is not YAML, or is not a valid policy.
+
+    Example:
+        >>> policy = load_policy("policies/mnist-pgd.yaml")  # doctest: +SKIP
+        >>> policy.objectives[0].name  # doctest: +SKIP
+        'pgd_at'
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{source}: expected a readable policy file, got {exc.strerror or exc}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: expected a policy under {MAX_POLICY_BYTES} bytes, got {len(raw)}")
+    try:
+        text = raw.decode("utf-8")
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError:
+        raise PolicyError(f"{source}: expected UTF-8 text, got undecodable bytes") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PolicyError(f"{source}: expected valid YAML, got {problem}{where}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: expected a policy of sane depth, got a document nested too deeply") from None
+    return validate_policy(data, source)
+
+
+def dump_policy(policy: Policy) -> str:
+    """The canonical YAML of a policy (every default filled in, keys in declaration order).
+
+    Example:
+        >>> "pgd_at" in dump_policy(Policy(objectives=[ObjectiveSpec(name="pgd_at")]))
+        True
+    """
+    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+
+
+def policy_hash(policy: Policy) -> str:
+    """SHA-256 of the canonical JSON of a policy (defaults filled, keys sorted).
+
+    Two files that differ only in comments, key order or spelled-out defaults hash the same.
+    """
+    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,262 @@
+"""``harden.fit``: train a model on the weighted sum of the policy's objectives.
+
+Each epoch ends with clean and PGD validation accuracy and a checkpoint (safetensors + JSON
+sidecar, atomic). ``resume=True`` continues from the newest intact checkpoint of ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from harden.checkpoint import atomic_write, state_bytes, load_latest, prune_checkpoints, save_checkpoint
+from harden.data import DataBundle, check_batch, load_data, make_loader, resolve_device, to_device
+from harden.errors import DataError, HardenError
+from harden.models import Normalized, build_model, prepare_model
+from harden.objectives import OBJECTIVES, BatchContext, Objective
+from harden.policy import Policy, dump_policy, policy_hash
+
+__all__ = ["FitResult", "fit", "save_model"]
+
+log = logging.getLogger("harden")
+
+#: Consecutive non-finite losses after which training aborts.
+MAX_BAD_STEPS = 10
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        model: the trained model (a :class:`Normalized` wrapper, in eval mode).
+        history: one record per epoch (``epoch``, ``lr``, ``train_loss``, ``val_clean_acc``,
+            ``val_pgd_acc``, ``seconds``, ``skipped_steps``).
+        run_dir: where checkpoints and ``model.safetensors`` were written.
+        weights: path of the final ``model.safetensors``.
+        seconds: wall time of this call.
+    """
+
+    model: Normalized
+    history: list[dict[str, Any]]
+    run_dir: Path
+    weights: Path
+    seconds: float = 0.0
+    resumed_from: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _lr_lambda(policy: Policy, steps_per_epoch: int) -> Callable[[int], float]:
+    t = policy.train
+    total = max(1, t.epochs * steps_per_epoch)
+    warm = int(round(t.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if t.schedule == "cosine":
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if t.schedule == "step":
+            epoch = step / steps_per_epoch
+            return t.gamma ** sum(epoch >= m for m in t.milestones)
+        return 1.0
+
+    return factor
+
+
+def _optimizer(model: nn.Module, policy: Policy) -> torch.optim.Optimizer:
+    t = policy.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise HardenError("expected a model with trainable parameters, got none (all requires_grad=False)")
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.momentum > 0)
+
+
+def save_model(model: Normalized, path: Path, info: dict[str, Any]) -> str:
+    """Write ``model.safetensors`` and ``model.json`` (with its SHA-256) atomically; returns the hash."""
+    blob = state_bytes(model)
+    digest = hashlib.sha256(blob).hexdigest()
+    atomic_write(path, blob)
+
+    atomic_write(path.with_suffix(".json"), json.dumps({"file": path.name, "sha256": digest, **info}, indent=1).encode())
+    return digest
+
+
+def _epoch_loader(data: Dataset[Any] | DataLoader[Any], policy: Policy, epoch: int) -> DataLoader[Any]:
+    if isinstance(data, DataLoader):
+        return data
+    return make_loader(data, policy.data.batch_size, shuffle=True, seed=policy.seed, epoch=epoch, num_workers=policy.data.num_workers)
+
+
+def _evaluate(model: Normalized, data: Dataset[Any] | DataLoader[Any], policy: Policy, device: torch.device, progress: bool) -> dict[str, float]:
+    from harden.verify import clean_and_pgd_accuracy
+
+    return clean_and_pgd_accuracy(
+        model, data, policy.threat, device,
+        batch_size=policy.data.eval_batch_size,
+        probe_examples=policy.train.probe_examples,
+        probe_steps=policy.train.probe_steps,
+        seed=policy.seed,
+    )
+
+
+def fit(
+    model: nn.Module | None,
+    policy: Policy,
+    train: DataLoader[Any] | Dataset[Any] | None = None,
+    val: DataLoader[Any] | Dataset[Any] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` (or the policy's model) on the policy's weighted objectives.
+
+    Args:
+        model: an ``nn.Module`` (wrapped in :class:`Normalized` with the policy's mean/std), or
+            None to build the model the policy names.
+        policy: the validated policy.
+        train: training data (Dataset or DataLoader); None loads the policy's data.
+        val: validation data; None uses the policy's test split (when ``train`` is None too).
+        run_dir: where checkpoints go; default ``runs/<policy.name>``.
+        resume: continue from the newest intact checkpoint in ``run_dir``.
+        progress: show a progress bar.
+        on_epoch_end: called with each epoch's history record.
+
+    Returns:
+        A :class:`FitResult`; the model is in eval mode on the policy's device.
+
+    Example:
+        >>> from harden.testing import tiny_policy
+        >>> result = fit(None, tiny_policy(), run_dir="/tmp/harden-doctest", progress=False)  # doctest: +SKIP
+        >>> result.history[-1]["val_clean_acc"] > 0.5  # doctest: +SKIP
+        True
+    """
+    t_start = time.perf_counter()
+    device = resolve_device(policy.device)
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / policy.name
+    ckpt_dir = run_dir / "checkpoints"
+
+    bundle: DataBundle | None = None
+    if train is None:
+        bundle = load_data(policy.data)
+        train, val = bundle.train, (val if val is not None else bundle.test)
+    num_classes = bundle.num_classes if bundle else None
+    in_chans = bundle.in_chans if bundle else None
+
+    torch.manual_seed(policy.seed)
+    if model is None:
+        if bundle is None:
+            raise DataError("expected a model when passing train= data, got model=None; build your model and pass it")
+        net = build_model(policy.model, bundle.num_classes, bundle.in_chans)
+    else:
+        net = prepare_model(model, policy.model)
+    net.to(device)  # the policy names the device; nothing moves anywhere else
+    log.info("training %s on %s", type(net.model).__name__, device)
+
+    objectives: list[tuple[float, Objective]] = [
+        (spec.weight, OBJECTIVES.get(spec.name)(spec.params, policy.threat)) for spec in policy.objectives if spec.weight > 0
+    ]
+    steps_per_epoch = len(_epoch_loader(train, policy, 0))
+    if steps_per_epoch == 0:
+        raise DataError("expected training data, got an empty dataset")
+    optimizer = _optimizer(net, policy)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(policy, steps_per_epoch))
+
+    history: list[dict[str, Any]] = []
+    start_epoch, resumed_from = 0, None
+    if resume:
+        found = load_latest(ckpt_dir)
+        if found is None:
+            log.warning("resume requested but no intact checkpoint in %s; starting from scratch", ckpt_dir)
+        else:
+            start_epoch, state, info = found
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            history = list(info.get("history", []))
+            resumed_from = start_epoch
+            log.info("resumed from epoch %d", start_epoch)
+
+    p_hash = policy_hash(policy)
+    atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
+    for epoch in range(start_epoch, policy.train.epochs):
+        t_epoch = time.perf_counter()
+        net.train()
+        loader = _epoch_loader(train, policy, epoch)
+        total, count, skipped, bad_run = 0.0, 0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{policy.train.epochs}", disable=not progress, leave=False)
+        for step, (xb, yb) in enumerate(bar):
+            check_batch(xb, yb, num_classes, in_chans)
+            x, y = to_device(xb, yb, device)
+            ctx = BatchContext(net, x, y, policy.threat)
+            parts = [(obj, w * obj.loss(ctx)) for w, obj in objectives]
+            loss = sum((p for _, p in parts), torch.zeros((), device=device))
+            if not torch.isfinite(loss):
+                skipped += 1
+                bad_run += 1
+                optimizer.zero_grad(set_to_none=True)
+                bad = [o.name for o, p in parts if not torch.isfinite(p)]
+                if bad_run >= MAX_BAD_STEPS:
+                    raise HardenError(
+                        f"expected finite losses, got {bad_run} non-finite in a row (epoch {epoch + 1}, batch {step}, "
+                        f"objectives {bad}); lower train.lr or check the data"
+                    )
+                scheduler.step()
+                continue
+            bad_run = 0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if policy.train.grad_clip is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), policy.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * x.shape[0]
+            count += x.shape[0]
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        bar.close()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": total / max(count, 1),
+            "skipped_steps": skipped,
+        }
+        if val is not None:
+            record.update(_evaluate(net, val, policy, device, progress))
+        record["seconds"] = time.perf_counter() - t_epoch
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, record)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        last = epoch + 1 == policy.train.epochs
+        if last or (epoch + 1) % policy.train.checkpoint_every == 0:
+            state = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+            }
+            save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
+            prune_checkpoints(ckpt_dir, policy.train.keep_checkpoints)
+
+    net.eval()
+    weights = run_dir / "model.safetensors"
+    save_model(net, weights, {"policy_hash": p_hash, "epochs": policy.train.epochs, "history": history})
+    return FitResult(net, history, run_dir, weights, time.perf_counter() - t_start, resumed_from)

@@ -1,0 +1,192 @@
+"""``harden.verify``: clean accuracy and per-example worst-case robust accuracy of a suite.
+
+Attacks run as a cascade (each only on the examples still robust); the report gives the
+worst case and how many examples survived after each attack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harden.attacks import ATTACKS, SuiteResult, build_attack, run_suite
+from harden.data import EvalData, check_batch, eval_batches, load_data, to_device
+from harden.errors import DataError
+from harden.models import prepare_model
+from harden.policy import Policy, ThreatModel
+
+__all__ = ["RobustnessReport", "accuracy", "clean_and_pgd_accuracy", "model_device", "verify"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a parameterless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@dataclass
+class RobustnessReport:
+    """The outcome of :func:`verify`.
+
+    Attributes:
+        n: examples evaluated.
+        clean_accuracy: accuracy on clean inputs.
+        robust_accuracy: accuracy under the per-example worst case of the whole suite.
+        per_attack: per attack label, the accuracy after the cascade up to and including it
+            (non-increasing; the last equals ``robust_accuracy``).
+        broken_by: per attack label, how many examples it was the first to fool.
+        attack_seconds: wall time per attack.
+        threat: the threat model.
+        attacks: the attack specifications, in cascade order.
+        seconds: total wall time.
+    """
+
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    per_attack: dict[str, float]
+    broken_by: dict[str, int]
+    attack_seconds: dict[str, float]
+    threat: dict[str, Any]
+    attacks: list[dict[str, Any]]
+    seconds: float
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for people."""
+        lines = [f"clean accuracy   {self.clean_accuracy:7.2%}  (n={self.n})"]
+        for label, acc in self.per_attack.items():
+            lines.append(f"  after {label:<10}{acc:7.2%}  ({self.attack_seconds.get(label, 0.0):.1f} s)")
+        t = self.threat
+        lines.append(f"robust accuracy  {self.robust_accuracy:7.2%}  ({t['norm']}, eps={t['eps']})")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example correctness (bool) of ``model`` on ``(x, y)``."""
+    return model(x).argmax(1) == y
+
+
+def clean_and_pgd_accuracy(
+    model: nn.Module,
+    data: EvalData,
+    threat: ThreatModel,
+    device: torch.device,
+    *,
+    batch_size: int,
+    probe_examples: int,
+    probe_steps: int,
+    seed: int,
+) -> dict[str, float]:
+    """Clean accuracy on all of ``data`` and PGD accuracy on its first ``probe_examples``.
+
+    Used after every training epoch; a PGD accuracy that jumps up while clean accuracy holds is
+    the mark of catastrophic overfitting / gradient masking. The model's modes are restored.
+    """
+    from harden.attacks.base import restore_modes, save_modes
+
+    modes = save_modes(model)
+    model.eval()
+    pgd = ATTACKS.get("pgd")(threat, {"steps": probe_steps})
+    right = total = adv_right = adv_total = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for xb, yb in eval_batches(data, batch_size):
+                x, y = to_device(xb, yb, device)
+                ok = accuracy(model, x, y)
+                right += int(ok.sum())
+                total += x.shape[0]
+                room = probe_examples - adv_total
+                if room > 0:
+                    xs, ys = x[:room], y[:room]
+                    adv_right += int(accuracy(model, pgd(model, xs, ys), ys).sum())
+                    adv_total += xs.shape[0]
+    finally:
+        restore_modes(model, modes)
+    out = {"val_clean_acc": right / max(total, 1)}
+    if adv_total:
+        out["val_pgd_acc"] = adv_right / adv_total
+    return out
+
+
+def verify(
+    model: nn.Module,
+    policy: Policy,
+    data: EvalData | None = None,
+    *,
+    progress: bool = True,
+) -> RobustnessReport:
+    """Attack ``model`` with the policy's suite on ``data`` (default: the policy's test split).
+
+    The model is used on the device it is on (batches follow it) and its train/eval modes are
+    restored. Attacks are seeded with ``policy.seed`` without touching the global RNG.
+
+    Args:
+        model: a classifier taking [0, 1] pixels (wrapped with the policy's mean/std if it is
+            not already :class:`harden.models.Normalized`).
+        policy: gives the threat model, the attacks and ``verify.n_examples``.
+        data: a DataLoader, a Dataset, or an ``(x, y)`` pair of tensors.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`RobustnessReport`.
+
+    Example:
+        >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
+        >>> report = verify(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(32), progress=False)
+        >>> report.n, report.robust_accuracy <= report.clean_accuracy
+        (32, True)
+    """
+    t0 = time.perf_counter()
+    net = prepare_model(model, policy.model)
+    device = model_device(net)
+    if data is None:
+        data = load_data(policy.data).test
+    attacks = [build_attack(spec, policy.threat) for spec in policy.verify.attacks]
+    limit = policy.verify.n_examples
+    result: SuiteResult | None = None
+    bar = tqdm(total=limit, desc="verify", disable=not progress, leave=False, unit="img")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(policy.seed)
+        for xb, yb in eval_batches(data, policy.data.eval_batch_size, limit):
+            check_batch(xb, yb)
+            x, y = to_device(xb, yb, device)
+            part = run_suite(net, x, y, attacks)
+            if result is None:
+                result = part
+            else:
+                result.extend(part)
+            bar.update(x.shape[0])
+    bar.close()
+    if result is None:
+        raise DataError("expected at least one example to verify, got none")
+    n = int(result.clean_correct.numel())
+    counts = Counter(b for b in result.broken_by if b)
+    return RobustnessReport(
+        n=n,
+        clean_accuracy=float(result.clean_correct.float().mean()),
+        robust_accuracy=float(result.robust.float().mean()),
+        per_attack={k: float(v.float().mean()) for k, v in result.still_correct.items()},
+        broken_by={k: counts.get(k, 0) for k in ["clean", *result.labels]},
+        attack_seconds=dict(result.seconds),
+        threat=policy.threat.model_dump(mode="json"),
+        attacks=[spec.model_dump(mode="json") for spec in policy.verify.attacks],
+        seconds=time.perf_counter() - t0,
+        seed=policy.seed,
+    )
