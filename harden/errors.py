@@ -7,6 +7,8 @@ Messages follow the pattern "expected ..., got ..." and, where it helps, end wit
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CheckpointError",
     "DataError",
@@ -16,6 +18,8 @@ __all__ = [
     "PolicyError",
     "ThreatModelError",
     "UnknownNameError",
+    "describe_validation_error",
+    "format_validation_error",
 ]
 
 
@@ -65,3 +69,74 @@ class CheckpointError(HardenError, RuntimeError):
 
 class ExportError(HardenError, RuntimeError):
     """ONNX export, checking, or the onnxruntime parity test failed."""
+
+
+_PHRASES: dict[str, str] = {
+    "greater_than_equal": "a number >= {ge}",
+    "greater_than": "a number > {gt}",
+    "less_than_equal": "a number <= {le}",
+    "less_than": "a number < {lt}",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "literal_error": "one of {expected}",
+    "too_short": "at least {min_length} item(s)",
+    "too_long": "at most {max_length} item(s)",
+    "string_too_short": "a string of at least {min_length} character(s)",
+    "string_too_long": "a string of at most {max_length} characters",
+    "string_pattern_mismatch": "a string matching {pattern}",
+    "finite_number": "a finite number",
+}
+
+
+def describe_validation_error(err: Any) -> str:
+    """One readable phrase for a pydantic error: 'expected ..., got ...'."""
+    kind = err["type"]
+    if kind == "harden_nested":
+        return str(err["ctx"]["msg"])
+    if kind == "extra_forbidden":
+        return "unknown key (not allowed here)"
+    if kind == "missing":
+        return "expected a value, got nothing (required key)"
+    if kind.startswith("value_error"):
+        return str(err["msg"]).removeprefix("Value error, ")
+    got = err.get("input")
+    got_s = repr(got) if not isinstance(got, (dict, list, tuple)) else f"a {type(got).__name__}"
+    if len(got_s) > 60:
+        got_s = got_s[:57] + "..."
+    phrase = _PHRASES.get(kind)
+    if phrase is not None:
+        try:
+            phrase = phrase.format(**err.get("ctx", {}))
+        except (KeyError, IndexError):
+            phrase = None
+    if phrase is None:
+        msg = str(err["msg"])
+        phrase = msg.removeprefix("Input should be ").removeprefix("input should be ")
+    return f"expected {phrase}, got {got_s}"
+
+
+def format_validation_error(exc: Any, source: str | None) -> str:
+    """One line for a pydantic ``ValidationError``: ``source: key.path: expected ..., got ...``."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "harden_nested" and err["ctx"]["path"]:
+        loc.append(err["ctx"]["path"])
+    path = ".".join(loc) or "(top level)"
+    # an error on a parent of another error (e.g. a list left empty by a bad item) is a consequence
+    locs = [tuple(e["loc"]) for e in errors]
+    causes = [e for e, lc in zip(errors, locs) if not any(o != lc and o[: len(lc)] == lc for o in locs)]
+    others = [e for e in causes if e is not err]
+    more = f" (and {len(others)} more)" if others else ""
+    prefix = f"{source}: " if source else ""
+    return f"{prefix}{path}: {describe_validation_error(err)}{more}"

@@ -21,7 +21,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from harden.errors import PolicyError, UnknownNameError
+from harden.errors import (
+    PolicyError,
+    UnknownNameError,
+    describe_validation_error,
+    format_validation_error,
+)
 
 __all__ = [
     "AttackSpec",
@@ -54,7 +59,7 @@ def _nested_params_error(kind: str, name: str, exc: ValidationError) -> Pydantic
     return PydanticCustomError(
         "harden_nested",
         "{msg}",
-        {"path": path, "msg": f"{_describe(err)} (params of {kind} {name!r})"},
+        {"path": path, "msg": f"{describe_validation_error(err)} (params of {kind} {name!r})"},
     )
 
 
@@ -345,77 +350,6 @@ class Policy(_Strict):
         return self
 
 
-# --------------------------------------------------------------------------- errors
-
-
-_PHRASES: dict[str, str] = {
-    "greater_than_equal": "a number >= {ge}",
-    "greater_than": "a number > {gt}",
-    "less_than_equal": "a number <= {le}",
-    "less_than": "a number < {lt}",
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "string_type": "a string",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "list_type": "a list",
-    "tuple_type": "a list",
-    "literal_error": "one of {expected}",
-    "too_short": "at least {min_length} item(s)",
-    "too_long": "at most {max_length} item(s)",
-    "string_too_short": "a string of at least {min_length} character(s)",
-    "string_too_long": "a string of at most {max_length} characters",
-    "string_pattern_mismatch": "a string matching {pattern}",
-    "finite_number": "a finite number",
-}
-
-
-def _describe(err: Any) -> str:
-    """One readable phrase for a pydantic error: 'expected ..., got ...'."""
-    kind = err["type"]
-    if kind == "harden_nested":
-        return str(err["ctx"]["msg"])
-    if kind == "extra_forbidden":
-        return "unknown key (not allowed here)"
-    if kind == "missing":
-        return "expected a value, got nothing (required key)"
-    if kind.startswith("value_error"):
-        return str(err["msg"]).removeprefix("Value error, ")
-    got = err.get("input")
-    got_s = repr(got) if not isinstance(got, (dict, list, tuple)) else f"a {type(got).__name__}"
-    if len(got_s) > 60:
-        got_s = got_s[:57] + "..."
-    phrase = _PHRASES.get(kind)
-    if phrase is not None:
-        try:
-            phrase = phrase.format(**err.get("ctx", {}))
-        except (KeyError, IndexError):
-            phrase = None
-    if phrase is None:
-        msg = str(err["msg"])
-        phrase = msg.removeprefix("Input should be ").removeprefix("input should be ")
-    return f"expected {phrase}, got {got_s}"
-
-
-def _format(exc: ValidationError, source: str | None) -> str:
-    errors = exc.errors()
-    err = errors[0]
-    loc = [str(p) for p in err["loc"]]
-    if err["type"] == "harden_nested" and err["ctx"]["path"]:
-        loc.append(err["ctx"]["path"])
-    path = ".".join(loc) or "(top level)"
-    # errors on a parent of the first one (e.g. a list left empty by it) are consequences
-    others = [e for e in errors[1:] if tuple(e["loc"]) != tuple(err["loc"])[: len(e["loc"])]]
-    more = f" (and {len(others)} more)" if others else ""
-    prefix = f"{source}: " if source else ""
-    return f"{prefix}{path}: {_describe(err)}{more}"
-
-
 def validate_policy(data: Any, source: str | None = None) -> Policy:
     """Validate a mapping (e.g. parsed YAML) into a :class:`Policy`.
 
@@ -436,23 +370,39 @@ def validate_policy(data: Any, source: str | None = None) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_format(exc, source)) from None
+        raise PolicyError(format_validation_error(exc, source)) from None
     except RecursionError:
         prefix = f"{source}: " if source else ""
         raise PolicyError(f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply") from None
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses anchors/aliases (no 'billion laughs' expansion)."""
+    """``yaml.SafeLoader`` refusing anchors/aliases ('billion laughs') and duplicate keys.
+
+    YAML itself resolves a duplicate key silently (the last one wins), which hides typos.
+    """
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = "an alias" if isinstance(event, yaml.AliasEvent) else f"an anchor (&{event.anchor})"
             raise yaml.constructor.ConstructorError(
-                None, None, "expected plain YAML, got an alias (anchors and aliases are not allowed in policies)",
+                None, None, f"expected plain YAML, got {what} (anchors and aliases are not allowed in policies)",
                 event.start_mark,
             )
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"expected unique keys, got {key_node.value!r} twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -482,14 +432,16 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{source}: expected a policy under {MAX_POLICY_BYTES} bytes, got {len(raw)}")
     try:
         text = raw.decode("utf-8")
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_NoAliasLoader)
     except UnicodeDecodeError:
         raise PolicyError(f"{source}: expected UTF-8 text, got undecodable bytes") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise PolicyError(f"{source}: expected valid YAML, got {problem}{where}") from None
+        ours = isinstance(exc, yaml.constructor.ConstructorError) and problem.startswith("expected ")
+        what = problem if ours else f"expected valid YAML, got {problem}"
+        raise PolicyError(f"{source}: {what}{where}") from None
     except RecursionError:
         raise PolicyError(f"{source}: expected a policy of sane depth, got a document nested too deeply") from None
     return validate_policy(data, source)

@@ -21,14 +21,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from harden.checkpoint import atomic_write, state_bytes, load_latest, prune_checkpoints, save_checkpoint
+from harden.checkpoint import (
+    atomic_write,
+    load_latest,
+    prune_checkpoints,
+    save_checkpoint,
+    state_bytes,
+)
 from harden.data import DataBundle, check_batch, load_data, make_loader, resolve_device, to_device
 from harden.errors import DataError, HardenError
 from harden.models import Normalized, build_model, prepare_model
 from harden.objectives import OBJECTIVES, BatchContext, Objective
 from harden.policy import Policy, dump_policy, policy_hash
 
-__all__ = ["FitResult", "fit", "save_model"]
+__all__ = ["FitResult", "fit", "load_trained", "save_model"]
 
 log = logging.getLogger("harden")
 
@@ -260,3 +266,34 @@ def fit(
     weights = run_dir / "model.safetensors"
     save_model(net, weights, {"policy_hash": p_hash, "epochs": policy.train.epochs, "history": history})
     return FitResult(net, history, run_dir, weights, time.perf_counter() - t_start, resumed_from)
+
+
+def load_trained(policy: Policy, weights: str | Path) -> tuple[Normalized, DataBundle]:
+    """Rebuild the policy's model and load ``model.safetensors`` (hash-checked against ``model.json``).
+
+    Returns the model (eval mode, on CPU) and the policy's data bundle.
+
+    Raises:
+        CheckpointError: the weights file is missing or fails its SHA-256 in ``model.json``.
+    """
+    from safetensors.torch import load as st_load
+
+    from harden.checkpoint import sha256_file
+    from harden.errors import CheckpointError
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise CheckpointError(f"expected trained weights at {str(weights)!r}, got no such file; run `harden fit` first")
+    sidecar = weights.with_suffix(".json")
+    if sidecar.is_file():
+        expected = json.loads(sidecar.read_text()).get("sha256")
+        found = sha256_file(weights)
+        if expected != found:
+            raise CheckpointError(f"expected SHA-256 {expected} for {str(weights)!r} (from {sidecar.name}), got {found}")
+    bundle = load_data(policy.data)
+    net = build_model(policy.model, bundle.num_classes, bundle.in_chans)
+    try:
+        net.load_state_dict(st_load(weights.read_bytes()))
+    except RuntimeError as exc:
+        raise CheckpointError(f"expected weights for the policy's model in {str(weights)!r}, got {str(exc).splitlines()[0]}") from None
+    return net.eval(), bundle

@@ -180,9 +180,9 @@ def verify(
     counts = Counter(b for b in result.broken_by if b)
     return RobustnessReport(
         n=n,
-        clean_accuracy=float(result.clean_correct.float().mean()),
-        robust_accuracy=float(result.robust.float().mean()),
-        per_attack={k: float(v.float().mean()) for k, v in result.still_correct.items()},
+        clean_accuracy=int(result.clean_correct.sum()) / n,
+        robust_accuracy=int(result.robust.sum()) / n,
+        per_attack={k: int(v.sum()) / n for k, v in result.still_correct.items()},
         broken_by={k: counts.get(k, 0) for k in ["clean", *result.labels]},
         attack_seconds=dict(result.seconds),
         threat=policy.threat.model_dump(mode="json"),

@@ -1,0 +1,191 @@
+"""The ``harden`` command: a thin layer over the public API.
+
+``harden run POLICY --out DIR`` fits, verifies, exports and writes the certificate; ``fit``,
+``verify``, ``export``, ``check`` and ``schema`` are the single steps. Errors harden raises on
+purpose print one line and exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harden.errors import HardenError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def _policy(path: str) -> Any:
+    from harden.policy import load_policy
+
+    return load_policy(path)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _do_fit(args: argparse.Namespace) -> Any:
+    from harden.train import fit
+
+    policy = _policy(args.policy)
+    out = Path(args.out)
+    result = fit(None, policy, run_dir=out, resume=args.resume, progress=not args.quiet)
+    last = result.history[-1] if result.history else {}
+    _say(args, f"trained {policy.train.epochs} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
+    if "val_clean_acc" in last:
+        probe = f", PGD-{policy.train.probe_steps} probe {last['val_pgd_acc']:.2%}" if "val_pgd_acc" in last else ""
+        _say(args, f"validation: clean {last['val_clean_acc']:.2%}{probe}")
+    return policy, result
+
+
+def _weights(args: argparse.Namespace) -> Path:
+    return Path(args.weights) if args.weights else Path(args.out) / "model.safetensors"
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    _do_fit(args)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from harden.checkpoint import atomic_write
+    from harden.train import load_trained
+    from harden.verify import verify
+
+    policy = _policy(args.policy)
+    model, bundle = load_trained(policy, _weights(args))
+    report = verify(model, policy, bundle.test, progress=not args.quiet)
+    atomic_write(Path(args.out) / "report.json", json.dumps(report.to_dict(), indent=2).encode())
+    _say(args, report.summary())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from harden.export import export_onnx
+    from harden.train import load_trained
+
+    policy = _policy(args.policy)
+    model, bundle = load_trained(policy, _weights(args))
+    onnx_path = Path(args.onnx) if args.onnx else Path(args.out) / "model.onnx"
+    res = export_onnx(model, onnx_path, policy=policy, input_shape=bundle.image_shape, class_names=bundle.class_names)
+    _say(args, f"exported {res.path} ({res.exporter}, opset {res.opset}); onnxruntime parity: max |Δlogit| "
+         f"{res.parity_max_abs_diff:.2e} on {res.parity_examples} inputs, argmax agreement {res.parity_argmax_agreement:.0%}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harden.certify import certify
+    from harden.data import load_data
+    from harden.export import export_onnx
+    from harden.verify import verify
+
+    t0 = time.perf_counter()
+    policy, result = _do_fit(args)
+    out = Path(args.out)
+    bundle = load_data(policy.data)
+    report = verify(result.model, policy, bundle.test, progress=not args.quiet)
+    _say(args, report.summary())
+    cert = certify(result.model, policy, report=report, history=result.history,
+                   timings={"fit": result.seconds, "verify": report.seconds}, progress=False)
+    parity = next(iter(_first_batch(bundle.test, policy.export.parity_examples)))
+    exp = export_onnx(result.model, out / "model.onnx", policy=policy, certificate=cert,
+                      parity_inputs=parity, class_names=bundle.class_names)
+    cert.onnx_sha256 = exp.sha256
+    cert.export = exp.to_dict()
+    cert.timings["export"] = exp.seconds
+    cert.timings["total"] = time.perf_counter() - t0
+    path = cert.save(out)
+    _say(args, f"wrote {path}, {exp.path} and {result.run_dir / 'checkpoints'}/")
+    _say(args, f"clean accuracy {cert.clean_accuracy:.2%} | robust accuracy {cert.robust_accuracy:.2%} "
+         f"({policy.threat.norm}, eps={policy.threat.eps}, n={cert.n}) | verdict {cert.verdict}")
+    return 0
+
+
+def _first_batch(dataset: Any, n: int) -> Any:
+    from harden.data import eval_batches
+
+    for x, _ in eval_batches(dataset, n, n):
+        yield x
+        return
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    policy = _policy(args.policy)
+    objs = ", ".join(f"{o.name}×{o.weight:g}" for o in policy.objectives)
+    print(f"{args.policy}: ok ({policy.name}: {objs}; {policy.threat.norm} eps={policy.threat.eps})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from harden.policy import Policy
+
+    if args.markdown:
+        from harden.docs import policy_reference
+
+        print(policy_reference(), end="")
+    else:
+        print(json.dumps(Policy.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``harden`` command."""
+    from harden import __version__
+
+    parser = argparse.ArgumentParser(prog="harden", description="Harden image classifiers against adversarial examples.")
+    parser.add_argument("--version", action="version", version=f"harden {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, fn: Any, policy: bool = True, out: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if policy:
+            p.add_argument("policy", metavar="POLICY", help="policy YAML file")
+        if out:
+            p.add_argument("--out", default="runs/harden", help="run directory (default: runs/harden)")
+            p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+        p.set_defaults(fn=fn)
+        return p
+
+    for name, help_, fn in (("run", "fit, verify, export and certify in one go", cmd_run), ("fit", "train a model on the policy", cmd_fit)):
+        p = add(name, help_, fn)
+        p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    p = add("verify", "attack a trained model with the policy's suite", cmd_verify)
+    p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
+    p = add("export", "export a trained model to ONNX with a parity test", cmd_export)
+    p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
+    p.add_argument("--onnx", help="output file (default: OUT/model.onnx)")
+    add("check", "validate a policy file (exit 0 when valid, 2 with the reason when not)", cmd_check, out=False)
+    p = add("schema", "print the policy's JSON Schema (for editor completion)", cmd_schema, policy=False, out=False)
+    p.add_argument("--markdown", action="store_true", help="print the policy reference in Markdown instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``harden`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        logging.getLogger("harden").setLevel(logging.WARNING)
+    else:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            return int(args.fn(args))
+        except HardenError as exc:
+            print(f"harden: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("harden: interrupted; checkpoints written so far are intact (use --resume)", file=sys.stderr)
+            return 130

@@ -1,0 +1,109 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+
+from harden.cli import main
+from harden.testing import tiny_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_policy(path: Path, **updates) -> Path:
+    path.write_text(yaml.safe_dump(tiny_policy(**updates).model_dump(mode="json")))
+    return path
+
+
+def test_check_valid_exits_0(tmp_path, capsys):
+    policy = write_policy(tmp_path / "ok.yaml")
+    assert main(["check", str(policy)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_check_malformed_exits_2_with_one_line_naming_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nobjectives:\n  - name: trades\n    params: {beta: -1}\n")
+    proc = subprocess.run([sys.executable, "-m", "harden", "check", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "objectives.0.params.beta" in lines[0]
+    assert str(bad) in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_unknown_key_and_name(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objectives: [{name: pgd-at}]\ntrain: {epochz: 3}\n")
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochz: unknown key" in err
+    assert "(and 1 more)" in err  # the bad objective name is counted, not hidden
+
+
+def test_schema_is_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) >= {"model", "data", "threat", "train", "objectives", "verify", "export"}
+    assert schema["additionalProperties"] is False
+
+
+def test_run_writes_everything_and_steps_agree(tmp_path, capsys):
+    policy = write_policy(tmp_path / "p.yaml", train={"epochs": 2})
+    out = tmp_path / "run"
+    assert main(["run", str(policy), "--out", str(out), "-q"]) == 0
+    for name in ("certificate.json", "model.onnx", "model.safetensors", "model.json", "policy.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "epoch-0002.json").is_file()
+    cert = json.loads((out / "certificate.json").read_text())
+    assert 0 <= cert["robust_accuracy"] <= cert["clean_accuracy"] <= 1
+    assert cert["export"]["parity_max_abs_diff"] <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["policy_hash"] == cert["policy_sha256"]
+    # the single steps reproduce the run's verification from the saved weights
+    assert main(["verify", str(policy), "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["clean_accuracy"] == cert["clean_accuracy"]
+    assert report["robust_accuracy"] == cert["robust_accuracy"]
+    assert main(["export", str(policy), "--out", str(out), "--onnx", str(tmp_path / "again.onnx"), "-q"]) == 0
+    assert (tmp_path / "again.onnx").is_file()
+
+
+def test_fit_then_resume_is_a_no_op_when_done(tmp_path, capsys):
+    policy = write_policy(tmp_path / "p.yaml")
+    out = tmp_path / "run"
+    assert main(["fit", str(policy), "--out", str(out), "-q"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["fit", str(policy), "--out", str(out), "--resume", "-q"]) == 0
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_verify_without_weights_is_a_clear_error(tmp_path, capsys):
+    policy = write_policy(tmp_path / "p.yaml")
+    assert main(["verify", str(policy), "--out", str(tmp_path / "nothing"), "-q"]) == 2
+    assert "harden fit" in capsys.readouterr().err
+
+
+def test_tampered_weights_are_refused(tmp_path, capsys):
+    policy = write_policy(tmp_path / "p.yaml")
+    out = tmp_path / "run"
+    assert main(["fit", str(policy), "--out", str(out), "-q"]) == 0
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    assert main(["verify", str(policy), "--out", str(out), "-q"]) == 2
+    assert "SHA-256" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_runs(tmp_path):
+    exe = Path(sys.executable).parent / "harden"
+    if not exe.exists():
+        pytest.skip("console script not installed in this environment")
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("harden ")
