@@ -22,7 +22,14 @@ from harden.errors import (
 from harden.export import ExportResult, export_onnx
 from harden.models import Normalized, build_model
 from harden.objectives import OBJECTIVES, Objective
-from harden.policy import Policy, ThreatModel, dump_policy, load_policy, policy_hash, validate_policy
+from harden.policy import (
+    Policy,
+    ThreatModel,
+    dump_policy,
+    load_policy,
+    policy_hash,
+    validate_policy,
+)
 from harden.train import FitResult, fit
 from harden.verify import RobustnessReport, verify
 

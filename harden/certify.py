@@ -1,7 +1,8 @@
 """``harden.certify``: the robustness certificate (versioned JSON schema) and its assembly.
 
-The verdict is EMPIRICAL: robustness measured by the attack suite, not proven. (CERTIFIED
-needs randomized smoothing at the policy's radius; UNRELIABLE marks a failed sanity check.)
+The verdict is EMPIRICAL (robustness measured by the attack suite, not proven) or UNRELIABLE
+(a sanity check failed: the measured robustness may come from masked gradients). CERTIFIED needs
+randomized smoothing at the policy's radius (not yet implemented).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class Certificate(BaseModel):
         timings: wall seconds per step (fit, verify, export).
         training: per-epoch history, when known.
         export: the ONNX parity figures, when exported.
+        other_threats: accuracy under attacks outside the l_p threat model.
+        eps_curve: ``(eps, accuracy)`` pairs.
+        checks: sanity-check results by id; any FAIL makes the verdict UNRELIABLE.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +93,9 @@ class Certificate(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     training: list[dict[str, Any]] = Field(default_factory=list)
     export: dict[str, Any] | None = None
+    other_threats: dict[str, float] = Field(default_factory=dict)
+    eps_curve: list[tuple[float, float]] = Field(default_factory=list)
+    checks: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``certificate.json`` into ``directory`` (atomically); returns its path."""
@@ -136,12 +143,12 @@ def certify(
     """
     net = prepare_model(model, policy.model)
     if report is None:
-        report = verify(net, policy, data, progress=progress)
+        report = verify(net, policy, data, history=history, progress=progress)
     times = dict(timings or {})
     times.setdefault("verify", report.seconds)
     dev = model_device(net)
     return Certificate(
-        verdict="EMPIRICAL",
+        verdict="EMPIRICAL" if report.reliable else "UNRELIABLE",
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         policy_name=policy.name,
         policy_sha256=policy_hash(policy),
@@ -158,4 +165,7 @@ def certify(
         versions=environment(),
         timings=times,
         training=list(history or []),
+        other_threats=report.other_threats,
+        eps_curve=report.eps_curve,
+        checks=report.checks,
     )

@@ -32,8 +32,8 @@ __all__ = [
     "save_checkpoint",
     "sha256_file",
     "state_bytes",
-    "weights_sha256",
     "unflatten_state",
+    "weights_sha256",
 ]
 
 FORMAT_VERSION = 1
@@ -68,6 +68,8 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CheckpointError(f"expected bytes to write to {str(path)!r}, got {type(data).__name__}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -75,9 +77,12 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # also KeyboardInterrupt: never leave the temp file behind
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"expected to write {str(path)!r}, got {exc.strerror or exc}; nothing was written") from None
+        if isinstance(exc, OSError):
+            reason = exc.strerror or exc
+            raise CheckpointError(f"expected to write {str(path)!r}, got {reason}; nothing was written") from None
+        raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -98,7 +103,10 @@ def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> An
         (['s.a'], (1.5, 'x'))
     """
     if isinstance(obj, torch.Tensor):
-        key = prefix
+        key, n = prefix, 1
+        while key in tensors:  # e.g. {"a.b": t, "a": {"b": t}} both map to "s.a.b"
+            n += 1
+            key = f"{prefix}#{n}"
         tensors[key] = obj.detach().to("cpu").contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
@@ -180,7 +188,10 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
     sidecar = Path(sidecar)
     try:
         meta = json.loads(sidecar.read_text())
-        blob = (sidecar.parent / meta["file"]).read_bytes()
+        name = meta["file"]
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"file {name!r} is not a plain file name next to the sidecar")
+        blob = (sidecar.parent / name).read_bytes()
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"expected a readable checkpoint at {str(sidecar)!r}, got {exc}") from None
     if meta.get("format") != FORMAT_VERSION:
@@ -192,7 +203,11 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
         tensors = st_load(blob)
     except Exception as exc:
         raise CheckpointError(f"expected a valid safetensors file {meta['file']!r}, got {exc}") from None
-    return int(meta["epoch"]), unflatten_state(meta["state"], tensors), meta.get("info", {})
+    try:  # the sidecar itself is not hashed: a damaged tree must be a CheckpointError too
+        return int(meta["epoch"]), unflatten_state(meta["state"], tensors), meta.get("info", {})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"expected a valid state tree in {str(sidecar)!r}, got {what}") from None
 
 
 def load_latest(directory: str | Path) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
@@ -206,8 +221,9 @@ def load_latest(directory: str | Path) -> tuple[int, dict[str, Any], dict[str, A
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    for sidecar in list_checkpoints(directory)[:-keep]:
+    """Delete all but the newest ``keep`` checkpoints (``keep=0`` deletes them all)."""
+    found = list_checkpoints(directory)
+    for sidecar in found[: max(0, len(found) - keep)]:
         stem = sidecar.with_suffix("")
         sidecar.unlink(missing_ok=True)
         stem.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -64,8 +64,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from harden.verify import verify
 
     policy = _policy(args.policy)
-    model, bundle = load_trained(policy, _weights(args))
-    report = verify(model, policy, bundle.test, progress=not args.quiet)
+    weights = _weights(args)
+    model, bundle = load_trained(policy, weights)
+    sidecar = weights.with_suffix(".json")
+    history = json.loads(sidecar.read_text()).get("history", []) if sidecar.is_file() else []
+    report = verify(model, policy, bundle.test, history=history, progress=not args.quiet)
     atomic_write(Path(args.out) / "report.json", json.dumps(report.to_dict(), indent=2).encode())
     _say(args, report.summary())
     return 0
@@ -94,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     policy, result = _do_fit(args)
     out = Path(args.out)
     bundle = load_data(policy.data)
-    report = verify(result.model, policy, bundle.test, progress=not args.quiet)
+    report = verify(result.model, policy, bundle.test, history=result.history, progress=not args.quiet)
     _say(args, report.summary())
     cert = certify(result.model, policy, report=report, history=result.history,
                    timings={"fit": result.seconds, "verify": report.seconds}, progress=False)

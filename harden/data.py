@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from harden.errors import DataError, ModelError
 from harden.registry import Registry
@@ -220,8 +220,30 @@ def make_loader(dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: 
 [y.tolist() for _, y in make_loader(ds, 4, shuffle=True, seed=1)]
         True
     """
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers, drop_last=False)
+    key = seed * 100_003 + epoch
+    sampler = _ReplaySampler(len(dataset), key) if shuffle else None  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(key)  # worker seeds
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, generator=gen, num_workers=num_workers, drop_last=False
+    )
+
+
+class _ReplaySampler(Sampler[int]):
+    """A random permutation drawn afresh from ``seed`` at every iteration.
+
+    Iterating a loader twice, or rebuilding it on resume, replays the same order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, in_chans: int | None = None) -> None:

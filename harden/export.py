@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -168,7 +169,10 @@ def export_onnx(
         parity_inputs = torch.rand(n_parity, *input_shape, generator=gen)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # export into a private directory beside the target: the exporter may write side files
+    # (external data), and a failure must leave nothing behind
+    tmp_dir = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent)
+    tmp = Path(tmp_dir.name) / path.name
     try:
         exporter = _export(net, parity_inputs[:2].clone(), tmp, opset)
         proto = onnx.load(str(tmp))
@@ -193,7 +197,7 @@ def export_onnx(
             raise ExportError(f"expected onnxruntime logits within {atol} of torch with equal argmax, got max abs diff {diff:.3g} and argmax agreement {agree:.2%}")
         tmp.replace(path)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp_dir.cleanup()
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
     return ExportResult(
         path=path, sha256=sha256_file(path), exporter=exporter, opset=int(opset_found),

@@ -11,6 +11,7 @@ import importlib
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ class Normalized(nn.Module):
         >>> net(torch.full((1, 1, 2, 2), 0.5)).shape
         torch.Size([1, 2])
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
@@ -127,6 +131,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"expected a local weights file, got {str(path)!r} which does not exist")
+    state: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -138,6 +143,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise ModelError(f"expected a weights-only checkpoint at {str(path)!r}, got {exc}") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"expected a state dict of tensors in {str(path)!r}, got {type(state).__name__}")
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
@@ -207,7 +214,7 @@ def build_model(spec: object, num_classes: int, in_chans: int) -> Normalized:
 
         check_timm_name(spec.name[5:])
         try:
-            net = timm.create_model(spec.name[5:], pretrained=False, num_classes=n_cls, in_chans=chans, **spec.args)
+            net = timm.create_model(spec.name[5:], pretrained=False, num_classes=n_cls, in_chans=chans, **dict[str, Any](spec.args))
         except TypeError as exc:
             raise ModelError(f"expected arguments timm accepts for {spec.name!r}, got {exc}") from None
     else:

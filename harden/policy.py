@@ -279,18 +279,48 @@ class TrainSpec(_Strict):
 
 
 class VerifySpec(_Strict):
-    """The attack suite run by ``harden verify`` / ``harden run``.
+    """The attack suite and sanity checks run by ``harden verify`` / ``harden run``.
 
     Attributes:
-        attacks: attacks in cascade order; each runs only on the examples still robust.
+        preset: ``standard`` (AutoAttack's standard suite: APGD-CE, APGD-T, FAB-T, Square with
+            the reference settings) or ``quick`` (APGD-CE and APGD-T with 20 steps and 3
+            targets); its attacks run before ``attacks``. None: only ``attacks``.
+        attacks: further attacks. The cascade runs white-box attacks first, then black-box
+            ones, each only on the examples still robust; attacks outside the l_p threat model
+            (``iwd``, ``invariance``) run on every clean-correct example and are reported apart.
+            Default (no preset): FGSM then PGD-40.
         n_examples: test examples to attack (the first N of the test split).
+        eps_sweep: radii for the robust-accuracy-against-eps curve (PGD with ``check_steps``
+            steps on the check subset); None: 0.25, 0.5, 1, 1.5 and 2 times ``threat.eps``;
+            empty: no curve.
+        checks: run the gradient-masking / evaluation sanity checks.
+        check_examples: test examples used by the checks and the eps sweep.
+        check_steps: PGD steps of the checks' own attacks.
     """
 
+    preset: Literal["standard", "quick"] | None = None
     attacks: tuple[AttackSpec, ...] = Field(
         default_factory=lambda: (AttackSpec(name="fgsm"), AttackSpec(name="pgd", params={"steps": 40})),
-        min_length=1,
     )
     n_examples: int = Field(1000, ge=1)
+    eps_sweep: tuple[float, ...] | None = None
+    checks: bool = True
+    check_examples: int = Field(200, ge=8)
+    check_steps: int = Field(20, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _some_attack(self) -> VerifySpec:
+        if self.preset is not None and "attacks" not in self.model_fields_set:
+            object.__setattr__(self, "attacks", ())  # a preset replaces the default pair
+        if self.preset is None and not self.attacks:
+            raise PydanticCustomError(
+                "harden_nested", "{msg}", {"path": "attacks", "msg": "expected a preset or at least one attack, got neither"}
+            )
+        if self.eps_sweep is not None and any(e <= 0 for e in self.eps_sweep):
+            raise PydanticCustomError(
+                "harden_nested", "{msg}", {"path": "eps_sweep", "msg": f"expected radii > 0, got {list(self.eps_sweep)}"}
+            )
+        return self
 
 
 class ExportSpec(_Strict):
@@ -332,13 +362,13 @@ class Policy(_Strict):
     name: str = Field("harden", min_length=1, max_length=100, pattern=r"^[\w.\-]+$")
     seed: int = Field(0, ge=0, lt=2**32)
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?|mps)$")
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
-    threat: ThreatModel = Field(default_factory=ThreatModel)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec())
+    data: DataSpec = Field(default_factory=lambda: DataSpec())
+    threat: ThreatModel = Field(default_factory=lambda: ThreatModel())
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec())
     objectives: tuple[ObjectiveSpec, ...] = Field(min_length=1)
-    verify: VerifySpec = Field(default_factory=VerifySpec)
-    export: ExportSpec = Field(default_factory=ExportSpec)
+    verify: VerifySpec = Field(default_factory=lambda: VerifySpec())
+    export: ExportSpec = Field(default_factory=lambda: ExportSpec())
 
     @model_validator(mode="after")
     def _some_weight(self) -> Policy:

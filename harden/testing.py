@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from harden.data import DataBundle
 from harden.policy import Policy, validate_policy
 
-__all__ = ["TinyCNN", "TinyMLP", "synthetic_bundle", "synthetic_tensors", "tiny_policy"]
+__all__ = ["QuantizedInput", "SoftmaxHead", "TinyCNN", "TinyMLP", "synthetic_bundle", "synthetic_tensors", "tiny_policy"]
 
 
 class TinyCNN(nn.Module):
@@ -80,6 +80,48 @@ class TinyMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""
         return self.net(x)
+
+
+class QuantizedInput(nn.Module):
+    """A gradient-masking wrapper: rounds pixels to ``levels`` grey levels before the model.
+
+    Rounding has zero gradient almost everywhere, so gradient attacks see nothing and report
+    robustness that is not there. harden's checks must flag it (FAIL).
+
+    Example:
+        >>> QuantizedInput(TinyMLP(num_classes=2), levels=2)(torch.rand(1, 1, 8, 8)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, model: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.model = model
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the quantized input."""
+        return self.model(torch.round(x * (self.levels - 1)) / (self.levels - 1))
+
+
+class SoftmaxHead(nn.Module):
+    """A gradient-masking wrapper: returns ``softmax(temperature * logits)`` (probabilities).
+
+    With a large temperature the softmax saturates and cross-entropy gradients vanish; the
+    outputs are also not logits. harden's checks must flag it (FAIL).
+
+    Example:
+        >>> float(SoftmaxHead(TinyMLP(num_classes=2))(torch.rand(1, 1, 8, 8)).sum())
+        1.0
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1000.0) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities."""
+        return torch.softmax(self.model(x) * self.temperature, dim=1)
 
 
 def synthetic_tensors(

@@ -154,8 +154,24 @@ def fit(
         >>> result.history[-1]["val_clean_acc"] > 0.5  # doctest: +SKIP
         True
     """
-    t_start = time.perf_counter()
     device = resolve_device(policy.device)
+    # seeding inside fork_rng: fit is reproducible and leaves the caller's RNG as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _fit(model, policy, train, val, device, run_dir, resume, progress, on_epoch_end)
+
+
+def _fit(
+    model: nn.Module | None,
+    policy: Policy,
+    train: DataLoader[Any] | Dataset[Any] | None,
+    val: DataLoader[Any] | Dataset[Any] | None,
+    device: torch.device,
+    run_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+) -> FitResult:
+    t_start = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / policy.name
     ckpt_dir = run_dir / "checkpoints"
 
@@ -197,17 +213,20 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
             history = list(info.get("history", []))
             resumed_from = start_epoch
             log.info("resumed from epoch %d", start_epoch)
 
     p_hash = policy_hash(policy)
     atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
+    bad_run = 0  # consecutive non-finite losses, across epoch boundaries
     for epoch in range(start_epoch, policy.train.epochs):
         t_epoch = time.perf_counter()
         net.train()
         loader = _epoch_loader(train, policy, epoch)
-        total, count, skipped, bad_run = 0.0, 0, 0, 0
+        total, count, skipped = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{policy.train.epochs}", disable=not progress, leave=False)
         for step, (xb, yb) in enumerate(bar):
             check_batch(xb, yb, num_classes, in_chans)
@@ -225,7 +244,6 @@ def fit(
                         f"expected finite losses, got {bad_run} non-finite in a row (epoch {epoch + 1}, batch {step}, "
                         f"objectives {bad}); lower train.lr or check the data"
                     )
-                scheduler.step()
                 continue
             bad_run = 0
             optimizer.zero_grad(set_to_none=True)
@@ -257,7 +275,7 @@ def fit(
                 "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
             }
             save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
             prune_checkpoints(ckpt_dir, policy.train.keep_checkpoints)

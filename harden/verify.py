@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harden.attacks import ATTACKS, SuiteResult, build_attack, run_suite
+from harden.attacks.suite import suite_labels
 from harden.data import EvalData, check_batch, eval_batches, load_data, to_device
 from harden.errors import DataError
 from harden.models import prepare_model
@@ -26,10 +27,10 @@ __all__ = ["RobustnessReport", "accuracy", "clean_and_pgd_accuracy", "model_devi
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a parameterless model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -42,12 +43,17 @@ class RobustnessReport:
         clean_accuracy: accuracy on clean inputs.
         robust_accuracy: accuracy under the per-example worst case of the whole suite.
         per_attack: per attack label, the accuracy after the cascade up to and including it
-            (non-increasing; the last equals ``robust_accuracy``).
+            (non-increasing; the last equals ``robust_accuracy``). White-box attacks run first.
         broken_by: per attack label, how many examples it was the first to fool.
         attack_seconds: wall time per attack.
         threat: the threat model.
         attacks: the attack specifications, in cascade order.
         seconds: total wall time.
+        seed: the seed of the attacks.
+        other_threats: accuracy under attacks outside the l_p threat model (``iwd``,
+            ``invariance``), each run on all examples.
+        eps_curve: ``(eps, accuracy)`` pairs of the eps sweep (eps 0 is clean accuracy).
+        checks: sanity-check results by id (``status``, ``detail``, ``raised_if``, ``remedy``).
     """
 
     n: int
@@ -60,7 +66,14 @@ class RobustnessReport:
     attacks: list[dict[str, Any]]
     seconds: float
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    other_threats: dict[str, float] = field(default_factory=dict)
+    eps_curve: list[tuple[float, float]] = field(default_factory=list)
+    checks: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def reliable(self) -> bool:
+        """False when any sanity check failed (the certificate is then UNRELIABLE)."""
+        return all(c["status"] != "FAIL" for c in self.checks.values())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -73,6 +86,14 @@ class RobustnessReport:
             lines.append(f"  after {label:<10}{acc:7.2%}  ({self.attack_seconds.get(label, 0.0):.1f} s)")
         t = self.threat
         lines.append(f"robust accuracy  {self.robust_accuracy:7.2%}  ({t['norm']}, eps={t['eps']})")
+        for label, acc in self.other_threats.items():
+            lines.append(f"{label:<17}{acc:7.2%}  (outside the l_p threat model)")
+        if self.eps_curve:
+            lines.append("eps curve        " + "  ".join(f"{e:g}:{a:.0%}" for e, a in self.eps_curve))
+        for cid, c in self.checks.items():
+            lines.append(f"check {c['status']:<4} {cid}: {c['detail']}")
+        if self.checks:
+            lines.append("evaluation " + ("RELIABLE (all checks pass)" if self.reliable else "UNRELIABLE (a check failed)"))
         return "\n".join(lines)
 
 
@@ -125,16 +146,34 @@ def clean_and_pgd_accuracy(
     return out
 
 
+def _eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy) -> list[tuple[float, float]]:
+    spec = policy.verify
+    radii = spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
+    if not radii:
+        return []
+    out = [(0.0, float(accuracy(model, x, y).float().mean()))]
+    for eps in sorted(radii):
+        if policy.threat.norm == "linf" and eps > 1:
+            continue
+        pgd = ATTACKS.get("pgd")(policy.threat.model_copy(update={"eps": eps}), {"steps": spec.check_steps})
+        out.append((float(eps), float(accuracy(model, pgd(model, x, y), y).float().mean())))
+    return out
+
+
 def verify(
     model: nn.Module,
     policy: Policy,
     data: EvalData | None = None,
     *,
+    history: list[dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> RobustnessReport:
     """Attack ``model`` with the policy's suite on ``data`` (default: the policy's test split).
 
-    The model is used on the device it is on (batches follow it) and its train/eval modes are
+    The l_p attacks run as a cascade (white-box first), each only on the examples still robust;
+    attacks outside the l_p threat model run on every example and are reported apart. Then the
+    eps sweep and the sanity checks run on the first ``verify.check_examples`` examples. The
+    model is used on the device it is on (batches follow it) and its train/eval modes are
     restored. Attacks are seeded with ``policy.seed`` without touching the global RNG.
 
     Args:
@@ -142,6 +181,7 @@ def verify(
             not already :class:`harden.models.Normalized`).
         policy: gives the threat model, the attacks and ``verify.n_examples``.
         data: a DataLoader, a Dataset, or an ``(x, y)`` pair of tensors.
+        history: the training history, for the catastrophic-overfitting check.
         progress: show a progress bar.
 
     Returns:
@@ -153,29 +193,65 @@ def verify(
         >>> report.n, report.robust_accuracy <= report.clean_accuracy
         (32, True)
     """
+    from harden.attacks.base import AttackEnv, restore_modes, save_modes
+    from harden.attacks.suite import order_attacks, preset_specs
+    from harden.checks import CheckContext, run_checks
+
     t0 = time.perf_counter()
     net = prepare_model(model, policy.model)
     device = model_device(net)
+    bundle = None
     if data is None:
-        data = load_data(policy.data).test
-    attacks = [build_attack(spec, policy.threat) for spec in policy.verify.attacks]
+        bundle = load_data(policy.data)
+        data = bundle.test
+    specs = [*preset_specs(policy.verify.preset), *policy.verify.attacks]
+    attacks = [build_attack(spec, policy.threat) for spec in specs]
+    env = AttackEnv(policy=policy, bundle=bundle, device=device)
+    for attack in attacks:
+        attack.prepare(env)
+    lp_attacks, other_attacks = order_attacks(attacks)
+    other_labels = suite_labels([a.name for a in other_attacks])
     limit = policy.verify.n_examples
     result: SuiteResult | None = None
+    other_right = dict.fromkeys(other_labels, 0)
+    check_x: list[torch.Tensor] = []
+    check_y: list[torch.Tensor] = []
+    n_check = 0
     bar = tqdm(total=limit, desc="verify", disable=not progress, leave=False, unit="img")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(policy.seed)
-        for xb, yb in eval_batches(data, policy.data.eval_batch_size, limit):
-            check_batch(xb, yb)
-            x, y = to_device(xb, yb, device)
-            part = run_suite(net, x, y, attacks)
+    modes = save_modes(net)
+    net.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(policy.seed)
+            for xb, yb in eval_batches(data, policy.data.eval_batch_size, limit):
+                check_batch(xb, yb)
+                x, y = to_device(xb, yb, device)
+                part = run_suite(net, x, y, lp_attacks)
+                result = part if result is None else (result.extend(part) or result)
+                for label, attack in zip(other_labels, other_attacks, strict=True):
+                    other_right[label] += int(accuracy(net, attack(net, x, y), y).sum())
+                if n_check < policy.verify.check_examples:
+                    take = policy.verify.check_examples - n_check
+                    check_x.append(x[:take])
+                    check_y.append(y[:take])
+                    n_check += min(take, x.shape[0])
+                bar.update(x.shape[0])
+            bar.close()
             if result is None:
-                result = part
-            else:
-                result.extend(part)
-            bar.update(x.shape[0])
-    bar.close()
-    if result is None:
-        raise DataError("expected at least one example to verify, got none")
+                raise DataError("expected at least one example to verify, got none")
+            cx, cy = torch.cat(check_x), torch.cat(check_y)
+            curve = _eps_curve(net, cx, cy, policy)
+            checks = {}
+            if policy.verify.checks:
+                n_classes = int(net(cx[:1]).shape[1])
+                ctx = CheckContext(
+                    net, cx, cy, policy.threat, n_classes, steps=policy.verify.check_steps,
+                    broken_by=result.broken_by, white_box=[lb for lb, a in zip(result.labels, lp_attacks, strict=True) if a.white_box],
+                    history=history or [],
+                )
+                checks = {k: v.to_dict() for k, v in run_checks(ctx).items()}
+    finally:
+        restore_modes(net, modes)
     n = int(result.clean_correct.numel())
     counts = Counter(b for b in result.broken_by if b)
     return RobustnessReport(
@@ -186,7 +262,10 @@ def verify(
         broken_by={k: counts.get(k, 0) for k in ["clean", *result.labels]},
         attack_seconds=dict(result.seconds),
         threat=policy.threat.model_dump(mode="json"),
-        attacks=[spec.model_dump(mode="json") for spec in policy.verify.attacks],
+        attacks=[spec.model_dump(mode="json") for spec in specs],
         seconds=time.perf_counter() - t0,
         seed=policy.seed,
+        other_threats={k: v / n for k, v in other_right.items()},
+        eps_curve=curve,
+        checks=checks,
     )

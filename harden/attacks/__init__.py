@@ -5,8 +5,22 @@ Look attacks up by name (``ATTACKS.get("pgd")``); third-party attacks register t
 """
 
 from harden.attacks import fgsm as _fgsm  # noqa: F401  (registers)
+from harden.attacks import invariance as _invariance  # noqa: F401  (registers)
+from harden.attacks import noise as _noise  # noqa: F401  (registers)
 from harden.attacks import pgd as _pgd  # noqa: F401  (registers)
-from harden.attacks.base import ATTACKS, Attack, AttackParams, lp_norm, project
-from harden.attacks.suite import SuiteResult, build_attack, run_suite
+from harden.attacks import transfer as _transfer  # noqa: F401  (registers)
+from harden.attacks.base import ATTACKS, Attack, AttackEnv, AttackParams, lp_norm, project
+from harden.attacks.suite import SuiteResult, build_attack, preset_specs, run_suite
 
-__all__ = ["ATTACKS", "Attack", "AttackParams", "SuiteResult", "build_attack", "lp_norm", "project", "run_suite"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackEnv",
+    "AttackParams",
+    "SuiteResult",
+    "build_attack",
+    "lp_norm",
+    "preset_specs",
+    "project",
+    "run_suite",
+]

@@ -9,6 +9,7 @@ devices. Randomness (random starts) comes from torch's global RNG, so callers se
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, ClassVar, final
 
@@ -20,13 +21,28 @@ from harden.errors import PolicyError, ThreatModelError
 from harden.policy import ThreatModel
 from harden.registry import Registry
 
-__all__ = ["ATTACKS", "Attack", "AttackParams", "input_grad", "lp_norm", "normalize_grad", "project", "restore_modes", "save_modes"]
+__all__ = ["ATTACKS", "Attack", "AttackEnv", "AttackParams", "input_grad", "lp_norm", "normalize_grad", "project", "restore_modes", "save_modes"]
 
 
 class AttackParams(BaseModel):
     """Base of every attack's parameters (unknown keys are refused)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class AttackEnv:
+    """Resources an attack may need (see :meth:`Attack.prepare`).
+
+    Attributes:
+        policy: the policy being verified (model spec, seed, device).
+        bundle: the policy's data (a :class:`harden.data.DataBundle`), if known.
+        device: where the verified model lives.
+    """
+
+    policy: Any
+    bundle: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack", entry_point_group="harden.attacks")
@@ -168,6 +184,12 @@ class Attack(ABC):
         lo, hi = float(x.min()), float(x.max())
         if not (lo >= -1e-6 and hi <= 1 + 1e-6):
             raise ThreatModelError(f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (normalization belongs inside the model)")
+
+    def prepare(self, env: AttackEnv) -> None:
+        """Acquire what the attack needs beyond ``(model, x, y)``, once before a suite runs.
+
+        The default does nothing; the transfer attack builds or trains its surrogate here.
+        """
 
     @abstractmethod
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

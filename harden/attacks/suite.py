@@ -16,7 +16,7 @@ from torch import nn
 from harden.attacks.base import ATTACKS, Attack
 from harden.policy import AttackSpec, ThreatModel
 
-__all__ = ["SuiteResult", "build_attack", "suite_labels", "run_suite"]
+__all__ = ["SuiteResult", "build_attack", "order_attacks", "preset_specs", "run_suite", "suite_labels"]
 
 
 def build_attack(spec: AttackSpec, threat: ThreatModel) -> Attack:
@@ -119,3 +119,38 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Seque
     finally:
         restore_modes(model, modes)
     return SuiteResult(labels, clean.cpu(), still, broken, seconds)
+
+
+def preset_specs(preset: str | None) -> list[AttackSpec]:
+    """The attacks of a suite preset.
+
+    ``standard`` is AutoAttack's standard suite with its reference settings: APGD-CE (100 steps),
+    APGD-T (100 steps, 9 target classes), FAB-T (100 steps, 9 targets) and Square (5,000
+    queries). ``quick`` is APGD-CE and APGD-T with 20 steps and 3 targets, for probes.
+
+    Example:
+        >>> [s.name for s in preset_specs("quick")]
+        ['apgd_ce', 'apgd_t']
+    """
+    if preset is None:
+        return []
+    if preset == "standard":
+        return [
+            AttackSpec(name="apgd_ce", params={"steps": 100}),
+            AttackSpec(name="apgd_t", params={"steps": 100, "n_target_classes": 9}),
+            AttackSpec(name="fab_t", params={"steps": 100, "n_target_classes": 9}),
+            AttackSpec(name="square", params={"n_queries": 5000}),
+        ]
+    if preset == "quick":
+        return [
+            AttackSpec(name="apgd_ce", params={"steps": 20}),
+            AttackSpec(name="apgd_t", params={"steps": 20, "n_target_classes": 3}),
+        ]
+    raise ValueError(f"expected preset 'standard' or 'quick', got {preset!r}")
+
+
+def order_attacks(attacks: Sequence[Attack]) -> tuple[list[Attack], list[Attack]]:
+    """Split into (l_p attacks: white-box first, then black-box; attacks outside the l_p model)."""
+    lp = [a for a in attacks if a.bounded]
+    lp = [a for a in lp if a.white_box] + [a for a in lp if not a.white_box]
+    return lp, [a for a in attacks if not a.bounded]

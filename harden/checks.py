@@ -1,0 +1,282 @@
+"""Evaluation sanity checks: is the robustness we measured real, or are gradients lying?
+
+After Carlini et al. 2019 ("On evaluating adversarial robustness"), Athalye et al. 2018
+("Obfuscated gradients give a false sense of security") and AutoAttack's own checks. Each check
+has an id, the condition under which it is raised, and a remedy; it reports PASS, WARN or FAIL
+with a detail. A FAIL marks the certificate UNRELIABLE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harden.attacks.base import restore_modes, save_modes
+from harden.attacks.pgd import PGD
+from harden.policy import ThreatModel
+
+__all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "run_checks"]
+
+Status = Literal["PASS", "WARN", "FAIL"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check."""
+
+    id: str
+    status: Status
+    detail: str
+    raised_if: str
+    remedy: str
+
+    def to_dict(self) -> dict[str, str]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+
+@dataclass
+class CheckContext:
+    """What the checks look at: the model, a subset of test data, the threat model, and the suite.
+
+    Attributes:
+        model: the model under evaluation (modes are restored after each check).
+        x: pixels of the check subset.
+        y: labels of the check subset.
+        threat: the threat model.
+        num_classes: classes of the task (for chance level).
+        steps: PGD steps used by the checks' own attacks.
+        broken_by: per example of the full evaluation, the first attack that fooled it.
+        white_box: attack labels of the suite that use the model's gradients.
+        history: per-epoch training history (for the catastrophic-overfitting probe).
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    threat: ThreatModel
+    num_classes: int
+    steps: int = 20
+    broken_by: Sequence[str] = ()
+    white_box: Sequence[str] = ()
+    history: Sequence[dict[str, Any]] = ()
+
+    def pgd_accuracy(self, eps: float | None = None, steps: int | None = None, restarts: int = 1) -> float:
+        """Accuracy under PGD on the subset (seeded by the caller)."""
+        threat = self.threat if eps is None else self.threat.model_copy(update={"eps": eps})
+        atk = PGD(threat, {"steps": steps or self.steps, "restarts": restarts})
+        with torch.no_grad():
+            pass
+        x_adv = atk(self.model, self.x, self.y)
+        with torch.no_grad():
+            return float((self.model(x_adv).argmax(1) == self.y).float().mean())
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """A registered check: its id, when it is raised, the remedy, and the function."""
+
+    id: str
+    raised_if: str
+    remedy: str
+    fn: Callable[[CheckContext], tuple[Status, str]]
+
+
+CHECKS: dict[str, CheckSpec] = {}
+
+
+def _check(id_: str, raised_if: str, remedy: str) -> Callable[[Callable[[CheckContext], tuple[Status, str]]], Any]:
+    def deco(fn: Callable[[CheckContext], tuple[Status, str]]) -> Callable[[CheckContext], tuple[Status, str]]:
+        if id_ in CHECKS:
+            raise ValueError(f"expected a new check id, got {id_!r} twice")
+        CHECKS[id_] = CheckSpec(id_, raised_if, remedy, fn)
+        return fn
+
+    return deco
+
+
+def _chance(ctx: CheckContext) -> float:
+    counts = torch.bincount(ctx.y.cpu(), minlength=ctx.num_classes).float()
+    return float(counts.max() / counts.sum())
+
+
+@_check(
+    "deterministic_eval",
+    "the model's eval-mode logits differ between two calls on the same batch, or between a batch and its "
+    "examples one at a time (beyond 1e-4)",
+    "remove randomness from the eval forward (dropout left on, random transforms) or evaluate with "
+    "EOT (average gradients over many forward passes); fix batch-dependent layers (BatchNorm in train mode)",
+)
+def _deterministic(ctx: CheckContext) -> tuple[Status, str]:
+    with torch.no_grad():
+        a = ctx.model(ctx.x)
+        b = ctx.model(ctx.x)
+        k = min(8, ctx.x.shape[0])
+        single = torch.cat([ctx.model(ctx.x[i : i + 1]) for i in range(k)])
+    rep = float((a - b).abs().max())
+    bat = float((a[:k] - single).abs().max())
+    if rep > 1e-4:
+        return "FAIL", f"two identical calls differ by {rep:.3g}: the forward pass is random; use EOT for attacks"
+    if bat > 1e-4:
+        return "FAIL", f"batched and one-at-a-time logits differ by {bat:.3g}: outputs depend on the batch"
+    return "PASS", f"repeat diff {rep:.1e}, batch vs single diff {bat:.1e}"
+
+
+@_check(
+    "logits_not_probabilities",
+    "every output row is non-negative and sums to 1 (the model ends in softmax)",
+    "return logits (drop the final softmax); cross-entropy on probabilities saturates and masks gradients",
+)
+def _logits(ctx: CheckContext) -> tuple[Status, str]:
+    with torch.no_grad():
+        out = ctx.model(ctx.x)
+    sums = out.sum(1)
+    if bool((out >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+        return "FAIL", "outputs are probabilities (non-negative rows summing to 1)"
+    return "PASS", f"outputs range [{float(out.min()):.3g}, {float(out.max()):.3g}]"
+
+
+@_check(
+    "input_gradients",
+    "the loss gradient w.r.t. the input is NaN/infinite for any example, or zero for more than 5% of them",
+    "find the non-differentiable or saturating layer (quantization, argmax, rounding, huge logits) and "
+    "evaluate with BPDA or a differentiable surrogate; never rely on gradient-free robustness",
+)
+def _gradients(ctx: CheckContext) -> tuple[Status, str]:
+    modes = save_modes(ctx.model)
+    ctx.model.eval()
+    try:
+        with torch.enable_grad():
+            x = ctx.x.clone().requires_grad_(True)
+            loss = F.cross_entropy(ctx.model(x), ctx.y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x)
+    finally:
+        restore_modes(ctx.model, modes)
+    norms = g.flatten(1).norm(dim=1)
+    bad = int((~torch.isfinite(norms)).sum())
+    zero = float((norms < 1e-12).float().mean())
+    if bad:
+        return "FAIL", f"{bad} examples have NaN or infinite input gradients"
+    if zero > 0.05:
+        return "FAIL", f"{zero:.0%} of examples have zero input gradient"
+    return "PASS", f"{zero:.1%} zero gradients, median norm {float(norms.median()):.3g}"
+
+
+def _large_eps(threat: ThreatModel, x: torch.Tensor) -> float:
+    """The radius at which the all-0.5 grey image is inside every ball around x."""
+    if threat.norm == "linf":
+        return 0.5
+    return 0.5 * math.sqrt(x[0].numel())
+
+
+@_check(
+    "large_eps_to_chance",
+    "PGD accuracy at a radius that contains the uniform grey image (linf 0.5; l2 0.5·sqrt(d)) stays "
+    "more than 5 points above chance",
+    "the attack is not working: look for gradient masking (see input_gradients) or raise attack steps",
+)
+def _large_eps_check(ctx: CheckContext) -> tuple[Status, str]:
+    eps = _large_eps(ctx.threat, ctx.x)
+    acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
+    chance = _chance(ctx)
+    status: Status = "PASS" if acc <= chance + 0.05 else "FAIL"
+    return status, f"accuracy {acc:.1%} at eps={eps:.3g} (chance {chance:.1%})"
+
+
+@_check(
+    "unbounded_attack_succeeds",
+    "PGD with a radius covering the whole input box fools fewer than 99% of the examples",
+    "an attack that cannot fool the model with unlimited budget is broken or blocked by masking; check "
+    "input_gradients and try black-box attacks (square)",
+)
+def _unbounded(ctx: CheckContext) -> tuple[Status, str]:
+    eps = 1.0 if ctx.threat.norm == "linf" else math.sqrt(ctx.x[0].numel())
+    acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
+    status: Status = "PASS" if acc <= 0.01 else "FAIL"
+    return status, f"success {1 - acc:.1%} with eps={eps:.3g}"
+
+
+@_check(
+    "more_iterations_never_help",
+    "doubling PGD steps or adding restarts raises accuracy by more than 2 points and 2 examples (FAIL), or "
+    "lowers it by more than 5 points (WARN: the evaluation had not converged)",
+    "raise steps/restarts until accuracy stops falling; randomness that favours the model points at a "
+    "stochastic defence (use EOT)",
+)
+def _more_iterations(ctx: CheckContext) -> tuple[Status, str]:
+    base = ctx.pgd_accuracy(steps=ctx.steps)
+    double = ctx.pgd_accuracy(steps=2 * ctx.steps)
+    restarts = ctx.pgd_accuracy(steps=ctx.steps, restarts=3)
+    detail = f"PGD-{ctx.steps} {base:.1%}, PGD-{2 * ctx.steps} {double:.1%}, 3 restarts {restarts:.1%}"
+    n = ctx.x.shape[0]
+    if max(double, restarts) > base + max(0.02, 2.5 / n):  # beyond 2 points and 2 examples
+        return "FAIL", detail
+    if min(double, restarts) < base - 0.05:
+        return "WARN", detail
+    return "PASS", detail
+
+
+@_check(
+    "white_box_beats_black_box",
+    "examples that survive every white-box attack fall to a black-box one (square, transfer, noise): more "
+    "than 2% of the evaluated examples FAIL, any WARN",
+    "gradients are masked: the white-box figure overstates robustness; report the worst case (harden does) "
+    "and find the masking layer",
+)
+def _white_vs_black(ctx: CheckContext) -> tuple[Status, str]:
+    if not ctx.broken_by or not ctx.white_box:
+        return "PASS", "no white-box/black-box pair in the suite"
+    black = [i for i, b in enumerate(ctx.broken_by) if b and b != "clean" and b not in ctx.white_box]
+    n = len(ctx.broken_by)
+    listed = ", ".join(str(i) for i in black[:20]) + (" ..." if len(black) > 20 else "")
+    if len(black) > 0.02 * n:
+        return "FAIL", f"{len(black)} of {n} examples fell only to black-box attacks (indices {listed})"
+    if black:
+        return "WARN", f"{len(black)} of {n} examples fell only to black-box attacks (indices {listed})"
+    return "PASS", "no example survived white-box attacks and fell to a black-box one"
+
+
+@_check(
+    "no_catastrophic_overfitting",
+    "the per-epoch PGD probe accuracy drops by more than 20 points from its best epoch while clean accuracy "
+    "holds (catastrophic overfitting, typical of single-step training)",
+    "use more attack steps in training (pgd_at steps >= 2), random starts, or a smaller step size",
+)
+def _overfitting(ctx: CheckContext) -> tuple[Status, str]:
+    probes = [(h.get("val_pgd_acc"), h.get("val_clean_acc")) for h in ctx.history if h.get("val_pgd_acc") is not None]
+    if len(probes) < 2:
+        return "PASS", "fewer than two probed epochs"
+    best = max(p for p, _ in probes)
+    last, clean = probes[-1]
+    if best - last > 0.20 and (clean or 0) > 0.5:
+        return "FAIL", f"PGD probe fell from {best:.1%} to {last:.1%}"
+    return "PASS", f"PGD probe best {best:.1%}, last {last:.1%}"
+
+
+def run_checks(ctx: CheckContext, ids: Sequence[str] | None = None) -> dict[str, CheckResult]:
+    """Run the checks ``ids`` (default: all) and return their results by id.
+
+    Example:
+        >>> from harden.testing import TinyMLP, synthetic_tensors
+        >>> x, y = synthetic_tensors(16)
+        >>> ctx = CheckContext(TinyMLP(num_classes=3), x, y, ThreatModel(eps=0.1), num_classes=3, steps=2)
+        >>> run_checks(ctx, ["logits_not_probabilities"])["logits_not_probabilities"].status
+        'PASS'
+    """
+    out: dict[str, CheckResult] = {}
+    modes = save_modes(ctx.model)
+    ctx.model.eval()
+    try:
+        for cid in ids if ids is not None else list(CHECKS):
+            spec = CHECKS[cid]
+            status, detail = spec.fn(ctx)
+            out[cid] = CheckResult(cid, status, detail, spec.raised_if, spec.remedy)
+    finally:
+        restore_modes(ctx.model, modes)
+    return out

@@ -1,0 +1,240 @@
+"""Model adapters: Normalized, build_model from timm / module:attr, weights, name checks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import harden
+from harden.models import Normalized, build_model, check_timm_name, import_object, load_weights, prepare_model
+from harden.policy import ModelSpec
+from harden.testing import TinyCNN, TinyMLP
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_normalized_equals_manual_normalization():
+    inner = TinyCNN(num_classes=4, in_chans=3).eval()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    net = Normalized(inner, mean, std).eval()
+    x = torch.rand(5, 3, 8, 8)
+    manual = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(net.normalize(x), manual, rtol=0, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), inner(manual), rtol=0, atol=1e-6)
+    assert net.mean_values == pytest.approx(mean)
+    assert net.std_values == pytest.approx(std)
+    assert net.has_norm
+
+
+def test_normalized_without_mean_std_is_the_identity():
+    inner = TinyMLP(num_classes=2)
+    net = Normalized(inner)
+    x = torch.rand(3, 1, 8, 8)
+    assert net.normalize(x) is x
+    assert torch.equal(net(x), inner(x))
+    assert (net.mean_values, net.std_values, net.has_norm) == (None, None, False)
+
+
+def test_normalization_is_in_the_state_dict():
+    net = Normalized(TinyMLP(num_classes=2), (0.5,), (0.25,))
+    state = net.state_dict()
+    assert torch.equal(state["mean"], torch.tensor([0.5]).view(1, 1, 1, 1))
+    assert torch.equal(state["std"], torch.tensor([0.25]).view(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "match"),
+    [
+        ((0.5, 0.5), (0.2,), "equal length"),
+        ((0.5,), None, "both mean and std"),
+        (None, (0.5,), "both mean and std"),
+        ((0.5,), (0.0,), "std > 0"),
+        ((0.5,), (-1.0,), "std > 0"),
+    ],
+)
+def test_normalized_rejects_bad_mean_std(mean, std, match):
+    with pytest.raises(harden.ModelError, match=match):
+        Normalized(TinyMLP(num_classes=2), mean, std)
+
+
+def test_build_model_timm_resnet10t():
+    net = build_model(ModelSpec(name="timm:resnet10t", num_classes=10, in_chans=1), num_classes=10, in_chans=1)
+    assert isinstance(net, Normalized)
+    assert not net.has_norm  # no pretrained weights: no normalization unless the policy sets it
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_build_model_timm_with_policy_mean_std():
+    net = build_model(ModelSpec(name="timm:resnet10t", mean=(0.1307,), std=(0.3081,)), num_classes=10, in_chans=1)
+    assert net.mean_values == pytest.approx((0.1307,))
+    assert net.std_values == pytest.approx((0.3081,))
+
+
+def test_build_model_checks_spec_against_data():
+    with pytest.raises(harden.ModelError, match="num_classes"):
+        build_model(ModelSpec(name="harden.testing:TinyCNN", num_classes=5), num_classes=10, in_chans=1)
+    with pytest.raises(harden.ModelError, match="in_chans"):
+        build_model(ModelSpec(name="harden.testing:TinyCNN", in_chans=3), num_classes=10, in_chans=1)
+    with pytest.raises(harden.ModelError, match="ModelSpec"):
+        build_model({"name": "harden.testing:TinyCNN"}, num_classes=10, in_chans=1)
+
+
+def test_build_model_timm_bad_args():
+    with pytest.raises(harden.ModelError, match="arguments timm accepts"):
+        build_model(ModelSpec(name="timm:resnet10t", args={"no_such_argument": 1}), num_classes=10, in_chans=1)
+
+
+def test_build_model_module_attr_class():
+    net = build_model(ModelSpec(name="harden.testing:TinyCNN", args={"width": 4}), num_classes=3, in_chans=2)
+    assert isinstance(net.model, TinyCNN)
+    assert net.model.head.out_features == 3
+    assert net.model.features[0].in_channels == 2
+    assert net.model.features[0].out_channels == 4
+    assert net(torch.rand(2, 2, 8, 8)).shape == (2, 3)
+
+
+def test_build_model_module_attr_instance(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    import helpers_data
+
+    net = build_model(ModelSpec(name="helpers_data:TINY_MLP"), num_classes=3, in_chans=1)
+    assert net.model is helpers_data.TINY_MLP  # used as it is, not copied
+    assert net(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_build_model_module_attr_errors():
+    with pytest.raises(harden.ModelError, match="importable module"):
+        build_model(ModelSpec(name="no_such_pkg_xyz:Net"), num_classes=3, in_chans=1)
+    with pytest.raises(harden.ModelError, match="no attribute 'Nope'"):
+        build_model(ModelSpec(name="harden.testing:Nope"), num_classes=3, in_chans=1)
+    with pytest.raises(harden.ModelError, match=r"nn\.Module or a callable"):
+        build_model(ModelSpec(name="harden.testing:__all__"), num_classes=3, in_chans=1)
+    with pytest.raises(harden.ModelError, match=r"return an nn\.Module"):
+        build_model(ModelSpec(name="harden.testing:synthetic_tensors"), num_classes=3, in_chans=1)
+
+
+def test_import_object():
+    assert import_object("harden.testing:TinyCNN") is TinyCNN
+    assert import_object("harden.models:Normalized.normalize") is Normalized.normalize
+    with pytest.raises(harden.ModelError, match=r"package\.module:attr"):
+        import_object("harden.testing")
+
+
+def test_prepare_model_wraps_once():
+    inner = TinyMLP(num_classes=2)
+    wrapped = prepare_model(inner)
+    assert isinstance(wrapped, Normalized)
+    assert wrapped.model is inner
+    assert prepare_model(wrapped) is wrapped
+    assert prepare_model(prepare_model(wrapped)) is wrapped
+    spec = ModelSpec(name="harden.testing:TinyMLP", mean=(0.5,), std=(0.5,))
+    with_norm = prepare_model(TinyMLP(num_classes=2), spec)
+    assert with_norm.mean_values == (0.5,)
+    with pytest.raises(harden.ModelError, match=r"torch\.nn\.Module"):
+        prepare_model(lambda x: x)
+
+
+def test_load_weights_safetensors_round_trip(tmp_path):
+    src = TinyCNN(num_classes=3)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = TinyCNN(num_classes=3)
+    assert not torch.equal(dst.head.weight, src.head.weight)
+    load_weights(dst, path)
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+
+
+def test_load_weights_weights_only_pth(tmp_path):
+    src = TinyCNN(num_classes=3)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": src.state_dict()}, path)
+    dst = TinyCNN(num_classes=3)
+    load_weights(dst, path)
+    assert torch.equal(dst.features[0].weight, src.features[0].weight)
+
+
+def test_load_weights_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": TinyMLP(num_classes=2)}, path)  # a pickled module, not just tensors
+    with pytest.raises(harden.ModelError, match="weights-only"):
+        load_weights(TinyMLP(num_classes=2), path)
+
+
+def test_load_weights_skips_a_differently_shaped_head(tmp_path):
+    src = TinyCNN(num_classes=5)
+    path = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    dst = TinyCNN(num_classes=3)
+    head_before = dst.head.weight.clone()
+    load_weights(dst, path)
+    assert torch.equal(dst.head.weight, head_before)
+    assert torch.equal(dst.features[0].weight, src.features[0].weight)
+
+
+def test_load_weights_mis_shaped_body_raises(tmp_path):
+    state = TinyCNN(num_classes=3).state_dict()
+    state["features.0.weight"] = torch.zeros(16, 1, 5, 5)
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    dst = TinyCNN(num_classes=3)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(harden.ModelError, match=r"1 mis-shaped.*features\.0\.weight"):
+        load_weights(dst, path)
+    for key, value in before.items():
+        assert torch.equal(dst.state_dict()[key], value), key  # nothing was half-loaded
+
+
+def test_load_weights_missing_body_tensor_raises(tmp_path):
+    state = TinyCNN(num_classes=3).state_dict()
+    del state["features.3.bias"]
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(harden.ModelError, match="1 missing"):
+        load_weights(TinyCNN(num_classes=3), path)
+
+
+def test_missing_pretrained_file_raises(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    spec = ModelSpec(name="harden.testing:TinyCNN", pretrained_file=str(missing))
+    with pytest.raises(harden.ModelError, match="does not exist") as info:
+        build_model(spec, num_classes=3, in_chans=1)
+    assert str(missing) in str(info.value)
+
+
+def test_build_model_with_pretrained_timm_file_uses_timm_normalization(tmp_path):
+    src = build_model(ModelSpec(name="timm:resnet10t"), num_classes=10, in_chans=1)
+    path = tmp_path / "resnet.safetensors"
+    save_file(src.model.state_dict(), str(path))
+    net = build_model(ModelSpec(name="timm:resnet10t", pretrained_file=str(path)), num_classes=10, in_chans=1)
+    assert torch.equal(net.model.conv1[0].weight, src.model.conv1[0].weight)
+    # one input channel: the mean of timm's RGB statistics
+    assert net.mean_values == pytest.approx(((0.485 + 0.456 + 0.406) / 3,))
+    assert net.std_values == pytest.approx(((0.229 + 0.224 + 0.225) / 3,))
+
+
+def test_check_timm_name():
+    assert check_timm_name("resnet10t") is None
+    with pytest.raises(harden.UnknownNameError) as info:
+        check_timm_name("resnet10x")
+    assert isinstance(info.value, KeyError)
+    assert "resnet10t" in info.value.suggestions
+    assert "did you mean" in str(info.value)
+    with pytest.raises(harden.UnknownNameError) as info:
+        check_timm_name("qqqqqqqqqqqq")
+    assert info.value.suggestions == ()
+
+
+def test_model_has_no_side_effects_on_input():
+    net = Normalized(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), (0.5,), (0.25,))
+    x = torch.rand(1, 1, 2, 2)
+    x0 = x.clone()
+    net(x)
+    assert torch.equal(x, x0)

@@ -1,0 +1,251 @@
+"""Policy validation: round trips, stable hashes and one-line errors naming file and key path."""
+
+import textwrap
+
+import pydantic
+import pytest
+import yaml
+
+import harden
+from harden.policy import Policy, dump_policy, load_policy, policy_hash, validate_policy
+from harden.testing import tiny_policy
+
+MINIMAL = {"objectives": [{"name": "ce"}]}
+
+
+def write(tmp_path, text, name="policy.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def policy_error(tmp_path, text):
+    """Load ``text`` as a policy file; return (path, message) of the PolicyError it must raise."""
+    path = write(tmp_path, text)
+    with pytest.raises(harden.PolicyError) as info:
+        load_policy(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: ")
+    return path, msg
+
+
+# --------------------------------------------------------------------------- valid policies
+
+
+def test_policy_error_is_a_value_error():
+    assert issubclass(harden.PolicyError, ValueError)
+    assert issubclass(harden.PolicyError, harden.HardenError)
+    with pytest.raises(ValueError):
+        validate_policy({"objectives": []})
+
+
+def test_round_trip_through_yaml_is_equal():
+    policy = tiny_policy(objectives=[{"name": "trades", "weight": 0.5}, {"name": "ce", "weight": 2}])
+    again = validate_policy(yaml.safe_load(dump_policy(policy)))
+    assert again == policy
+    assert policy_hash(again) == policy_hash(policy)
+    assert dump_policy(again) == dump_policy(policy)
+
+
+def test_dump_fills_every_default():
+    dumped = yaml.safe_load(dump_policy(validate_policy(MINIMAL)))
+    assert dumped["threat"] == {"norm": "linf", "eps": 0.3, "rho": None}
+    assert dumped["objectives"] == [{"name": "ce", "weight": 1.0, "params": {"label_smoothing": 0.0}}]
+    assert set(dumped) == set(Policy.model_fields)
+
+
+def test_load_policy_reads_a_file(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        name: demo
+        seed: 7
+        threat: {norm: l2, eps: 0.5}
+        objectives:
+          - name: pgd_at
+            params: {steps: 3}
+        """,
+    )
+    policy = load_policy(path)
+    assert isinstance(policy, Policy)
+    assert (policy.name, policy.seed) == ("demo", 7)
+    assert (policy.threat.norm, policy.threat.eps) == ("l2", 0.5)
+    assert policy.objectives[0].params["steps"] == 3
+    assert policy.objectives[0].params["random_start"] is True  # default filled in
+    assert load_policy(str(path)) == policy  # str paths too
+
+
+def test_hash_ignores_comments_key_order_and_spelled_out_defaults(tmp_path):
+    a = load_policy(
+        write(
+            tmp_path,
+            """\
+        seed: 3
+        objectives:
+          - {name: trades, params: {beta: 2}}
+        threat: {eps: 0.1}
+        """,
+            "a.yaml",
+        )
+    )
+    b = load_policy(
+        write(
+            tmp_path,
+            """\
+        # the same policy, written differently
+        threat:
+          eps: 0.1      # linf is the default norm
+          norm: linf
+        objectives:
+          - params: {beta: 2.0, steps: 10}
+            weight: 1.0
+            name: trades
+        seed: 3
+        device: cpu
+        """,
+            "b.yaml",
+        )
+    )
+    assert a == b
+    assert policy_hash(a) == policy_hash(b)
+    assert len(policy_hash(a)) == 64
+    c = load_policy(
+        write(tmp_path, "seed: 4\nobjectives: [{name: trades, params: {beta: 2}}]\nthreat: {eps: 0.1}\n", "c.yaml")
+    )
+    assert policy_hash(c) != policy_hash(a)
+
+
+def test_hash_is_stable_across_calls():
+    p = tiny_policy()
+    assert policy_hash(p) == policy_hash(tiny_policy()) == policy_hash(p)
+
+
+def test_policies_are_frozen():
+    policy = validate_policy(MINIMAL)
+    with pytest.raises(pydantic.ValidationError):
+        policy.seed = 5
+    with pytest.raises(pydantic.ValidationError):
+        policy.train.epochs = 9
+    with pytest.raises(pydantic.ValidationError):
+        policy.threat.eps = 0.5
+    assert policy.seed == 0 and policy.train.epochs == 3 and policy.threat.eps == 0.3
+    with pytest.raises(TypeError):
+        policy.objectives[0] = policy.objectives[0]  # a tuple
+
+
+def test_l2_allows_eps_above_one():
+    assert validate_policy({**MINIMAL, "threat": {"norm": "l2", "eps": 2.0}}).threat.eps == 2.0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("body", "key_path", "detail"),
+    [
+        ("objectives: [{name: ce}]\nbogus: 1\n", "bogus", "unknown key"),
+        ("objectives: [{name: ce}]\ntrain: {epocs: 2}\n", "train.epocs", "unknown key"),
+        ("objectives: [{name: ce}]\ntrain: {epochs: many}\n", "train.epochs", "expected an integer, got 'many'"),
+        ("objectives: [{name: ce}]\nthreat: {eps: -0.1}\n", "threat.eps", "expected a number > 0"),
+        ("objectives: [{name: ce}]\nthreat: {eps: 1.5}\n", "threat.eps", "expected eps <= 1"),
+        ("objectives: [{name: ce}]\ntrain: {epochs: 0}\n", "train.epochs", "expected a number >= 1, got 0"),
+        ("objectives: [{name: ce, weight: -1}]\n", "objectives.0.weight", "expected a number >= 0"),
+        ("objectives: [{name: ce}, {name: pgd-at}]\n", "objectives.1.name", "did you mean 'pgd_at'?"),
+        (
+            "objectives: [{name: ce}]\nverify: {attacks: [{name: pgdd}]}\n",
+            "verify.attacks.0.name",
+            "did you mean 'pgd'",
+        ),
+        ("objectives: [{name: pgd_at, params: {stepz: 3}}]\n", "objectives.0.params.stepz", "unknown key"),
+        ("objectives: [{name: trades, params: {beta: -1}}]\n", "objectives.0.params.beta", "expected a number >= 0"),
+        (
+            "objectives: [{name: ce}]\nverify: {attacks: [{name: pgd, params: {steps: 0}}]}\n",
+            "verify.attacks.0.params.steps",
+            "expected a number >= 1",
+        ),
+        ("objectives: [{name: ce}]\nmodel: {name: 'timm:resnet10x'}\n", "model.name", "did you mean 'resnet10t'"),
+        ("objectives: [{name: ce}]\ndata: {name: mnist5k}\n", "data.name", "did you mean 'mnist-5k'?"),
+        ("objectives: [{name: ce, weight: 0}, {name: trades, weight: 0}]\n", "objectives", "weight > 0"),
+        ("objectives: []\n", "objectives", "at least 1 item"),
+        ("seed: 1\n", "objectives", "required key"),
+    ],
+)
+def test_errors_name_the_file_and_the_key_path(tmp_path, body, key_path, detail):
+    _, msg = policy_error(tmp_path, body)
+    assert f": {key_path}: " in msg
+    assert detail in msg
+
+
+def test_param_errors_name_the_objective(tmp_path):
+    _, msg = policy_error(tmp_path, "objectives: [{name: ce}, {name: trades, params: {beta: -1}}]\n")
+    assert ": objectives.1.params.beta: " in msg
+    assert "'trades'" in msg
+    assert "-1" in msg
+
+
+def test_unknown_objective_lists_suggestions(tmp_path):
+    _, msg = policy_error(tmp_path, "objectives: [{name: pgd-at}]\n")
+    assert "got 'pgd-at'" in msg
+    assert "'pgd_at'" in msg
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    _, msg = policy_error(tmp_path, "seed: 1\nobjectives:\n  - name: ce\n    weight: 1: 2\n")
+    assert "expected valid YAML" in msg
+    assert "(line 4," in msg
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "base: &b {name: ce}\nobjectives: [*b]\n",  # anchor and alias
+        "objectives: &objs [{name: ce}]\n",  # an anchor alone is refused too
+    ],
+)
+def test_yaml_anchors_and_aliases_are_refused(tmp_path, body):
+    _, msg = policy_error(tmp_path, body)
+    assert "anchors and aliases are not allowed" in msg
+    assert "(line 1," in msg
+
+
+def test_yaml_duplicate_keys_are_refused(tmp_path):
+    _, msg = policy_error(tmp_path, "seed: 1\nobjectives: [{name: ce}]\nseed: 2\n")
+    assert "expected unique keys, got 'seed' twice" in msg
+    assert "(line 3," in msg
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    _, msg = policy_error(tmp_path, "objectives: !!python/object/apply:os.getcwd []\n")
+    assert "expected valid YAML" in msg
+
+
+@pytest.mark.parametrize(("body", "got"), [("- 1\n- 2\n", "list"), ("just text\n", "str"), ("", "NoneType")])
+def test_top_level_must_be_a_mapping(tmp_path, body, got):
+    _, msg = policy_error(tmp_path, body)
+    assert msg.endswith(f"(top level): expected a mapping of policy keys, got {got}")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(harden.PolicyError) as info:
+        load_policy(path)
+    assert str(info.value).startswith(f"{path}: expected a readable policy file")
+
+
+def test_undecodable_file(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00objectives")
+    with pytest.raises(harden.PolicyError, match="UTF-8"):
+        load_policy(path)
+
+
+def test_validate_policy_without_source_has_no_file_prefix():
+    with pytest.raises(harden.PolicyError) as info:
+        validate_policy({"objectives": [{"name": "ce"}], "threat": {"eps": 0}})
+    assert str(info.value).startswith("threat.eps: ")
+
+
+def test_more_errors_are_counted(tmp_path):
+    _, msg = policy_error(tmp_path, "objectives: [{name: ce}]\nbogus: 1\nseed: -1\n")
+    assert "(and 1 more)" in msg
