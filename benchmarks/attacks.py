@@ -1,0 +1,120 @@
+"""harden's attacks against torchattacks on the same models and inputs.
+
+For a plainly trained (`ce`) and a PGD-trained (`pgd_at`) model on mnist-5k, robust accuracy and
+wall time of PGD-40, APGD-CE (100 steps) and AutoAttack's standard suite (APGD-CE, APGD-T with
+9 targets, FAB-T with 9 targets, Square with 5,000 queries, cascaded on the still-robust
+examples), harden beside torchattacks. Goal: robust accuracy no higher than torchattacks'
+(at least as strong) at no more than 1.0x its time.
+
+    python benchmarks/attacks.py                 # small: TinyCNN, 200 test images (minutes on 2 cores)
+    python benchmarks/attacks.py --size full     # timm resnet10t, 1,000 test images (the issue's setting)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, timed, write_section  # noqa: E402
+
+import harden  # noqa: E402
+from harden.attacks import ATTACKS, preset_specs, run_suite  # noqa: E402
+from harden.attacks.suite import build_attack  # noqa: E402
+from harden.data import load_data  # noqa: E402
+
+SIZES = {
+    "small": {"model": "harden.testing:TinyCNN", "args": {"width": 32}, "n": 200, "epochs": 4},
+    "full": {"model": "timm:resnet10t", "args": {}, "n": 1000, "epochs": 5},
+}
+EPS = 0.3
+
+
+def train(objective: str, size: dict[str, Any], device: str) -> torch.nn.Module:
+    params = {"steps": 5} if objective == "pgd_at" else {}
+    policy = harden.validate_policy({
+        "name": f"bench-{objective}", "device": device,
+        "model": {"name": size["model"], "args": size["args"]},
+        "data": {"name": "mnist-5k", "batch_size": 128},
+        "threat": {"eps": EPS},
+        "train": {"epochs": size["epochs"], "lr": 0.05, "warmup_epochs": 1, "probe_examples": 0},
+        "objectives": [{"name": objective, "params": params}],
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        return harden.fit(None, policy, run_dir=tmp, progress=False).model.eval()
+
+
+def acc(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def ours(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    threat = harden.ThreatModel(eps=EPS)
+    torch.manual_seed(0)
+    if name == "PGD-40":
+        return acc(model, ATTACKS.get("pgd")(threat, {"steps": 40})(model, x, y), y)
+    if name == "APGD-CE":
+        return acc(model, ATTACKS.get("apgd_ce")(threat, {"steps": 100})(model, x, y), y)
+    attacks = [build_attack(s, threat) for s in preset_specs("standard")]
+    return float(run_suite(model, x, y, attacks).robust.float().mean())
+
+
+def theirs(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    import torchattacks
+
+    torch.manual_seed(0)
+    if name == "PGD-40":
+        atk = torchattacks.PGD(model, eps=EPS, alpha=2.5 * EPS / 40, steps=40, random_start=True)
+    elif name == "APGD-CE":
+        atk = torchattacks.APGD(model, norm="Linf", eps=EPS, steps=100, n_restarts=1, loss="ce", seed=0)
+    else:
+        atk = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
+    return acc(model, atk(x, y), y)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-standard", action="store_true", help="skip the (slow) standard-suite rows")
+    args = ap.parse_args()
+    size = SIZES[args.size]
+    device = torch.device(args.device)
+    bundle = load_data(harden.policy.DataSpec(name="mnist-5k"))
+    xs, ys = zip(*(bundle.test[i] for i in range(size["n"])), strict=True)
+    x, y = torch.stack(xs).to(device), torch.stack([torch.as_tensor(v) for v in ys]).to(device)
+    rows, data = [], []
+    names = ["PGD-40", "APGD-CE"] + ([] if args.skip_standard else ["standard suite"])
+    for objective in ("ce", "pgd_at"):
+        torch.manual_seed(0)
+        model = train(objective, size, args.device)
+        clean = acc(model, x, y)
+        for name in names:
+            a_ours, t_ours = timed(lambda n=name: ours(n, model, x, y), device)
+            a_them, t_them = timed(lambda n=name: theirs(n, model, x, y), device)
+            verdict = "at least as strong" if a_ours <= a_them + 1e-9 else f"weaker by {100 * (a_ours - a_them):.1f} pts"
+            rows.append([objective, f"{clean:.1%}", name, f"{a_ours:.1%}", f"{a_them:.1%}", verdict,
+                         f"{t_ours:.1f}", f"{t_them:.1f}", f"{t_ours / t_them:.2f}x"])
+            data.append({"model": objective, "clean": clean, "attack": name, "harden_acc": a_ours, "torchattacks_acc": a_them,
+                         "harden_s": t_ours, "torchattacks_s": t_them})
+            print(rows[-1], flush=True)
+    lines = [
+        f"Model: `{size['model']}` trained on mnist-5k ({size['epochs']} epochs) with `ce` and with `pgd_at` (PGD-5); "
+        f"{size['n']} mnist-5k test images; linf eps = {EPS}; harden {harden.__version__} vs torchattacks. "
+        "Robust accuracy: lower is a stronger attack. Time ratio: harden / torchattacks (goal <= 1.0x).",
+        "",
+        *table(["trained with", "clean", "attack", "harden acc", "torchattacks acc", "strength", "harden s",
+                "torchattacks s", "time ratio"], rows),
+    ]
+    cmd = f"python benchmarks/attacks.py --size {args.size} --device {args.device}" + (" --skip-standard" if args.skip_standard else "")
+    write_section("attacks", f"Attacks: harden vs torchattacks ({args.size})", cmd, lines, {"rows": data})
+
+
+if __name__ == "__main__":
+    main()

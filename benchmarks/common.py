@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmark scripts: machine description, result files, small models.
+
+Every script writes ``benchmarks/results/<name>.md`` (and ``.json``); ``report.py`` assembles
+them into ``benchmarks/RESULTS.md`` under a header naming the machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def machine() -> str:
+    """CPU model, cores, memory and GPU (if any), in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    threads = torch.get_num_threads()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {cores} cores (torch threads {threads}), {gpu}, torch {torch.__version__}"
+
+
+def commit() -> str:
+    """The git commit the benchmark ran on (with '+dirty' for uncommitted changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def timed(fn: Callable[[], Any], sync: torch.device | None = None) -> tuple[Any, float]:
+    """Run ``fn`` and return (its result, wall seconds), synchronising CUDA if used."""
+    if sync is not None and sync.type == "cuda":
+        torch.cuda.synchronize(sync)
+    t0 = time.perf_counter()
+    out = fn()
+    if sync is not None and sync.type == "cuda":
+        torch.cuda.synchronize(sync)
+    return out, time.perf_counter() - t0
+
+
+def write_section(name: str, title: str, command: str, lines: list[str], data: dict[str, Any]) -> Path:
+    """Write ``results/<name>.md`` and ``results/<name>.json``."""
+    RESULTS.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [f"## {title}", "", f"Measured {stamp} on: {machine()}; commit {commit()}.", "",
+            f"Reproduce: `{command}`", ""]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(head + lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": stamp, "command": command, **data}, indent=1))
+    return path
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out

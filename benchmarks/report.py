@@ -1,0 +1,28 @@
+"""Assemble ``benchmarks/RESULTS.md`` from the sections the benchmark scripts wrote."""
+
+from __future__ import annotations
+
+from common import HERE, RESULTS, machine
+
+ORDER = ["attacks", "objectives", "training", "certify", "inference"]
+
+
+def main() -> None:
+    sections = sorted(RESULTS.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    parts = [
+        "# harden benchmarks",
+        "",
+        "Written by the scripts in `benchmarks/` (`make bench` runs them all). Each section names the",
+        "machine it was measured on, the date, the commit and the command that reproduces it.",
+        f"Last assembled on: {machine()}.",
+        "",
+    ]
+    for s in sections:
+        parts.append(s.read_text().rstrip())
+        parts.append("")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'RESULTS.md'} ({len(sections)} sections)")
+
+
+if __name__ == "__main__":
+    main()
