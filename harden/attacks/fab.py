@@ -1,0 +1,235 @@
+"""Targeted FAB (Croce & Hein, ICML 2020): fast adaptive boundary attack, as in AutoAttack's FAB-T.
+
+FAB looks for a *minimally distorted* adversarial example. At each step it linearises, at the
+current iterate ``x_i``, the decision boundary between the true class ``y`` and a target class
+``t``: the hyperplane ``{z : g . (z - x_i) + f = 0}`` with ``f = f_t(x_i) - f_y(x_i)`` and
+``g = grad_x f``. It computes the exact projections, for the attack's norm, of both ``x_i`` and
+the original point ``x_0`` onto that hyperplane intersected with the box [0, 1]^d (``delta_i``,
+``delta_0``), and steps to
+
+    x_{i+1} = clip((1 - a) (x_i + eta delta_i) + a (x_0 + eta delta_0)),
+    a = min(||delta_i|| / (||delta_i|| + ||delta_0||), alpha_max),
+
+i.e. towards the boundary with an extrapolation ``eta`` and a bias ``a`` towards the original
+point. Whenever ``x_{i+1}`` is adversarial it is recorded if it is the smallest so far, and the
+iterate takes a backward step ``x_0 + beta (x_{i+1} - x_0)``.
+
+FAB-T, as in AutoAttack's standard suite, runs this for the 2nd .. (n_target_classes + 1)-th
+highest clean logits as targets (at most ``num_classes - 1`` of them), each target only on the
+examples not broken yet; restarts after the first start at a random point of norm eps/2.
+
+As an *evaluation* attack at the threat model's eps an example counts as broken when an
+adversarial example of norm <= eps is found: it is returned; examples not broken (and those
+misclassified already) are returned unchanged. With ``early_stop`` (default) an example stops
+being attacked as soon as such a point is found, which leaves robust accuracy unchanged but
+returns the first adversarial example within eps instead of the smallest one found in all steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from harden.attacks.base import ATTACKS, Attack, AttackParams, input_grad, lp_norm
+from harden.policy import ThreatModel
+
+__all__ = ["FABParams", "FABTargeted", "project_hyperplane_box"]
+
+
+class FABParams(AttackParams):
+    """Parameters of :class:`FABTargeted` (defaults: AutoAttack's standard FAB-T).
+
+    Attributes:
+        n_target_classes: targets per example, the 2nd .. (n+1)-th highest clean logits
+            (capped at ``num_classes - 1``).
+        steps: FAB iterations per target and restart.
+        restarts: runs per target; the first starts at the clean point, the others at a random
+            point of norm ``eps / 2``.
+        alpha_max: largest bias ``a`` towards the original point.
+        eta: extrapolation factor of the projection step (>= 1).
+        beta: backward-step factor applied to an iterate that is adversarial.
+        early_stop: stop attacking an example once an adversarial example of norm <= eps is found.
+    """
+
+    n_target_classes: int = Field(9, ge=1, le=100_000)
+    steps: int = Field(100, ge=1, le=100_000)
+    restarts: int = Field(1, ge=1, le=1000)
+    alpha_max: float = Field(0.1, ge=0, le=1)
+    eta: float = Field(1.05, ge=1, le=10)
+    beta: float = Field(0.9, gt=0, le=1)
+    early_stop: bool = True
+
+
+def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
+    """Minimal-norm steps from ``t`` onto ``{z : <w, z> = b} ∩ [0, 1]^d``, one per row.
+
+    Solves ``min ||delta||_p  s.t.  <w, t + delta> = b,  0 <= t + delta <= 1`` exactly for
+    ``p = inf`` and ``p = 2``, vectorised over the rows of ``t`` (``(N, d)``, in [0, 1]). Writing
+    ``r = b - <w, t>`` (made >= 0 by flipping the sign of ``w``) and ``cap_i`` for the room
+    pixel ``i`` has in the direction ``sign(w_i)``, the optimum is
+    ``delta_i = sign(w_i) min(lam, cap_i)`` (linf) or ``sign(w_i) min(mu |w_i|, cap_i)`` (l2),
+    with the scalar ``lam`` / ``mu`` found among the sorted breakpoints where
+    ``<w, delta>`` reaches ``r``. When the hyperplane does not meet the box the step goes to the
+    box corner closest to it (``delta_i = sign(w_i) cap_i``).
+
+    Args:
+        t: points, ``(N, d)``.
+        w: hyperplane normals, ``(N, d)``.
+        b: offsets, ``(N,)``.
+        norm: ``linf`` or ``l2``.
+
+    Returns:
+        The steps ``delta``, ``(N, d)``.
+
+    Example:
+        >>> t = torch.tensor([[0.5, 0.5]])
+        >>> project_hyperplane_box(t, torch.tensor([[1.0, 1.0]]), torch.tensor([1.6]), "linf")
+        tensor([[0.3000, 0.3000]])
+        >>> project_hyperplane_box(t, torch.tensor([[1.0, 0.0]]), torch.tensor([0.9]), "l2")
+        tensor([[0.4000, 0.0000]])
+        >>> project_hyperplane_box(t, torch.tensor([[1.0, 0.1]]), torch.tensor([1.08]), "l2")  # box-bound
+        tensor([[0.5000, 0.3000]])
+    """
+    r = b - (w * t).sum(dim=1)
+    flip = torch.where(r < 0, -1.0, 1.0).to(w.dtype)
+    w = w * flip[:, None]
+    r = r * flip
+    aw = w.abs()
+    direction = torch.sign(w)
+    cap = torch.where(w > 0, 1.0 - t, t)
+    cap = torch.where(aw > 0, cap, torch.zeros_like(cap))
+    if norm == "linf":
+        key, weight = cap, aw  # g(lam) = sum_i aw_i min(lam, cap_i)
+    else:
+        key = torch.where(aw > 0, cap / aw.clamp_min(1e-30), torch.full_like(cap, float("inf")))
+        weight = aw * aw  # h(mu) = sum_i aw_i min(mu aw_i, cap_i); slope sum aw_i^2 over unsaturated i
+    order = key.argsort(dim=1)
+    ks = key.gather(1, order)
+    ws = weight.gather(1, order)
+    sat = (aw * cap).gather(1, order)  # contribution of a saturated pixel
+    sat_cum = sat.cumsum(dim=1)  # saturated pixels up to and including position k
+    rest = (weight.sum(dim=1, keepdim=True) - ws.cumsum(dim=1)).clamp_min(0.0)  # slope after k
+    finite = torch.isfinite(ks)
+    value_at = torch.where(finite, sat_cum + torch.where(finite, ks, 0.0) * rest, sat_cum)
+    k = (value_at < r[:, None]).sum(dim=1)  # breakpoints passed before reaching r
+    d = t.shape[1]
+    feasible = k < d
+    kk = (k - 1).clamp_min(0)[:, None]
+    prev_sat = torch.where(k[:, None] > 0, sat_cum.gather(1, kk), 0.0).squeeze(1)
+    prev_slope = torch.where(k[:, None] > 0, rest.gather(1, kk), weight.sum(dim=1, keepdim=True)).squeeze(1)
+    lo = torch.where(k[:, None] > 0, ks.gather(1, kk), 0.0).squeeze(1)
+    hi = ks.gather(1, k.clamp_max(d - 1)[:, None]).squeeze(1)
+    scale = ((r - prev_sat) / prev_slope.clamp_min(1e-30)).clamp_min(0.0)
+    scale = torch.minimum(torch.maximum(scale, lo), hi)
+    scale = torch.where(feasible, scale, torch.full_like(scale, float("inf")))
+    reach = scale[:, None] if norm == "linf" else torch.where(aw > 0, scale[:, None] * aw, 0.0)
+    return direction * torch.minimum(reach, cap)
+
+
+def _gap(logits: torch.Tensor, target: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``f_target - f_label`` per example (positive iff the target beats the label)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, target] - logits[rows, label]
+
+
+@ATTACKS.register("fab_t")
+class FABTargeted(Attack):
+    """Targeted FAB (FAB-T), minimal-norm white-box attack, evaluated at the threat model's eps.
+
+    After a call, ``last_norms`` holds, per example, the norm of the adversarial example returned
+    (0 for examples misclassified already, ``inf`` where none was found within eps).
+
+    Example:
+        >>> from harden.policy import ThreatModel
+        >>> from harden.testing import TinyMLP
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        >>> attack = FABTargeted(ThreatModel(norm="l2", eps=2.0), {"steps": 10})
+        >>> adv = attack(TinyMLP(num_classes=3), x, y)
+        >>> bool((adv - x).flatten(1).norm(dim=1).max() <= 2.0 + 1e-5)
+        True
+    """
+
+    name = "fab_t"
+    Params = FABParams
+
+    def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
+        super().__init__(threat, params)
+        #: norm of the returned adversarial example per example of the last call (CPU tensor)
+        self.last_norms: torch.Tensor = torch.zeros(0)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attack each target class in turn on the examples not broken within eps yet."""
+        p: FABParams = self.params
+        eps = self.threat.eps
+        with torch.no_grad():
+            logits = model(x)
+        robust = logits.argmax(dim=1) == y
+        ranked = logits.argsort(dim=1, descending=True)
+        out = x.clone()
+        norms = torch.where(robust, float("inf"), 0.0)
+        for rank in range(1, min(p.n_target_classes, logits.shape[1] - 1) + 1):
+            for restart in range(p.restarts):
+                idx = robust.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                adv, found = self._run(model, x[idx], y[idx], ranked[idx, rank], random_start=restart > 0)
+                ok = found <= eps
+                out[idx[ok]] = adv[ok]
+                norms[idx[ok]] = found[ok]
+                robust[idx[ok]] = False
+        self.last_norms = norms.cpu()
+        return out
+
+    def _run(
+        self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor, random_start: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One FAB run towards ``target``; returns the smallest adversarial points and their norms."""
+        p: FABParams = self.params
+        norm, eps = self.threat.norm, self.threat.eps
+        n = x0.shape[0]
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        if random_start:
+            t = torch.rand_like(x0) * 2 - 1 if norm == "linf" else torch.randn_like(x0)
+            t = t / lp_norm(t, norm).clamp_min(1e-12).view(view)
+            x1 = (x0 + 0.5 * eps * t).clamp(0.0, 1.0)
+        else:
+            x1 = x0.clone()
+        best = x0.clone()
+        best_norm = torch.full((n,), float("inf"), device=x0.device)
+        # compact working copies of the examples still attacked
+        act = torch.arange(n, device=x0.device)
+        xa, ya, ta = x0, y, target
+        for _ in range(p.steps):
+            if act.numel() == 0:
+                break
+            m = act.numel()
+            logits, grad = input_grad(model, x1, partial(_gap, target=ta, label=ya))
+            with torch.no_grad():
+                f = _gap(logits, ta, ya)
+                w = grad.flatten(1)
+                b = (w * x1.flatten(1)).sum(dim=1) - f  # boundary of the linear model: <w, z> = b
+                steps = project_hyperplane_box(
+                    torch.cat([x1.flatten(1), xa.flatten(1)]), torch.cat([w, w]), torch.cat([b, b]), norm
+                )
+                d_cur, d_orig = steps[:m].view_as(x1), steps[m:].view_as(x1)
+                n_cur = lp_norm(d_cur, norm).clamp_min(1e-8)
+                n_orig = lp_norm(d_orig, norm).clamp_min(1e-8)
+                alpha = (n_cur / (n_cur + n_orig)).clamp(0.0, p.alpha_max).view(view)
+                x1 = ((1 - alpha) * (x1 + p.eta * d_cur) + alpha * (xa + p.eta * d_orig)).clamp(0.0, 1.0)
+                is_adv = model(x1).argmax(dim=1) != ya
+                dist = lp_norm(x1 - xa, norm)
+                better = is_adv & (dist < best_norm[act])
+                best[act[better]] = x1[better]
+                best_norm[act[better]] = dist[better]
+                x1 = torch.where(is_adv.view(view), xa + p.beta * (x1 - xa), x1)
+                if p.early_stop:
+                    keep = best_norm[act] > eps
+                    if not bool(keep.all()):
+                        act, xa, ya, ta, x1 = act[keep], xa[keep], ya[keep], ta[keep], x1[keep]
+        return best, best_norm
