@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 POLICY ?= policies/mnist-pgd.yaml
 OUT    ?= runs/demo
 
-.PHONY: demo test lint typecheck bench clean venv
+.PHONY: demo test lint typecheck bench clean venv docs
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks
 	$(VENV)/bin/mypy
+
+docs: $(STAMP)
+	$(PY) -m harden.docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

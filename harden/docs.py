@@ -122,3 +122,20 @@ def policy_reference() -> str:
                 parts.append("No parameters.")
     parts += ["", END]
     return "\n".join(parts) + "\n"
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Replace the README's policy reference with the generated one; returns True if it changed."""
+    from pathlib import Path
+
+    readme = Path(path)
+    text = readme.read_text()
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + policy_reference().rstrip("\n") + text[stop:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    print("README.md updated" if update_readme() else "README.md already up to date")

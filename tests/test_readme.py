@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_policy_reference_is_the_generated_one():
     start, stop = README.index(BEGIN), README.index(END) + len(END)
-    assert README[start:stop] + "\n" == policy_reference(), "run: harden schema --markdown and paste it into README.md"
+    assert README[start:stop] + "\n" == policy_reference(), "run: make docs"
 
 
 def _paths(schema, node, prefix=""):

@@ -1,0 +1,240 @@
+"""APGD-CE and APGD-T: threat model, strength against PGD and torchattacks, determinism."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import nn
+
+import harden
+import harden.attacks.apgd  # registers apgd_ce and apgd_t
+from harden.attacks import ATTACKS, lp_norm
+from harden.attacks.apgd import APGDCE, APGDT, apgd_checkpoints, targeted_dlr_loss
+from harden.attacks.pgd import PGD
+from harden.policy import ThreatModel
+from harden.testing import TinyCNN, TinyMLP, synthetic_tensors
+
+N_TEST = 240  # > 200 examples, so that one point of accuracy is 2.4 examples
+THREATS = {"linf": ThreatModel(norm="linf", eps=0.05), "l2": ThreatModel(norm="l2", eps=0.5)}
+ATTACK_CLASSES = {"apgd_ce": APGDCE, "apgd_t": APGDT}
+
+
+def _train(model, num_classes, epochs=3):
+    x, y = synthetic_tensors(512, num_classes=num_classes, seed=1, noise=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(x), 64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Seeded TinyCNN and MLP trained a few steps on 5-class synthetic data, and a 3-class CNN."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return {
+            "cnn": _train(TinyCNN(num_classes=5), 5),
+            "mlp": _train(TinyMLP(num_classes=5, hidden=64), 5),
+            "cnn3": _train(TinyCNN(num_classes=3), 3),
+            "mlp2": _train(TinyMLP(num_classes=2, hidden=64), 2),
+        }
+
+
+def data(num_classes=5, n=N_TEST):
+    return synthetic_tensors(n, num_classes=num_classes, seed=2, noise=0.3)
+
+
+@torch.no_grad()
+def acc(model, x, y):
+    return (model(x).argmax(1) == y).float().mean().item()
+
+
+def run(name, threat, model, x, y, seed=0, **params):
+    torch.manual_seed(seed)
+    return ATTACKS.get(name)(threat, params)(model, x, y)
+
+
+def torchattacks_acc(name, threat, model, x, y, steps, num_classes):
+    norm = {"linf": "Linf", "l2": "L2"}[threat.norm]
+    if name == "apgd_ce":
+        attack = torchattacks.APGD(model, norm=norm, eps=threat.eps, steps=steps, n_restarts=1, seed=0, loss="ce")
+    else:
+        attack = torchattacks.APGDT(
+            model, norm=norm, eps=threat.eps, steps=steps, n_restarts=1, seed=0, n_classes=num_classes
+        )
+    return acc(model, attack(x, y), y)
+
+
+# --------------------------------------------------------------------------- registry, params, pieces
+
+
+def test_registered_with_the_reference_defaults():
+    assert ATTACKS.get("apgd_ce") is APGDCE
+    assert ATTACKS.get("apgd_t") is APGDT
+    ce, t = APGDCE(ThreatModel()).params, APGDT(ThreatModel()).params
+    assert (ce.steps, ce.restarts, ce.rho) == (100, 1, 0.75)
+    assert (t.steps, t.restarts, t.rho, t.n_target_classes) == (100, 1, 0.75, 9)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("apgd_ce", {"steps": 0}),
+        ("apgd_ce", {"rho": 0}),
+        ("apgd_ce", {"rho": 1.5}),
+        ("apgd_ce", {"restarts": 0}),
+        ("apgd_ce", {"n_target_classes": 3}),
+        ("apgd_t", {"n_target_classes": 0}),
+        ("apgd_t", {"loss": "ce"}),
+    ],
+)
+def test_bad_params_raise(name, params):
+    with pytest.raises(harden.PolicyError):
+        ATTACKS.get(name)(ThreatModel(), params)
+
+
+def test_checkpoints_follow_the_paper():
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(1) == []
+    for steps in range(1, 400):
+        w = apgd_checkpoints(steps)
+        assert all(0 <= a < b < steps for a, b in zip([0, *w], w, strict=False))
+
+
+def test_targeted_dlr_loss():
+    torch.manual_seed(0)
+    z = torch.randn(64, 10)
+    y, t = torch.randint(0, 10, (64,)), torch.randint(0, 10, (64,))
+    s = z.sort(dim=1, descending=True).values
+    rows = torch.arange(64)
+    expected = -(z[rows, y] - z[rows, t]) / (s[:, 0] - (s[:, 2] + s[:, 3]) / 2 + 1e-12)
+    torch.testing.assert_close(targeted_dlr_loss(z, y, t), expected)
+    # fewer than 4 classes: the targeted margin z_t - z_y
+    for c in (2, 3):
+        zc = z[:, :c].clone().requires_grad_(True)
+        yc, tc = y % c, (y + 1) % c
+        loss_c = targeted_dlr_loss(zc, yc, tc)
+        torch.testing.assert_close(loss_c, zc[rows, tc] - zc[rows, yc])
+        (g,) = torch.autograd.grad(loss_c.sum(), zc)
+        assert (g.abs().sum(1) > 0).all()
+
+
+def test_apgd_t_targets_are_the_runner_up_classes_capped():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 4.0, 6.0]])
+    targets = APGDT(ThreatModel(), {"n_target_classes": 9})._targets(logits)
+    assert len(targets) == 2  # capped at num_classes - 1
+    assert targets[0].tolist() == [2, 0] and targets[1].tolist() == [0, 1]
+    assert len(APGDT(ThreatModel(), {"n_target_classes": 1})._targets(logits)) == 1
+
+
+# --------------------------------------------------------------------------- threat model
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t"])
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+def test_inside_ball_and_box_and_clean_errors_untouched(models, model_name, name, norm):
+    model, threat = models[model_name], THREATS[norm]
+    x, y = data(n=64)
+    params = {"steps": 10, **({"n_target_classes": 2} if name == "apgd_t" else {})}
+    adv = run(name, threat, model, x, y, **params)
+    assert adv.shape == x.shape and adv.dtype == x.dtype
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert float(lp_norm(adv - x, norm).max()) <= threat.eps * (1 + 1e-5) + 1e-6
+    with torch.no_grad():
+        wrong_clean = model(x).argmax(1) != y
+    assert torch.equal(adv[wrong_clean], x[wrong_clean])
+    assert acc(model, adv, y) < acc(model, x, y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t"])
+def test_same_result_under_the_same_seed(models, name, norm):
+    x, y = data(n=64)
+    params = {"steps": 20, **({"n_target_classes": 2} if name == "apgd_t" else {})}
+    a = run(name, THREATS[norm], models["cnn"], x, y, seed=7, **params)
+    b = run(name, THREATS[norm], models["cnn"], x, y, seed=7, **params)
+    assert torch.equal(a, b)
+
+
+def test_restarts_attack_only_the_examples_not_yet_fooled(models):
+    batch_sizes = []
+
+    class Spy(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            batch_sizes.append(x.shape[0])
+            return self.net(x)
+
+    mlp, threat = models["mlp"], ThreatModel(norm="linf", eps=0.03)
+    x, y = data()
+    steps = 10
+    adv = run("apgd_ce", threat, Spy(mlp), x, y, restarts=3, steps=steps)
+    clean_correct = int((mlp(x).argmax(1) == y).sum())
+    assert batch_sizes[0] == N_TEST  # the clean pass
+    assert batch_sizes[1] == clean_correct  # the first run attacks the clean-correct examples only
+    assert batch_sizes[1:] == sorted(batch_sizes[1:], reverse=True)  # and never grows
+    robust = int((mlp(adv).argmax(1) == y).sum())
+    assert batch_sizes[-1] >= robust  # the last run still attacked every robust example
+    # the same seed gives the same first run, so more restarts never help the model
+    one = run("apgd_ce", threat, mlp, x, y, restarts=1, steps=steps)
+    assert robust <= int((mlp(one).argmax(1) == y).sum())
+
+
+# --------------------------------------------------------------------------- strength
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_ce_at_least_as_strong_as_pgd10(models, norm):
+    model, threat = models["mlp"], THREATS[norm]
+    x, y = data()
+    pgd = ATTACKS.get("pgd")(threat, {"steps": 10})
+    torch.manual_seed(0)
+    pgd_acc = acc(model, pgd(model, x, y), y)
+    apgd_acc = acc(model, run("apgd_ce", threat, model, x, y), y)
+    assert apgd_acc * N_TEST <= pgd_acc * N_TEST + 1
+    assert apgd_acc < acc(model, x, y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_t_lowers_accuracy_with_three_and_two_classes(models, norm):
+    # these models are more robust than the 5-class ones: a larger ball
+    threat = {"linf": ThreatModel(norm="linf", eps=0.15), "l2": ThreatModel(norm="l2", eps=1.0)}[norm]
+    for model, num_classes in [(models["cnn3"], 3), (models["mlp2"], 2)]:
+        x, y = data(num_classes=num_classes, n=96)
+        adv = run("apgd_t", threat, model, x, y, steps=20)
+        assert float(lp_norm(adv - x, norm).max()) <= threat.eps * (1 + 1e-5) + 1e-6
+        assert acc(model, adv, y) < acc(model, x, y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t"])
+def test_at_least_as_strong_as_torchattacks_mlp(models, name, norm):
+    model, threat = models["mlp"], THREATS[norm]
+    x, y = data()
+    ours = acc(model, run(name, threat, model, x, y, steps=100), y)
+    theirs = torchattacks_acc(name, threat, model, x, y, steps=100, num_classes=5)
+    assert ours <= theirs + 0.01
+    assert ours < acc(model, x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t"])
+def test_at_least_as_strong_as_torchattacks_and_pgd10_cnn(models, name, norm):
+    model, threat = models["cnn"], THREATS[norm]
+    x, y = data()
+    ours = acc(model, run(name, threat, model, x, y, steps=100), y)
+    theirs = torchattacks_acc(name, threat, model, x, y, steps=100, num_classes=5)
+    assert ours <= theirs + 0.01
+    torch.manual_seed(0)
+    pgd_acc = acc(model, PGD(threat, {"steps": 10})(model, x, y), y)
+    assert ours * N_TEST <= pgd_acc * N_TEST + 1
+    assert ours < acc(model, x, y)
