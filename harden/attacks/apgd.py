@@ -26,12 +26,14 @@ Everything is vectorised over the batch, with one forward and one backward pass 
 batch is compacted to the still-robust examples every few steps and at checkpoints (the only
 host syncs of a run), so a weak model costs a fraction of the full 100 steps.
 
-Deviations from the reference code (github.com/fra31/auto-attack), all following the paper:
-condition (1) compares with ``f(x_0)`` in the first window (the reference compares the first
-step's loss with 0) and uses a strict ``<``; condition (2) may fire at the first checkpoint; after
-a restart from the best point, the next window's first comparison is with the best loss; the
-checkpoints follow the paper's ceil rule (identical to the reference at 100 steps); the first
-rather than the last misclassifying iterate is returned.
+Where the reference code (github.com/fra31/auto-attack) differs from the paper, we follow the
+paper: condition (1) compares with ``f(x_0)`` in the first window (the reference compares the
+first step's loss with 0) and uses a strict ``<``; condition (2) may fire at the first
+checkpoint; after a restart from the best point, the next window's first comparison is with
+the best loss; checkpoints follow the ceil rule (identical to the reference at 100 steps).
+Beyond both: the first (not the last) misclassifying iterate is returned, a still-robust
+example gets its best-loss point (the reference returns the clean input), and APGD-T with
+fewer than 4 classes uses the targeted margin loss (see :func:`targeted_dlr_loss`).
 """
 
 from __future__ import annotations
@@ -207,9 +209,7 @@ class APGD(Attack):
                 todo = (~fooled).nonzero().squeeze(1)
                 if todo.numel() == 0:
                     return out
-                adv, run_fooled, run_loss = self._run(
-                    model, x[todo], y[todo], None if target is None else target[todo]
-                )
+                adv, run_fooled, run_loss = self._run(model, x[todo], y[todo], None if target is None else target[todo])
                 take = run_fooled | (run_loss > best_loss[todo])
                 out[todo] = torch.where(_bcast(take, adv), adv, out[todo])
                 best_loss[todo] = torch.where(take, run_loss, best_loss[todo])
@@ -243,12 +243,25 @@ class APGD(Attack):
         lo, hi = ((x - eps).clamp_min(0.0), (x + eps).clamp_max(1.0)) if norm == "linf" else (None, None)
         loss, grad, wrong = self._forward_backward(model, x_adv, y, target)
         s = _State(
-            idx=torch.arange(n, device=x.device), x=x, y=y, target=target, lo=lo, hi=hi,
-            x_adv=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, loss_best=loss,
-            loss_prev=loss, x_first=x_adv, fooled=wrong,
+            idx=torch.arange(n, device=x.device),
+            x=x,
+            y=y,
+            target=target,
+            lo=lo,
+            hi=hi,
+            x_adv=x_adv,
+            x_old=x_adv,
+            grad=grad,
+            x_best=x_adv,
+            grad_best=grad,
+            loss_best=loss,
+            loss_prev=loss,
+            x_first=x_adv,
+            fooled=wrong,
             step=torch.full((n,), 2.0 * eps, device=x.device, dtype=x.dtype),
             n_incr=torch.zeros(n, device=x.device, dtype=x.dtype),
-            reduced_last=torch.zeros(n, device=x.device, dtype=torch.bool), loss_best_last=loss,
+            reduced_last=torch.zeros(n, device=x.device, dtype=torch.bool),
+            loss_best_last=loss,
         )
         res_adv, res_fooled, res_loss = x_adv.clone(), wrong.clone(), loss.clone()
 
