@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, timed, write_section  # noqa: E402
+from common import table, timed, write_section
 
-import harden  # noqa: E402
-from harden.attacks import ATTACKS, preset_specs, run_suite  # noqa: E402
-from harden.attacks.suite import build_attack  # noqa: E402
-from harden.data import load_data  # noqa: E402
+import harden
+from harden.attacks import ATTACKS, preset_specs, run_suite
+from harden.attacks.suite import build_attack
+from harden.data import load_data
 
 # A tiny CNN cannot learn PGD-AT at MNIST's eps = 0.3 (it collapses to one class), so the small
 # size attacks at eps = 0.1; the full size is the setting (resnet10t, eps = 0.3).
@@ -39,14 +39,17 @@ EPS = 0.3  # set from --size in main()
 
 def train(objective: str, size: dict[str, Any], device: str) -> torch.nn.Module:
     params = {"steps": 5} if objective == "pgd_at" else {}
-    policy = harden.validate_policy({
-        "name": f"bench-{objective}", "device": device,
-        "model": {"name": size["model"], "args": size["args"]},
-        "data": {"name": "mnist-5k", "batch_size": 128},
-        "threat": {"eps": EPS},
-        "train": {"epochs": size["epochs"], "lr": 0.05, "warmup_epochs": 1, "probe_examples": 0},
-        "objectives": [{"name": objective, "params": params}],
-    })
+    policy = harden.validate_policy(
+        {
+            "name": f"bench-{objective}",
+            "device": device,
+            "model": {"name": size["model"], "args": size["args"]},
+            "data": {"name": "mnist-5k", "batch_size": 128},
+            "threat": {"eps": EPS},
+            "train": {"epochs": size["epochs"], "lr": 0.05, "warmup_epochs": 1, "probe_examples": 0},
+            "objectives": [{"name": objective, "params": params}],
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         return harden.fit(None, policy, run_dir=tmp, progress=False).model.eval()
 
@@ -100,23 +103,59 @@ def main() -> None:
         model = train(objective, size, args.device)
         clean = acc(model, x, y)
         for name in names:
-            a_ours, t_ours = timed(lambda n=name: ours(n, model, x, y), device)
-            a_them, t_them = timed(lambda n=name: theirs(n, model, x, y), device)
-            verdict = "at least as strong" if a_ours <= a_them + 1e-9 else f"weaker by {100 * (a_ours - a_them):.1f} pts"
-            rows.append([objective, f"{clean:.1%}", name, f"{a_ours:.1%}", f"{a_them:.1%}", verdict,
-                         f"{t_ours:.1f}", f"{t_them:.1f}", f"{t_ours / t_them:.2f}x"])
-            data.append({"model": objective, "clean": clean, "attack": name, "harden_acc": a_ours, "torchattacks_acc": a_them,
-                         "harden_s": t_ours, "torchattacks_s": t_them})
+            a_ours, t_ours = timed(lambda n=name, m=model: ours(n, m, x, y), device)
+            a_them, t_them = timed(lambda n=name, m=model: theirs(n, m, x, y), device)
+            verdict = (
+                "at least as strong" if a_ours <= a_them + 1e-9 else f"weaker by {100 * (a_ours - a_them):.1f} pts"
+            )
+            rows.append(
+                [
+                    objective,
+                    f"{clean:.1%}",
+                    name,
+                    f"{a_ours:.1%}",
+                    f"{a_them:.1%}",
+                    verdict,
+                    f"{t_ours:.1f}",
+                    f"{t_them:.1f}",
+                    f"{t_ours / t_them:.2f}x",
+                ]
+            )
+            data.append(
+                {
+                    "model": objective,
+                    "clean": clean,
+                    "attack": name,
+                    "harden_acc": a_ours,
+                    "torchattacks_acc": a_them,
+                    "harden_s": t_ours,
+                    "torchattacks_s": t_them,
+                }
+            )
             print(rows[-1], flush=True)
     lines = [
         f"Model: `{size['model']}` trained on mnist-5k ({size['epochs']} epochs) with `ce` and with `pgd_at` (PGD-5); "
         f"{size['n']} mnist-5k test images; linf eps = {EPS}; harden {harden.__version__} vs torchattacks. "
         "Robust accuracy: lower is a stronger attack. Time ratio: harden / torchattacks (goal <= 1.0x).",
         "",
-        *table(["trained with", "clean", "attack", "harden acc", "torchattacks acc", "strength", "harden s",
-                "torchattacks s", "time ratio"], rows),
+        *table(
+            [
+                "trained with",
+                "clean",
+                "attack",
+                "harden acc",
+                "torchattacks acc",
+                "strength",
+                "harden s",
+                "torchattacks s",
+                "time ratio",
+            ],
+            rows,
+        ),
     ]
-    cmd = f"python benchmarks/attacks.py --size {args.size} --device {args.device}" + (" --skip-standard" if args.skip_standard else "")
+    cmd = f"python benchmarks/attacks.py --size {args.size} --device {args.device}" + (
+        " --skip-standard" if args.skip_standard else ""
+    )
     write_section("attacks", f"Attacks: harden vs torchattacks ({args.size})", cmd, lines, {"rows": data})
 
 

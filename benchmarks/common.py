@@ -41,8 +41,12 @@ def machine() -> str:
 def commit() -> str:
     """The git commit the benchmark ran on (with '+dirty' for uncommitted changes)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -63,11 +67,19 @@ def write_section(name: str, title: str, command: str, lines: list[str], data: d
     """Write ``results/<name>.md`` and ``results/<name>.json``."""
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = [f"## {title}", "", f"Measured {stamp} on: {machine()}; commit {commit()}.", "",
-            f"Reproduce: `{command}`", ""]
+    head = [
+        f"## {title}",
+        "",
+        f"Measured {stamp} on: {machine()}; commit {commit()}.",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+    ]
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(head + lines) + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": stamp, "command": command, **data}, indent=1))
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"machine": machine(), "date": stamp, "command": command, **data}, indent=1)
+    )
     return path
 
 

@@ -21,8 +21,13 @@ class MyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, 10),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +47,10 @@ POLICY = {
     "threat": {"norm": "l2", "eps": 0.5},
     "train": {"epochs": 8, "lr": 0.05},
     "objectives": [{"name": "ce", "weight": 0.5}, {"name": "pgd_at", "weight": 0.5, "params": {"steps": 5}}],
-    "verify": {"attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 20, "restarts": 2}}], "n_examples": 397},
+    "verify": {
+        "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 20, "restarts": 2}}],
+        "n_examples": 397,
+    },
 }
 
 

@@ -27,7 +27,18 @@ from harden.verify import RobustnessReport, model_device, verify
 __all__ = ["CERTIFICATE_SCHEMA_VERSION", "Certificate", "certify", "environment"]
 
 CERTIFICATE_SCHEMA_VERSION = "1.0"
-_PACKAGES = ("torch", "torchvision", "timm", "pot", "onnx", "onnxruntime-gpu", "onnxruntime", "onnxscript", "numpy", "pydantic")
+_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "pot",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "onnxscript",
+    "numpy",
+    "pydantic",
+)
 
 
 def environment() -> dict[str, str]:

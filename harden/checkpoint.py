@@ -119,7 +119,9 @@ def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> An
         return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise CheckpointError(f"expected tensors, numbers, strings, lists or dicts in state {prefix!r}, got {type(obj).__name__}")
+    raise CheckpointError(
+        f"expected tensors, numbers, strings, lists or dicts in state {prefix!r}, got {type(obj).__name__}"
+    )
 
 
 def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -195,10 +197,14 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"expected a readable checkpoint at {str(sidecar)!r}, got {exc}") from None
     if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"expected checkpoint format {FORMAT_VERSION} in {str(sidecar)!r}, got {meta.get('format')!r}")
+        raise CheckpointError(
+            f"expected checkpoint format {FORMAT_VERSION} in {str(sidecar)!r}, got {meta.get('format')!r}"
+        )
     digest = hashlib.sha256(blob).hexdigest()
     if digest != meta.get("sha256"):
-        raise CheckpointError(f"expected SHA-256 {meta.get('sha256')} for {meta['file']!r}, got {digest} (truncated or modified)")
+        raise CheckpointError(
+            f"expected SHA-256 {meta.get('sha256')} for {meta['file']!r}, got {digest} (truncated or modified)"
+        )
     try:
         tensors = st_load(blob)
     except Exception as exc:

@@ -82,8 +82,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, bundle = load_trained(policy, _weights(args))
     onnx_path = Path(args.onnx) if args.onnx else Path(args.out) / "model.onnx"
     res = export_onnx(model, onnx_path, policy=policy, input_shape=bundle.image_shape, class_names=bundle.class_names)
-    _say(args, f"exported {res.path} ({res.exporter}, opset {res.opset}); onnxruntime parity: max |Δlogit| "
-         f"{res.parity_max_abs_diff:.2e} on {res.parity_examples} inputs, argmax agreement {res.parity_argmax_agreement:.0%}")
+    _say(
+        args,
+        f"exported {res.path} ({res.exporter}, opset {res.opset}); onnxruntime parity: max |Δlogit| "
+        f"{res.parity_max_abs_diff:.2e} on {res.parity_examples} inputs, argmax agreement {res.parity_argmax_agreement:.0%}",
+    )
     return 0
 
 
@@ -99,19 +102,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle = load_data(policy.data)
     report = verify(result.model, policy, bundle.test, history=result.history, progress=not args.quiet)
     _say(args, report.summary())
-    cert = certify(result.model, policy, report=report, history=result.history,
-                   timings={"fit": result.seconds, "verify": report.seconds}, progress=False)
+    cert = certify(
+        result.model,
+        policy,
+        report=report,
+        history=result.history,
+        timings={"fit": result.seconds, "verify": report.seconds},
+        progress=False,
+    )
     parity = next(iter(_first_batch(bundle.test, policy.export.parity_examples)))
-    exp = export_onnx(result.model, out / "model.onnx", policy=policy, certificate=cert,
-                      parity_inputs=parity, class_names=bundle.class_names)
+    exp = export_onnx(
+        result.model,
+        out / "model.onnx",
+        policy=policy,
+        certificate=cert,
+        parity_inputs=parity,
+        class_names=bundle.class_names,
+    )
     cert.onnx_sha256 = exp.sha256
     cert.export = exp.to_dict()
     cert.timings["export"] = exp.seconds
     cert.timings["total"] = time.perf_counter() - t0
     path = cert.save(out)
     _say(args, f"wrote {path}, {exp.path} and {result.run_dir / 'checkpoints'}/")
-    _say(args, f"clean accuracy {cert.clean_accuracy:.2%} | robust accuracy {cert.robust_accuracy:.2%} "
-         f"({policy.threat.norm}, eps={policy.threat.eps}, n={cert.n}) | verdict {cert.verdict}")
+    _say(
+        args,
+        f"clean accuracy {cert.clean_accuracy:.2%} | robust accuracy {cert.robust_accuracy:.2%} "
+        f"({policy.threat.norm}, eps={policy.threat.eps}, n={cert.n}) | verdict {cert.verdict}",
+    )
     return 0
 
 
@@ -125,7 +143,7 @@ def _first_batch(dataset: Any, n: int) -> Any:
 
 def cmd_check(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
-    objs = ", ".join(f"{o.name}×{o.weight:g}" for o in policy.objectives)
+    objs = ", ".join(f"{o.name}*{o.weight:g}" for o in policy.objectives)
     print(f"{args.policy}: ok ({policy.name}: {objs}; {policy.threat.norm} eps={policy.threat.eps})")
     return 0
 
@@ -146,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``harden`` command."""
     from harden import __version__
 
-    parser = argparse.ArgumentParser(prog="harden", description="Harden image classifiers against adversarial examples.")
+    parser = argparse.ArgumentParser(
+        prog="harden", description="Harden image classifiers against adversarial examples."
+    )
     parser.add_argument("--version", action="version", version=f"harden {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -160,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    for name, help_, fn in (("run", "fit, verify, export and certify in one go", cmd_run), ("fit", "train a model on the policy", cmd_fit)):
+    for name, help_, fn in (
+        ("run", "fit, verify, export and certify in one go", cmd_run),
+        ("fit", "train a model on the policy", cmd_fit),
+    ):
         p = add(name, help_, fn)
         p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     p = add("verify", "attack a trained model with the policy's suite", cmd_verify)

@@ -58,18 +58,22 @@ DatasetFactory = Callable[[Any], DataBundle]
 DATASETS: Registry[DatasetFactory] = Registry("dataset", entry_point_group="harden.datasets")
 
 
-def _stratified_split(y: np.ndarray, n_test_per_class: int | None, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(
+    y: np.ndarray, n_test_per_class: int | None, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(SPLIT_SEED)
     train_idx, test_idx = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        k = n_test_per_class if n_test_per_class is not None else int(round(len(idx) * test_fraction))
+        k = n_test_per_class if n_test_per_class is not None else round(len(idx) * test_fraction)
         test_idx.append(idx[:k])
         train_idx.append(idx[k:])
     return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
 
 
-def _tensor_bundle(name: str, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, names: tuple[str, ...] | None) -> DataBundle:
+def _tensor_bundle(
+    name: str, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, names: tuple[str, ...] | None
+) -> DataBundle:
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     return DataBundle(
@@ -109,7 +113,9 @@ def _require_root(spec: Any, what: str) -> Path:
         raise DataError(f"expected data.root (a local directory holding {what}), got none; harden never downloads data")
     root = Path(spec.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"expected data.root to be a local directory holding {what}, got {str(root)!r} which does not exist")
+        raise DataError(
+            f"expected data.root to be a local directory holding {what}, got {str(root)!r} which does not exist"
+        )
     return root
 
 
@@ -136,18 +142,24 @@ def _imagefolder(spec: Any) -> DataBundle:
     root = _require_root(spec, "train/ and test/ (or val/) class folders")
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise DataError(f"expected {str(root)!r} to contain train/ and test/ (or val/) class folders, got {sorted(p.name for p in root.iterdir())}")
+        raise DataError(
+            f"expected {str(root)!r} to contain train/ and test/ (or val/) class folders, got {sorted(p.name for p in root.iterdir())}"
+        )
     size = spec.image_size or 224
-    tf = transforms.Compose([
-        transforms.Lambda(lambda im: im.convert("RGB")),
-        transforms.Resize(size),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+        ]
+    )
     train = datasets.ImageFolder(str(root / "train"), transform=tf)
     test = datasets.ImageFolder(str(test_dir), transform=tf)
     if train.classes != test.classes:
-        raise DataError(f"expected the same class folders in train/ and {test_dir.name}/, got {train.classes} and {test.classes}")
+        raise DataError(
+            f"expected the same class folders in train/ and {test_dir.name}/, got {train.classes} and {test.classes}"
+        )
     return DataBundle("imagefolder", train, test, len(train.classes), (3, size, size), tuple(train.classes))
 
 
@@ -166,7 +178,9 @@ def _user_data(spec: Any) -> DataBundle:
     except ModelError as exc:
         raise DataError(str(exc)) from None
     if not callable(fn):
-        raise DataError(f"expected {spec.name!r} to be a function returning (train, test) datasets, got {type(fn).__name__}")
+        raise DataError(
+            f"expected {spec.name!r} to be a function returning (train, test) datasets, got {type(fn).__name__}"
+        )
     out = fn()
     if isinstance(out, DataBundle):
         return out
@@ -177,7 +191,9 @@ def _user_data(spec: Any) -> DataBundle:
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
             raise DataError(f"expected a map-style Dataset for {part} from {spec.name!r}, got {type(ds).__name__}")
     if len(train) == 0 or len(test) == 0:
-        raise DataError(f"expected non-empty train and test datasets from {spec.name!r}, got {len(train)} and {len(test)}")
+        raise DataError(
+            f"expected non-empty train and test datasets from {spec.name!r}, got {len(train)} and {len(test)}"
+        )
     x0, _ = train[0]
     if not isinstance(x0, torch.Tensor) or x0.dim() != 3:
         raise DataError(f"expected {spec.name!r} samples to be CHW tensors, got {type(x0).__name__}")
@@ -211,7 +227,9 @@ def load_data(spec: Any) -> DataBundle:
     return DataBundle(bundle.name, train, test, bundle.num_classes, bundle.image_shape, bundle.class_names)
 
 
-def make_loader(dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, num_workers: int = 0) -> DataLoader[Any]:
+def make_loader(
+    dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, num_workers: int = 0
+) -> DataLoader[Any]:
     """A DataLoader whose order depends only on ``(seed, epoch)``, so a resumed run replays it.
 
     Example:
@@ -262,7 +280,9 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
         raise DataError("expected finite pixels, got NaN or infinity")
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise DataError(f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide by 255 or undo normalization (mean/std belong in the policy's model section)")
+        raise DataError(
+            f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide by 255 or undo normalization (mean/std belong in the policy's model section)"
+        )
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"expected one label per image ({x.shape[0]}), got labels of shape {tuple(y.shape)}")
     if y.is_floating_point():
@@ -296,7 +316,9 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
 EvalData = DataLoader[Any] | Dataset[Any] | tuple[torch.Tensor, torch.Tensor]
 
 
-def eval_batches(data: EvalData, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    data: EvalData, batch_size: int, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches from a DataLoader, a Dataset or an ``(x, y)`` pair, up to ``limit``.
 
     Example:

@@ -57,10 +57,7 @@ def _type_name(annotation: Any) -> str:
 def _default(field: Any) -> str:
     if field.is_required():
         return "required"
-    if field.default_factory is not None:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
         return "see below"
     if isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
@@ -111,7 +108,10 @@ def policy_reference() -> str:
         ("export", ExportSpec, "export."),
     ):
         parts += ["", f"### `{title}`", "", *_table(cls, prefix)]
-    for kind, reg, key in (("Objective", OBJECTIVES, "objectives[].params."), ("Attack", ATTACKS, "verify.attacks[].params.")):
+    for kind, reg, key in (
+        ("Objective", OBJECTIVES, "objectives[].params."),
+        ("Attack", ATTACKS, "verify.attacks[].params."),
+    ):
         for name in reg.names():
             entry = reg.get(name)
             summary = _md((inspect.getdoc(entry) or "").split("\n\n")[0].replace("\n", " "))

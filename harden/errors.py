@@ -135,7 +135,7 @@ def format_validation_error(exc: Any, source: str | None) -> str:
     path = ".".join(loc) or "(top level)"
     # an error on a parent of another error (e.g. a list left empty by a bad item) is a consequence
     locs = [tuple(e["loc"]) for e in errors]
-    causes = [e for e, lc in zip(errors, locs) if not any(o != lc and o[: len(lc)] == lc for o in locs)]
+    causes = [e for e, lc in zip(errors, locs, strict=False) if not any(o != lc and o[: len(lc)] == lc for o in locs)]
     others = [e for e in causes if e is not err]
     more = f" (and {len(others)} more)" if others else ""
     prefix = f"{source}: " if source else ""

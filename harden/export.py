@@ -64,7 +64,9 @@ class ExportResult:
         return d
 
 
-def onnx_metadata(model: Normalized, policy: Any = None, certificate: Any = None, class_names: Any = None) -> dict[str, str]:
+def onnx_metadata(
+    model: Normalized, policy: Any = None, certificate: Any = None, class_names: Any = None
+) -> dict[str, str]:
     """The ``metadata_props`` harden writes: version, input contract, policy hash, verdict."""
     from harden import __version__
     from harden.policy import policy_hash
@@ -100,14 +102,24 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | No
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}}, verbose=False, **kwargs)
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}}, verbose=False, **kwargs
+            )
         return "dynamo"
     except Exception as exc:
-        warnings.warn(f"dynamo ONNX export failed ({type(exc).__name__}: {str(exc)[:200]}); falling back to the TorchScript exporter", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"dynamo ONNX export failed ({type(exc).__name__}: {str(exc)[:200]}); falling back to the TorchScript exporter",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     try:
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs,
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            **kwargs,
         )
     except Exception as exc:
         raise ExportError(f"expected the model to export to ONNX, got {type(exc).__name__}: {exc}") from None
@@ -190,17 +202,31 @@ def export_onnx(
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         with torch.no_grad():
             ref = net(parity_inputs).numpy()
-        got = np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: parity_inputs[i : i + 32].numpy()})[0] for i in range(0, len(parity_inputs), 32)])
+        got = np.concatenate(
+            [
+                sess.run([OUTPUT_NAME], {INPUT_NAME: parity_inputs[i : i + 32].numpy()})[0]
+                for i in range(0, len(parity_inputs), 32)
+            ]
+        )
         diff = float(np.abs(got - ref).max())
         agree = float((got.argmax(1) == ref.argmax(1)).mean())
         if not diff <= atol or agree < 1.0:
-            raise ExportError(f"expected onnxruntime logits within {atol} of torch with equal argmax, got max abs diff {diff:.3g} and argmax agreement {agree:.2%}")
+            raise ExportError(
+                f"expected onnxruntime logits within {atol} of torch with equal argmax, got max abs diff {diff:.3g} and argmax agreement {agree:.2%}"
+            )
         tmp.replace(path)
     finally:
         tmp_dir.cleanup()
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
     return ExportResult(
-        path=path, sha256=sha256_file(path), exporter=exporter, opset=int(opset_found),
-        parity_examples=len(parity_inputs), parity_max_abs_diff=diff, parity_argmax_agreement=agree,
-        providers=list(sess.get_providers()), metadata=meta, seconds=time.perf_counter() - t0,
+        path=path,
+        sha256=sha256_file(path),
+        exporter=exporter,
+        opset=int(opset_found),
+        parity_examples=len(parity_inputs),
+        parity_max_abs_diff=diff,
+        parity_argmax_agreement=agree,
+        providers=list(sess.get_providers()),
+        metadata=meta,
+        seconds=time.perf_counter() - t0,
     )

@@ -205,7 +205,9 @@ def build_model(spec: object, num_classes: int, in_chans: int) -> Normalized:
     n_cls = spec.num_classes or num_classes
     chans = spec.in_chans or in_chans
     if spec.num_classes is not None and spec.num_classes != num_classes:
-        raise ModelError(f"expected model.num_classes to match the data's {num_classes} classes, got {spec.num_classes}")
+        raise ModelError(
+            f"expected model.num_classes to match the data's {num_classes} classes, got {spec.num_classes}"
+        )
     if spec.in_chans is not None and spec.in_chans != in_chans:
         raise ModelError(f"expected model.in_chans to match the data's {in_chans} channels, got {spec.in_chans}")
     net: nn.Module
@@ -214,7 +216,9 @@ def build_model(spec: object, num_classes: int, in_chans: int) -> Normalized:
 
         check_timm_name(spec.name[5:])
         try:
-            net = timm.create_model(spec.name[5:], pretrained=False, num_classes=n_cls, in_chans=chans, **dict[str, Any](spec.args))
+            net = timm.create_model(
+                spec.name[5:], pretrained=False, num_classes=n_cls, in_chans=chans, **dict[str, Any](spec.args)
+            )
         except TypeError as exc:
             raise ModelError(f"expected arguments timm accepts for {spec.name!r}, got {exc}") from None
     else:

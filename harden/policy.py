@@ -88,12 +88,14 @@ class ThreatModel(_Strict):
     def _eps_range(self) -> ThreatModel:
         if self.norm == "linf" and self.eps > 1:
             raise PydanticCustomError(
-                "harden_nested", "{msg}",
+                "harden_nested",
+                "{msg}",
                 {"path": "eps", "msg": f"expected eps <= 1 for an linf ball on [0, 1] pixels, got {self.eps}"},
             )
         if self.norm == "l2" and self.eps > 100:
             raise PydanticCustomError(
-                "harden_nested", "{msg}",
+                "harden_nested",
+                "{msg}",
                 {"path": "eps", "msg": f"expected eps <= 100 for an l2 ball, got {self.eps}"},
             )
         return self
@@ -314,11 +316,15 @@ class VerifySpec(_Strict):
             object.__setattr__(self, "attacks", ())  # a preset replaces the default pair
         if self.preset is None and not self.attacks:
             raise PydanticCustomError(
-                "harden_nested", "{msg}", {"path": "attacks", "msg": "expected a preset or at least one attack, got neither"}
+                "harden_nested",
+                "{msg}",
+                {"path": "attacks", "msg": "expected a preset or at least one attack, got neither"},
             )
         if self.eps_sweep is not None and any(e <= 0 for e in self.eps_sweep):
             raise PydanticCustomError(
-                "harden_nested", "{msg}", {"path": "eps_sweep", "msg": f"expected radii > 0, got {list(self.eps_sweep)}"}
+                "harden_nested",
+                "{msg}",
+                {"path": "eps_sweep", "msg": f"expected radii > 0, got {list(self.eps_sweep)}"},
             )
         return self
 
@@ -374,7 +380,8 @@ class Policy(_Strict):
     def _some_weight(self) -> Policy:
         if all(o.weight == 0 for o in self.objectives):
             raise PydanticCustomError(
-                "harden_nested", "{msg}",
+                "harden_nested",
+                "{msg}",
                 {"path": "objectives", "msg": "expected at least one objective with weight > 0, got all zero"},
             )
         return self
@@ -403,7 +410,9 @@ def validate_policy(data: Any, source: str | None = None) -> Policy:
         raise PolicyError(format_validation_error(exc, source)) from None
     except RecursionError:
         prefix = f"{source}: " if source else ""
-        raise PolicyError(f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply") from None
+        raise PolicyError(
+            f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply"
+        ) from None
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -417,7 +426,9 @@ class _NoAliasLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             what = "an alias" if isinstance(event, yaml.AliasEvent) else f"an anchor (&{event.anchor})"
             raise yaml.constructor.ConstructorError(
-                None, None, f"expected plain YAML, got {what} (anchors and aliases are not allowed in policies)",
+                None,
+                None,
+                f"expected plain YAML, got {what} (anchors and aliases are not allowed in policies)",
                 event.start_mark,
             )
         return super().compose_node(parent, index)

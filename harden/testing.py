@@ -22,7 +22,15 @@ from torch.utils.data import TensorDataset
 from harden.data import DataBundle
 from harden.policy import Policy, validate_policy
 
-__all__ = ["QuantizedInput", "SoftmaxHead", "TinyCNN", "TinyMLP", "synthetic_bundle", "synthetic_tensors", "tiny_policy"]
+__all__ = [
+    "QuantizedInput",
+    "SoftmaxHead",
+    "TinyCNN",
+    "TinyMLP",
+    "synthetic_bundle",
+    "synthetic_tensors",
+    "tiny_policy",
+]
 
 
 class TinyCNN(nn.Module):
@@ -74,7 +82,10 @@ class TinyMLP(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 1, image_size: int = 8, hidden: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_chans * image_size * image_size, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(in_chans * image_size * image_size, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +155,9 @@ def synthetic_tensors(
     return x.clamp(0, 1), y
 
 
-def synthetic_bundle(n_train: int = 384, n_test: int = 192, num_classes: int = 3, size: int = 8, channels: int = 1) -> DataBundle:
+def synthetic_bundle(
+    n_train: int = 384, n_test: int = 192, num_classes: int = 3, size: int = 8, channels: int = 1
+) -> DataBundle:
     """The ``synthetic`` dataset: :func:`synthetic_tensors` split into train and test.
 
     Example:

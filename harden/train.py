@@ -67,7 +67,7 @@ class FitResult:
 def _lr_lambda(policy: Policy, steps_per_epoch: int) -> Callable[[int], float]:
     t = policy.train
     total = max(1, t.epochs * steps_per_epoch)
-    warm = int(round(t.warmup_epochs * steps_per_epoch))
+    warm = round(t.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if warm and step < warm:
@@ -99,21 +99,30 @@ def save_model(model: Normalized, path: Path, info: dict[str, Any]) -> str:
     digest = hashlib.sha256(blob).hexdigest()
     atomic_write(path, blob)
 
-    atomic_write(path.with_suffix(".json"), json.dumps({"file": path.name, "sha256": digest, **info}, indent=1).encode())
+    atomic_write(
+        path.with_suffix(".json"), json.dumps({"file": path.name, "sha256": digest, **info}, indent=1).encode()
+    )
     return digest
 
 
 def _epoch_loader(data: Dataset[Any] | DataLoader[Any], policy: Policy, epoch: int) -> DataLoader[Any]:
     if isinstance(data, DataLoader):
         return data
-    return make_loader(data, policy.data.batch_size, shuffle=True, seed=policy.seed, epoch=epoch, num_workers=policy.data.num_workers)
+    return make_loader(
+        data, policy.data.batch_size, shuffle=True, seed=policy.seed, epoch=epoch, num_workers=policy.data.num_workers
+    )
 
 
-def _evaluate(model: Normalized, data: Dataset[Any] | DataLoader[Any], policy: Policy, device: torch.device, progress: bool) -> dict[str, float]:
+def _evaluate(
+    model: Normalized, data: Dataset[Any] | DataLoader[Any], policy: Policy, device: torch.device, progress: bool
+) -> dict[str, float]:
     from harden.verify import clean_and_pgd_accuracy
 
     return clean_and_pgd_accuracy(
-        model, data, policy.threat, device,
+        model,
+        data,
+        policy.threat,
+        device,
         batch_size=policy.data.eval_batch_size,
         probe_examples=policy.train.probe_examples,
         probe_steps=policy.train.probe_steps,
@@ -193,7 +202,9 @@ def _fit(
     log.info("training %s on %s", type(net.model).__name__, device)
 
     objectives: list[tuple[float, Objective]] = [
-        (spec.weight, OBJECTIVES.get(spec.name)(spec.params, policy.threat)) for spec in policy.objectives if spec.weight > 0
+        (spec.weight, OBJECTIVES.get(spec.name)(spec.params, policy.threat))
+        for spec in policy.objectives
+        if spec.weight > 0
     ]
     steps_per_epoch = len(_epoch_loader(train, policy, 0))
     if steps_per_epoch == 0:
@@ -275,7 +286,10 @@ def _fit(
                 "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                },
             }
             save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
             prune_checkpoints(ckpt_dir, policy.train.keep_checkpoints)
@@ -307,11 +321,15 @@ def load_trained(policy: Policy, weights: str | Path) -> tuple[Normalized, DataB
         expected = json.loads(sidecar.read_text()).get("sha256")
         found = sha256_file(weights)
         if expected != found:
-            raise CheckpointError(f"expected SHA-256 {expected} for {str(weights)!r} (from {sidecar.name}), got {found}")
+            raise CheckpointError(
+                f"expected SHA-256 {expected} for {str(weights)!r} (from {sidecar.name}), got {found}"
+            )
     bundle = load_data(policy.data)
     net = build_model(policy.model, bundle.num_classes, bundle.in_chans)
     try:
         net.load_state_dict(st_load(weights.read_bytes()))
     except RuntimeError as exc:
-        raise CheckpointError(f"expected weights for the policy's model in {str(weights)!r}, got {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"expected weights for the policy's model in {str(weights)!r}, got {str(exc).splitlines()[0]}"
+        ) from None
     return net.eval(), bundle

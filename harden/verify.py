@@ -93,7 +93,9 @@ class RobustnessReport:
         for cid, c in self.checks.items():
             lines.append(f"check {c['status']:<4} {cid}: {c['detail']}")
         if self.checks:
-            lines.append("evaluation " + ("RELIABLE (all checks pass)" if self.reliable else "UNRELIABLE (a check failed)"))
+            lines.append(
+                "evaluation " + ("RELIABLE (all checks pass)" if self.reliable else "UNRELIABLE (a check failed)")
+            )
         return "\n".join(lines)
 
 
@@ -148,7 +150,9 @@ def clean_and_pgd_accuracy(
 
 def _eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy) -> list[tuple[float, float]]:
     spec = policy.verify
-    radii = spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
+    radii = (
+        spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
+    )
     if not radii:
         return []
     out = [(0.0, float(accuracy(model, x, y).float().mean()))]
@@ -245,8 +249,14 @@ def verify(
             if policy.verify.checks:
                 n_classes = int(net(cx[:1]).shape[1])
                 ctx = CheckContext(
-                    net, cx, cy, policy.threat, n_classes, steps=policy.verify.check_steps,
-                    broken_by=result.broken_by, white_box=[lb for lb, a in zip(result.labels, lp_attacks, strict=True) if a.white_box],
+                    net,
+                    cx,
+                    cy,
+                    policy.threat,
+                    n_classes,
+                    steps=policy.verify.check_steps,
+                    broken_by=result.broken_by,
+                    white_box=[lb for lb, a in zip(result.labels, lp_attacks, strict=True) if a.white_box],
                     history=history or [],
                 )
                 checks = {k: v.to_dict() for k, v in run_checks(ctx).items()}

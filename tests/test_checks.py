@@ -80,8 +80,14 @@ def test_black_box_only_breaks_are_listed():
 
 
 def test_catastrophic_overfitting_probe():
-    ok = _ctx(TinyCNN(num_classes=3), history=[{"val_pgd_acc": 0.4, "val_clean_acc": 0.9}, {"val_pgd_acc": 0.45, "val_clean_acc": 0.9}])
-    bad = _ctx(TinyCNN(num_classes=3), history=[{"val_pgd_acc": 0.4, "val_clean_acc": 0.9}, {"val_pgd_acc": 0.02, "val_clean_acc": 0.95}])
+    ok = _ctx(
+        TinyCNN(num_classes=3),
+        history=[{"val_pgd_acc": 0.4, "val_clean_acc": 0.9}, {"val_pgd_acc": 0.45, "val_clean_acc": 0.9}],
+    )
+    bad = _ctx(
+        TinyCNN(num_classes=3),
+        history=[{"val_pgd_acc": 0.4, "val_clean_acc": 0.9}, {"val_pgd_acc": 0.02, "val_clean_acc": 0.95}],
+    )
     assert run_checks(ok, ["no_catastrophic_overfitting"])["no_catastrophic_overfitting"].status == "PASS"
     assert run_checks(bad, ["no_catastrophic_overfitting"])["no_catastrophic_overfitting"].status == "FAIL"
 
@@ -96,7 +102,9 @@ def test_checks_restore_model_modes(trained):
 
 @pytest.mark.slow
 def test_verify_flags_masked_model_unreliable_and_plain_reliable(trained):
-    policy = tiny_policy(verify={"attacks": [{"name": "pgd", "params": {"steps": 10}}, {"name": "noise"}], "check_steps": 10})
+    policy = tiny_policy(
+        verify={"attacks": [{"name": "pgd", "params": {"steps": 10}}, {"name": "noise"}], "check_steps": 10}
+    )
     data = synthetic_tensors(96, seed=2)
     plain = harden.verify(trained, policy, data, progress=False)
     masked = harden.verify(QuantizedInput(trained), policy, data, progress=False)

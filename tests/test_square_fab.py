@@ -94,15 +94,27 @@ def test_registered_with_their_kind():
     assert Square.white_box is False and Square.bounded
     assert FABTargeted.white_box is True and FABTargeted.bounded
     assert FABParams().model_dump() == {
-        "n_target_classes": 9, "steps": 100, "restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9,
+        "n_target_classes": 9,
+        "steps": 100,
+        "restarts": 1,
+        "alpha_max": 0.1,
+        "eta": 1.05,
+        "beta": 0.9,
         "early_stop": True,
     }
     assert Square(LINF).params.model_dump() == {"n_queries": 5000, "p_init": 0.8, "restarts": 1}
 
 
-@pytest.mark.parametrize(("name", "params"), [("square", {"n_queries": 0}), ("square", {"p_init": 1.5}),
-                                              ("fab_t", {"steps": 0}), ("fab_t", {"eta": 0.5}),
-                                              ("square", {"steps": 3})])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("square", {"n_queries": 0}),
+        ("square", {"p_init": 1.5}),
+        ("fab_t", {"steps": 0}),
+        ("fab_t", {"eta": 0.5}),
+        ("square", {"steps": 3}),
+    ],
+)
 def test_bad_params_raise(name, params):
     with pytest.raises(harden.PolicyError):
         ATTACKS.get(name)(LINF, params)
@@ -173,7 +185,14 @@ class NoGradSpy(nn.Module):
 
 def test_square_schedule_and_margin():
     assert [p_schedule(i, 10_000, 0.8) for i in (0, 10, 11, 50, 51, 8000, 8001)] == [
-        0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 256, 0.8 / 512]
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.8 / 256,
+        0.8 / 512,
+    ]
     assert p_schedule(500, 5000, 0.8) == p_schedule(1000, 10_000, 0.8)  # rescaled to the budget
     assert margin(torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([1])).item() == 1.0
 
@@ -241,15 +260,25 @@ def test_projection_is_the_exact_box_constrained_minimum():
             assert abs(wi @ delta[i] - r) < 1e-4
             assert (ti + delta[i] >= -1e-6).all() and (ti + delta[i] <= 1 + 1e-6).all()
             if norm == "linf":
-                lp = linprog(np.r_[np.zeros(d), 1.0],
-                             A_ub=np.block([[np.eye(d), -np.ones((d, 1))], [-np.eye(d), -np.ones((d, 1))]]),
-                             b_ub=np.zeros(2 * d), A_eq=np.r_[wi, 0.0][None], b_eq=[r],
-                             bounds=[*zip(lo, hi, strict=True), (0, None)])
+                lp = linprog(
+                    np.r_[np.zeros(d), 1.0],
+                    A_ub=np.block([[np.eye(d), -np.ones((d, 1))], [-np.eye(d), -np.ones((d, 1))]]),
+                    b_ub=np.zeros(2 * d),
+                    A_eq=np.r_[wi, 0.0][None],
+                    b_eq=[r],
+                    bounds=[*zip(lo, hi, strict=True), (0, None)],
+                )
                 best, ours = lp.fun, np.abs(delta[i]).max()
             else:
-                qp = minimize(lambda z: z @ z, np.zeros(d), jac=lambda z: 2 * z, method="SLSQP",
-                              constraints=[{"type": "eq", "fun": lambda z, wi=wi, r=r: wi @ z - r}],
-                              bounds=list(zip(lo, hi, strict=True)), options={"ftol": 1e-14, "maxiter": 500})
+                qp = minimize(
+                    lambda z: z @ z,
+                    np.zeros(d),
+                    jac=lambda z: 2 * z,
+                    method="SLSQP",
+                    constraints=[{"type": "eq", "fun": lambda z, wi=wi, r=r: wi @ z - r}],
+                    bounds=list(zip(lo, hi, strict=True)),
+                    options={"ftol": 1e-14, "maxiter": 500},
+                )
                 best, ours = np.sqrt(qp.fun), np.linalg.norm(delta[i])
             assert ours == pytest.approx(best, rel=1e-4, abs=1e-5)
         assert checked > n // 2
@@ -305,8 +334,11 @@ def test_fab_early_stop_keeps_robust_accuracy(digits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("threat", "ta_norm"), [(ThreatModel(norm="linf", eps=0.1), "Linf"),
-                                                  (ThreatModel(norm="l2", eps=0.5), "L2")], ids=["linf", "l2"])
+@pytest.mark.parametrize(
+    ("threat", "ta_norm"),
+    [(ThreatModel(norm="linf", eps=0.1), "Linf"), (ThreatModel(norm="l2", eps=0.5), "L2")],
+    ids=["linf", "l2"],
+)
 def test_square_at_least_as_strong_as_torchattacks(threat, ta_norm, digits):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = digits  # 359 images
@@ -318,8 +350,11 @@ def test_square_at_least_as_strong_as_torchattacks(threat, ta_norm, digits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("threat", "ta_norm"), [(ThreatModel(norm="linf", eps=0.1), "Linf"),
-                                                  (ThreatModel(norm="l2", eps=0.5), "L2")], ids=["linf", "l2"])
+@pytest.mark.parametrize(
+    ("threat", "ta_norm"),
+    [(ThreatModel(norm="linf", eps=0.1), "Linf"), (ThreatModel(norm="l2", eps=0.5), "L2")],
+    ids=["linf", "l2"],
+)
 def test_fab_at_least_as_strong_as_torchattacks(threat, ta_norm, digits):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = digits

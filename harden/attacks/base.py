@@ -9,8 +9,8 @@ devices. Randomness (random starts) comes from torch's global RNG, so callers se
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, final
 
 import torch
@@ -21,7 +21,18 @@ from harden.errors import PolicyError, ThreatModelError
 from harden.policy import ThreatModel
 from harden.registry import Registry
 
-__all__ = ["ATTACKS", "Attack", "AttackEnv", "AttackParams", "input_grad", "lp_norm", "normalize_grad", "project", "restore_modes", "save_modes"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackEnv",
+    "AttackParams",
+    "input_grad",
+    "lp_norm",
+    "normalize_grad",
+    "project",
+    "restore_modes",
+    "save_modes",
+]
 
 
 class AttackParams(BaseModel):
@@ -159,7 +170,9 @@ class Attack(ABC):
         finally:
             restore_modes(model, modes)
         if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape or x_adv.device != x.device:
-            raise ThreatModelError(f"{self.name}: expected perturb() to return a tensor like x {tuple(x.shape)} on {x.device}, got {getattr(x_adv, 'shape', x_adv)!r}")
+            raise ThreatModelError(
+                f"{self.name}: expected perturb() to return a tensor like x {tuple(x.shape)} on {x.device}, got {getattr(x_adv, 'shape', x_adv)!r}"
+            )
         x_adv = x_adv.detach()
         if not torch.isfinite(x_adv).all():
             raise ThreatModelError(f"{self.name}: expected finite adversarial pixels, got NaN or infinity")
@@ -175,17 +188,23 @@ class Attack(ABC):
         if x.dim() != 4 or x.shape[0] == 0:
             raise ThreatModelError(f"expected x as a non-empty NCHW batch, got shape {tuple(x.shape)}")
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
-            raise ThreatModelError(f"expected y as {x.shape[0]} integer labels, got {getattr(y, 'shape', type(y).__name__)}")
+            raise ThreatModelError(
+                f"expected y as {x.shape[0]} integer labels, got {getattr(y, 'shape', type(y).__name__)}"
+            )
         if y.device != x.device:
             raise ThreatModelError(f"expected x and y on one device, got {x.device} and {y.device}")
         dev = _model_device(model)
         if dev is not None and dev != x.device:
-            raise ThreatModelError(f"expected the model and x on one device, got {dev} and {x.device}; move them yourself (attacks never move tensors)")
+            raise ThreatModelError(
+                f"expected the model and x on one device, got {dev} and {x.device}; move them yourself (attacks never move tensors)"
+            )
         lo, hi = float(x.min()), float(x.max())
         if not (lo >= -1e-6 and hi <= 1 + 1e-6):
-            raise ThreatModelError(f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (normalization belongs inside the model)")
+            raise ThreatModelError(
+                f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (normalization belongs inside the model)"
+            )
 
-    def prepare(self, env: AttackEnv) -> None:
+    def prepare(self, env: AttackEnv) -> None:  # noqa: B027 - an optional hook, not abstract
         """Acquire what the attack needs beyond ``(model, x, y)``, once before a suite runs.
 
         The default does nothing; the transfer attack builds or trains its surrogate here.

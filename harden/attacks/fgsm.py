@@ -1,5 +1,6 @@
-"""FGSM (Goodfellow et al. 2015): one step of size eps along the loss gradient's sign (linf)
-or its normalized direction (l2).
+"""FGSM (Goodfellow et al. 2015).
+
+One step of size eps along the loss gradient's sign (linf) or its normalized direction (l2).
 """
 
 from __future__ import annotations

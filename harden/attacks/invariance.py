@@ -80,8 +80,12 @@ class Invariance(Attack):
         def span(m: float, k: int) -> list[float]:
             return [0.0] if k == 1 else [-m + 2 * m * i / (k - 1) for i in range(k)]
 
-        pts = [(a, dx, dy) for a in span(p.max_angle, p.angles) for dx in span(p.max_shift, p.shifts)
-               for dy in span(p.max_shift, p.shifts)]
+        pts = [
+            (a, dx, dy)
+            for a in span(p.max_angle, p.angles)
+            for dx in span(p.max_shift, p.shifts)
+            for dy in span(p.max_shift, p.shifts)
+        ]
         return sorted(set(pts), key=lambda t: (abs(t[0]) + abs(t[1]) + abs(t[2]), t))
 
     @torch.no_grad()

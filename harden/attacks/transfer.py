@@ -65,8 +65,8 @@ class Transfer(Attack):
         """Load or train the surrogate once, on ``env.device``."""
         if self.surrogate is not None:
             return
-        from harden.policy import validate_policy
         from harden.models import build_model
+        from harden.policy import validate_policy
         from harden.train import fit, load_trained
 
         p: TransferParams = self.params

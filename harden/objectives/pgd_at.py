@@ -38,7 +38,9 @@ class PGDAT(Objective):
 
     def _view(self) -> View:
         p = self.params
-        return View.of("pgd", {"steps": p.steps, "step_size": p.step_size, "random_start": p.random_start, "select": "last"})
+        return View.of(
+            "pgd", {"steps": p.steps, "step_size": p.step_size, "random_start": p.random_start, "select": "last"}
+        )
 
     def views(self) -> tuple[View, ...]:
         """The PGD view."""
