@@ -24,3 +24,23 @@ def _seeded_torch():
 def tmp_run(tmp_path):
     """A run directory (not created yet) inside the test's own tmp_path."""
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A TinyCNN trained 3 seeded epochs on 512 synthetic images (3 classes), in eval mode."""
+    import torch.nn.functional as F
+
+    from harden.testing import TinyCNN, synthetic_tensors
+
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3)
+    x, y = synthetic_tensors(512, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        for i in range(0, 512, 64):
+            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

@@ -1,26 +1,10 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 import harden
 from harden.checks import CHECKS, CheckContext, run_checks
 from harden.policy import ThreatModel
 from harden.testing import QuantizedInput, SoftmaxHead, TinyCNN, synthetic_tensors, tiny_policy
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    model = TinyCNN(num_classes=3)
-    x, y = synthetic_tensors(512, seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        for i in range(0, 512, 64):
-            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 def _ctx(model, **kw):

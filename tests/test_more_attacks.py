@@ -1,28 +1,12 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from harden.attacks import ATTACKS
 from harden.attacks.base import AttackEnv
 from harden.attacks.invariance import rotate_shift
 from harden.attacks.suite import order_attacks, preset_specs
 from harden.policy import ThreatModel
-from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    model = TinyCNN(num_classes=3)
-    x, y = synthetic_tensors(512, seed=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        for i in range(0, 512, 64):
-            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+from harden.testing import synthetic_tensors, tiny_policy
 
 
 def _acc(model, x, y):
