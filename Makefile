@@ -34,7 +34,9 @@ docs: $(STAMP)
 	$(PY) -m harden.docs
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/attacks.py
+	$(PY) benchmarks/iwd_cost.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache build *.egg-info
