@@ -34,7 +34,7 @@ from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackParams
 from harden.errors import PolicyError
-from harden.ot import DEFAULT_MAX_ELEMS, DEFAULT_MAX_ITER, DEFAULT_REG, DEFAULT_TOL, iwd, self_cost
+from harden.ot import DEFAULT_MAX_ITER, DEFAULT_REG, DEFAULT_TOL, iwd, self_cost
 
 __all__ = ["DEFAULT_RHO", "IWDAttack", "IWDParams", "IWDPerturbation", "iwd_perturb"]
 
@@ -62,7 +62,8 @@ class IWDParams(AttackParams):
         reg: Sinkhorn regularization (default :data:`harden.ot.DEFAULT_REG`, 0.05).
         tol: relative Sinkhorn tolerance (default :data:`harden.ot.DEFAULT_TOL`, 3e-3).
         max_iter: Sinkhorn iterations at most (default :data:`harden.ot.DEFAULT_MAX_ITER`, 500).
-        max_elems: cost-matrix elements per Sinkhorn chunk (default ``2**24``).
+        max_elems: cost-matrix elements per Sinkhorn chunk (default None: ``2**19`` on the CPU,
+            ``2**24`` elsewhere).
     """
 
     steps: int = Field(50, ge=1, le=100_000)
@@ -77,7 +78,7 @@ class IWDParams(AttackParams):
     reg: float = Field(DEFAULT_REG, gt=0)
     tol: float = Field(DEFAULT_TOL, gt=0, lt=1)
     max_iter: int = Field(DEFAULT_MAX_ITER, ge=1)
-    max_elems: int = Field(DEFAULT_MAX_ELEMS, ge=1)
+    max_elems: int | None = Field(None, ge=1)
 
 
 class IWDPerturbation(NamedTuple):
@@ -115,7 +116,7 @@ def iwd_perturb(
     reg: float = _DEFAULTS.reg,
     tol: float = _DEFAULTS.tol,
     max_iter: int = _DEFAULTS.max_iter,
-    max_elems: int = _DEFAULTS.max_elems,
+    max_elems: int | None = _DEFAULTS.max_elems,
 ) -> IWDPerturbation:
     """The IWD attack's search (see the module docstring); usable by training objectives.
 
