@@ -77,7 +77,9 @@ class Certificate(BaseModel):
         timings: wall seconds per step (fit, verify, export).
         training: per-epoch history, when known.
         export: the ONNX parity figures, when exported.
-        other_threats: accuracy under attacks outside the l_p threat model.
+        other_threats: accuracy under attacks outside the l_p threat model (agreement with the
+            new label for label-changing invariance examples).
+        other_counts: examples each ``other_threats`` entry was measured on.
         eps_curve: ``(eps, accuracy)`` pairs.
         checks: sanity-check results by id; any FAIL makes the verdict UNRELIABLE.
     """
@@ -105,6 +107,7 @@ class Certificate(BaseModel):
     training: list[dict[str, Any]] = Field(default_factory=list)
     export: dict[str, Any] | None = None
     other_threats: dict[str, float] = Field(default_factory=dict)
+    other_counts: dict[str, int] = Field(default_factory=dict)
     eps_curve: list[tuple[float, float]] = Field(default_factory=list)
     checks: dict[str, dict[str, str]] = Field(default_factory=dict)
 
@@ -177,6 +180,7 @@ def certify(
         timings=times,
         training=list(history or []),
         other_threats=report.other_threats,
+        other_counts=report.other_counts,
         eps_curve=report.eps_curve,
         checks=report.checks,
     )

@@ -51,7 +51,9 @@ class RobustnessReport:
         seconds: total wall time.
         seed: the seed of the attacks.
         other_threats: accuracy under attacks outside the l_p threat model (``iwd``,
-            ``invariance``), each run on all examples.
+            ``invariance``), each run on all examples; for label-changing invariance examples
+            (``invariance_examples``), agreement with the new label.
+        other_counts: per entry of ``other_threats``, the examples it was measured on.
         eps_curve: ``(eps, accuracy)`` pairs of the eps sweep (eps 0 is clean accuracy).
         checks: sanity-check results by id (``status``, ``detail``, ``raised_if``, ``remedy``).
     """
@@ -67,6 +69,7 @@ class RobustnessReport:
     seconds: float
     seed: int = 0
     other_threats: dict[str, float] = field(default_factory=dict)
+    other_counts: dict[str, int] = field(default_factory=dict)
     eps_curve: list[tuple[float, float]] = field(default_factory=list)
     checks: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -87,7 +90,9 @@ class RobustnessReport:
         t = self.threat
         lines.append(f"robust accuracy  {self.robust_accuracy:7.2%}  ({t['norm']}, eps={t['eps']})")
         for label, acc in self.other_threats.items():
-            lines.append(f"{label:<17}{acc:7.2%}  (outside the l_p threat model)")
+            what = "agreement with the new label" if label.startswith("invariance_examples") else "accuracy"
+            count = self.other_counts.get(label, self.n)
+            lines.append(f"{label:<17}{acc:7.2%}  ({what}, n={count}; outside the l_p threat model)")
         if self.eps_curve:
             lines.append("eps curve        " + "  ".join(f"{e:g}:{a:.0%}" for e, a in self.eps_curve))
         for cid, c in self.checks.items():
@@ -218,6 +223,7 @@ def verify(
     limit = policy.verify.n_examples
     result: SuiteResult | None = None
     other_right = dict.fromkeys(other_labels, 0)
+    other_n = dict.fromkeys(other_labels, 0)
     check_x: list[torch.Tensor] = []
     check_y: list[torch.Tensor] = []
     n_check = 0
@@ -233,7 +239,9 @@ def verify(
                 part = run_suite(net, x, y, lp_attacks)
                 result = part if result is None else (result.extend(part) or result)
                 for label, attack in zip(other_labels, other_attacks, strict=True):
-                    other_right[label] += int(accuracy(net, attack(net, x, y), y).sum())
+                    right, counted = attack.score(net, x, y)
+                    other_right[label] += int(right.sum())
+                    other_n[label] += int(counted.sum())
                 if n_check < policy.verify.check_examples:
                     take = policy.verify.check_examples - n_check
                     check_x.append(x[:take])
@@ -275,7 +283,8 @@ def verify(
         attacks=[spec.model_dump(mode="json") for spec in specs],
         seconds=time.perf_counter() - t0,
         seed=policy.seed,
-        other_threats={k: v / n for k, v in other_right.items()},
+        other_threats={k: v / max(other_n[k], 1) for k, v in other_right.items()},
+        other_counts=other_n,
         eps_curve=curve,
         checks=checks,
     )

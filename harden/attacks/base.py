@@ -135,6 +135,9 @@ class Attack(ABC):
     bounded: ClassVar[bool] = True
     #: Whether the attack needs gradients of the model (white-box).
     white_box: ClassVar[bool] = True
+    #: Whether the attack changes the true label (invariance examples): scored by :meth:`score`
+    #: against the new label and reported apart from the l_p worst case.
+    changes_label: ClassVar[bool] = False
 
     def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         if not isinstance(threat, ThreatModel):
@@ -203,6 +206,22 @@ class Attack(ABC):
             raise ThreatModelError(
                 f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (normalization belongs inside the model)"
             )
+
+    def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: the model is right on the attacked input; the example counts.
+
+        The default attacks ``(x, y)`` and compares the prediction with ``y`` (every example
+        counts); label-changing attacks compare with the label they create instead.
+        """
+        x_adv = self(model, x, y)
+        modes = save_modes(model)
+        model.eval()
+        try:
+            with torch.no_grad():
+                right = model(x_adv).argmax(1) == y
+        finally:
+            restore_modes(model, modes)
+        return right, torch.ones_like(right)
 
     def prepare(self, env: AttackEnv) -> None:  # noqa: B027 - an optional hook, not abstract
         """Acquire what the attack needs beyond ``(model, x, y)``, once before a suite runs.

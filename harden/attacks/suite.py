@@ -150,7 +150,11 @@ def preset_specs(preset: str | None) -> list[AttackSpec]:
 
 
 def order_attacks(attacks: Sequence[Attack]) -> tuple[list[Attack], list[Attack]]:
-    """Split into (l_p attacks: white-box first, then black-box; attacks outside the l_p model)."""
-    lp = [a for a in attacks if a.bounded]
-    lp = [a for a in lp if a.white_box] + [a for a in lp if not a.white_box]
-    return lp, [a for a in attacks if not a.bounded]
+    """Split into (l_p attacks: white-box first, then black-box; attacks outside the l_p model).
+
+    Attacks outside the l_p model are the unbounded ones (``iwd``, ``invariance``) and the
+    label-changing ones (``invariance_examples``).
+    """
+    inside = [a for a in attacks if a.bounded and not a.changes_label]
+    lp = [a for a in inside if a.white_box] + [a for a in inside if not a.white_box]
+    return lp, [a for a in attacks if a not in inside]
