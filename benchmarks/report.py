@@ -8,7 +8,11 @@ ORDER = ["attacks", "objectives", "training", "certify", "inference"]
 
 
 def main() -> None:
-    sections = sorted(RESULTS.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    def rank(stem: str) -> int:
+        base = stem.split("-")[0]
+        return ORDER.index(base) if base in ORDER else len(ORDER)
+
+    sections = sorted(RESULTS.glob("*.md"), key=lambda p: (rank(p.stem), p.stem))
     parts = [
         "# harden benchmarks",
         "",
