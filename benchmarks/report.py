@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common import HERE, RESULTS, machine
 
-ORDER = ["attacks", "objectives", "training", "certify", "inference"]
+ORDER = ["attacks", "iwd", "objectives", "training", "certify", "inference"]
 
 
 def main() -> None:
