@@ -70,6 +70,7 @@ __all__ = [
     "patches",
     "self_cost",
     "sinkhorn_cost",
+    "sinkhorn_plan",
 ]
 
 #: Default patch size k (for images <= 96 px; larger images use ``k = stride``).
@@ -343,3 +344,28 @@ def iwd(
         aa = x_self.detach().to(ab.dtype)
     bb = sinkhorn_cost(pb, pb, reg, tol, max_iter, max_elems=max_elems)
     return ab - 0.5 * aa - 0.5 * bb
+
+
+def sinkhorn_plan(
+    cost: torch.Tensor, reg: float, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER
+) -> torch.Tensor:
+    """Entropic OT plan between uniform distributions for one cost matrix ``(n, m)``, detached.
+
+    POT's batched log-domain Sinkhorn (``ot.solve_batch``, explicit ``reg`` and relative
+    ``tol`` as in :func:`sinkhorn_cost`). ``(plan * cost).sum()`` is then a loss whose gradient
+    w.r.t. ``cost`` is the plan (the envelope theorem), as used by the ``ot_metric`` objective.
+
+    Example:
+        >>> c = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        >>> sinkhorn_plan(c, reg=0.01).diagonal().tolist()
+        [0.5, 0.5]
+    """
+    _check_solver_args(reg, tol, max_iter, None)
+    if cost.dim() != 2 or min(cost.shape) == 0:
+        raise DataError(f"expected a non-empty (n, m) cost matrix, got shape {tuple(cost.shape)}")
+    n = cost.shape[0]
+    with torch.no_grad():
+        res = ot.solve_batch(
+            cost.detach()[None], reg, max_iter=max_iter, tol=tol / math.sqrt(n), method="log_sinkhorn", grad="detach"
+        )
+    return res.plan[0].detach()

@@ -226,10 +226,14 @@ class AttackSpec(_Strict):
     Attributes:
         name: a registered attack (``fgsm``, ``pgd``, ...).
         params: the attack's own parameters, validated by its ``Params`` model.
+        n_examples: run this attack on the first n verified examples only (None: all). Only for
+            attacks reported outside the l_p worst case (``iwd``, ``invariance``,
+            ``invariance_examples``), whose cost can be far above the cascade's.
     """
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    n_examples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check_params(self) -> AttackSpec:
@@ -240,6 +244,16 @@ class AttackSpec(_Strict):
         except UnknownNameError as exc:
             raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
         object.__setattr__(self, "params", _validate_params("attack", self.name, cls.Params, self.params))
+        if self.n_examples is not None and cls.bounded and not cls.changes_label:
+            raise PydanticCustomError(
+                "harden_nested",
+                "{msg}",
+                {
+                    "path": "n_examples",
+                    "msg": f"expected n_examples only on attacks outside the l_p worst case, got it on {self.name!r} "
+                    "(the cascade's worst case needs every attack on every example; lower verify.n_examples instead)",
+                },
+            )
         return self
 
 

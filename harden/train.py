@@ -31,7 +31,7 @@ from harden.checkpoint import (
 from harden.data import DataBundle, check_batch, load_data, make_loader, resolve_device, to_device
 from harden.errors import DataError, HardenError
 from harden.models import Normalized, build_model, prepare_model
-from harden.objectives import OBJECTIVES, BatchContext, Objective
+from harden.objectives import OBJECTIVES, Objective, ObjectiveSet
 from harden.policy import Policy, dump_policy, policy_hash
 
 __all__ = ["FitResult", "fit", "load_trained", "save_model"]
@@ -169,6 +169,18 @@ def fit(
         return _fit(model, policy, train, val, device, run_dir, resume, progress, on_epoch_end)
 
 
+def _example_batch(train: DataLoader[Any] | Dataset[Any]) -> torch.Tensor:
+    """One training image as a batch, read without touching any RNG (for objectives' setup)."""
+    dataset = train.dataset if isinstance(train, DataLoader) else train
+    try:
+        x = dataset[0][0]
+    except (IndexError, TypeError, KeyError) as exc:
+        raise DataError(
+            f"expected an indexable training set of (image, label) pairs, got {type(dataset).__name__}"
+        ) from exc
+    return torch.as_tensor(x).float().unsqueeze(0)
+
+
 def _fit(
     model: nn.Module | None,
     policy: Policy,
@@ -206,6 +218,7 @@ def _fit(
         for spec in policy.objectives
         if spec.weight > 0
     ]
+    mix = ObjectiveSet(net, objectives, _example_batch(train).to(device))
     steps_per_epoch = len(_epoch_loader(train, policy, 0))
     if steps_per_epoch == 0:
         raise DataError("expected training data, got an empty dataset")
@@ -221,6 +234,7 @@ def _fit(
         else:
             start_epoch, state, info = found
             net.load_state_dict(state["model"])
+            mix.load_state_dict(state.get("objectives", {}))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -232,68 +246,79 @@ def _fit(
 
     p_hash = policy_hash(policy)
     atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
-    bad_run = 0  # consecutive non-finite losses, across epoch boundaries
-    for epoch in range(start_epoch, policy.train.epochs):
-        t_epoch = time.perf_counter()
-        net.train()
-        loader = _epoch_loader(train, policy, epoch)
-        total, count, skipped = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{policy.train.epochs}", disable=not progress, leave=False)
-        for step, (xb, yb) in enumerate(bar):
-            check_batch(xb, yb, num_classes, in_chans)
-            x, y = to_device(xb, yb, device)
-            ctx = BatchContext(net, x, y, policy.threat)
-            parts = [(obj, w * obj.loss(ctx)) for w, obj in objectives]
-            loss = sum((p for _, p in parts), torch.zeros((), device=device))
-            if not torch.isfinite(loss):
-                skipped += 1
-                bad_run += 1
+    try:
+        bad_run = 0  # consecutive non-finite losses, across epoch boundaries
+        for epoch in range(start_epoch, policy.train.epochs):
+            t_epoch = time.perf_counter()
+            net.train()
+            loader = _epoch_loader(train, policy, epoch)
+            total, count, skipped = 0.0, 0, 0
+            part_sums: dict[str, float] = {}  # weighted loss of each objective (when mixed)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{policy.train.epochs}", disable=not progress, leave=False)
+            for step, (xb, yb) in enumerate(bar):
+                check_batch(xb, yb, num_classes, in_chans)
+                x, y = to_device(xb, yb, device)
+                ctx = mix.context(x, y, policy.threat)
+                loss, part_losses = mix.loss(ctx)
+                parts = [(obj, part) for (_, obj), part in zip(objectives, part_losses, strict=True)]
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    bad_run += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    bad = [o.name for o, p in parts if not torch.isfinite(p)]
+                    if bad_run >= MAX_BAD_STEPS:
+                        raise HardenError(
+                            f"expected finite losses, got {bad_run} non-finite in a row (epoch {epoch + 1}, batch {step}, "
+                            f"objectives {bad}); lower train.lr or check the data"
+                        )
+                    continue
+                bad_run = 0
                 optimizer.zero_grad(set_to_none=True)
-                bad = [o.name for o, p in parts if not torch.isfinite(p)]
-                if bad_run >= MAX_BAD_STEPS:
-                    raise HardenError(
-                        f"expected finite losses, got {bad_run} non-finite in a row (epoch {epoch + 1}, batch {step}, "
-                        f"objectives {bad}); lower train.lr or check the data"
-                    )
-                continue
-            bad_run = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if policy.train.grad_clip is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), policy.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * x.shape[0]
-            count += x.shape[0]
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        bar.close()
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total / max(count, 1),
-            "skipped_steps": skipped,
-        }
-        if val is not None:
-            record.update(_evaluate(net, val, policy, device, progress))
-        record["seconds"] = time.perf_counter() - t_epoch
-        history.append(record)
-        log.info("epoch %d: %s", epoch + 1, record)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        last = epoch + 1 == policy.train.epochs
-        if last or (epoch + 1) % policy.train.checkpoint_every == 0:
-            state = {
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                },
+                loss.backward()
+                if policy.train.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(net.parameters(), policy.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                mix.after_step(ctx)
+                total += float(loss.detach()) * x.shape[0]
+                count += x.shape[0]
+                for i, (obj, part) in enumerate(parts):
+                    key = f"loss_{i}_{obj.name}" if len(parts) > 1 else ""
+                    if key:
+                        part_sums[key] = part_sums.get(key, 0.0) + float(part.detach()) * x.shape[0]
+                bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            bar.close()
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": total / max(count, 1),
+                **{k: v / max(count, 1) for k, v in part_sums.items()},
+                "skipped_steps": skipped,
             }
-            save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
-            prune_checkpoints(ckpt_dir, policy.train.keep_checkpoints)
+            if val is not None:
+                record.update(_evaluate(net, val, policy, device, progress))
+            record["seconds"] = time.perf_counter() - t_epoch
+            history.append(record)
+            log.info("epoch %d: %s", epoch + 1, record)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+            last = epoch + 1 == policy.train.epochs
+            if last or (epoch + 1) % policy.train.checkpoint_every == 0:
+                state = {
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "objectives": mix.state_dict(),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    },
+                }
+                save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
+                prune_checkpoints(ckpt_dir, policy.train.keep_checkpoints)
 
+    finally:
+        mix.close()
     net.eval()
     weights = run_dir / "model.safetensors"
     save_model(net, weights, {"policy_hash": p_hash, "epochs": policy.train.epochs, "history": history})

@@ -215,11 +215,14 @@ def verify(
         data = bundle.test
     specs = [*preset_specs(policy.verify.preset), *policy.verify.attacks]
     attacks = [build_attack(spec, policy.threat) for spec in specs]
+    caps = {id(a): spec.n_examples for a, spec in zip(attacks, specs, strict=True)}
     env = AttackEnv(policy=policy, bundle=bundle, device=device)
     for attack in attacks:
         attack.prepare(env)
     lp_attacks, other_attacks = order_attacks(attacks)
     other_labels = suite_labels([a.name for a in other_attacks])
+    other_caps = [caps[id(a)] for a in other_attacks]
+    seen = 0
     limit = policy.verify.n_examples
     result: SuiteResult | None = None
     other_right = dict.fromkeys(other_labels, 0)
@@ -238,8 +241,11 @@ def verify(
                 x, y = to_device(xb, yb, device)
                 part = run_suite(net, x, y, lp_attacks)
                 result = part if result is None else (result.extend(part) or result)
-                for label, attack in zip(other_labels, other_attacks, strict=True):
-                    right, counted = attack.score(net, x, y)
+                for label, attack, cap in zip(other_labels, other_attacks, other_caps, strict=True):
+                    room = x.shape[0] if cap is None else min(x.shape[0], cap - seen)
+                    if room <= 0:
+                        continue
+                    right, counted = attack.score(net, x[:room], y[:room])
                     other_right[label] += int(right.sum())
                     other_n[label] += int(counted.sum())
                 if n_check < policy.verify.check_examples:
@@ -247,6 +253,7 @@ def verify(
                     check_x.append(x[:take])
                     check_y.append(y[:take])
                     n_check += min(take, x.shape[0])
+                seen += x.shape[0]
                 bar.update(x.shape[0])
             bar.close()
             if result is None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import harden
 from harden.attacks import ATTACKS
 from harden.attacks.base import AttackEnv
 from harden.attacks.invariance import rotate_shift
@@ -134,3 +135,22 @@ def test_verify_reports_invariance_examples_apart(trained):
     assert 0.0 <= report.other_threats["invariance_examples"] <= 1.0
     assert report.other_counts["invariance_examples"] == 48
     assert "agreement with the new label" in report.summary()
+
+
+def test_n_examples_caps_attacks_outside_the_lp_worst_case(trained):
+    policy = tiny_policy(
+        verify={
+            "attacks": [{"name": "fgsm"}, {"name": "invariance", "params": {"angles": 3}, "n_examples": 20}],
+            "checks": False,
+            "eps_sweep": [],
+        },
+        data={"eval_batch_size": 16},
+    )
+    report = verify(trained, policy, synthetic_tensors(48, seed=5), progress=False)
+    assert report.other_counts["invariance"] == 20
+    assert report.n == 48
+
+
+def test_n_examples_is_refused_on_cascade_attacks():
+    with pytest.raises(harden.PolicyError, match="n_examples only on attacks outside"):
+        tiny_policy(verify={"attacks": [{"name": "pgd", "n_examples": 5}]})

@@ -11,16 +11,16 @@ from torch import nn
 import harden
 from harden.attacks.base import save_modes
 from harden.models import Normalized
-from harden.objectives import OBJECTIVES, BatchContext, Objective, View
+from harden.objectives import OBJECTIVES, BatchContext, Objective, ObjectiveSet, View
 from harden.policy import ThreatModel
 from harden.testing import TinyCNN, synthetic_tensors
 
 #: cheap values for the budget parameters an objective may have (applied when its Params has the field)
 CHEAP = {"steps": 2, "attack_steps": 2, "restarts": 1, "nproj": 1, "sinkhorn_iters": 20, "iters": 5}
 #: per-objective overrides of CHEAP
-FAST_PARAMS = {"pgd_at": {"steps": 2}, "trades": {"steps": 2}}
+FAST_PARAMS = {"pgd_at": {"steps": 2}, "trades": {"steps": 2}, "jsigr": {"patch": 4}}
 
-THREAT = ThreatModel(norm="linf", eps=0.1)
+THREAT = ThreatModel(norm="linf", eps=0.1, rho=2e-3)
 CONTRACT = pytest.mark.parametrize("name", OBJECTIVES.names())
 
 
@@ -43,9 +43,13 @@ def resnet_model():
 def loss_and_grads(name, model, x, y, seed=0):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    ctx = BatchContext(model, x, y, THREAT)
-    loss = make_objective(name).loss(ctx)
-    loss.backward()
+    obj = make_objective(name)
+    objs = ObjectiveSet(model, [(1.0, obj)], x[:1])
+    try:
+        loss = obj.loss(objs.context(x, y, THREAT))
+        loss.backward()
+    finally:
+        objs.close()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -84,7 +88,7 @@ def test_declared_views_are_the_views_used(name):
     model = tiny_model()
     x, y = synthetic_tensors(8)
     obj = make_objective(name)
-    ctx = BatchContext(model, x, y, THREAT)
+    ctx = ObjectiveSet(model, [(1.0, obj)], x[:1]).context(x, y, THREAT)
     obj.loss(ctx)
     assert set(ctx._views) == set(obj.views())
     assert ctx.view_calls == len(obj.views())

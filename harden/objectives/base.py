@@ -8,7 +8,7 @@ the model's logits on it, so ``pgd_at + trades + ...`` never attacks or forwards
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,11 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from harden.errors import PolicyError
+from harden.errors import CheckpointError, ModelError, PolicyError
+from harden.objectives.embedding import EmbeddingTap
 from harden.policy import AttackSpec, ThreatModel
 from harden.registry import Registry
 
-__all__ = ["OBJECTIVES", "BatchContext", "Objective", "ObjectiveParams", "View"]
+__all__ = ["OBJECTIVES", "BatchContext", "Objective", "ObjectiveParams", "ObjectiveSet", "View", "pgd_view"]
 
 
 class ObjectiveParams(BaseModel):
@@ -49,24 +50,53 @@ class View:
         return cls(attack, tuple(sorted((params or {}).items())))
 
 
+def pgd_view(steps: int, step_size: float | None = None, random_start: bool = True) -> View:
+    """The PGD view of adversarial training (last iterate), shared by every objective asking it.
+
+    ``pgd_at``, ``mi`` and ``ot_metric`` with equal ``steps`` (and step size) read the same view,
+    so the PGD examples are computed once per batch.
+
+    Example:
+        >>> pgd_view(5) == pgd_view(5), pgd_view(5) == pgd_view(7)
+        (True, False)
+    """
+    return View.of("pgd", {"steps": steps, "step_size": step_size, "random_start": random_start, "select": "last"})
+
+
 class BatchContext:
-    """Everything objectives share for one batch: inputs, views and cached logits.
+    """Everything objectives share for one batch: inputs, views, cached logits and embeddings.
 
     Args:
         model: the model being trained (in train mode).
         x: clean pixels in [0, 1].
         y: labels.
         threat: the policy's threat model.
+        tap: where embeddings are read (set when an objective needs them).
+        clean_input_grad: make the clean input a leaf that requires grad, so objectives can
+            differentiate the clean logits w.r.t. the input (double backprop).
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: ThreatModel,
+        *,
+        tap: EmbeddingTap | None = None,
+        clean_input_grad: bool = False,
+    ) -> None:
         self.model = model
-        self.x = x
+        self.x = x.detach().requires_grad_(True) if clean_input_grad else x
         self.y = y
         self.threat = threat
+        self.tap = tap
         self._views: dict[View, torch.Tensor] = {}
         self._logits: dict[View | None, torch.Tensor] = {}
+        self._embeddings: dict[View | None, torch.Tensor] = {}
+        self._memo: dict[Any, Any] = {}
         self.view_calls = 0  # attacks actually run (for tests and profiling)
+        self.forward_calls = 0  # training-mode forwards (for tests and profiling)
 
     def view(self, view: View) -> torch.Tensor:
         """The perturbed inputs for ``view``, computed on first request (no grad to params)."""
@@ -74,16 +104,41 @@ class BatchContext:
             from harden.attacks.suite import build_attack
 
             attack = build_attack(AttackSpec(name=view.attack, params=dict(view.params)), self.threat)
-            self._views[view] = attack(self.model, self.x, self.y)
+            self._views[view] = attack(self.model, self.x.detach(), self.y)
             self.view_calls += 1
         return self._views[view]
 
+    def forward(self, key: Any, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of ``inputs`` under ``key`` (cached; the embedding is kept when tapped)."""
+        if key not in self._logits:
+            self._logits[key] = self.model(inputs)
+            self.forward_calls += 1
+            if self.tap is not None:
+                self._embeddings[key] = self.tap.take()
+        return self._logits[key]
+
     def logits(self, view: View | None = None) -> torch.Tensor:
         """Model logits (with grad) on the clean batch (``None``) or on ``view``, cached."""
-        if view not in self._logits:
-            inputs = self.x if view is None else self.view(view)
-            self._logits[view] = self.model(inputs)
-        return self._logits[view]
+        return self.forward(view, self.x if view is None else self.view(view))
+
+    def embedding(self, key: Any = None) -> torch.Tensor:
+        """The embedding recorded with the logits of ``key`` (a view, None, or a forward key)."""
+        if self.tap is None:
+            raise ModelError(
+                "expected an embedding tap on the context (the trainer sets one when an objective needs it)"
+            )
+        if key not in self._embeddings:
+            if isinstance(key, View) or key is None:
+                self.logits(key)
+            else:
+                raise ModelError(f"expected a forward under {key!r} before reading its embedding")
+        return self._embeddings[key]
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per batch under ``key`` (share any per-batch result)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective", entry_point_group="harden.objectives")
@@ -109,6 +164,8 @@ class Objective(ABC):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = ObjectiveParams
+    #: The clean input must require grad (the objective differentiates w.r.t. it).
+    needs_input_grad: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | Mapping[str, Any] | None, threat: ThreatModel) -> None:
         self.threat = threat
@@ -126,6 +183,104 @@ class Objective(ABC):
         """The perturbed views this objective reads from the context."""
         return ()
 
+    def embedding_layer(self) -> str | bool | None:
+        """Where this objective reads embeddings.
+
+        False: it does not; None: the classifier's input; a string: that layer's output.
+        """
+        return False
+
+    def setup(self, model: nn.Module, example: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Build what the objective owns (e.g. estimator networks) once, before training.
+
+        Args:
+            model: the model to train, on its device.
+            example: one clean input batch (at least one image) on that device.
+        """
+
+    def after_step(self, ctx: BatchContext) -> None:  # noqa: B027 - optional hook
+        """Run after the model's optimizer step, on the same batch (e.g. train estimators)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep of this objective (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            CheckpointError: the state does not belong to this objective.
+        """
+        if state:
+            raise CheckpointError(f"expected no saved state for objective {self.name!r}, got keys {sorted(state)}")
+
     @abstractmethod
     def loss(self, ctx: BatchContext) -> torch.Tensor:
         """The scalar loss for the batch in ``ctx`` (differentiable w.r.t. the model)."""
+
+
+class ObjectiveSet:
+    """The weighted objectives of a policy, ready to train ``model``.
+
+    Resolves what the mix needs once: the embedding tap (one layer for all objectives), a
+    clean input that requires grad (double backprop), and each objective's :meth:`Objective.setup`.
+
+    Args:
+        model: the model to train, on its device.
+        weighted: ``(weight, objective)`` pairs.
+        example: one clean input batch on the model's device (for setup).
+
+    Raises:
+        PolicyError: two objectives ask for different embedding layers.
+
+    Example:
+        >>> from harden.testing import TinyCNN
+        >>> model, x, y = TinyCNN(num_classes=3), torch.rand(4, 1, 8, 8), torch.arange(4) % 3
+        >>> objs = ObjectiveSet(model, [(1.0, OBJECTIVES.get("ce")({}, ThreatModel()))], x[:1])
+        >>> float(objs.loss(objs.context(x, y, ThreatModel()))[0]) > 0
+        True
+    """
+
+    def __init__(self, model: nn.Module, weighted: list[tuple[float, Objective]], example: torch.Tensor) -> None:
+        self.model = model
+        self.weighted = weighted
+        layers = {o.embedding_layer() for _, o in weighted} - {False}
+        if len(layers) > 1:
+            raise PolicyError(f"expected one embedding layer for all objectives, got {sorted(map(str, layers))}")
+        self.tap: EmbeddingTap | None = None
+        if layers:
+            layer = layers.pop()
+            self.tap = EmbeddingTap(model, layer if isinstance(layer, str) else None)
+        self.clean_input_grad = any(o.needs_input_grad for _, o in weighted)
+        for _, obj in weighted:
+            obj.setup(model, example)
+
+    def context(self, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> BatchContext:
+        """A fresh per-batch context with what these objectives need."""
+        return BatchContext(self.model, x, y, threat, tap=self.tap, clean_input_grad=self.clean_input_grad)
+
+    def loss(self, ctx: BatchContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The weighted total and each objective's weighted part."""
+        parts = [w * obj.loss(ctx) for w, obj in self.weighted]
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+        return total, parts
+
+    def after_step(self, ctx: BatchContext) -> None:
+        """Every objective's post-step hook."""
+        for _, obj in self.weighted:
+            obj.after_step(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each objective's state, keyed by position."""
+        return {str(i): obj.state_dict() for i, (_, obj) in enumerate(self.weighted)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        for i, (_, obj) in enumerate(self.weighted):
+            obj.load_state_dict(state.get(str(i), {}))
+
+    def close(self) -> None:
+        """Remove the embedding hook from the model."""
+        if self.tap is not None:
+            self.tap.remove()
+            self.tap = None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams, View
+from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams, View, pgd_view
 
 __all__ = ["PGDAT", "PGDATParams"]
 
@@ -38,9 +38,7 @@ class PGDAT(Objective):
 
     def _view(self) -> View:
         p = self.params
-        return View.of(
-            "pgd", {"steps": p.steps, "step_size": p.step_size, "random_start": p.random_start, "select": "last"}
-        )
+        return pgd_view(p.steps, p.step_size, p.random_start)
 
     def views(self) -> tuple[View, ...]:
         """The PGD view."""

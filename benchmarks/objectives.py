@@ -1,0 +1,241 @@
+"""Evidence for the seed objectives: each paper's claim checked on its own axis.
+
+Same model, data (mnist-5k), epochs and seed for `ce`, `pgd_at`, `trades`, `iwd_at`, `ot_metric`,
+`jsigr`, `mi` and the mixed demo policy (their objectives are read from `policies/`). Each model
+is evaluated on the same test images with: clean accuracy, PGD-20, the PGD + APGD-CE worst case,
+the IWD attack, the invariance (rotation/shift grid) attack, label-changing invariance examples
+(agreement with the new label) and transfer from one `ce` surrogate (trained with another seed).
+Then the per-step training cost of each objective (median of timed steps on one batch) as a
+ratio to a plain CE step, and the mixed policy's as a ratio to `pgd_at` alone.
+
+    python benchmarks/objectives.py                # small: TinyCNN (width 32), eps 0.1
+    python benchmarks/objectives.py --size full    # timm resnet10t, eps 0.3 (the demo's setting)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write_section
+
+import harden
+from harden.attacks import ATTACKS, run_suite
+from harden.data import load_data
+from harden.objectives import OBJECTIVES, ObjectiveSet
+from harden.policy import DataSpec, load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES: dict[str, dict[str, Any]] = {
+    "small": {
+        "model": "harden.testing:TinyCNN",
+        "args": {"width": 32},
+        "eps": 0.1,
+        "epochs": 4,
+        "n": 300,
+        "n_iwd": 64,
+    },
+    "full": {"model": "timm:resnet10t", "args": {}, "eps": 0.3, "epochs": 5, "n": 1000, "n_iwd": 200},
+}
+#: objective lists, from the policies where a policy exists
+CONFIGS: dict[str, list[dict[str, Any]]] = {
+    "ce": [{"name": "ce"}],
+    "pgd_at": [{"name": "pgd_at", "params": {"steps": 5}}],
+    "trades": [{"name": "trades", "params": {"steps": 5}}],
+}
+for _name, _file in [
+    ("iwd_at", "mnist-iwd-at"),
+    ("ot_metric", "mnist-ot-metric"),
+    ("jsigr", "mnist-jsigr"),
+    ("mi", "mnist-mi"),
+    ("mixed", "mnist-mixed"),
+]:
+    CONFIGS[_name] = [o.model_dump() for o in load_policy(ROOT / "policies" / f"{_file}.yaml").objectives]
+
+
+def policy_for(name: str, size: dict[str, Any], seed: int = 0) -> harden.Policy:
+    return harden.validate_policy(
+        {
+            "name": f"bench-{name}",
+            "seed": seed,
+            "model": {"name": size["model"], "args": size["args"]},
+            "data": {"name": "mnist-5k", "batch_size": 128},
+            "threat": {"eps": size["eps"], "rho": 2e-3},
+            "train": {"epochs": size["epochs"], "lr": 0.05, "warmup_epochs": 1, "probe_examples": 0},
+            "objectives": CONFIGS[name],
+        }
+    )
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor, size: dict[str, Any]
+) -> dict[str, float]:
+    threat = harden.ThreatModel(eps=size["eps"], rho=2e-3)
+    torch.manual_seed(0)
+    pgd = ATTACKS.get("pgd")(threat, {"steps": 20})
+    apgd = ATTACKS.get("apgd_ce")(threat, {"steps": 50})
+    suite = run_suite(model, x, y, [pgd, apgd])
+    m = size["n_iwd"]
+    iwd = ATTACKS.get("iwd")(threat, {"steps": 20, "stride": 2})
+    inv = ATTACKS.get("invariance")(threat, {"angles": 5, "shifts": 3})
+    examples = ATTACKS.get("invariance_examples")(threat)
+    bundle = load_data(DataSpec(name="mnist-5k"))
+    examples.prepare(harden.attacks.AttackEnv(policy=None, bundle=bundle))
+    agree, counted = examples.score(model, x, y)
+    return {
+        "clean": float(suite.clean_correct.float().mean()),
+        "pgd20": float(suite.still_correct[suite.labels[0]].float().mean()),
+        "worst": float(suite.robust.float().mean()),
+        "iwd": accuracy(model, iwd(model, x[:m], y[:m]), y[:m]),
+        "invariance": accuracy(model, inv(model, x, y), y),
+        "inv_examples": float(agree.sum()) / max(int(counted.sum()), 1),
+        "transfer": accuracy(model, x_transfer, y),
+    }
+
+
+def step_seconds(name: str, size: dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: int = 6) -> float:
+    """Median wall time of one training step (forward, views, backward, optimizer, hooks)."""
+    policy = policy_for(name, size)
+    torch.manual_seed(0)
+    model = harden.models.build_model(policy.model, 10, 1)
+    weighted = [(s.weight, OBJECTIVES.get(s.name)(s.params, policy.threat)) for s in policy.objectives]
+    objs = ObjectiveSet(model, weighted, x[:1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        ctx = objs.context(x, y, policy.threat)
+        loss, _ = objs.loss(ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        objs.after_step(ctx)
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t0)
+    objs.close()
+    return statistics.median(times)
+
+
+def verdicts(res: dict[str, dict[str, float]]) -> list[str]:
+    def claim(obj: str, axis: str, label: str, higher_is_better: bool = True) -> str:
+        v, p, c = res[obj][axis], res["pgd_at"][axis], res["ce"][axis]
+        better = v > max(p, c) if higher_is_better else v < min(p, c)
+        word = "reproduces" if better else "does not reproduce"
+        return (
+            f"- **{obj}** on {label}: {v:.1%} vs pgd_at {p:.1%} and ce {c:.1%}: the claim {word} here "
+            f"({'above' if better else 'not above'} both baselines)."
+        )
+
+    return [
+        claim("iwd_at", "iwd", "the IWD attack"),
+        claim("ot_metric", "invariance", "the invariance (rotation/shift) attack"),
+        claim("ot_metric", "inv_examples", "label-changing invariance examples (agreement with the new label)"),
+        claim("jsigr", "transfer", "transfer from a ce surrogate"),
+        claim("mi", "worst", "the PGD/APGD worst case"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--only", nargs="*", default=None, help="train only these configurations")
+    args = ap.parse_args()
+    size = SIZES[args.size]
+    names = args.only or list(CONFIGS)
+    bundle = load_data(DataSpec(name="mnist-5k"))
+    xs, ys = zip(*(bundle.test[i] for i in range(size["n"])), strict=True)
+    x, y = torch.stack(xs), torch.tensor([int(v) for v in ys])
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(1)
+        surrogate = harden.fit(None, policy_for("ce", size, seed=1), run_dir=f"{tmp}/s", progress=False).model
+        threat = harden.ThreatModel(eps=size["eps"])
+        torch.manual_seed(0)
+        x_transfer = ATTACKS.get("pgd")(threat, {"steps": 20})(surrogate, x, y)
+        res: dict[str, dict[str, float]] = {}
+        for name in names:
+            t0 = time.perf_counter()
+            model = harden.fit(None, policy_for(name, size), run_dir=f"{tmp}/{name}", progress=False).model.eval()
+            train_s = time.perf_counter() - t0
+            res[name] = {**evaluate(model, x, y, x_transfer, size), "train_s": train_s}
+            print(name, {k: round(v, 3) for k, v in res[name].items()}, flush=True)
+    xb, yb = x[:128], y[:128]
+    cost = {name: step_seconds(name, size, xb, yb) for name in names}
+    for name in names:
+        res[name]["step_s"] = cost[name]
+        print(name, f"step {cost[name] * 1000:.0f} ms", flush=True)
+    rows = []
+    for name in names:
+        r = res[name]
+        ratio_ce = r["step_s"] / cost["ce"] if "ce" in cost else float("nan")
+        rows.append(
+            [
+                name,
+                f"{r['clean']:.1%}",
+                f"{r['pgd20']:.1%}",
+                f"{r['worst']:.1%}",
+                f"{r['iwd']:.1%}",
+                f"{r['invariance']:.1%}",
+                f"{r['inv_examples']:.1%}",
+                f"{r['transfer']:.1%}",
+                f"{r['step_s'] * 1000:.0f}",
+                f"{ratio_ce:.1f}x",
+                f"{r['train_s']:.0f}",
+            ]
+        )
+    lines = [
+        f"Model `{size['model']}` {size['args'] or ''}, mnist-5k, {size['epochs']} epochs, seed 0, linf eps "
+        f"{size['eps']}, IWD budget rho 2e-3; {size['n']} test images (the IWD attack: the first {size['n_iwd']}, "
+        "20 steps, stride 2). Accuracies under each attack (higher is more robust); invariance examples: "
+        "agreement with the new label (higher is less excessively invariant); transfer: PGD-20 examples of a "
+        "`ce` surrogate trained with seed 1. Step: median wall time of one training step on a batch of 128.",
+        "",
+        *table(
+            [
+                "objective",
+                "clean",
+                "PGD-20",
+                "PGD+APGD worst",
+                "IWD attack",
+                "invariance",
+                "inv. examples",
+                "transfer",
+                "step ms",
+                "step / ce",
+                "fit s",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if "mixed" in cost and "pgd_at" in cost:
+        lines.append(
+            f"Mixed policy step cost / `pgd_at` alone: **{cost['mixed'] / cost['pgd_at']:.2f}x** (goal <= 1.5x)."
+        )
+        lines.append("")
+    if all(k in res for k in ("ce", "pgd_at", "iwd_at", "ot_metric", "jsigr", "mi")):
+        lines += ["Each paper's claim on its own axis, against both baselines:", "", *verdicts(res)]
+    cmd = f"python benchmarks/objectives.py --size {args.size}" + (
+        f" --only {' '.join(args.only)}" if args.only else ""
+    )
+    section = "objectives" if args.size == "small" and not args.only else f"objectives-{args.size}"
+    write_section(
+        section, f"Objectives: each paper's claim on its own axis ({args.size})", cmd, lines, {"results": res}
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""IWD adversarial training: train on internal-Wasserstein-distance adversarial examples.
+
+Our formulation of arXiv 2103.07598 (the paper's full text was not available to us). Each batch
+is attacked with the IWD attack (:mod:`harden.attacks.iwd`: maximise CE subject to
+``IWD(x, x') <= rho``, the policy's ``threat.rho``, 2e-3 when unset) and the model minimises
+
+``clean_weight * CE(f(x), y) + (1 - clean_weight) * L_adv``
+
+with ``L_adv = CE(f(x_iwd), y)`` (``loss: ce``) or the TRADES-style
+``beta * KL(softmax f(x) || softmax f(x_iwd))`` (``loss: kl``). The attack runs in eval mode,
+with fewer steps than the evaluation attack by default (10 instead of 50) and patch stride 2,
+which keeps a training step affordable on a CPU (see ``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from harden.attacks.iwd import IWDAttack
+from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams
+
+__all__ = ["IWDAT", "IWDATParams"]
+
+
+class IWDATParams(ObjectiveParams):
+    """Parameters of :class:`IWDAT`.
+
+    Attributes:
+        clean_weight: weight of the clean CE; the IWD term gets ``1 - clean_weight``.
+        loss: ``ce`` (CE on the IWD examples) or ``kl`` (TRADES-style KL to the clean output).
+        beta: multiplier of the KL term when ``loss: kl``.
+        fraction: share of the batch attacked (its first examples).
+        steps: IWD attack steps per batch.
+        step_size: IWD attack signed step per pixel.
+        patch_size: IWD patch size (None: the attack's default, 3).
+        stride: IWD patch stride (None: the attack's default, 1 up to 32 px).
+        linf_cap: optional l_inf bound of the IWD examples.
+    """
+
+    clean_weight: float = Field(0.5, ge=0, le=1)
+    loss: Literal["ce", "kl"] = "ce"
+    beta: float = Field(6.0, ge=0)
+    fraction: float = Field(0.25, gt=0, le=1)
+    steps: int = Field(5, ge=1, le=10_000)
+    step_size: float = Field(0.05, gt=0, le=1)
+    patch_size: int | None = Field(4, ge=1)
+    stride: int | None = Field(4, ge=1)
+    linf_cap: float | None = Field(None, gt=0, le=1)
+
+
+@OBJECTIVES.register("iwd_at")
+class IWDAT(Objective):
+    """IWD adversarial training (see the module docstring).
+
+    Example:
+        >>> from harden.policy import ThreatModel
+        >>> from harden.testing import TinyCNN
+        >>> model, x, y = TinyCNN(num_classes=3), torch.rand(4, 1, 8, 8), torch.arange(4) % 3
+        >>> ctx = BatchContext(model, x, y, ThreatModel(rho=1e-3))
+        >>> bool(torch.isfinite(IWDAT({"steps": 2}, ThreatModel(rho=1e-3)).loss(ctx)))
+        True
+    """
+
+    name = "iwd_at"
+    Params = IWDATParams
+
+    def examples(self, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor, tuple[object, ...]]:
+        """The IWD examples of the first ``ceil(fraction * N)`` images, their labels, their cache key.
+
+        The key is the one the examples are cached and forwarded under in ``ctx``.
+        """
+        p: IWDATParams = self.params
+        n = ctx.x.shape[0]
+        m = max(min(2, n), math.ceil(p.fraction * n))  # BatchNorm in train mode needs 2 examples
+        params = {
+            "steps": p.steps,
+            "step_size": p.step_size,
+            "patch_size": p.patch_size,
+            "stride": p.stride,
+            "linf_cap": p.linf_cap,
+        }
+        key = ("iwd_at", m, *sorted(params.items()))
+
+        def compute() -> torch.Tensor:
+            return IWDAttack(ctx.threat, params)(ctx.model, ctx.x[:m].detach(), ctx.y[:m])
+
+        return ctx.memo(key, compute), ctx.y[:m], key
+
+    def loss(self, ctx: BatchContext) -> torch.Tensor:
+        """Clean CE mixed with the IWD term."""
+        p: IWDATParams = self.params
+        x_iwd, y_iwd, key = self.examples(ctx)
+        adv = ctx.forward(key, x_iwd)
+        clean = ctx.logits(None)
+        if p.loss == "kl":
+            target = F.softmax(clean[: x_iwd.shape[0]], 1)
+            adv_term = p.beta * F.kl_div(F.log_softmax(adv, 1), target, reduction="batchmean")
+        else:
+            adv_term = F.cross_entropy(adv, y_iwd)
+        loss = (1 - p.clean_weight) * adv_term
+        if p.clean_weight > 0:
+            loss = loss + p.clean_weight * F.cross_entropy(clean, ctx.y)
+        return loss
