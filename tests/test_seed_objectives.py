@@ -263,3 +263,20 @@ def test_fit_with_mi_resumes_exactly_with_its_estimators(tmp_path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "loss_1_mi" in straight.history[-1]
+
+
+def test_jsigr_and_ot_metric_fractions_penalise_a_subset_with_its_own_forward():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(num_classes=3), synthetic_tensors(16)
+    objs, ctx = _prepare([("jsigr", {"fraction": 0.25, "patch": 4})], model, x, y)
+    assert not objs.clean_input_grad and not ctx.x.requires_grad
+    loss = objs.weighted[0][1].loss(ctx)
+    loss.backward()
+    assert ctx.forward_calls == 2  # the whole clean batch (CE) and the 4 penalised examples
+    assert objs.weighted[0][1].mask(ctx).shape[0] == 4
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    objs, ctx = _prepare([("ot_metric", {"steps": 1, "inv_fraction": 0.25})], model, x, y)
+    inv = objs.weighted[0][1].invariance_examples(ctx)
+    assert inv.x.shape[0] == 4 and bool((inv.label != y[:4])[inv.valid].all())
+    assert torch.isfinite(objs.weighted[0][1].loss(ctx))
+    objs.close()

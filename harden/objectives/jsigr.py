@@ -21,6 +21,7 @@ are stated in the README.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ class JSIGRParams(ObjectiveParams):
         nproj: random projections per batch for the Jacobian estimate.
         q: fraction of pixels in the salient mask ``M`` (left unpenalised).
         patch: occlusion patch side in pixels; None means ``ceil(min(H, W) / 4)`` (16 patches).
+        fraction: share of the batch (its first examples) the two penalties are estimated on,
+            with a forward of their own; 1 uses the shared clean forward of the whole batch. The
+            clean CE always uses the whole batch. Below 1 the penalties cost proportionally less.
     """
 
     lambda_j: float = Field(0.01, ge=0)
@@ -50,6 +54,7 @@ class JSIGRParams(ObjectiveParams):
     nproj: int = Field(1, ge=1, le=64)
     q: float = Field(0.2, gt=0, lt=1)
     patch: int | None = Field(None, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
 
 
 def jacobian_frobenius_sq(
@@ -134,33 +139,52 @@ class JSIGR(Objective):
 
     name = "jsigr"
     Params = JSIGRParams
-    needs_input_grad = True
+
+    def __init__(self, params: Any, threat: Any) -> None:
+        super().__init__(params, threat)
+        #: the whole batch's clean input must require grad only when the penalties use it
+        self.needs_input_grad = self.params.fraction == 1.0
+
+    def _subset(self, ctx: BatchContext) -> int:
+        n = ctx.x.shape[0]
+        return n if self.params.fraction == 1.0 else max(min(2, n), math.ceil(self.params.fraction * n))
 
     def mask(self, ctx: BatchContext) -> torch.Tensor:
-        """The constant salient-region mask ``M(x)`` of the batch (computed once per batch)."""
+        """The constant salient-region mask ``M(x)`` of the penalised examples (once per batch)."""
         p: JSIGRParams = self.params
-        x = ctx.x.detach()
+        m = self._subset(ctx)
+        x = ctx.x[:m].detach()
         patch = p.patch if p.patch is not None else math.ceil(min(x.shape[-2:]) / 4)
 
         def compute() -> torch.Tensor:
-            return top_q_mask(occlusion_saliency(ctx.model, x, ctx.y, patch), p.q)
+            return top_q_mask(occlusion_saliency(ctx.model, x, ctx.y[:m], patch), p.q)
 
-        return ctx.memo(("jsigr-mask", patch, p.q), compute)
+        return ctx.memo(("jsigr-mask", m, patch, p.q), compute)
 
     def loss(self, ctx: BatchContext) -> torch.Tensor:
         """CE + Jacobian term + selective input-gradient term."""
         p: JSIGRParams = self.params
-        if not ctx.x.requires_grad:
-            raise HardenError(
-                "expected a context with clean_input_grad=True for jsigr (the trainer sets it), got one without"
-            )
         logits = ctx.logits(None)
         ce_each = F.cross_entropy(logits, ctx.y, reduction="none")
         loss = ce_each.mean()
+        if p.lambda_j == 0 and p.lambda_s == 0:
+            return loss
+        m = self._subset(ctx)
+        if m == ctx.x.shape[0]:
+            if not ctx.x.requires_grad:
+                raise HardenError(
+                    "expected a context with clean_input_grad=True for jsigr (the trainer sets it), got one without"
+                )
+            x_in, out, ce_in = ctx.x, logits, ce_each
+        else:
+            key = ("jsigr-subset", m)
+            x_in = ctx.memo(key, lambda: ctx.x[:m].detach().requires_grad_(True))
+            out = ctx.forward(key, x_in)
+            ce_in = F.cross_entropy(out, ctx.y[:m], reduction="none")
         if p.lambda_j > 0:
-            loss = loss + p.lambda_j / 2 * jacobian_frobenius_sq(logits, ctx.x, p.nproj).mean()
+            loss = loss + p.lambda_j / 2 * jacobian_frobenius_sq(out, x_in, p.nproj).mean()
         if p.lambda_s > 0:
-            (g,) = torch.autograd.grad(ce_each.sum(), ctx.x, create_graph=True, retain_graph=True)
+            (g,) = torch.autograd.grad(ce_in.sum(), x_in, create_graph=True, retain_graph=True)
             outside = 1.0 - self.mask(ctx)
             loss = loss + p.lambda_s * (outside * g).pow(2).flatten(1).sum(1).mean()
         return loss

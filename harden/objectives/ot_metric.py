@@ -31,6 +31,8 @@ Every default is ours; the paper's full text was not available to us.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -54,6 +56,8 @@ class OTMetricParams(ObjectiveParams):
         margin: triplet margin (in ``1 - cos`` units).
         norm_reg: weight of the mean squared embedding norm.
         invariance: include the label-changing invariance examples.
+        inv_fraction: share of the batch (its first examples) turned into invariance examples
+            (each costs one forward and backward more).
         angles: rotation grid points aligning invariance sources (±30°).
         shifts: shift grid points per axis aligning invariance sources (±3 px).
         steps: PGD steps of the sensitivity view (equal to ``pgd_at``'s to share it).
@@ -69,6 +73,7 @@ class OTMetricParams(ObjectiveParams):
     margin: float = Field(0.05, ge=0)
     norm_reg: float = Field(1e-3, ge=0)
     invariance: bool = True
+    inv_fraction: float = Field(1.0, gt=0, le=1)
     angles: int = Field(5, ge=1, le=61)
     shifts: int = Field(3, ge=1, le=13)
     steps: int = Field(7, ge=1, le=1000)
@@ -146,10 +151,17 @@ class OTMetric(Objective):
         return self.params.layer
 
     def invariance_examples(self, ctx: BatchContext) -> LabelChange:
-        """The batch's label-changing examples (the batch is the pool), once per batch."""
+        """Label-changing examples of the batch's first ``inv_fraction`` (the batch is the pool)."""
         p: OTMetricParams = self.params
+        n = ctx.x.shape[0]
+        m = max(min(2, n), math.ceil(p.inv_fraction * n))
         attack = InvarianceExamples(ctx.threat, {"angles": p.angles, "shifts": p.shifts})
-        return ctx.memo(("invariance_examples", p.angles, p.shifts), lambda: attack.examples(ctx.x.detach(), ctx.y))
+        attack.pool = (ctx.x.detach(), ctx.y)
+
+        def compute() -> LabelChange:
+            return attack.examples(ctx.x[:m].detach(), ctx.y[:m])
+
+        return ctx.memo(("invariance_examples", m, p.angles, p.shifts), compute)
 
     def loss(self, ctx: BatchContext) -> torch.Tensor:
         """Adversarial CE + OT term + angular triplet + embedding-norm term."""
@@ -161,7 +173,7 @@ class OTMetric(Objective):
         if p.invariance:
             inv = self.invariance_examples(ctx)
             if bool(inv.valid.any()):
-                key = ("invariance_examples", p.angles, p.shifts)
+                key = ("invariance_examples", int(inv.x.shape[0]), p.angles, p.shifts)
                 ctx.forward(key, inv.x[inv.valid])
                 e_pert = torch.cat([e_adv, ctx.embedding(key)])
                 y_pert = torch.cat([ctx.y, inv.label[inv.valid]])
