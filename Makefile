@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-POLICY ?= policies/mnist-pgd.yaml
+POLICY ?= policies/mnist-mixed.yaml
 OUT    ?= runs/demo
 
 .PHONY: demo test lint typecheck bench clean venv docs

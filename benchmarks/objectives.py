@@ -15,6 +15,7 @@ ratio to a plain CE step, and the mixed policy's as a ratio to `pgd_at` alone.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def evaluate(
         "iwd": accuracy(model, iwd(model, x[:m], y[:m]), y[:m]),
         "invariance": accuracy(model, inv(model, x, y), y),
         "inv_examples": float(agree.sum()) / max(int(counted.sum()), 1),
+        "inv_counted": float(counted.sum()),
         "transfer": accuracy(model, x_transfer, y),
     }
 
@@ -130,15 +132,46 @@ def step_seconds(name: str, size: dict[str, Any], x: torch.Tensor, y: torch.Tens
     return statistics.median(times)
 
 
-def verdicts(res: dict[str, dict[str, float]]) -> list[str]:
-    def claim(obj: str, axis: str, label: str, higher_is_better: bool = True) -> str:
-        v, p, c = res[obj][axis], res["pgd_at"][axis], res["ce"][axis]
-        better = v > max(p, c) if higher_is_better else v < min(p, c)
-        word = "reproduces" if better else "does not reproduce"
-        return (
-            f"- **{obj}** on {label}: {v:.1%} vs pgd_at {p:.1%} and ce {c:.1%}: the claim {word} here "
-            f"({'above' if better else 'not above'} both baselines)."
-        )
+def _gap(a: float, b: float, n: int) -> tuple[float, float]:
+    """Difference a - b of two accuracies measured on n examples each, and its standard error.
+
+    Unpaired (a conservative choice: the same images are used, so a paired test would be sharper).
+    """
+    se = math.sqrt(max(a * (1 - a) / n + b * (1 - b) / n, 1e-12))
+    return a - b, se
+
+
+def verdicts(res: dict[str, dict[str, float]], size: dict[str, Any]) -> list[str]:
+    """One line per paper: does its objective beat `pgd_at` and `ce` on its own axis by > 2 SE?"""
+
+    def n_for(obj: str, axis: str) -> int:
+        if axis == "iwd":
+            return int(size["n_iwd"])
+        if axis == "inv_examples":
+            return int(min(res[obj]["inv_counted"], res["pgd_at"]["inv_counted"], res["ce"]["inv_counted"]))
+        return int(size["n"])
+
+    def claim(obj: str, axis: str, label: str) -> str:
+        v = res[obj][axis]
+        n = n_for(obj, axis)
+        parts, wins = [], []
+        for base in ("pgd_at", "ce"):
+            d, se = _gap(v, res[base][axis], n)
+            parts.append(f"{base} {res[base][axis]:.1%} ({d * 100:+.1f} pts, 2 SE = {2 * se * 100:.1f})")
+            wins.append("win" if d > 2 * se else "loss" if d < -2 * se else "tie")
+        if wins == ["win", "win"]:
+            word = "**reproduces**: above both baselines by more than 2 SE"
+        elif wins[1] == "win":
+            word = (
+                "**reproduces against ce only**: above `ce` by more than 2 SE, "
+                + ("below" if wins[0] == "loss" else "within noise of")
+                + " `pgd_at`"
+            )
+        elif "loss" in wins and "win" not in wins:
+            word = "**does not reproduce**: below a baseline by more than 2 SE"
+        else:
+            word = "**does not reproduce**: within noise of the baselines"
+        return f"- {obj} on {label} (n = {n}): {v:.1%} vs {', '.join(parts)}: {word}."
 
     return [
         claim("iwd_at", "iwd", "the IWD attack"),
@@ -227,7 +260,7 @@ def main() -> None:
         )
         lines.append("")
     if all(k in res for k in ("ce", "pgd_at", "iwd_at", "ot_metric", "jsigr", "mi")):
-        lines += ["Each paper's claim on its own axis, against both baselines:", "", *verdicts(res)]
+        lines += ["Each paper's claim on its own axis, against both baselines:", "", *verdicts(res, size)]
     cmd = f"python benchmarks/objectives.py --size {args.size}" + (
         f" --only {' '.join(args.only)}" if args.only else ""
     )
