@@ -141,6 +141,28 @@ def _first_batch(dataset: Any, n: int) -> Any:
         return
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from harden.integrity import inspect_certificate
+
+    cert, checks = inspect_certificate(args.certificate)
+    print(f"certificate {args.certificate}: {cert.verdict} ({cert.verdict_reason or 'no reason recorded'})")
+    print(f"  policy {cert.policy_name}, created {cert.created}, threat {cert.threat}")
+    print(f"  clean {cert.clean_accuracy:.2%}, robust {cert.robust_accuracy:.2%} (n={cert.n})")
+    if cert.smoothing is not None and cert.smoothing.certified_accuracy is not None:
+        s = cert.smoothing
+        print(f"  certified {s.certified_accuracy:.2%} at l2 radius {s.radius:g} (sigma={s.sigma:g}, n={s.examples})")
+    print(f"  {'item':<8} {'status':<10} {'file':<22} sha256")
+    for c in checks:
+        digest = (c.actual or c.expected or "-")[:16]
+        print(f"  {c.item:<8} {c.status:<10} {c.path.name:<22} {digest}  {c.detail}")
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        names = ", ".join(f"{c.path.name} ({c.status.lower()})" for c in bad)
+        print(f"harden: error: integrity check failed: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     objs = ", ".join(f"{o.name}*{o.weight:g}" for o in policy.objectives)
@@ -151,7 +173,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from harden.policy import Policy
 
-    if args.markdown:
+    if args.certificate:
+        from harden.certify import Certificate
+
+        print(json.dumps(Certificate.json_schema(), indent=2))
+    elif args.markdown:
         from harden.docs import policy_reference
 
         print(policy_reference(), end="")
@@ -191,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", "export a trained model to ONNX with a parity test", cmd_export)
     p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
     p.add_argument("--onnx", help="output file (default: OUT/model.onnx)")
+    p = add("inspect", "re-hash the files a certificate vouches for", cmd_inspect, policy=False, out=False)
+    p.add_argument("certificate", metavar="CERTIFICATE", help="certificate.json or the run directory")
     add("check", "validate a policy file (exit 0 when valid, 2 with the reason when not)", cmd_check, out=False)
     p = add("schema", "print the policy's JSON Schema (for editor completion)", cmd_schema, policy=False, out=False)
     p.add_argument("--markdown", action="store_true", help="print the policy reference in Markdown instead")
+    p.add_argument("--certificate", action="store_true", help="print the JSON Schema of certificate.json instead")
     return parser
 
 

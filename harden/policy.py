@@ -11,25 +11,20 @@ Any problem raises :class:`harden.PolicyError` with one line naming the file and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from harden.errors import (
-    PolicyError,
     UnknownNameError,
     describe_validation_error,
-    format_validation_error,
 )
 
 __all__ = [
     "AttackSpec",
+    "CertifySpec",
     "DataSpec",
     "ExportSpec",
     "ModelSpec",
@@ -357,6 +352,51 @@ class ExportSpec(_Strict):
     parity_atol: float = Field(1e-4, gt=0)
 
 
+class CertifySpec(_Strict):
+    """Randomized smoothing (Cohen et al. 2019) and what the certificate shows.
+
+    Attributes:
+        smoothing: run CERTIFY on the first ``n_examples`` test examples.
+        sigma: Gaussian noise standard deviation (pixel scale); train with ``gaussian_aug`` at
+            the same sigma for useful radii.
+        n0: noisy samples that pick the top class.
+        n: noisy samples that bound its probability (Clopper-Pearson, level ``1 - alpha``).
+        alpha: failure probability of each certificate.
+        batch_size: noisy images per forward pass.
+        n_examples: test examples to certify.
+        radius: the l2 radius the verdict is about. None: ``threat.eps`` when the threat is l2;
+            with an linf threat and no radius the verdict cannot be CERTIFIED.
+        min_certified_accuracy: CERTIFIED needs at least this certified accuracy at ``radius``
+            (and every sanity check passing).
+        radii: grid of the certified-accuracy curve; None: 0 to 4 sigma in 0.25 sigma steps.
+        saliency_examples: test images whose input-gradient saliency maps the report shows.
+    """
+
+    smoothing: bool = False
+    sigma: float = Field(0.25, gt=0, le=10)
+    n0: int = Field(100, ge=1, le=1_000_000)
+    n: int = Field(1000, ge=1, le=10_000_000)
+    alpha: float = Field(0.001, gt=0, lt=0.5)
+    batch_size: int = Field(256, ge=1)
+    n_examples: int = Field(100, ge=1)
+    radius: float | None = Field(None, gt=0)
+    min_certified_accuracy: float = Field(0.5, gt=0, le=1)
+    radii: tuple[float, ...] | None = None
+    saliency_examples: int = Field(4, ge=0, le=32)
+
+    def radius_for(self, threat: ThreatModel) -> float | None:
+        """The radius the verdict is about (see ``radius``)."""
+        if self.radius is not None:
+            return self.radius
+        return threat.eps if threat.norm == "l2" else None
+
+    def radius_grid(self) -> tuple[float, ...]:
+        """The radii of the certified-accuracy curve."""
+        if self.radii is not None:
+            return tuple(sorted(self.radii))
+        return tuple(round(self.sigma * k / 4, 6) for k in range(17))
+
+
 class Policy(_Strict):
     """A complete hardening job.
 
@@ -372,6 +412,7 @@ class Policy(_Strict):
         objectives: the loss is the weighted sum of these terms.
         verify: see :class:`VerifySpec`.
         export: see :class:`ExportSpec`.
+        certify: see :class:`CertifySpec`.
 
     Example:
         >>> p = Policy(objectives=[ObjectiveSpec(name="pgd_at")])
@@ -389,6 +430,7 @@ class Policy(_Strict):
     objectives: tuple[ObjectiveSpec, ...] = Field(min_length=1)
     verify: VerifySpec = Field(default_factory=lambda: VerifySpec())
     export: ExportSpec = Field(default_factory=lambda: ExportSpec())
+    certify: CertifySpec = Field(default_factory=lambda: CertifySpec())
 
     @model_validator(mode="after")
     def _some_weight(self) -> Policy:
@@ -401,121 +443,5 @@ class Policy(_Strict):
         return self
 
 
-def validate_policy(data: Any, source: str | None = None) -> Policy:
-    """Validate a mapping (e.g. parsed YAML) into a :class:`Policy`.
-
-    Args:
-        data: the policy document as Python objects.
-        source: file name used in error messages.
-
-    Raises:
-        PolicyError: the document is invalid; the message names ``source`` and the key path.
-
-    Example:
-        >>> validate_policy({"objectives": [{"name": "ce"}]}).objectives[0].name
-        'ce'
-    """
-    if not isinstance(data, dict):
-        prefix = f"{source}: " if source else ""
-        raise PolicyError(f"{prefix}(top level): expected a mapping of policy keys, got {type(data).__name__}")
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        raise PolicyError(format_validation_error(exc, source)) from None
-    except RecursionError:
-        prefix = f"{source}: " if source else ""
-        raise PolicyError(
-            f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply"
-        ) from None
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` refusing anchors/aliases ('billion laughs') and duplicate keys.
-
-    YAML itself resolves a duplicate key silently (the last one wins), which hides typos.
-    """
-
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            what = "an alias" if isinstance(event, yaml.AliasEvent) else f"an anchor (&{event.anchor})"
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"expected plain YAML, got {what} (anchors and aliases are not allowed in policies)",
-                event.start_mark,
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"expected unique keys, got {key_node.value!r} twice", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file.
-
-    Args:
-        path: a YAML file.
-
-    Returns:
-        The validated, frozen :class:`Policy`.
-
-    Raises:
-        PolicyError: the file is missing, is not YAML, or is not a valid policy.
-
-    Example:
-        >>> policy = load_policy("policies/mnist-pgd.yaml")  # doctest: +SKIP
-        >>> policy.objectives[0].name  # doctest: +SKIP
-        'pgd_at'
-    """
-    path = Path(path)
-    source = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{source}: expected a readable policy file, got {exc.strerror or exc}") from None
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{source}: expected a policy under {MAX_POLICY_BYTES} bytes, got {len(raw)}")
-    try:
-        text = raw.decode("utf-8")
-        data = yaml.load(text, Loader=_NoAliasLoader)
-    except UnicodeDecodeError:
-        raise PolicyError(f"{source}: expected UTF-8 text, got undecodable bytes") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        ours = isinstance(exc, yaml.constructor.ConstructorError) and problem.startswith("expected ")
-        what = problem if ours else f"expected valid YAML, got {problem}"
-        raise PolicyError(f"{source}: {what}{where}") from None
-    except RecursionError:
-        raise PolicyError(f"{source}: expected a policy of sane depth, got a document nested too deeply") from None
-    return validate_policy(data, source)
-
-
-def dump_policy(policy: Policy) -> str:
-    """The canonical YAML of a policy (every default filled in, keys in declaration order).
-
-    Example:
-        >>> "pgd_at" in dump_policy(Policy(objectives=[ObjectiveSpec(name="pgd_at")]))
-        True
-    """
-    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
-
-
-def policy_hash(policy: Policy) -> str:
-    """SHA-256 of the canonical JSON of a policy (defaults filled, keys sorted).
-
-    Two files that differ only in comments, key order or spelled-out defaults hash the same.
-    """
-    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+# Reading, writing and hashing policies live in policy_io (imported last: it needs Policy).
+from harden.policy_io import dump_policy, load_policy, policy_hash, validate_policy  # noqa: E402

@@ -23,6 +23,7 @@ from harden.data import DataBundle
 from harden.policy import Policy, validate_policy
 
 __all__ = [
+    "ConstantClassifier",
     "QuantizedInput",
     "SoftmaxHead",
     "TinyCNN",
@@ -91,6 +92,32 @@ class TinyMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""
         return self.net(x)
+
+
+class ConstantClassifier(nn.Module):
+    """A classifier whose answer is known: always ``label`` (logit 1 there, 0 elsewhere).
+
+    Randomized smoothing must certify it at radius ``sigma * Phi^-1(pA_lower)`` with
+    ``pA_lower = alpha ** (1 / n)`` for every input. Its input gradients are zero, so the
+    gradient checks flag it. A dummy parameter keeps ``model_device`` and optimizers working.
+
+    Example:
+        >>> ConstantClassifier(num_classes=3, label=2)(torch.rand(4, 1, 8, 8)).argmax(1).tolist()
+        [2, 2, 2, 2]
+    """
+
+    def __init__(self, num_classes: int = 3, label: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.label = label
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits: one-hot of ``label`` for every row of ``x``."""
+        out = torch.zeros(x.shape[0], self.num_classes, device=x.device, dtype=x.dtype)
+        out[:, self.label] = 1.0
+        # zero-weight links keep x and the parameter in the graph (gradients exist and are zero)
+        return out + 0 * self.anchor + 0 * x.flatten(1).sum(1, keepdim=True)
 
 
 class QuantizedInput(nn.Module):

@@ -4,6 +4,7 @@ Third-party objectives register through the ``harden.objectives`` entry-point gr
 """
 
 from harden.objectives import ce as _ce  # noqa: F401  (registers)
+from harden.objectives import gaussian_aug as _gaussian_aug  # noqa: F401  (registers)
 from harden.objectives import iwd_at as _iwd_at  # noqa: F401  (registers)
 from harden.objectives import jsigr as _jsigr  # noqa: F401  (registers)
 from harden.objectives import mi as _mi  # noqa: F401  (registers)

@@ -1,0 +1,230 @@
+"""harden.report: the Markdown and self-contained HTML certificates, checked as text and in a browser."""
+
+from __future__ import annotations
+
+import base64
+import doctest
+import io
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageStat
+
+import harden
+import harden.report
+from harden.certify import Certificate
+from harden.report import to_html, to_markdown
+from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+
+SMOOTHING = {"smoothing": True, "n0": 10, "n": 50, "n_examples": 8, "sigma": 0.25, "radius": 0.1}
+HISTORY = [
+    {"epoch": 1, "lr": 0.05, "train_loss": 0.91, "val_clean_acc": 0.7, "val_pgd_acc": 0.3, "seconds": 1.5},
+    {"epoch": 2, "lr": 0.02, "train_loss": 0.42, "val_clean_acc": 0.9, "val_pgd_acc": 0.55, "seconds": 1.4},
+]
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+@pytest.fixture(scope="module")
+def cert(trained) -> Certificate:
+    """A certificate with every part filled: smoothing, saliency with a baseline, training history."""
+    torch.manual_seed(0)
+    policy = tiny_policy(certify=SMOOTHING)
+    return harden.certify(
+        trained,
+        policy,
+        synthetic_tensors(32, seed=2),
+        history=HISTORY,
+        baseline=TinyCNN(num_classes=3),
+        progress=False,
+    )
+
+
+class _Page(HTMLParser):
+    """Text of every element with an id, plus tag balance (a malformed page fails the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[tuple[str, str | None]] = []
+        self.text: dict[str, str] = {}
+        self.classes: dict[str, str] = {}
+        self.images: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src") or "")
+        if tag in VOID:
+            return
+        self.stack.append((tag, a.get("id")))
+        if a.get("id"):
+            self.text[a["id"]] = ""
+            self.classes[a["id"]] = a.get("class") or ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1][0] != tag:
+            self.errors.append(f"unexpected </{tag}>, open: {[t for t, _ in self.stack]}")
+            return
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        for _, id_ in self.stack:
+            if id_:
+                self.text[id_] += data
+
+
+def _parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    parser.close()
+    assert not parser.errors, parser.errors
+    assert [t for t, _ in parser.stack] == [], f"unclosed tags: {parser.stack}"
+    return parser
+
+
+def test_markdown_has_verdict_figures_and_checks(cert):
+    md = to_markdown(cert)
+    assert md.startswith(f"# Robustness certificate: {cert.policy_name}\n")
+    assert f"**{cert.verdict}**" in md and cert.verdict_reason in md
+    for acc in (cert.clean_accuracy, cert.robust_accuracy, *cert.per_attack.values()):
+        assert f"{acc:.2%}" in md
+    lo, hi = cert.intervals["robust"]
+    assert f"[{lo:.2%}, {hi:.2%}]" in md
+    assert cert.checks and all(f"| {cid} | {c['status']} |" in md for cid, c in cert.checks.items())
+    s = cert.smoothing
+    assert s is not None and f"certified accuracy at the radius | {s.certified_accuracy:.2%} |" in md
+    assert "smoothed classifier" in md and f"| n0 / n | {s.n0} / {s.n} |" in md
+    assert "| val_pgd_acc | 55.00% |" in md and "| train_loss | 0.42 |" in md  # the final epoch
+    assert "| pgd_at | 1 |" in md  # objective and its weight
+    assert cert.weights_sha256 in md and cert.policy_sha256 in md
+    assert "## Saliency" in md and "maps: hardened, baseline" in md
+    assert f"| torch | {torch.__version__.split('+')[0]}" in md
+
+
+def test_markdown_escapes_table_cells(cert):
+    checks = {"odd": {"id": "odd", "status": "WARN", "detail": "a | b\nc", "remedy": "none"}}
+    md = to_markdown(cert.model_copy(update={"checks": checks}))
+    assert "| odd | WARN | a \\| b c | none |" in md
+
+
+def test_html_is_self_contained_and_parses(cert):
+    page = to_html(cert)
+    parsed = _parse(page)
+    assert page.startswith("<!DOCTYPE html>")
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(?!data:)[a-z]+:""", page, re.I)
+    assert not re.search(r"<script|<link|<iframe|@import|url\(", page, re.I)
+    # eps curve, certified accuracy vs radius, training curves, saliency grid
+    assert len(parsed.images) == 4
+    for src in parsed.images:
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert img.format == "PNG" and img.width > 100 and img.height > 100
+
+
+def test_html_ids_carry_the_figures(cert):
+    parsed = _parse(to_html(cert))
+    assert parsed.text["verdict"] == cert.verdict
+    assert f"s-{cert.verdict}" in parsed.classes["verdict"]
+    assert parsed.text["verdict-reason"] == cert.verdict_reason
+    assert parsed.text["clean-accuracy"] == f"{cert.clean_accuracy:.2%}"
+    assert parsed.text["robust-accuracy"] == f"{cert.robust_accuracy:.2%}"
+    assert cert.smoothing is not None and cert.smoothing.certified_accuracy is not None
+    assert parsed.text["certified-accuracy"] == f"{cert.smoothing.certified_accuracy:.2%}"
+    for sec in ("threat-model", "accuracy", "randomized-smoothing", "sanity-checks", "training", "saliency"):
+        assert f"section-{sec}" in parsed.text
+    for cid in cert.checks:
+        assert cid in parsed.text["section-sanity-checks"]
+
+
+def test_html_without_optional_parts_has_no_plots(cert):
+    bare = cert.model_copy(update={"smoothing": None, "saliency": [], "training": [], "eps_curve": []})
+    parsed = _parse(to_html(bare))
+    assert parsed.images == []
+    assert "certified-accuracy" not in parsed.text and "section-randomized-smoothing" not in parsed.text
+    assert "No sanity checks" in to_markdown(bare.model_copy(update={"checks": {}}))
+
+
+def test_html_escapes_text(cert):
+    evil = "<script>alert('x')</script> & <b>"
+    checks = {"odd": {"id": "odd", "status": "FAIL", "detail": evil, "remedy": evil}}
+    page = to_html(cert.model_copy(update={"verdict": "UNRELIABLE", "verdict_reason": evil, "checks": checks}))
+    assert "<script" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;" in page
+    parsed = _parse(page)
+    assert parsed.text["verdict-reason"] == evil
+    assert "s-UNRELIABLE" in parsed.classes["verdict"] and 'class="badge s-FAIL"' in page
+
+
+def test_doctests_run():
+    result = doctest.testmod(harden.report, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_save_writes_all_three(cert, tmp_path):
+    path = cert.save(tmp_path)
+    assert Certificate.load(path) == cert
+    assert (tmp_path / "certificate.md").read_text() == to_markdown(cert)
+    assert (tmp_path / "certificate.html").read_text() == to_html(cert)
+
+
+def _browser() -> str:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    msg = (
+        f"no headless browser on PATH (tried {', '.join(BROWSERS)}); install one, e.g. "
+        "`sudo apt-get install -y chromium` on Debian/Ubuntu"
+    )
+    if os.environ.get("HARDEN_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"HARDEN_REQUIRE_BROWSER=1 but {msg}")
+    pytest.skip(msg)
+
+
+def _run_browser(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_certificate_renders_in_headless_browser(cert, tmp_path):
+    browser = _browser()
+    page = cert.save(tmp_path / "run").with_suffix(".html")
+    uri = page.resolve().as_uri()
+
+    dom = _run_browser(browser, tmp_path / "profile", "--dump-dom", uri).stdout
+    parsed = _parse(dom)
+    assert parsed.text["verdict"] == cert.verdict
+    assert parsed.text["clean-accuracy"] == f"{cert.clean_accuracy:.2%}"
+    assert parsed.text["robust-accuracy"] == f"{cert.robust_accuracy:.2%}"
+    assert len(parsed.images) == 4
+
+    shot = tmp_path / "shot.png"
+    _run_browser(browser, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,1600", uri)
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 1600)
+    assert ImageStat.Stat(img.convert("L")).stddev[0] > 20, "screenshot looks blank"
+    colours = img.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 100, f"only {len(colours)} distinct colours: the page did not render"
+    badge = harden.report._COLOURS[cert.verdict][1]  # the verdict's background: the inline CSS applied
+    assert tuple(int(badge[i : i + 2], 16) for i in (1, 3, 5)) in {c for _, c in colours}
