@@ -271,6 +271,10 @@ class TrainSpec(_Strict):
         probe_steps: PGD steps of the per-epoch probe.
         checkpoint_every: write a checkpoint every N epochs (the last epoch always is).
         keep_checkpoints: how many epoch checkpoints to keep (older ones are deleted).
+        bn_stats: which training forwards update BatchNorm running statistics:
+            ``first_forward`` (the first objective's input, e.g. the PGD view of a leading
+            ``pgd_at``; the other views of a mix are normalised with their own batch statistics
+            but do not move eval mode's) or ``every_forward`` (a mixture of every view).
     """
 
     epochs: int = Field(3, ge=1, le=100_000)
@@ -287,6 +291,7 @@ class TrainSpec(_Strict):
     probe_steps: int = Field(10, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    bn_stats: Literal["first_forward", "every_forward"] = "first_forward"
 
 
 class VerifySpec(_Strict):

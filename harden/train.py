@@ -218,7 +218,7 @@ def _fit(
         for spec in policy.objectives
         if spec.weight > 0
     ]
-    mix = ObjectiveSet(net, objectives, _example_batch(train).to(device))
+    mix = ObjectiveSet(net, objectives, _example_batch(train).to(device), bn_stats=policy.train.bn_stats)
     steps_per_epoch = len(_epoch_loader(train, policy, 0))
     if steps_per_epoch == 0:
         raise DataError("expected training data, got an empty dataset")

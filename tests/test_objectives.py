@@ -205,3 +205,47 @@ def test_pgd_at_trains_on_adversarial_inputs():
     (adv,) = ctx._views.values()
     torch.testing.assert_close(loss, F.cross_entropy(model(adv), y), rtol=0, atol=1e-6)
     assert not torch.equal(adv, x)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_frozen_bn_statistics_restores_running_stats(momentum):
+    from harden.objectives.base import frozen_bn_statistics
+
+    bn = torch.nn.BatchNorm2d(3, momentum=momentum).train()
+    bn(torch.randn(4, 3, 5, 5))
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    x = (torch.randn(4, 3, 5, 5) * 3 + 2).requires_grad_(True)
+    with frozen_bn_statistics(bn):
+        out = bn(x)
+    out.square().sum().backward()  # autograd still works through the frozen forward
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    assert bn.momentum == momentum
+    bn(x.detach())  # and updates again afterwards
+    assert not torch.equal(bn.running_mean, before[0])
+
+
+@pytest.mark.parametrize("bn_stats", ["first_forward", "every_forward"])
+def test_only_the_first_view_moves_bn_running_stats(bn_stats):
+    x, y = synthetic_tensors(16, num_classes=3)
+    torch.manual_seed(0)
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    reference(x)  # one train-mode forward of the clean batch: what `ce` alone would record
+    objs = [(1.0, make_objective("ce")), (1.0, make_objective("gaussian_aug", sigma=0.5))]
+    mix = ObjectiveSet(model, objs, x[:1], bn_stats=bn_stats)
+    ctx = mix.context(x, y, THREAT)
+    mix.loss(ctx)[0].backward()
+    assert ctx.forward_calls == 2
+    same = all(
+        torch.equal(a, b)
+        for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers(), strict=True)
+        if "running" in name
+    )
+    assert same == (bn_stats == "first_forward")
+
+
+def test_bn_stats_is_validated():
+    with pytest.raises(ValueError, match="bn_stats"):
+        BatchContext(tiny_model(), *synthetic_tensors(4, num_classes=3), THREAT, bn_stats="sometimes")

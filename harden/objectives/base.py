@@ -8,7 +8,8 @@ the model's logits on it, so ``pgd_at + trades + ...`` never attacks or forwards
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,7 +22,17 @@ from harden.objectives.embedding import EmbeddingTap
 from harden.policy import AttackSpec, ThreatModel
 from harden.registry import Registry
 
-__all__ = ["OBJECTIVES", "BatchContext", "Objective", "ObjectiveParams", "ObjectiveSet", "View", "pgd_view"]
+__all__ = [
+    "BN_STATS",
+    "OBJECTIVES",
+    "BatchContext",
+    "Objective",
+    "ObjectiveParams",
+    "ObjectiveSet",
+    "View",
+    "frozen_bn_statistics",
+    "pgd_view",
+]
 
 
 class ObjectiveParams(BaseModel):
@@ -63,6 +74,38 @@ def pgd_view(steps: int, step_size: float | None = None, random_start: bool = Tr
     return View.of("pgd", {"steps": steps, "step_size": step_size, "random_start": random_start, "select": "last"})
 
 
+BN_STATS = ("first_forward", "every_forward")
+
+
+@contextmanager
+def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """Train-mode forwards inside leave every BatchNorm's running statistics untouched.
+
+    Normalization still uses the batch's own statistics (train mode); only the running mean,
+    variance and batch counter that eval mode will use are restored afterwards.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2).train()
+        >>> with frozen_bn_statistics(bn):
+        ...     _ = bn(torch.randn(8, 2) + 5)
+        >>> bn.running_mean.tolist()
+        [0.0, 0.0]
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    # momentum 0 makes the in-place update a no-op (running = 1 * running + 0 * batch) without
+    # touching tensors autograd may have saved; the batch counter is restored afterwards.
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]  # type: ignore[union-attr]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (momentum, count) in zip(bns, saved, strict=True):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+
+
 class BatchContext:
     """Everything objectives share for one batch: inputs, views, cached logits and embeddings.
 
@@ -74,6 +117,11 @@ class BatchContext:
         tap: where embeddings are read (set when an objective needs them).
         clean_input_grad: make the clean input a leaf that requires grad, so objectives can
             differentiate the clean logits w.r.t. the input (double backprop).
+        bn_stats: ``first_forward`` (default): only the batch's first training-mode forward
+            (the first objective's input) updates BatchNorm running statistics; the other
+            views (clean, IWD, invariance, noisy ...) are normalised with their own batch
+            statistics but do not move the statistics eval mode uses. ``every_forward``: every
+            forward updates them (the running statistics then describe a mixture of views).
     """
 
     def __init__(
@@ -85,8 +133,12 @@ class BatchContext:
         *,
         tap: EmbeddingTap | None = None,
         clean_input_grad: bool = False,
+        bn_stats: str = "first_forward",
     ) -> None:
+        if bn_stats not in BN_STATS:
+            raise PolicyError(f"expected bn_stats in {BN_STATS}, got {bn_stats!r}")
         self.model = model
+        self.bn_stats = bn_stats
         self.x = x.detach().requires_grad_(True) if clean_input_grad else x
         self.y = y
         self.threat = threat
@@ -111,7 +163,11 @@ class BatchContext:
     def forward(self, key: Any, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of ``inputs`` under ``key`` (cached; the embedding is kept when tapped)."""
         if key not in self._logits:
-            self._logits[key] = self.model(inputs)
+            if self.forward_calls and self.bn_stats == "first_forward" and self.model.training:
+                with frozen_bn_statistics(self.model):
+                    self._logits[key] = self.model(inputs)
+            else:
+                self._logits[key] = self.model(inputs)
             self.forward_calls += 1
             if self.tap is not None:
                 self._embeddings[key] = self.tap.take()
@@ -229,6 +285,7 @@ class ObjectiveSet:
         model: the model to train, on its device.
         weighted: ``(weight, objective)`` pairs.
         example: one clean input batch on the model's device (for setup).
+        bn_stats: which forwards update BatchNorm running statistics (see :class:`BatchContext`).
 
     Raises:
         PolicyError: two objectives ask for different embedding layers.
@@ -241,8 +298,15 @@ class ObjectiveSet:
         True
     """
 
-    def __init__(self, model: nn.Module, weighted: list[tuple[float, Objective]], example: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        weighted: list[tuple[float, Objective]],
+        example: torch.Tensor,
+        bn_stats: str = "first_forward",
+    ) -> None:
         self.model = model
+        self.bn_stats = bn_stats
         self.weighted = weighted
         layers = {o.embedding_layer() for _, o in weighted} - {False}
         if len(layers) > 1:
@@ -257,7 +321,9 @@ class ObjectiveSet:
 
     def context(self, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> BatchContext:
         """A fresh per-batch context with what these objectives need."""
-        return BatchContext(self.model, x, y, threat, tap=self.tap, clean_input_grad=self.clean_input_grad)
+        return BatchContext(
+            self.model, x, y, threat, tap=self.tap, clean_input_grad=self.clean_input_grad, bn_stats=self.bn_stats
+        )
 
     def loss(self, ctx: BatchContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The weighted total and each objective's weighted part."""
