@@ -36,6 +36,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attacks.py
 	$(PY) benchmarks/iwd_cost.py
+	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -63,9 +63,12 @@ def timed(fn: Callable[[], Any], sync: torch.device | None = None) -> tuple[Any,
     return out, time.perf_counter() - t0
 
 
-def write_section(name: str, title: str, command: str, lines: list[str], data: dict[str, Any]) -> Path:
-    """Write ``results/<name>.md`` and ``results/<name>.json``."""
-    RESULTS.mkdir(exist_ok=True)
+def write_section(
+    name: str, title: str, command: str, lines: list[str], data: dict[str, Any], results: Path | None = None
+) -> Path:
+    """Write ``results/<name>.md`` and ``results/<name>.json`` (``results`` default: benchmarks/results)."""
+    out = RESULTS if results is None else Path(results)
+    out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [
         f"## {title}",
@@ -75,9 +78,9 @@ def write_section(name: str, title: str, command: str, lines: list[str], data: d
         f"Reproduce: `{command}`",
         "",
     ]
-    path = RESULTS / f"{name}.md"
+    path = out / f"{name}.md"
     path.write_text("\n".join(head + lines) + "\n")
-    (RESULTS / f"{name}.json").write_text(
+    (out / f"{name}.json").write_text(
         json.dumps({"machine": machine(), "date": stamp, "command": command, **data}, indent=1)
     )
     return path

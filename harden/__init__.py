@@ -30,8 +30,10 @@ from harden.policy import (
     policy_hash,
     validate_policy,
 )
+from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
 from harden.train import FitResult, fit
 from harden.verify import RobustnessReport, verify
+from harden.verify_onnx import OnnxReport, verify_onnx
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,9 @@ __all__ = [
     "ModelError",
     "Normalized",
     "Objective",
+    "OnnxClassifier",
+    "OnnxModule",
+    "OnnxReport",
     "Policy",
     "PolicyError",
     "RobustnessReport",
@@ -61,8 +66,10 @@ __all__ = [
     "dump_policy",
     "export_onnx",
     "fit",
+    "load_onnx",
     "load_policy",
     "policy_hash",
     "validate_policy",
     "verify",
+    "verify_onnx",
 ]

@@ -140,6 +140,9 @@ class Certificate(BaseModel):
         saliency: saliency maps of a few test images.
         seed, device, versions, timings: reproducibility facts.
         export: the ONNX parity figures, when exported.
+        onnx_black_box: the exported ONNX session attacked itself with the gradient-free attacks
+            (``n``, ``clean_accuracy``, ``robust_accuracy``, ``per_attack``, ``intervals``, the
+            ``providers`` that ran, ``seconds``), when ``harden run`` measured it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -168,6 +171,7 @@ class Certificate(BaseModel):
     epochs: int | None = None
     training: list[dict[str, Any]] = Field(default_factory=list)
     export: dict[str, Any] | None = None
+    onnx_black_box: dict[str, Any] | None = None
     other_threats: dict[str, float] = Field(default_factory=dict)
     other_counts: dict[str, int] = Field(default_factory=dict)
     eps_curve: list[tuple[float, float]] = Field(default_factory=list)

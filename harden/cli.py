@@ -65,6 +65,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     policy = _policy(args.policy)
     weights = _weights(args)
+    if args.onnx:  # the session itself, gradient-free attacks; the weights (if any) are the transfer surrogate
+        from harden.data import load_data
+        from harden.runtime import load_onnx
+        from harden.verify_onnx import verify_onnx
+
+        clf = load_onnx(args.onnx, args.onnx_device)
+        surrogate = None
+        if args.weights or weights.is_file():
+            surrogate, bundle = load_trained(policy, weights)
+            surrogate = surrogate.to(clf.torch_device)  # explicit: it runs where the session's inputs live
+        else:
+            bundle = load_data(policy.data)
+            _say(args, f"no trained weights at {weights}: transfer runs only if the policy has its own surrogate")
+        onnx_report = verify_onnx(clf, policy, bundle.test, torch_model=surrogate, progress=not args.quiet)
+        atomic_write(Path(args.out) / "report-onnx.json", json.dumps(onnx_report.to_dict(), indent=2).encode())
+        _say(args, onnx_report.summary())
+        if clf.fallback_reason:
+            _say(args, f"CUDA did not run: {clf.fallback_reason}")
+        return 0
     model, bundle = load_trained(policy, weights)
     sidecar = weights.with_suffix(".json")
     history = json.loads(sidecar.read_text()).get("history", []) if sidecar.is_file() else []
@@ -100,7 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     policy, result = _do_fit(args)
     out = Path(args.out)
     bundle = load_data(policy.data)
-    report = verify(result.model, policy, bundle.test, history=result.history, progress=not args.quiet)
+    report = verify(
+        result.model,
+        policy,
+        bundle.test,
+        history=result.history,
+        progress=not args.quiet,
+        keep_adversarial=policy.export.parity_examples,
+    )
     _say(args, report.summary())
     cert = certify(
         result.model,
@@ -117,10 +143,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy=policy,
         certificate=cert,
         parity_inputs=parity,
+        adversarial_inputs=report.adversarial,
         class_names=bundle.class_names,
     )
     cert.onnx_sha256 = exp.sha256
     cert.export = exp.to_dict()
+    if policy.export.verify_examples:
+        cert.onnx_black_box = _verify_shipped(args, policy, result.model, exp.path, bundle.test)
     cert.timings["export"] = exp.seconds
     cert.timings["total"] = time.perf_counter() - t0
     path = cert.save(out)
@@ -131,6 +160,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"({policy.threat.norm}, eps={policy.threat.eps}, n={cert.n}) | verdict {cert.verdict}",
     )
     return 0
+
+
+def _verify_shipped(args: argparse.Namespace, policy: Any, model: Any, onnx_path: Path, test: Any) -> dict[str, Any]:
+    """Attack the exported ONNX session itself (gradient-free attacks) on the first test examples."""
+    import torch
+
+    from harden.data import eval_batches
+    from harden.smoothing import wilson_interval
+    from harden.verify import model_device
+    from harden.verify_onnx import verify_onnx
+
+    n = policy.export.verify_examples
+    xs, ys = zip(*eval_batches(test, policy.data.eval_batch_size, n), strict=True)
+    data = (torch.cat(xs)[:n], torch.cat(ys)[:n])
+    device = "cuda" if model_device(model).type == "cuda" else "cpu"
+    rep = verify_onnx(onnx_path, policy, data, torch_model=model, device=device, progress=not args.quiet)
+    _say(args, "the exported ONNX session, gradient-free attacks:\n" + rep.summary())
+    right = {k: round(v * rep.n) for k, v in rep.per_attack.items()}
+    return {
+        "n": rep.n,
+        "clean_accuracy": rep.clean_accuracy,
+        "robust_accuracy": rep.robust_accuracy,
+        "per_attack": rep.per_attack,
+        "intervals": {
+            "clean": wilson_interval(round(rep.clean_accuracy * rep.n), rep.n),
+            "robust": wilson_interval(round(rep.robust_accuracy * rep.n), rep.n),
+            **{k: wilson_interval(v, rep.n) for k, v in right.items()},
+        },
+        "providers": rep.onnx.get("providers", []),
+        "seconds": rep.seconds,
+    }
 
 
 def _first_batch(dataset: Any, n: int) -> Any:
@@ -214,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     p = add("verify", "attack a trained model with the policy's suite", cmd_verify)
     p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
+    p.add_argument(
+        "--onnx",
+        help="attack this ONNX file's onnxruntime session with the gradient-free attacks instead "
+        "(writes OUT/report-onnx.json; the weights, if present, are the transfer surrogate)",
+    )
+    p.add_argument(
+        "--onnx-device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime device (default: auto)"
+    )
     p = add("export", "export a trained model to ONNX with a parity test", cmd_export)
     p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
     p.add_argument("--onnx", help="output file (default: OUT/model.onnx)")

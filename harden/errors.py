@@ -68,7 +68,10 @@ class CheckpointError(HardenError, RuntimeError):
 
 
 class ExportError(HardenError, RuntimeError):
-    """ONNX export, checking, or the onnxruntime parity test failed."""
+    """ONNX export, checking, or the onnxruntime parity test failed, or a model cannot run as asked.
+
+    The latter is :func:`harden.load_onnx`: no such file, not loadable, or CUDA not running.
+    """
 
 
 _PHRASES: dict[str, str] = {

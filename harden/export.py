@@ -44,6 +44,9 @@ class ExportResult:
         providers: the onnxruntime providers that actually ran the parity test.
         metadata: the ``metadata_props`` written into the model.
         seconds: wall time.
+        parity_adversarial_examples: adversarial inputs compared (None when none were given).
+        parity_adversarial_max_abs_diff: the largest absolute logit difference on them.
+        parity_adversarial_argmax_agreement: fraction of them with the same predicted class.
     """
 
     path: Path
@@ -56,6 +59,9 @@ class ExportResult:
     providers: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    parity_adversarial_examples: int | None = None
+    parity_adversarial_max_abs_diff: float | None = None
+    parity_adversarial_argmax_agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -126,6 +132,31 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | No
     return "torchscript"
 
 
+def _parity(net: nn.Module, sess: Any, x: torch.Tensor) -> tuple[float, float]:
+    """(max abs logit difference, argmax agreement) of onnxruntime against torch on ``x``."""
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.concatenate(
+        [sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 32].numpy()})[0] for i in range(0, len(x), 32)]
+    )
+    return float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean())
+
+
+def _adversarial_inputs(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``x`` as CPU float32, after checking it is a non-empty NCHW batch of ``shape`` in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape) or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ExportError(
+            f"expected adversarial_inputs as a non-empty (N, {', '.join(map(str, shape))}) tensor, got {got}"
+        )
+    x = x.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0.0 or float(x.max()) > 1.0:
+        raise ExportError(
+            f"expected adversarial_inputs as pixels in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+        )
+    return x
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -135,6 +166,7 @@ def export_onnx(
     *,
     input_shape: tuple[int, int, int] | None = None,
     parity_inputs: torch.Tensor | None = None,
+    adversarial_inputs: torch.Tensor | None = None,
     class_names: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ONNX and prove onnxruntime computes the same logits.
@@ -147,13 +179,16 @@ def export_onnx(
         opset: ONNX opset (default: the policy's ``export.opset``, else the exporter's).
         input_shape: ``(C, H, W)``; default the shape of ``parity_inputs``.
         parity_inputs: inputs for the parity test (default: seeded uniform noise in [0, 1]).
+        adversarial_inputs: adversarial examples (e.g. ``verify(..., keep_adversarial=k)``'s
+            ``report.adversarial``) that must pass the same parity test: they sit near decision
+            boundaries, where a small numerical difference would flip the predicted class.
         class_names: written into the metadata.
 
     Returns:
         An :class:`ExportResult` with the parity figures.
 
     Raises:
-        ExportError: export, ``onnx.checker`` or the parity test failed.
+        ExportError: export, ``onnx.checker`` or a parity test (clean or adversarial) failed.
 
     Example:
         >>> from harden.testing import TinyCNN
@@ -179,6 +214,8 @@ def export_onnx(
     if parity_inputs is None:
         gen = torch.Generator().manual_seed(0)
         parity_inputs = torch.rand(n_parity, *input_shape, generator=gen)
+    if adversarial_inputs is not None:
+        adversarial_inputs = _adversarial_inputs(adversarial_inputs, input_shape)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # export into a private directory beside the target: the exporter may write side files
@@ -200,20 +237,20 @@ def export_onnx(
             raise ExportError(f"expected a valid ONNX graph, got onnx.checker: {exc}") from None
         onnx.save(proto, str(tmp))
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            ref = net(parity_inputs).numpy()
-        got = np.concatenate(
-            [
-                sess.run([OUTPUT_NAME], {INPUT_NAME: parity_inputs[i : i + 32].numpy()})[0]
-                for i in range(0, len(parity_inputs), 32)
-            ]
-        )
-        diff = float(np.abs(got - ref).max())
-        agree = float((got.argmax(1) == ref.argmax(1)).mean())
+        diff, agree = _parity(net, sess, parity_inputs)
         if not diff <= atol or agree < 1.0:
             raise ExportError(
                 f"expected onnxruntime logits within {atol} of torch with equal argmax, got max abs diff {diff:.3g} and argmax agreement {agree:.2%}"
             )
+        adv_diff: float | None = None
+        adv_agree: float | None = None
+        if adversarial_inputs is not None:
+            adv_diff, adv_agree = _parity(net, sess, adversarial_inputs)
+            if not adv_diff <= atol or adv_agree < 1.0:
+                raise ExportError(
+                    f"expected onnxruntime logits within {atol} of torch with equal argmax on the {len(adversarial_inputs)} "
+                    f"adversarial inputs, got max abs diff {adv_diff:.3g} and argmax agreement {adv_agree:.2%}"
+                )
         tmp.replace(path)
     finally:
         tmp_dir.cleanup()
@@ -229,4 +266,7 @@ def export_onnx(
         providers=list(sess.get_providers()),
         metadata=meta,
         seconds=time.perf_counter() - t0,
+        parity_adversarial_examples=None if adversarial_inputs is None else len(adversarial_inputs),
+        parity_adversarial_max_abs_diff=adv_diff,
+        parity_adversarial_argmax_agreement=adv_agree,
     )

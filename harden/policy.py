@@ -350,11 +350,15 @@ class ExportSpec(_Strict):
         opset: ONNX opset (None: the exporter's default).
         parity_examples: inputs on which onnxruntime must match torch.
         parity_atol: largest allowed absolute logit difference.
+        verify_examples: test examples on which ``harden run`` attacks the exported ONNX session
+            itself with the gradient-free attacks (transfer from the PyTorch model, Square,
+            noise); the result goes into the certificate. 0 skips it.
     """
 
     opset: int | None = Field(None, ge=13)
     parity_examples: int = Field(64, ge=1)
     parity_atol: float = Field(1e-4, gt=0)
+    verify_examples: int = Field(200, ge=0)
 
 
 class CertifySpec(_Strict):

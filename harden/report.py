@@ -157,6 +157,17 @@ def _sections(cert: Certificate) -> list[_Section]:
     if cert.export:
         blocks += ["ONNX export parity (onnxruntime vs torch):"]
         blocks += [(["export", "value"], [[k, _fmt(v)] for k, v in cert.export.items()])]
+    if cert.onnx_black_box:
+        ob = cert.onnx_black_box
+        rows = [[f"after {k}", _pct(v), str(ob.get("n", ""))] for k, v in ob.get("per_attack", {}).items()]
+        rows = [["clean", _pct(ob.get("clean_accuracy")), str(ob.get("n", ""))], *rows]
+        rows.append(["worst case (robust)", _pct(ob.get("robust_accuracy")), str(ob.get("n", ""))])
+        blocks += [
+            "The exported ONNX model attacked itself (onnxruntime, providers "
+            + ", ".join(ob.get("providers", []))
+            + ") with the gradient-free attacks:",
+            (["measure", "accuracy", "n"], rows),
+        ]
     out.append(_Section("Integrity", blocks))
     facts = [["policy", cert.policy_name], ["created", cert.created], ["schema version", cert.schema_version]]
     facts += [["device", cert.device], ["seed", str(cert.seed)]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -56,6 +56,11 @@ class RobustnessReport:
         other_counts: per entry of ``other_threats``, the examples it was measured on.
         eps_curve: ``(eps, accuracy)`` pairs of the eps sweep (eps 0 is clean accuracy).
         checks: sanity-check results by id (``status``, ``detail``, ``raised_if``, ``remedy``).
+        adversarial: with ``verify(..., keep_adversarial=k)``, up to ``k`` worst-case inputs of
+            the l_p suite (CPU, float32 pixels in [0, 1]): the examples an attack fooled first,
+            then attacked examples that survived (their last attack's output), in data order
+            within each group. None when not asked for or no example was attacked. Not part of
+            :meth:`to_dict` (JSON).
     """
 
     n: int
@@ -72,6 +77,7 @@ class RobustnessReport:
     other_counts: dict[str, int] = field(default_factory=dict)
     eps_curve: list[tuple[float, float]] = field(default_factory=list)
     checks: dict[str, dict[str, str]] = field(default_factory=dict)
+    adversarial: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def reliable(self) -> bool:
@@ -79,8 +85,10 @@ class RobustnessReport:
         return all(c["status"] != "FAIL" for c in self.checks.values())
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict."""
-        return asdict(self)
+        """A JSON-able dict (without the ``adversarial`` tensor)."""
+        d = asdict(replace(self, adversarial=None))
+        del d["adversarial"]
+        return d
 
     def summary(self) -> str:
         """A few lines for people."""
@@ -176,6 +184,7 @@ def verify(
     *,
     history: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    keep_adversarial: int = 0,
 ) -> RobustnessReport:
     """Attack ``model`` with the policy's suite on ``data`` (default: the policy's test split).
 
@@ -192,20 +201,30 @@ def verify(
         data: a DataLoader, a Dataset, or an ``(x, y)`` pair of tensors.
         history: the training history, for the catastrophic-overfitting check.
         progress: show a progress bar.
+        keep_adversarial: keep up to this many worst-case adversarial inputs of the l_p suite in
+            ``report.adversarial`` (for parity tests of an exported model); 0 keeps none.
 
     Returns:
         A :class:`RobustnessReport`.
+
+    Raises:
+        DataError: no examples, pixels outside [0, 1], or a negative ``keep_adversarial``.
 
     Example:
         >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
         >>> report = verify(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(32), progress=False)
         >>> report.n, report.robust_accuracy <= report.clean_accuracy
         (32, True)
+        >>> kept = verify(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(32), progress=False, keep_adversarial=4)
+        >>> kept.adversarial is None or kept.adversarial.shape[1:] == (1, 8, 8)
+        True
     """
     from harden.attacks.base import AttackEnv, restore_modes, save_modes
     from harden.attacks.suite import order_attacks, preset_specs
     from harden.checks import CheckContext, run_checks
 
+    if isinstance(keep_adversarial, bool) or not isinstance(keep_adversarial, int) or keep_adversarial < 0:
+        raise DataError(f"expected keep_adversarial as an integer >= 0, got {keep_adversarial!r}")
     t0 = time.perf_counter()
     net = prepare_model(model, policy.model)
     device = model_device(net)
@@ -230,6 +249,8 @@ def verify(
     check_x: list[torch.Tensor] = []
     check_y: list[torch.Tensor] = []
     n_check = 0
+    fooled_adv: list[torch.Tensor] = []  # worst-case inputs that fooled the model, then survivors'
+    survived_adv: list[torch.Tensor] = []
     bar = tqdm(total=limit, desc="verify", disable=not progress, leave=False, unit="img")
     modes = save_modes(net)
     net.eval()
@@ -239,8 +260,15 @@ def verify(
             for xb, yb in eval_batches(data, policy.data.eval_batch_size, limit):
                 check_batch(xb, yb)
                 x, y = to_device(xb, yb, device)
-                part = run_suite(net, x, y, lp_attacks)
-                result = part if result is None else (result.extend(part) or result)
+                n_fooled = sum(a.shape[0] for a in fooled_adv)
+                part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep_adversarial)
+                if part.x_adv is not None:
+                    _harvest(part, keep_adversarial, fooled_adv, survived_adv)
+                    part.x_adv = None  # kept what we need; do not accumulate every batch
+                if result is None:
+                    result = part
+                else:
+                    result.extend(part)
                 for label, attack, cap in zip(other_labels, other_attacks, other_caps, strict=True):
                     room = x.shape[0] if cap is None else min(x.shape[0], cap - seen)
                     if room <= 0:
@@ -279,6 +307,7 @@ def verify(
         restore_modes(net, modes)
     n = int(result.clean_correct.numel())
     counts = Counter(b for b in result.broken_by if b)
+    kept = torch.cat([*fooled_adv, *survived_adv])[:keep_adversarial] if fooled_adv or survived_adv else None
     return RobustnessReport(
         n=n,
         clean_accuracy=int(result.clean_correct.sum()) / n,
@@ -294,4 +323,17 @@ def verify(
         other_counts=other_n,
         eps_curve=curve,
         checks=checks,
+        adversarial=kept if kept is not None and kept.shape[0] else None,
     )
+
+
+def _harvest(part: SuiteResult, k: int, fooled: list[torch.Tensor], survived: list[torch.Tensor]) -> None:
+    """Move up to ``k`` fooling and ``k`` surviving worst-case inputs of ``part`` into the lists."""
+    if part.x_adv is None or not part.labels:
+        return
+    hit = torch.tensor([b not in ("", "clean") for b in part.broken_by], dtype=torch.bool)
+    held = part.robust  # attacked by the whole cascade and still right
+    for mask, bucket in ((hit, fooled), (held, survived)):
+        room = k - sum(a.shape[0] for a in bucket)
+        if room > 0 and bool(mask.any()):
+            bucket.append(part.x_adv[mask][:room].to(torch.float32))

@@ -62,6 +62,16 @@ def test_run_writes_everything_and_steps_agree(tmp_path, capsys):
     cert = json.loads((out / "certificate.json").read_text())
     assert 0 <= cert["robust_accuracy"] <= cert["clean_accuracy"] <= 1
     assert cert["export"]["parity_max_abs_diff"] <= 1e-4
+    # the shipped ONNX session itself was attacked with the gradient-free attacks
+    shipped = cert["onnx_black_box"]
+    assert shipped["providers"] == ["CPUExecutionProvider"]
+    assert list(shipped["per_attack"]) == ["transfer", "square", "noise"]
+    assert 0 <= shipped["robust_accuracy"] <= shipped["clean_accuracy"] <= 1
+    assert shipped["n"] == min(200, cert["n"])
+    if shipped["n"] == cert["n"]:  # same examples: the session agrees with torch on clean inputs
+        assert shipped["clean_accuracy"] == cert["clean_accuracy"]
+    for name in ("certificate.md", "certificate.html"):
+        assert "ONNX model attacked itself" in (out / name).read_text()
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert meta["policy_hash"] == cert["policy_sha256"]
     # the single steps reproduce the run's verification from the saved weights

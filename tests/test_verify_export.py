@@ -262,3 +262,70 @@ def test_unexportable_model_raises_export_error_and_leaves_no_file(tmp_path):
         harden.export_onnx(Unexportable(), path, input_shape=(1, 2, 2))
     assert not path.exists()
     assert not list(tmp_path.glob("*.onnx"))
+
+
+# --------------------------------------------------------------------------- adversarial examples kept for parity
+
+
+def test_verify_keeps_no_adversarial_examples_by_default(fitted):
+    policy, result = fitted
+    report = harden.verify(result.model, policy, synthetic_tensors(30, seed=5), progress=False)
+    assert report.adversarial is None
+    assert "adversarial" not in report.to_dict()
+
+
+def test_verify_keeps_worst_case_adversarial_examples(fitted):
+    policy, result = fitted
+    x, y = synthetic_tensors(60, seed=5)
+    plain = harden.verify(result.model, policy, (x, y), progress=False)
+    report = harden.verify(result.model, policy, (x, y), progress=False, keep_adversarial=10)
+    assert report_key(report) == report_key(plain)  # keeping them changes no figure
+    assert "adversarial" not in json.loads(json.dumps(report.to_dict()))
+    adv = report.adversarial
+    assert adv is not None and adv.shape == (10, 1, 8, 8)
+    assert adv.dtype == torch.float32 and adv.device.type == "cpu"
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    # each is inside the eps ball of some clean input, and not a clean input itself
+    dist = (adv.flatten(1)[:, None, :] - x.flatten(1)[None, :, :]).abs().amax(dim=2).min(dim=1).values
+    assert bool((dist <= 0.1 + 1e-6).all()) and bool((dist > 0).all())
+    # the examples an attack fooled come first
+    fooled = report.n - round(report.n * report.robust_accuracy) - report.broken_by["clean"]
+    with torch.no_grad():
+        pred = copy.deepcopy(result.model).eval()(adv).argmax(1)
+    first = min(fooled, 10)
+    owners = (adv.flatten(1)[:, None, :] - x.flatten(1)[None, :, :]).abs().amax(dim=2).argmin(dim=1)
+    assert bool((pred[:first] != y[owners[:first]]).all())
+
+
+def test_verify_keeps_at_most_the_attacked_examples(fitted):
+    policy, result = fitted
+    report = harden.verify(result.model, policy, synthetic_tensors(30, seed=5), progress=False, keep_adversarial=1000)
+    attacked = report.n - report.broken_by["clean"]
+    assert report.adversarial is not None and report.adversarial.shape[0] == attacked
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_verify_refuses_a_bad_keep_adversarial(bad):
+    with pytest.raises(harden.DataError, match="keep_adversarial"):
+        harden.verify(TinyCNN(num_classes=3), fast_policy(), synthetic_tensors(8), progress=False, keep_adversarial=bad)
+
+
+def test_run_suite_keeps_the_worst_case_input_per_example():
+    from harden.attacks import build_attack, run_suite
+    from harden.policy import AttackSpec
+
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3).eval()
+    x, y = synthetic_tensors(20, seed=4)
+    attacks = [build_attack(AttackSpec(name="pgd", params={"steps": 5}), harden.ThreatModel(eps=0.1))]
+    assert run_suite(model, x, y, attacks).x_adv is None
+    r = run_suite(model, x, y, attacks, keep_adversarial=True)
+    assert r.x_adv is not None and r.x_adv.shape == x.shape
+    assert torch.equal(r.x_adv[~r.clean_correct], x[~r.clean_correct])  # not attacked: the clean input
+    with torch.no_grad():
+        pred = model(r.x_adv).argmax(1)
+    hit = torch.tensor([b == "pgd" for b in r.broken_by])
+    assert bool((pred[hit] != y[hit]).all())
+    both = run_suite(model, x[:8], y[:8], attacks, keep_adversarial=True)
+    both.extend(run_suite(model, x[8:], y[8:], attacks, keep_adversarial=True))
+    assert both.x_adv is not None and both.x_adv.shape == x.shape

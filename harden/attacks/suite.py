@@ -55,6 +55,11 @@ class SuiteResult:
         broken_by: per example, the label of the first attack that fooled it ("" if none, or
             "clean" if the clean input was already wrong).
         seconds: wall time per label.
+        x_adv: only when asked for (``run_suite(..., keep_adversarial=True)``), per example the
+            worst-case input on CPU: the adversarial example of the attack that fooled it, else
+            that of the last attack of the cascade; the clean input where no attack ran (clean
+            input already misclassified, or no attacks). Examples that were attacked are
+            ``clean_correct`` (when the suite has attacks).
     """
 
     labels: list[str]
@@ -62,6 +67,7 @@ class SuiteResult:
     still_correct: dict[str, torch.Tensor]
     broken_by: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    x_adv: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def robust(self) -> torch.Tensor:
@@ -75,6 +81,8 @@ class SuiteResult:
             self.still_correct[k] = torch.cat([self.still_correct[k], other.still_correct[k]])
             self.seconds[k] = self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0)
         self.broken_by.extend(other.broken_by)
+        both = self.x_adv is not None and other.x_adv is not None
+        self.x_adv = torch.cat([self.x_adv, other.x_adv]) if both else None  # type: ignore[list-item]
 
 
 @torch.no_grad()
@@ -82,10 +90,18 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1)
 
 
-def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack]) -> SuiteResult:
+def run_suite(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[Attack],
+    *,
+    keep_adversarial: bool = False,
+) -> SuiteResult:
     """Run ``attacks`` as a cascade on one batch; returns per-example outcomes on CPU.
 
-    The model is evaluated in eval mode; its train/eval modes are restored afterwards.
+    The model is evaluated in eval mode; its train/eval modes are restored afterwards. With
+    ``keep_adversarial`` the result also holds each example's worst-case input (``x_adv``).
 
     Example:
         >>> from harden.testing import TinyMLP
@@ -105,12 +121,15 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Seque
         broken = ["" if c else "clean" for c in clean.tolist()]
         still: dict[str, torch.Tensor] = {}
         seconds: dict[str, float] = {}
+        worst = x.detach().clone() if keep_adversarial else None
         for label, attack in zip(labels, attacks, strict=True):
             t0 = time.perf_counter()
             idx = correct.nonzero().flatten()
             if idx.numel():
                 x_adv = attack(model, x[idx], y[idx])
                 fooled = _predict(model, x_adv) != y[idx]
+                if worst is not None:
+                    worst[idx] = x_adv.detach()
                 for i in idx[fooled].tolist():
                     broken[i] = label
                 correct[idx[fooled]] = False
@@ -118,7 +137,8 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Seque
             still[label] = correct.clone().cpu()
     finally:
         restore_modes(model, modes)
-    return SuiteResult(labels, clean.cpu(), still, broken, seconds)
+    x_worst = worst.cpu() if worst is not None else None
+    return SuiteResult(labels, clean.cpu(), still, broken, seconds, x_adv=x_worst)
 
 
 def preset_specs(preset: str | None) -> list[AttackSpec]:

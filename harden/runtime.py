@@ -1,0 +1,486 @@
+"""ONNX inference you can trust: know which execution provider runs, feed only valid pixels.
+
+:func:`load_onnx` opens an ONNX classifier exported by :func:`harden.export_onnx` (any graph
+taking float32 NCHW pixels in [0, 1] and returning logits works) in an onnxruntime session and
+reports the providers that *actually* run it. onnxruntime-gpu lists ``CUDAExecutionProvider``
+even on a machine without a GPU or without the CUDA/cuDNN libraries, and then silently runs on
+the CPU; harden always reads ``session.get_providers()`` after creating the session:
+
+- ``device="cpu"``: ``CPUExecutionProvider`` only.
+- ``device="cuda"``: ``CUDAExecutionProvider`` (device 0) with the CPU as onnxruntime's fallback
+  for unsupported nodes; :class:`harden.errors.ExportError` with onnxruntime's own reason (its
+  log, captured while the session is created) when CUDA does not run.
+- ``device="auto"``: CUDA when onnxruntime lists it and it runs, else the CPU; the reason for a
+  fallback is kept in :attr:`OnnxClassifier.fallback_reason`.
+
+TensorRT is opt-in: with the environment variable ``HARDEN_TRT=1`` (and
+``TensorrtExecutionProvider`` available), ``cuda``/``auto`` put it first. TensorRT builds an
+engine per input shape, which takes minutes, so it is off by default.
+
+:class:`OnnxModule` wraps a session as a gradient-free ``nn.Module`` for harden's black-box
+attacks (``square``, ``noise``, ``transfer``, ``invariance``); see :func:`harden.verify_onnx`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from harden.errors import DataError, ExportError, ModelError
+
+__all__ = ["OnnxClassifier", "OnnxModule", "load_onnx", "providers_for"]
+
+log = logging.getLogger("harden")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TRT = "TensorrtExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+Pixels = TypeVar("Pixels", np.ndarray, torch.Tensor)
+
+
+def providers_for(device: str, available: list[str] | None = None, *, trt: bool | None = None) -> list[str]:
+    """The providers harden asks onnxruntime for, in priority order (what runs may differ).
+
+    Args:
+        device: ``auto``, ``cuda`` or ``cpu``.
+        available: ``onnxruntime.get_available_providers()`` (default: asked).
+        trt: put TensorRT first when available (default: the environment has ``HARDEN_TRT=1``).
+
+    Raises:
+        ExportError: an unknown ``device``.
+
+    Example:
+        >>> providers_for("cpu")
+        ['CPUExecutionProvider']
+        >>> providers_for("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], trt=False)
+        ['CUDAExecutionProvider', 'CPUExecutionProvider']
+        >>> providers_for("auto", ["CPUExecutionProvider"])
+        ['CPUExecutionProvider']
+    """
+    if device not in DEVICES:
+        raise ExportError(f"expected device 'auto', 'cuda' or 'cpu', got {device!r}")
+    if available is None:
+        import onnxruntime as ort
+
+        available = list(ort.get_available_providers())
+    if device == "cpu" or (device == "auto" and CUDA not in available):
+        return [CPU]
+    trt = os.environ.get("HARDEN_TRT", "") == "1" if trt is None else trt
+    return ([TRT] if trt and TRT in available else []) + [CUDA, CPU]
+
+
+# ---------------------------------------------------------------- onnxruntime's log, captured
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STAMP = re.compile(r"^\S+ \S+ \[[A-Z]:onnxruntime:[^\]]*\]\s*")
+_LIB_PATH = re.compile(r"/\S*/(lib[\w.+-]+\.so[\w.]*)")
+_SRC = re.compile(r"/onnxruntime_src/\S+:\d+\s*")
+_RELEVANT = re.compile(r"cuda|cudnn|tensorrt|nvinfer|gpu|EP Error", re.IGNORECASE)
+_FAILURE = re.compile(r"fail|error|require|cannot|not found|no such", re.IGNORECASE)
+
+
+def _reasons(text: str) -> list[str]:
+    """The lines of onnxruntime's log that say why a GPU provider did not start, shortened."""
+    out: list[str] = []
+    python_layer: list[str] = []  # "EP Error ..." from onnxruntime's Python layer: a fallback
+    for raw in text.splitlines():
+        line = _STAMP.sub("", _ANSI.sub("", raw)).strip().strip("*").strip()
+        if "FAIL : " in line:
+            line = line.split("FAIL : ", 1)[1]
+        line = _SRC.sub("", _LIB_PATH.sub(r"\1", line))
+        if not line or not _RELEVANT.search(line) or not _FAILURE.search(line):
+            continue
+        bucket = python_layer if line.startswith("EP Error") else out
+        if line not in bucket:
+            bucket.append(line[:300])
+    return out or python_layer[:1]
+
+
+@contextlib.contextmanager
+def _captured_output() -> Iterator[list[str]]:
+    """Capture stdout/stderr, native ones included, into the yielded list (filled on exit).
+
+    onnxruntime's C++ logger writes provider failures to file descriptor 2 and its Python layer
+    prints "EP Error" to stdout; both are captured so that they can go into an error message
+    instead of the terminal. Only used around session creation.
+    """
+    lines: list[str] = []
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = (os.dup(1), os.dup(2))
+    except OSError:  # no usable file descriptors (an embedded interpreter): capture nothing
+        yield lines
+        return
+    py_out = io.StringIO()
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(py_out):
+                yield lines
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
+            lines.extend(py_out.getvalue().splitlines())
+
+
+def _no_cuda_reason(log_lines: list[str], available: list[str]) -> str:
+    """Why CUDA does not run, in one line: onnxruntime's log, else what harden can tell."""
+    import onnxruntime as ort
+
+    if CUDA not in available:
+        return (
+            f"onnxruntime {ort.__version__} has no CUDA provider (available: {available}); "
+            "install onnxruntime-gpu instead of onnxruntime"
+        )
+    parts = _reasons("\n".join(log_lines))
+    if not torch.cuda.is_available():
+        parts.append("torch sees no CUDA device either")
+    if not parts:
+        parts.append("onnxruntime gave no reason")
+    text = "; ".join(parts)
+    return text if len(text) <= 900 else text[:897] + "..."
+
+
+def _session(path: Path, providers: list[str], threads: int | None) -> tuple[Any, list[str]]:
+    """An ``InferenceSession`` and, for GPU providers, onnxruntime's captured log lines."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    ctx: contextlib.AbstractContextManager[list[str]] = (
+        _captured_output() if providers != [CPU] else contextlib.nullcontext([])
+    )
+    try:
+        with ctx as lines:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"expected an ONNX model onnxruntime can load at {str(path)!r}, got {first}") from None
+    return sess, list(lines)
+
+
+# ---------------------------------------------------------------- the classifier
+def load_onnx(path: str | Path, device: str = "auto", *, threads: int | None = None) -> OnnxClassifier:
+    """Open an ONNX classifier in onnxruntime on ``device`` and report what actually runs.
+
+    Args:
+        path: the ``.onnx`` file (float32 NCHW pixels in [0, 1] in, logits out).
+        device: ``auto`` (CUDA if it runs, else CPU), ``cuda`` (or an error) or ``cpu``.
+            ``HARDEN_TRT=1`` in the environment puts TensorRT first for ``cuda``/``auto``.
+        threads: onnxruntime's intra-op CPU threads (None: its default, one per core).
+
+    Returns:
+        An :class:`OnnxClassifier`; its ``providers`` are the ones running, not the ones asked.
+
+    Raises:
+        ExportError: no such file, not a model onnxruntime can load, not one float input and
+            one output, an unknown ``device``, or ``device="cuda"`` and CUDA does not run (the
+            message gives onnxruntime's reason, e.g. missing ``libcuda.so.1`` or cuDNN).
+
+    Example:
+        >>> import tempfile, torch, harden
+        >>> from harden.testing import TinyCNN
+        >>> path = tempfile.mkdtemp() + "/tiny.onnx"
+        >>> _ = harden.export_onnx(TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+        >>> clf = load_onnx(path, device="cpu")
+        >>> clf.providers, clf.device, clf.input_shape
+        (['CPUExecutionProvider'], 'cpu', (1, 8, 8))
+        >>> clf.predict_logits(torch.rand(5, 1, 8, 8)).shape
+        torch.Size([5, 3])
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if device not in DEVICES:
+        raise ExportError(f"expected device 'auto', 'cuda' or 'cpu', got {device!r}")
+    if not path.is_file():
+        raise ExportError(f"expected an ONNX file at {str(path)!r}, got no such file")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ExportError(f"expected threads as an integer >= 1 or None, got {threads!r}")
+    available = list(ort.get_available_providers())
+    asked = providers_for(device, available)
+    sess, lines = _session(path, asked, threads)
+    running = list(sess.get_providers())
+    fallback = None
+    if device != "cpu" and CUDA not in running:
+        reason = _no_cuda_reason(lines, available)
+        if device == "cuda":
+            raise ExportError(
+                f"expected onnxruntime to run {path.name} on CUDA (device='cuda'), got only {running} running: "
+                f"{reason}. Use device='cpu' or 'auto', or install the CUDA/cuDNN libraries onnxruntime-gpu needs"
+            )
+        if CUDA in asked:  # listed but not running (when it is not even listed, the CPU is no fallback)
+            fallback = reason
+            log.info("load_onnx: running %s on the CPU (%s)", path.name, reason)
+    elif TRT in asked and TRT not in running:
+        import warnings
+
+        why = "; ".join(_reasons("\n".join(lines))) or "onnxruntime gave no reason"
+        warnings.warn(f"HARDEN_TRT=1 but TensorRT does not run ({why}); running on {running}", RuntimeWarning, 2)
+    return OnnxClassifier(path, sess, fallback_reason=fallback)
+
+
+def _static(dim: Any) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+class OnnxClassifier:
+    """An onnxruntime session of an image classifier, with validated inputs and batching.
+
+    Build it with :func:`load_onnx`. Inputs are numpy arrays or torch tensors of float32 NCHW
+    pixels in [0, 1]; outputs have the input's type. On CUDA, inputs and outputs go through
+    IO binding (torch CUDA tensors are read and written in place on the GPU); on the CPU the
+    session runs plainly. Nothing moves between devices behind your back: a CUDA tensor given
+    to a session running on the CPU is refused.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        session: the ``onnxruntime.InferenceSession``.
+        providers: the execution providers actually running, in priority order.
+        device: ``cuda`` when CUDA (or TensorRT) runs, else ``cpu``.
+        metadata: the model's ``metadata_props`` (harden writes version, input contract,
+            policy hash, threat model, verdict).
+        input_name: the graph's input (``pixels`` for harden exports).
+        output_name: the graph's first output (``logits`` for harden exports).
+        input_shape: ``(C, H, W)`` when the graph fixes them, else None.
+        num_classes: the number of logits when the graph fixes it, else None.
+        fallback_reason: why ``device="auto"`` runs on the CPU although CUDA is listed (None
+            when it was not asked for or CUDA runs).
+
+    Example:
+        >>> import tempfile, numpy as np, harden
+        >>> from harden.testing import TinyCNN
+        >>> path = tempfile.mkdtemp() + "/tiny.onnx"
+        >>> _ = harden.export_onnx(TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+        >>> clf = load_onnx(path, "cpu")
+        >>> x = np.random.default_rng(0).random((7, 1, 8, 8), dtype=np.float32)
+        >>> clf.predict(x, batch_size=4).shape, clf.predict(x).dtype
+        ((7,), dtype('int64'))
+        >>> clf.predict(x * 2)
+        Traceback (most recent call last):
+        ...
+        harden.errors.DataError: expected pixels in [0, 1], got values in [...]; divide by 255 ...
+    """
+
+    def __init__(self, path: Path, session: Any, *, fallback_reason: str | None = None) -> None:
+        self.path = Path(path)
+        self.session = session
+        self.providers: list[str] = list(session.get_providers())
+        self.device = "cuda" if (CUDA in self.providers or TRT in self.providers) else "cpu"
+        self.fallback_reason = fallback_reason
+        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or not outputs:
+            raise ExportError(
+                f"expected a graph with one input (pixels) and logits out, got {len(inputs)} input(s) and {len(outputs)} output(s)"
+            )
+        inp = inputs[0]
+        if inp.type != "tensor(float)" or len(inp.shape) != 4:
+            raise ExportError(f"expected a float32 NCHW input, got {inp.name!r} of {inp.type} with shape {inp.shape}")
+        self.input_name: str = inp.name
+        self.output_name: str = outputs[0].name
+        self._dims = tuple(_static(d) for d in inp.shape[1:])
+        self.input_shape: tuple[int, int, int] | None = (
+            None if None in self._dims else tuple(self._dims)  # type: ignore[assignment]
+        )
+        out_shape = outputs[0].shape
+        self.num_classes: int | None = _static(out_shape[-1]) if len(out_shape) == 2 else None
+        self._cuda_id = 0
+        if self.device == "cuda":
+            opts = session.get_provider_options().get(CUDA, {})
+            self._cuda_id = int(opts.get("device_id", 0))
+
+    def __repr__(self) -> str:
+        return f"OnnxClassifier(path={str(self.path)!r}, providers={self.providers})"
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where torch tensors should live to feed this session without copies.
+
+        ``cuda:<id>`` when the session runs on CUDA and torch sees CUDA, else ``cpu``.
+        """
+        if self.device == "cuda" and torch.cuda.is_available():
+            return torch.device("cuda", self._cuda_id)
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------ checks
+    def check_pixels(self, x: np.ndarray | torch.Tensor) -> None:
+        """Raise :class:`harden.errors.DataError` unless ``x`` is a batch this model takes.
+
+        That is: a numpy array or torch tensor, float32, NCHW, non-empty, with the graph's
+        channels and size, finite, in [0, 1]; a torch tensor on the CPU or, for a session
+        running on CUDA, on its GPU.
+        """
+        if isinstance(x, torch.Tensor):
+            dtype_ok, dtype = x.dtype == torch.float32, str(x.dtype).removeprefix("torch.")
+            on_gpu = x.device.type == "cuda"
+            index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if on_gpu else -1
+            if on_gpu and (self.device != "cuda" or index != self._cuda_id):
+                where = f"cuda:{self._cuda_id}" if self.device == "cuda" else "the CPU"
+                raise DataError(
+                    f"expected a tensor on {where} (where this session runs: {self.providers}), got one on {x.device}; "
+                    "move it yourself (harden never moves tensors between devices)"
+                )
+            if x.device.type not in ("cpu", "cuda"):
+                raise DataError(f"expected a CPU or CUDA tensor, got one on {x.device}")
+        elif isinstance(x, np.ndarray):
+            dtype_ok, dtype = x.dtype == np.float32, str(x.dtype)
+        else:
+            raise DataError(f"expected a numpy array or torch tensor of pixels, got {type(x).__name__}")
+        if not dtype_ok:
+            raise DataError(f"expected float32 pixels, got {dtype} (convert with .astype(np.float32) or .float())")
+        if x.ndim != 4 or x.shape[0] == 0:
+            raise DataError(f"expected a non-empty NCHW batch (4 dims), got shape {tuple(x.shape)}")
+        want = tuple(d if d is not None else got for d, got in zip(self._dims, x.shape[1:], strict=True))
+        if tuple(x.shape[1:]) != want:
+            shape = "x".join("?" if d is None else str(d) for d in self._dims)
+            raise DataError(
+                f"expected images of shape (C, H, W) = {shape} as in {self.path.name}, got {tuple(x.shape[1:])}"
+            )
+        finite = bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
+        if not finite:
+            raise DataError("expected finite pixels, got NaN or infinity")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise DataError(
+                f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide by 255 or undo normalization "
+                "(the graph normalizes inside)"
+            )
+
+    # ------------------------------------------------------------ inference
+    def predict_logits(self, x: Pixels, batch_size: int = 256) -> Pixels:
+        """Logits of ``x``, computed ``batch_size`` images at a time.
+
+        Args:
+            x: float32 NCHW pixels in [0, 1]: a numpy array, or a torch tensor on the CPU (or on
+                the session's GPU when it runs on CUDA).
+            batch_size: images per onnxruntime call.
+
+        Returns:
+            ``(N, num_classes)`` float32 logits of the type of ``x`` (a torch tensor on ``x``'s
+            device, without gradient).
+
+        Raises:
+            DataError: ``x`` is not such a batch (dtype, shape, channels, NaN, range, device),
+                or ``batch_size`` is not a positive integer.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"expected batch_size as an integer >= 1, got {batch_size!r}")
+        self.check_pixels(x)
+        n = x.shape[0]
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            if x.device.type == "cuda":
+                return torch.cat([self._run_cuda_tensor(x[i : i + batch_size]) for i in range(0, n, batch_size)])
+            host = np.ascontiguousarray(x.numpy())
+            return torch.from_numpy(self._run_host(host, batch_size))
+        return self._run_host(np.ascontiguousarray(x), batch_size)
+
+    def predict(self, x: Pixels, batch_size: int = 256) -> Pixels:
+        """Predicted class per image (int64), of the type of ``x``; see :meth:`predict_logits`."""
+        return self.predict_logits(x, batch_size).argmax(1)
+
+    def _run_host(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """Host arrays: plain ``session.run`` on the CPU, IO binding on CUDA."""
+        outs = []
+        for i in range(0, x.shape[0], batch_size):
+            chunk = x[i : i + batch_size]
+            if self.device == "cuda":
+                binding = self.session.io_binding()
+                binding.bind_cpu_input(self.input_name, chunk)
+                binding.bind_output(self.output_name, "cpu")
+                self.session.run_with_iobinding(binding)
+                outs.append(binding.copy_outputs_to_cpu()[0])
+            else:
+                outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0])
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def _run_cuda_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A CUDA tensor, bound in place: onnxruntime reads ``x`` and writes the logits on the GPU."""
+        x = x.contiguous()
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", self._cuda_id, np.float32, tuple(x.shape), x.data_ptr())
+        torch.cuda.synchronize(x.device)  # x is written (torch's stream) before onnxruntime's stream reads it
+        if self.num_classes is None:  # the graph does not fix the class count: let onnxruntime allocate
+            binding.bind_output(self.output_name, "cpu")
+            self.session.run_with_iobinding(binding)
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(x.device)
+        out = torch.empty((x.shape[0], self.num_classes), dtype=torch.float32, device=x.device)
+        binding.bind_output(self.output_name, "cuda", self._cuda_id, np.float32, tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out
+
+
+class OnnxModule(nn.Module):
+    """An :class:`OnnxClassifier` as a gradient-free ``nn.Module``, for harden's black-box attacks.
+
+    ``forward`` returns the session's logits as a tensor on ``x``'s device, without a gradient
+    graph. Gradient attacks (``fgsm``, ``pgd``, ``apgd_*``, ``fab_t``, ``iwd``) cannot run on
+    it: an input that requires a gradient is refused with :class:`harden.errors.ModelError`.
+    It has no parameters, so harden treats it as a CPU module; feed it tensors on
+    ``classifier.torch_device``.
+
+    Args:
+        classifier: the session (see :func:`load_onnx`).
+        batch_size: images per onnxruntime call.
+
+    Example:
+        >>> import tempfile, torch, harden
+        >>> from harden.attacks import ATTACKS
+        >>> from harden.testing import TinyCNN
+        >>> path = tempfile.mkdtemp() + "/tiny.onnx"
+        >>> _ = harden.export_onnx(TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+        >>> net = OnnxModule(load_onnx(path, "cpu"))
+        >>> x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        >>> ATTACKS.get("noise")(harden.ThreatModel(eps=0.1), {"samples": 2})(net, x, y).shape
+        torch.Size([4, 1, 8, 8])
+        >>> ATTACKS.get("pgd")(harden.ThreatModel(eps=0.1), {"steps": 2})(net, x, y)
+        Traceback (most recent call last):
+        ...
+        harden.errors.ModelError: expected an input without requires_grad ...
+    """
+
+    def __init__(self, classifier: OnnxClassifier, batch_size: int = 256) -> None:
+        super().__init__()
+        if not isinstance(classifier, OnnxClassifier):
+            raise ModelError(f"expected an OnnxClassifier (see harden.load_onnx), got {type(classifier).__name__}")
+        self.classifier = classifier
+        self.batch_size = batch_size
+
+    def extra_repr(self) -> str:
+        """Path and running providers."""
+        return f"path={str(self.classifier.path)!r}, providers={self.classifier.providers}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` from the session (no gradient graph)."""
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"expected a torch tensor of pixels, got {type(x).__name__}")
+        if x.requires_grad:
+            raise ModelError(
+                "expected an input without requires_grad (an ONNX session has no gradients), got x.requires_grad=True; "
+                "gradient attacks (fgsm, pgd, apgd_ce, apgd_t, fab_t, iwd) cannot run on an ONNX session: use the "
+                "gradient-free attacks (square, noise, transfer, invariance) or attack the PyTorch model"
+            )
+        return self.classifier.predict_logits(x, self.batch_size)

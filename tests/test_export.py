@@ -1,0 +1,224 @@
+"""export_onnx on a timm CNN, a timm ViT and a custom module; parity on adversarial inputs.
+
+tests/test_verify_export.py covers TinyCNN and timm resnet10t in train mode, the TorchScript
+fallback and failures; here: the full ONNX contract (named I/O, dynamic batch axis, every
+metadata key, parity, train/eval mode restored) on more architectures, and the adversarial
+parity test.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+import yaml
+from torch import nn
+
+import harden
+from harden.attacks import ATTACKS
+from harden.attacks.base import restore_modes, save_modes
+from harden.cli import main
+from harden.models import Normalized
+from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+
+METADATA_KEYS = {
+    "harden_version",
+    "policy_hash",
+    "certificate_verdict",
+    "robust_accuracy",
+    "input_range",
+    "input_layout",
+    "mean",
+    "std",
+    "class_names",
+}
+
+
+class CustomNet(nn.Module):
+    """A hand-written classifier: conv stem, a residual block with GroupNorm, SiLU, max pooling."""
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.drop = nn.Dropout(0.5)  # active in train mode: export must evaluate in eval mode
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.block(h)
+        h = torch.amax(h, dim=(2, 3))
+        return self.head(self.drop(h))
+
+
+def make_model(kind: str) -> tuple[nn.Module, tuple[int, int, int], int]:
+    torch.manual_seed(0)
+    if kind == "resnet10t":
+        return timm.create_model("resnet10t", num_classes=3, in_chans=1), (1, 16, 16), 3
+    if kind == "vit":
+        vit = timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3, in_chans=3, pretrained=False
+        )
+        return vit, (3, 32, 32), 3
+    if kind == "custom":
+        net = Normalized(CustomNet(in_chans=3, num_classes=4), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+        return net, (3, 12, 12), 4
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def certificate():
+    """A real (cheap) certificate: only its verdict and accuracies go into the metadata."""
+    policy = tiny_policy(verify={"checks": False, "eps_sweep": [], "n_examples": 16})
+    return harden.certify(TinyCNN(num_classes=3), policy, synthetic_tensors(16), progress=False)
+
+
+def dim_is_dynamic(value_info) -> bool:
+    dim = value_info.type.tensor_type.shape.dim[0]
+    return dim.HasField("dim_param") and not dim.HasField("dim_value")
+
+
+@pytest.mark.parametrize(
+    ("kind", "train_mode"),
+    [("resnet10t", False), ("vit", True), ("vit", False), ("custom", True), ("custom", False)],
+)
+def test_export_contract(kind, train_mode, tmp_path, certificate):
+    model, shape, n_classes = make_model(kind)
+    model.train(train_mode)
+    before = save_modes(model)
+    policy = tiny_policy()
+    names = tuple(f"c{i}" for i in range(n_classes))
+    path = tmp_path / f"{kind}.onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = harden.export_onnx(
+            model, path, policy=policy, certificate=certificate, input_shape=shape, class_names=names
+        )
+    fell_back = any("falling back to the TorchScript exporter" in str(w.message) for w in caught)
+    assert (result.exporter == "torchscript") == fell_back  # a fallback is never silent
+    assert save_modes(model) == before  # train in -> train after; eval in -> eval after
+    assert model.training is train_mode
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["pixels"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert dim_is_dynamic(proto.graph.input[0])
+    assert dim_is_dynamic(proto.graph.output[0])
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert set(meta) >= METADATA_KEYS
+    assert meta["harden_version"] == harden.__version__
+    assert meta["policy_hash"] == harden.policy_hash(policy)
+    assert meta["certificate_verdict"] == certificate.verdict
+    assert float(meta["robust_accuracy"]) == pytest.approx(certificate.robust_accuracy, abs=1e-6)
+    assert (meta["input_range"], meta["input_layout"]) == ("[0, 1]", "NCHW")
+    assert json.loads(meta["class_names"]) == list(names)
+    if kind == "custom":
+        assert json.loads(meta["mean"]) == pytest.approx([0.5, 0.4, 0.3])
+        assert json.loads(meta["std"]) == pytest.approx([0.2, 0.25, 0.3])
+
+    assert result.parity_max_abs_diff <= 1e-4
+    assert result.parity_argmax_agreement == 1.0
+    assert result.parity_adversarial_examples is None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = Normalized(model) if not isinstance(model, Normalized) else model
+    modes = save_modes(reference)
+    reference.eval()
+    for batch in (1, 7):
+        x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))
+        got = sess.run(["logits"], {"pixels": x.numpy()})[0]
+        with torch.no_grad():
+            want = reference(x).numpy()
+        assert got.shape == (batch, n_classes)
+        assert float(np.abs(got - want).max()) <= 1e-4
+        assert (got.argmax(1) == want.argmax(1)).all()
+    restore_modes(reference, modes)
+
+
+# --------------------------------------------------------------------------- adversarial parity
+
+
+def pgd_examples(model, x, y, eps=0.1):
+    attack = ATTACKS.get("pgd")(harden.ThreatModel(eps=eps), {"steps": 5})
+    torch.manual_seed(0)
+    return attack(model, x, y)
+
+
+def test_export_checks_parity_on_adversarial_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3).eval()
+    x, y = synthetic_tensors(24, seed=3)
+    x_adv = pgd_examples(model, x, y)
+    result = harden.export_onnx(model, tmp_path / "m.onnx", parity_inputs=x, adversarial_inputs=x_adv)
+    assert result.parity_adversarial_examples == 24
+    assert result.parity_adversarial_max_abs_diff <= 1e-4
+    assert result.parity_adversarial_argmax_agreement == 1.0
+    d = json.loads(json.dumps(result.to_dict()))
+    assert d["parity_adversarial_examples"] == 24
+    assert d["parity_adversarial_argmax_agreement"] == 1.0
+
+
+def test_export_without_adversarial_inputs_reports_none(tmp_path):
+    result = harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "m.onnx", input_shape=(1, 8, 8))
+    d = result.to_dict()
+    assert d["parity_adversarial_examples"] is None
+    assert d["parity_adversarial_max_abs_diff"] is None
+    assert d["parity_adversarial_argmax_agreement"] is None
+
+
+class BranchOnSum(nn.Module):
+    """Python control flow: tracing freezes the branch of the example, so an all-zero input differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if float(x.sum()) > 0.0:
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1)) + 1.0
+
+
+def test_adversarial_parity_failure_raises_and_leaves_no_file(tmp_path):
+    path = tmp_path / "branch.onnx"
+    with (
+        pytest.warns(RuntimeWarning, match="falling back"),
+        pytest.raises(harden.ExportError, match="adversarial inputs"),
+    ):
+        harden.export_onnx(BranchOnSum(), path, input_shape=(1, 2, 2), adversarial_inputs=torch.zeros(3, 1, 2, 2))
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.rand(4, 1, 9, 9), r"non-empty \(N, 1, 8, 8\)"),
+        (torch.rand(0, 1, 8, 8), "non-empty"),
+        (torch.rand(4, 1, 8, 8) * 2, r"pixels in \[0, 1\]"),
+        (np.zeros((4, 1, 8, 8), np.float32), "ndarray"),
+    ],
+)
+def test_export_refuses_bad_adversarial_inputs(tmp_path, bad, match):
+    with pytest.raises(harden.ExportError, match=match):
+        harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "m.onnx", input_shape=(1, 8, 8), adversarial_inputs=bad)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_run_checks_parity_on_the_suites_adversarial_examples(tmp_path):
+    policy = tiny_policy(verify={"checks": False, "eps_sweep": [], "n_examples": 48})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(policy.model_dump(mode="json")))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "-q"]) == 0
+    cert = json.loads((out / "certificate.json").read_text())
+    export = cert["export"]
+    attacked = cert["n"] - cert["broken_by"]["clean"]
+    assert export["parity_adversarial_examples"] == min(policy.export.parity_examples, attacked)
+    assert export["parity_adversarial_examples"] > 0
+    assert export["parity_adversarial_max_abs_diff"] <= policy.export.parity_atol
+    assert export["parity_adversarial_argmax_agreement"] == 1.0

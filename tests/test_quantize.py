@@ -1,0 +1,251 @@
+"""harden.quantize: float16 and int8 copies of an exported model, parity and re-measured accuracy."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+import harden
+from harden.attacks import ATTACKS
+from harden.attacks.base import save_modes
+from harden.certify import Certificate
+from harden.models import Normalized
+from harden.quantize import (
+    PRECISION_KEY,
+    ConvertedAccuracy,
+    logit_parity,
+    measure_converted,
+    onnx_logits,
+    onnx_precision,
+    to_fp16,
+    to_int8,
+)
+from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+THREAT = harden.ThreatModel(eps=0.1)
+# observed on this TinyCNN (trained 2 epochs on synthetic data, |logits| < 1): max |logit diff|
+# against float32 torch 8e-5 (fp16) and 6e-3 (int8), argmax agreement 100% on clean and PGD
+# inputs; the bounds leave about an order of magnitude of room
+FP16_ATOL = 1e-3
+INT8_ATOL = 5e-2
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A trained TinyCNN (with normalization) exported with policy and certificate metadata."""
+    root = tmp_path_factory.mktemp("q")
+    policy = tiny_policy(train={"epochs": 2}, objectives=[{"name": "ce"}])
+    torch.manual_seed(0)
+    result = harden.fit(
+        Normalized(TinyCNN(num_classes=3), (0.5,), (0.25,)), policy, run_dir=root / "run", progress=False
+    )
+    model = result.model.eval()
+    cert = Certificate.model_construct(verdict="EMPIRICAL", robust_accuracy=0.5, clean_accuracy=0.9)
+    path = harden.export_onnx(model, root / "model.onnx", policy=policy, certificate=cert, input_shape=(1, 8, 8)).path
+    x, y = synthetic_tensors(96, seed=7)
+    attack = ATTACKS.get("pgd")(THREAT, {"steps": 5})
+    torch.manual_seed(0)
+    x_adv = attack(model, x, y)
+    return model, path, x, y, x_adv
+
+
+def meta_of(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def io_types(path):
+    g = onnx.load(str(path)).graph
+    return [v.type.tensor_type.elem_type for v in [*g.input, *g.output]]
+
+
+# --------------------------------------------------------------------------- fp16
+
+
+def test_fp16_is_valid_keeps_float32_io_and_metadata(exported, tmp_path):
+    _model, src, *_ = exported
+    out = to_fp16(src, tmp_path / "m16.onnx")
+    assert out == tmp_path / "m16.onnx" and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m16.onnx"]  # no temp file left
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    weights = [t for t in proto.graph.initializer if len(t.dims) >= 2]
+    assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
+    assert io_types(out) == [TensorProto.FLOAT, TensorProto.FLOAT]
+    meta = meta_of(out)
+    assert meta == {**meta_of(src), PRECISION_KEY: "fp16"}
+    assert {"policy_hash", "certificate_verdict", "mean", "std"} <= set(meta)
+    assert onnx_precision(out) == "fp16" and onnx_precision(src) == "fp32"
+    assert out.stat().st_size < src.stat().st_size
+
+
+def test_fp16_runs_on_cpu_with_a_dynamic_batch_and_a_looser_parity(exported, tmp_path):
+    model, src, x, _y, x_adv = exported
+    out = to_fp16(src, tmp_path / "m16.onnx")
+    for batch in (1, 7):
+        assert onnx_logits(out, x[:batch]).shape == (batch, 3)
+    diff, agree = logit_parity(out, model, x)
+    adv_diff, adv_agree = logit_parity(out, model, x_adv)
+    assert 0 < diff <= FP16_ATOL and agree >= 0.97
+    assert adv_diff <= FP16_ATOL and adv_agree >= 0.95
+
+
+# --------------------------------------------------------------------------- int8
+
+
+@pytest.mark.parametrize("weight_type", ["qint8", "quint8"])
+def test_int8_is_valid_integer_graph_with_metadata(exported, tmp_path, weight_type):
+    model, src, x, *_ = exported
+    out = to_int8(src, tmp_path / "m8.onnx", weight_type=weight_type)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m8.onnx"]  # the pre-processing files are gone
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+    ints = {TensorProto.INT8, TensorProto.UINT8}
+    assert any(t.data_type in ints for t in proto.graph.initializer)
+    assert io_types(out) == [TensorProto.FLOAT, TensorProto.FLOAT]
+    assert meta_of(out) == {**meta_of(src), PRECISION_KEY: "int8"}  # quant_pre_process's own keys dropped
+    for batch in (1, 7):
+        assert onnx_logits(out, x[:batch]).shape == (batch, 3)
+    diff, agree = logit_parity(out, model, x)
+    assert 0 < diff <= INT8_ATOL and agree >= 0.95
+
+
+def test_int8_without_pre_processing_warns_and_still_quantizes(exported, tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as si
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no symbolic shapes today")
+
+    monkeypatch.setattr(si, "quant_pre_process", broken)
+    _model, src, *_ = exported
+    with pytest.warns(RuntimeWarning, match="quant_pre_process failed"):
+        out = to_int8(src, tmp_path / "m8.onnx")
+    assert onnx_precision(out) == "int8"
+
+
+def test_conversions_overwrite_atomically_and_refuse_bad_sources(exported, tmp_path):
+    _model, src, *_ = exported
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    to_int8(src, target)
+    assert onnx_precision(target) == "int8"
+    with pytest.raises(harden.ExportError, match="already converted to int8"):
+        to_fp16(target, tmp_path / "again.onnx")
+    with pytest.raises(harden.ExportError, match="already converted to int8"):
+        to_int8(target, tmp_path / "again.onnx")
+    with pytest.raises(harden.ExportError, match="no such file"):
+        to_fp16(tmp_path / "missing.onnx", tmp_path / "x.onnx")
+    with pytest.raises(harden.ExportError, match="weight_type"):
+        to_int8(src, tmp_path / "x.onnx", weight_type="int4")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(harden.ExportError, match="readable ONNX"):
+        to_int8(tmp_path / "junk.onnx", tmp_path / "x.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "m.onnx"]
+
+
+# --------------------------------------------------------------------------- re-measured accuracy
+
+
+def test_measure_converted_compares_with_the_float32_model(exported, tmp_path):
+    model, src, x, y, x_adv = exported
+    with torch.no_grad():
+        torch_clean = float((model(x).argmax(1) == y).float().mean())
+        torch_adv = float((model(x_adv).argmax(1) == y).float().mean())
+    fp32 = measure_converted(src, x, y, THREAT, adversarial=x_adv)
+    assert isinstance(fp32, ConvertedAccuracy) and fp32.precision == "fp32" and fp32.n == 96
+    assert fp32.clean_accuracy == pytest.approx(torch_clean, abs=1e-9)
+    assert fp32.transfer_accuracy == pytest.approx(torch_adv, abs=1e-9)
+    assert 0.0 <= fp32.noise_accuracy <= 1.0
+    assert json.loads(json.dumps(fp32.to_dict()))["threat"]["eps"] == 0.1
+    for convert, name in ((to_fp16, "fp16"), (to_int8, "int8")):
+        got = measure_converted(convert(src, tmp_path / f"{name}.onnx"), x, y, THREAT, adversarial=x_adv)
+        assert got.precision == name
+        assert abs(got.clean_accuracy - fp32.clean_accuracy) <= 0.05
+        assert abs(got.transfer_accuracy - fp32.transfer_accuracy) <= 0.05
+        assert abs(got.noise_accuracy - fp32.noise_accuracy) <= 0.1
+
+
+def test_measure_converted_is_seeded_and_leaves_global_rng_alone(exported):
+    _model, src, x, y, _ = exported
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    a = measure_converted(src, x[:32], y[:32], harden.ThreatModel(eps=0.3), noise_samples=3, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = measure_converted(src, x[:32], y[:32], harden.ThreatModel(eps=0.3), noise_samples=3, seed=1)
+    assert a.noise_accuracy == b.noise_accuracy
+    assert a.transfer_accuracy is None
+    none = measure_converted(src, x[:8], y[:8], THREAT, noise_samples=0)
+    assert none.noise_accuracy is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"x": torch.rand(0, 1, 8, 8), "y": torch.zeros(0, dtype=torch.long)}, "non-empty"),
+        ({"y": torch.zeros(3, dtype=torch.long)}, "integer labels"),
+        ({"y": torch.zeros(8)}, "integer labels"),
+        ({"adversarial": torch.rand(2, 1, 8, 8)}, "shape of x"),
+        ({"noise_samples": -1}, "noise_samples"),
+        ({"threat": {"eps": 0.1}}, "ThreatModel"),
+        ({"onnx_path": "/nonexistent/m.onnx"}, "no such file"),
+    ],
+)
+def test_measure_converted_refuses_bad_inputs(exported, kwargs, match):
+    _model, src, *_ = exported
+    args = {"onnx_path": src, "x": torch.rand(8, 1, 8, 8), "y": torch.zeros(8, dtype=torch.long), "threat": THREAT}
+    with pytest.raises(harden.ExportError, match=match):
+        measure_converted(**{**args, **kwargs})
+
+
+def test_logit_parity_restores_modes(exported):
+    _model, src, x, *_ = exported
+    model = TinyCNN(num_classes=3).train()
+    before = save_modes(model)
+    logit_parity(src, model, x[:4])
+    assert save_modes(model) == before
+
+
+# --------------------------------------------------------------------------- benchmark smoke test
+
+
+def load_benchmark():
+    path = ROOT / "benchmarks" / "inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_inference", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_benchmark_runs_tiny(tmp_path):
+    bench = load_benchmark()
+    assert bench.rate(lambda: None, batch=4, repeats=1, seconds=0.001) > 0
+    if not torch.cuda.is_available():
+        rows, note = bench.cuda_rows(TinyCNN(), {}, [1], 1, 0.001)
+        assert rows == [] and note.startswith("no GPU")
+    md = bench.main(
+        [
+            "--repeats=1",
+            "--seconds=0.001",
+            "--batches=1,3",
+            "--examples=6",
+            f"--results={tmp_path}",
+            f"--weights={tmp_path / 'none.safetensors'}",
+        ]
+    )
+    assert md == tmp_path / "inference.md"
+    text = md.read_text()
+    assert "random init" in text
+    for backend in ("torch eager", "onnxruntime fp32", "onnxruntime int8", "onnxruntime fp16"):
+        assert backend in text
+    data = json.loads((tmp_path / "inference.json").read_text())
+    assert {r["batch"] for r in data["results"]} == {1, 3}
+    assert [a["model"] for a in data["accuracy"]] == ["torch fp32", "onnx fp32", "onnx int8", "onnx fp16"]
+    assert data["accuracy"][1]["max_abs_diff"] <= 1e-4

@@ -1,0 +1,315 @@
+"""harden.runtime (load_onnx, OnnxClassifier, OnnxModule) and harden.verify_onnx on tiny models."""
+
+import copy
+import doctest
+import importlib
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+import harden
+from harden.attacks import ATTACKS, run_suite
+from harden.cli import main
+from harden.errors import DataError, ExportError, ModelError
+from harden.models import Normalized
+from harden.runtime import CPU, CUDA, TRT, OnnxModule, load_onnx, providers_for
+from harden.testing import synthetic_tensors, tiny_policy
+from harden.verify_onnx import gradient_free_specs, verify_onnx
+
+THREAT = harden.ThreatModel(norm="linf", eps=0.1)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(trained, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    harden.export_onnx(trained, path, input_shape=(1, 8, 8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clf(onnx_path):
+    return load_onnx(onnx_path, "cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_tensors(48, seed=3)
+
+
+def _cuda_runs(path) -> bool:
+    try:
+        load_onnx(path, "cuda")
+    except ExportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- inference
+@pytest.mark.parametrize("batch_size", [7, 256])
+def test_logits_match_torch_for_numpy_and_torch_inputs(clf, trained, data, batch_size):
+    x = data[0]
+    with torch.no_grad():
+        ref = trained(x)
+    got_np = clf.predict_logits(x.numpy(), batch_size=batch_size)
+    assert isinstance(got_np, np.ndarray) and got_np.dtype == np.float32 and got_np.shape == (48, 3)
+    np.testing.assert_allclose(got_np, ref.numpy(), atol=1e-4, rtol=0)
+    got_t = clf.predict_logits(x, batch_size=batch_size)
+    assert isinstance(got_t, torch.Tensor) and got_t.dtype == torch.float32 and got_t.device == x.device
+    assert got_t.grad_fn is None and not got_t.requires_grad
+    torch.testing.assert_close(got_t, ref, atol=1e-4, rtol=0)
+
+
+def test_predict_is_argmax(clf, data):
+    x = data[0]
+    pred_t = clf.predict(x, batch_size=5)
+    assert pred_t.dtype == torch.int64 and torch.equal(pred_t, clf.predict_logits(x).argmax(1))
+    pred_np = clf.predict(x.numpy(), batch_size=5)
+    assert pred_np.dtype == np.int64 and np.array_equal(pred_np, pred_t.numpy())
+
+
+def test_attributes_and_repr(clf, onnx_path):
+    assert clf.path == onnx_path
+    assert clf.providers == [CPU] and clf.device == "cpu" and clf.fallback_reason is None
+    assert (clf.input_name, clf.output_name, clf.input_shape, clf.num_classes) == ("pixels", "logits", (1, 8, 8), 3)
+    assert clf.metadata["input_range"] == "[0, 1]" and clf.metadata["input_layout"] == "NCHW"
+    assert clf.torch_device == torch.device("cpu")
+    assert str(onnx_path) in repr(clf) and "CPUExecutionProvider" in repr(clf)
+
+
+@pytest.mark.parametrize(
+    ("make", "phrase"),
+    [
+        (lambda x: x.numpy().astype(np.float64), "expected float32 pixels, got float64"),
+        (lambda x: x.double(), "expected float32 pixels, got float64"),
+        (lambda x: x.repeat(1, 3, 1, 1), "expected images of shape (C, H, W) = 1x8x8"),
+        (lambda x: x[:, :, :4, :4], "expected images of shape (C, H, W) = 1x8x8"),
+        (lambda x: x[0], "expected a non-empty NCHW batch (4 dims), got shape (1, 8, 8)"),
+        (lambda x: x[:0], "expected a non-empty NCHW batch"),
+        (lambda x: torch.where(x > 0.5, torch.tensor(float("nan")), x), "expected finite pixels, got NaN"),
+        (lambda x: x * 255, "expected pixels in [0, 1], got values in"),
+        (lambda x: x.numpy() - 0.5, "expected pixels in [0, 1], got values in"),
+        (lambda x: x.tolist(), "expected a numpy array or torch tensor of pixels, got list"),
+        (lambda x: torch.empty(2, 1, 8, 8, device="meta"), "expected a CPU or CUDA tensor, got one on meta"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_clear_message(clf, data, make, phrase):
+    with pytest.raises(DataError) as info:
+        clf.predict_logits(make(data[0]))
+    assert phrase in str(info.value)
+    assert isinstance(info.value, ValueError)  # callers who do not know harden catch it too
+
+
+def test_bad_batch_size(clf, data):
+    with pytest.raises(DataError, match="expected batch_size as an integer >= 1, got 0"):
+        clf.predict_logits(data[0], batch_size=0)
+
+
+# ---------------------------------------------------------------- providers
+def test_providers_for():
+    everything = [TRT, CUDA, CPU]
+    assert providers_for("cpu", everything) == [CPU]
+    assert providers_for("cuda", everything, trt=False) == [CUDA, CPU]
+    assert providers_for("cuda", everything, trt=True) == [TRT, CUDA, CPU]
+    assert providers_for("cuda", [CUDA, CPU], trt=True) == [CUDA, CPU]  # TensorRT not available
+    assert providers_for("auto", [CPU], trt=True) == [CPU]
+    with pytest.raises(ExportError, match="expected device 'auto', 'cuda' or 'cpu', got 'gpu'"):
+        providers_for("gpu", everything)
+
+
+def test_tensorrt_is_opt_in_through_the_environment(monkeypatch):
+    monkeypatch.delenv("HARDEN_TRT", raising=False)
+    assert providers_for("cuda", [TRT, CUDA, CPU]) == [CUDA, CPU]
+    monkeypatch.setenv("HARDEN_TRT", "1")
+    assert providers_for("cuda", [TRT, CUDA, CPU]) == [TRT, CUDA, CPU]
+    assert providers_for("auto", [TRT, CUDA, CPU]) == [TRT, CUDA, CPU]
+
+
+def test_cuda_without_a_working_cuda_is_an_export_error(onnx_path):
+    try:
+        clf = load_onnx(onnx_path, "cuda")
+    except ExportError as exc:
+        msg = str(exc)
+        assert "expected onnxruntime to run tiny.onnx on CUDA" in msg
+        assert "got only ['CPUExecutionProvider'] running" in msg
+        assert "device='cpu' or 'auto'" in msg
+        if CUDA in ort.get_available_providers():  # onnxruntime-gpu: its own reason is in the message
+            assert "CUDA" in msg.split("running:", 1)[1]
+        else:
+            assert "install onnxruntime-gpu" in msg
+    else:
+        assert CUDA in clf.providers and clf.device == "cuda"
+        pytest.skip("CUDA runs on this machine")
+
+
+def test_auto_falls_back_to_the_cpu_and_says_so(onnx_path, capfd):
+    capfd.readouterr()
+    clf = load_onnx(onnx_path, "auto", threads=1)
+    if clf.device == "cuda":
+        pytest.skip("CUDA runs on this machine")
+    assert clf.providers == [CPU] and clf.device == "cpu"
+    if CUDA in ort.get_available_providers():
+        assert clf.fallback_reason  # listed but not running: the reason is kept ...
+        err = capfd.readouterr().err
+        assert "Failed to create CUDAExecutionProvider" not in err  # ... and onnxruntime's log not printed
+    else:
+        assert clf.fallback_reason is None
+
+
+def test_an_onnxruntime_without_cuda(onnx_path, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    clf = load_onnx(onnx_path, "auto")
+    assert clf.providers == [CPU] and clf.fallback_reason is None  # nothing to fall back from
+    with pytest.raises(ExportError, match=r"has no CUDA provider .* install onnxruntime-gpu"):
+        load_onnx(onnx_path, "cuda")
+
+
+def test_load_errors(tmp_path, onnx_path):
+    with pytest.raises(ExportError, match=r"expected an ONNX file at .*, got no such file"):
+        load_onnx(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="expected an ONNX model onnxruntime can load"):
+        load_onnx(junk, "cpu")
+    with pytest.raises(ExportError, match="got 'gpu'"):
+        load_onnx(onnx_path, "gpu")
+    with pytest.raises(ExportError, match="expected threads as an integer >= 1"):
+        load_onnx(onnx_path, "cpu", threads=0)
+
+
+def test_doctests_run():
+    for name in ("harden.runtime", "harden.verify_onnx"):  # harden.verify_onnx is also the function
+        module = importlib.import_module(name)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, name
+
+
+# ---------------------------------------------------------------- OnnxModule and the attacks
+def test_onnx_module_refuses_gradients(clf, data):
+    net = OnnxModule(clf)
+    x, y = data
+    assert list(net.parameters()) == []
+    with torch.enable_grad():
+        out = net(x)
+    assert out.grad_fn is None
+    with pytest.raises(RuntimeError):  # no graph to go back through
+        out.sum().backward()
+    with pytest.raises(ModelError, match=r"gradient attacks .* cannot run on an ONNX session"):
+        net(x.clone().requires_grad_(True))
+    with pytest.raises(ModelError, match="use the gradient-free attacks"):
+        ATTACKS.get("pgd")(THREAT, {"steps": 2})(net, x, y)
+    with pytest.raises(ModelError, match="expected an OnnxClassifier"):
+        OnnxModule(object())  # type: ignore[arg-type]
+
+
+# per attack, a threat model under which it fools some of the 48 examples and not all of them
+# (noise never fools this model inside linf eps <= 0.3; a large l2 ball lets it)
+ATTACK_CASES = {
+    "square": (harden.ThreatModel(norm="linf", eps=0.15), {"n_queries": 100}),
+    "noise": (harden.ThreatModel(norm="l2", eps=3.0), {"samples": 5}),
+    "transfer": (THREAT, {"steps": 5}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACK_CASES))
+def test_black_box_attacks_score_the_session_like_the_torch_model(clf, trained, data, name):
+    x, y = data
+    threat, params = ATTACK_CASES[name]
+    reference = Normalized(trained)  # what export_onnx exported (no mean/std: the identity)
+    results = []
+    for model in (reference, OnnxModule(clf)):
+        attack = ATTACKS.get(name)(threat, params)
+        if name == "transfer":
+            attack.surrogate = reference  # PGD on the torch model, scored on the target
+        torch.manual_seed(0)
+        results.append(run_suite(model, x, y, [attack]))
+    on_torch, on_onnx = results
+    assert torch.equal(on_torch.clean_correct, on_onnx.clean_correct)
+    assert 0 < on_onnx.robust.sum() < on_onnx.clean_correct.sum()  # the attack decides something
+    # The session's logits equal torch's up to ~1e-6, so every decision (fooled or not, Square's
+    # "the margin went down") is the same and both runs draw the same random numbers: the
+    # outcomes are equal (they are, example by example, on the machines we ran). Only a margin
+    # within float error of a tie could branch, so allow one example, never more.
+    diff = (on_torch.robust != on_onnx.robust).sum().item()
+    assert diff <= 1, (name, on_torch.robust.sum().item(), on_onnx.robust.sum().item())
+
+
+# ---------------------------------------------------------------- verify_onnx
+def _policy(**verify):
+    spec = {"attacks": [{"name": "square", "params": {"n_queries": 50}}], "n_examples": 40, **verify}
+    return tiny_policy(verify=spec)
+
+
+def test_gradient_free_specs_keep_the_policy_settings():
+    policy = tiny_policy(
+        verify={"attacks": [{"name": "pgd"}, {"name": "noise", "params": {"samples": 3}}, {"name": "square"}]}
+    )
+    specs = gradient_free_specs(policy)
+    assert [s.name for s in specs] == ["square", "noise"]
+    assert specs[0].params["n_queries"] == 5000 and specs[1].params["samples"] == 3
+    standard = gradient_free_specs(tiny_policy(verify={"preset": "standard"}), with_transfer=True)
+    assert [s.name for s in standard] == ["transfer", "square", "noise"]
+
+
+def test_verify_onnx_report(clf, trained, data):
+    report = verify_onnx(clf, _policy(), data, torch_model=trained, progress=False)
+    assert isinstance(report, harden.RobustnessReport)
+    assert report.n == 40
+    assert list(report.per_attack) == ["transfer", "square", "noise"]
+    assert report.robust_accuracy <= min(report.per_attack.values()) + 1e-12
+    assert report.robust_accuracy <= report.clean_accuracy
+    with torch.no_grad():
+        torch_clean = (trained(data[0][:40]).argmax(1) == data[1][:40]).float().mean().item()
+    assert report.clean_accuracy == pytest.approx(torch_clean)  # clean accuracy from the session
+    assert report.onnx["providers"] == [CPU] and report.onnx["path"] == str(clf.path)
+    assert report.checks == {} and report.eps_curve == []
+    assert "CPUExecutionProvider" in report.summary()
+    json.dumps(report.to_dict())
+    again = verify_onnx(clf, _policy(), data, torch_model=trained, progress=False)
+    assert (again.robust_accuracy, again.per_attack) == (report.robust_accuracy, report.per_attack)  # seeded
+
+
+def test_verify_onnx_refuses_a_surrogate_elsewhere(clf, trained, data):
+    with pytest.raises(ModelError, match="expected torch_model on cpu"):
+        verify_onnx(clf, _policy(), data, torch_model=copy.deepcopy(trained).to("meta"), progress=False)
+
+
+def test_verify_onnx_warns_about_another_policy(trained, tmp_path, data):
+    path = tmp_path / "with-policy.onnx"
+    harden.export_onnx(trained, path, policy=tiny_policy(threat={"eps": 0.2}), input_shape=(1, 8, 8))
+    with pytest.warns(UserWarning, match="exported under another policy"):
+        report = verify_onnx(path, _policy(n_examples=8), data, device="cpu", progress=False)
+    assert list(report.per_attack) == ["square", "noise"]  # no torch model: no transfer
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_verify_onnx_writes_report(tmp_path, capsys):
+    policy = _policy(n_examples=32)
+    policy = policy.model_copy(update={"objectives": tiny_policy(objectives=[{"name": "ce"}]).objectives})
+    policy_file = tmp_path / "p.yaml"
+    policy_file.write_text(yaml.safe_dump(policy.model_dump(mode="json")))
+    out = tmp_path / "run"
+    assert main(["fit", str(policy_file), "--out", str(out), "-q"]) == 0
+    from harden.train import load_trained
+
+    model, _ = load_trained(policy, out / "model.safetensors")
+    harden.export_onnx(model, out / "model.onnx", policy=policy, input_shape=(1, 8, 8))
+    capsys.readouterr()
+    assert main(["verify", str(policy_file), "--out", str(out), "--onnx", str(out / "model.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "CPUExecutionProvider" in printed and "robust accuracy" in printed
+    report = json.loads((out / "report-onnx.json").read_text())
+    assert report["n"] == 32 and 0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1
+    assert list(report["per_attack"]) == ["transfer", "square", "noise"]
+    assert report["onnx"]["providers"] == [CPU]
+    assert not (out / "report.json").exists()  # the PyTorch report is another command
+    if not _cuda_runs(out / "model.onnx"):
+        code = main(
+            ["verify", str(policy_file), "--out", str(out), "--onnx", str(out / "model.onnx"), "--onnx-device", "cuda"]
+        )
+        assert code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("harden: error: expected onnxruntime to run model.onnx on CUDA")
