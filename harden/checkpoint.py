@@ -8,6 +8,7 @@ unpickled: nested state (optimizer, scheduler, RNG) is split into tensors and JS
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
+#: temp files of an interrupted :func:`atomic_write` of a checkpoint (e.g. after SIGKILL)
+_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
+_DISK_FULL = frozenset(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -60,28 +64,51 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return hashlib.sha256(state_bytes(module)).hexdigest()
 
 
+def _write_failure(path: Path, exc: OSError) -> CheckpointError:
+    """A :class:`CheckpointError` for a failed write, naming a full disk as such."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in _DISK_FULL:
+        return CheckpointError(
+            f"expected to write {str(path)!r}, got a full disk ({reason}); nothing was written: free space and "
+            "rerun (fit: with --resume to continue from the last checkpoint)"
+        )
+    return CheckpointError(f"expected to write {str(path)!r}, got {reason}; nothing was written")
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
+    The bytes go to a temp file beside ``path`` (``os.write`` until all are written, then
+    ``fsync``), which is renamed over ``path``; the directory is fsynced too.
+
     Raises:
-        CheckpointError: the write failed (e.g. a full disk); no partial file is left behind.
+        CheckpointError: the write failed (e.g. a full disk, named as such); no temp or partial
+            file is left behind and an existing ``path`` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CheckpointError(f"expected bytes to write to {str(path)!r}, got {type(data).__name__}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_failure(path, exc) from None
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:  # pragma: no cover - os.write raises rather than write nothing
+                    raise OSError(errno.EIO, "write made no progress")
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:  # also KeyboardInterrupt: never leave the temp file behind
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            reason = exc.strerror or exc
-            raise CheckpointError(f"expected to write {str(path)!r}, got {reason}; nothing was written") from None
+            raise _write_failure(path, exc) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -168,7 +195,11 @@ def save_checkpoint(directory: str | Path, epoch: int, state: dict[str, Any], in
         "info": info,
     }
     path = directory / f"{stem}.json"
-    atomic_write(path, json.dumps(sidecar, indent=1).encode())
+    try:
+        atomic_write(path, json.dumps(sidecar, indent=1).encode())
+    except BaseException:  # a tensor file without its sidecar is never loaded: do not leave it behind
+        (directory / f"{stem}.safetensors").unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -194,7 +225,7 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"file {name!r} is not a plain file name next to the sidecar")
         blob = (sidecar.parent / name).read_bytes()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"expected a readable checkpoint at {str(sidecar)!r}, got {exc}") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(
@@ -217,19 +248,34 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
 
 
 def load_latest(directory: str | Path) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
-    """The newest checkpoint that passes its hash check, warning about each one skipped."""
-    for sidecar in reversed(list_checkpoints(directory)):
+    """The newest checkpoint that passes its hash check, warning about each one skipped.
+
+    Returns None when there is no intact checkpoint (or no directory).
+    """
+    found = list_checkpoints(directory)
+    for i, sidecar in reversed(list(enumerate(found))):
         try:
             return load_checkpoint(sidecar)
         except CheckpointError as exc:
-            warnings.warn(f"skipping checkpoint {sidecar.name}: {exc}", RuntimeWarning, stacklevel=2)
+            then = f"trying {found[i - 1].name}" if i else "no older checkpoint left"
+            warnings.warn(f"skipping checkpoint {sidecar.name}: {exc}; {then}", RuntimeWarning, stacklevel=2)
     return None
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (``keep=0`` deletes them all)."""
+    """Delete all but the newest ``keep`` checkpoints (``keep=0`` deletes them all).
+
+    Also deletes the temp files of checkpoint writes that a killed process left behind
+    (``.epoch-NNNN.safetensors.*.tmp``): call it only when no checkpoint write is under way in
+    ``directory`` (harden calls it right after writing one, from the one process that writes).
+    """
+    directory = Path(directory)
     found = list_checkpoints(directory)
     for sidecar in found[: max(0, len(found) - keep)]:
         stem = sidecar.with_suffix("")
         sidecar.unlink(missing_ok=True)
         stem.with_suffix(".safetensors").unlink(missing_ok=True)
+    if directory.is_dir():
+        for stale in directory.iterdir():
+            if _TEMP.match(stale.name):
+                stale.unlink(missing_ok=True)

@@ -2,12 +2,14 @@
 
 ``harden run POLICY --out DIR`` fits, verifies, exports and writes the certificate; ``fit``,
 ``verify``, ``export``, ``check`` and ``schema`` are the single steps. Errors harden raises on
-purpose print one line and exit 2; anything else is a bug and keeps its traceback.
+purpose print one line and exit 2 (a full disk too); anything else is a bug and keeps its
+traceback. Warnings print one line each, ``harden: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -41,6 +43,8 @@ def _do_fit(args: argparse.Namespace) -> Any:
     policy = _policy(args.policy)
     out = Path(args.out)
     result = fit(None, policy, run_dir=out, resume=args.resume, progress=not args.quiet)
+    if result.info.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return policy, result
     last = result.history[-1] if result.history else {}
     _say(args, f"trained {policy.train.epochs} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
     if "val_clean_acc" in last:
@@ -117,6 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     policy, result = _do_fit(args)
+    if result.info.get("rank", 0) != 0:  # under torchrun, rank 0 alone verifies, exports and certifies
+        return 0
     out = Path(args.out)
     bundle = load_data(policy.data)
     report = verify(
@@ -304,11 +310,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = _show_warning  # one line per warning; restored on leaving the block
         try:
             return int(args.fn(args))
         except HardenError as exc:
             print(f"harden: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise  # anything else is a bug or a broken machine: keep the traceback
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(
+                f"harden: error: expected free disk space{where}, got a full disk ({exc.strerror}); free space and "
+                "rerun (fit/run: with --resume to continue from the last checkpoint)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         except KeyboardInterrupt:
             print("harden: interrupted; checkpoints written so far are intact (use --resume)", file=sys.stderr)
             return 130
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Print a warning as one line, ``harden: warning: ...``, without the source location."""
+    print(f"harden: warning: {message}", file=sys.stderr if file is None else file)

@@ -130,8 +130,14 @@ def _cifar10(spec: Any) -> DataBundle:
             "directory; extract cifar-10-python.tar.gz there (harden never downloads)"
         )
     tf = transforms.ToTensor()
-    train = datasets.CIFAR10(str(root), train=True, transform=tf, download=False)
-    test = datasets.CIFAR10(str(root), train=False, transform=tf, download=False)
+    try:  # torchvision checks every batch file's MD5 before it unpickles it: only the real archive loads
+        train = datasets.CIFAR10(str(root), train=True, transform=tf, download=False)
+        test = datasets.CIFAR10(str(root), train=False, transform=tf, download=False)
+    except (RuntimeError, OSError) as exc:
+        raise DataError(
+            f"expected the intact CIFAR-10 python batches in {str(root / 'cifar-10-batches-py')!r}, got {exc}; "
+            "extract cifar-10-python.tar.gz again (harden never downloads)"
+        ) from None
     return DataBundle("cifar10", train, test, 10, (3, 32, 32), tuple(train.classes))
 
 
@@ -154,8 +160,13 @@ def _imagefolder(spec: Any) -> DataBundle:
             transforms.ToTensor(),
         ]
     )
-    train = datasets.ImageFolder(str(root / "train"), transform=tf)
-    test = datasets.ImageFolder(str(test_dir), transform=tf)
+    try:
+        train = datasets.ImageFolder(str(root / "train"), transform=tf)
+        test = datasets.ImageFolder(str(test_dir), transform=tf)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or a class folder without images
+        raise DataError(
+            f"expected class folders of images in {str(root)!r}/train and /{test_dir.name}, got: {exc}"
+        ) from None
     if train.classes != test.classes:
         raise DataError(
             f"expected the same class folders in train/ and {test_dir.name}/, got {train.classes} and {test.classes}"
@@ -224,7 +235,23 @@ def load_data(spec: Any) -> DataBundle:
         test = Subset(test, range(spec.test_limit))
     if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
         raise DataError(f"expected non-empty train and test splits for {spec.name!r}, got {len(train)} and {len(test)}")  # type: ignore[arg-type]
+    for part, ds in (("train", train), ("test", test)):  # the first example, before anything is trained or written
+        _check_first(ds, part, spec.name, bundle.num_classes, bundle.in_chans)
     return DataBundle(bundle.name, train, test, bundle.num_classes, bundle.image_shape, bundle.class_names)
+
+
+def _check_first(dataset: Dataset[Any], part: str, name: str, num_classes: int, in_chans: int) -> None:
+    """:func:`check_batch` on the first example of ``dataset`` (catches 0-255 pixels and bad labels early)."""
+    try:
+        x, y = dataset[0][0], dataset[0][1]
+    except (IndexError, TypeError, KeyError, ValueError) as exc:
+        raise DataError(f"expected {part} examples of {name!r} as (image, label) pairs, got {exc!r}") from None
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"expected {part} images of {name!r} as CHW float tensors, got {type(x).__name__}")
+    try:
+        check_batch(x.unsqueeze(0), torch.as_tensor(y).reshape(1), num_classes, in_chans)
+    except DataError as exc:
+        raise DataError(f"{name!r} {part} example 0: {exc}") from None
 
 
 def make_loader(

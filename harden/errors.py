@@ -7,6 +7,7 @@ Messages follow the pattern "expected ..., got ..." and, where it helps, end wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -98,6 +99,10 @@ _PHRASES: dict[str, str] = {
     "string_too_long": "a string of at most {max_length} characters",
     "string_pattern_mismatch": "a string matching {pattern}",
     "finite_number": "a finite number",
+    "invalid_key": "a string key",
+    "int_parsing_size": "an integer of sane size",
+    "bytes_type": "bytes",
+    "string_unicode": "a string of valid UTF-8",
 }
 
 
@@ -128,8 +133,15 @@ def describe_validation_error(err: Any) -> str:
     return f"expected {phrase}, got {got_s}"
 
 
-def format_validation_error(exc: Any, source: str | None) -> str:
-    """One line for a pydantic ``ValidationError``: ``source: key.path: expected ..., got ...``."""
+def format_validation_error(exc: Any, source: str | None, hint: Callable[[dict[str, Any]], str] | None = None) -> str:
+    """One line for a pydantic ``ValidationError``: ``source: key.path: expected ..., got ...``.
+
+    Args:
+        exc: the ``ValidationError``.
+        source: file name for the prefix (None: no prefix).
+        hint: called with the error described; its text (e.g. "; did you mean 'epochs'?") is
+            appended to the description.
+    """
     errors = exc.errors()
     err = errors[0]
     loc = [str(p) for p in err["loc"]]
@@ -142,4 +154,5 @@ def format_validation_error(exc: Any, source: str | None) -> str:
     others = [e for e in causes if e is not err]
     more = f" (and {len(others)} more)" if others else ""
     prefix = f"{source}: " if source else ""
-    return f"{prefix}{path}: {describe_validation_error(err)}{more}"
+    extra = hint(err) if hint is not None else ""
+    return f"{prefix}{path}: {describe_validation_error(err)}{extra}{more}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,15 @@ from torch import nn
 from harden.errors import ModelError, UnknownNameError
 from harden.registry import suggest
 
-__all__ = ["Normalized", "build_model", "check_timm_name", "import_object", "load_weights", "prepare_model"]
+__all__ = [
+    "Normalized",
+    "build_model",
+    "check_model",
+    "check_timm_name",
+    "import_object",
+    "load_weights",
+    "prepare_model",
+]
 
 
 class Normalized(nn.Module):
@@ -258,3 +267,63 @@ def prepare_model(model: nn.Module, spec: object | None = None) -> Normalized:
     mean = getattr(spec, "mean", None)
     std = getattr(spec, "std", None)
     return Normalized(model, mean, std)
+
+
+def check_model(model: nn.Module, example: torch.Tensor, num_classes: int | None = None) -> int:
+    """Run one eval-mode forward on ``example`` and check the model gives logits.
+
+    The forward runs under ``no_grad`` with every module in eval mode (restored afterwards), so
+    it moves no BatchNorm statistics and, for a deterministic model, draws no random numbers.
+
+    Args:
+        model: the model, on ``example``'s device.
+        example: a batch of training images (NCHW pixels in [0, 1]).
+        num_classes: the classes of the data, if known.
+
+    Returns:
+        The number of logits per image.
+
+    Raises:
+        ModelError: the model fails on the batch (e.g. it expects another channel count), or its
+            output is not ``(N, C)`` logits with ``C >= 2`` (and ``C >= num_classes`` when given).
+
+    Warns:
+        RuntimeWarning: the outputs look like probabilities (rows non-negative, summing to 1).
+
+    Example:
+        >>> from harden.testing import TinyCNN
+        >>> check_model(TinyCNN(num_classes=3, in_chans=1), torch.rand(2, 1, 8, 8), num_classes=3)
+        3
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    shape = tuple(example.shape)
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"expected a model that accepts the data's images (a batch of shape {shape}), got {type(exc).__name__}: "
+            f"{first}; check model.in_chans and the image size"
+        ) from None
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != shape[0]:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"expected logits of shape ({shape[0]}, classes) from the model, got {got}")
+    classes = int(out.shape[1])
+    if classes < max(2, num_classes or 0):  # fewer logits than classes: labels out of the model's range
+        want = f"at least {num_classes} (the data's classes)" if num_classes is not None else "at least 2"
+        raise ModelError(f"expected {want} logits per image from the model, got {classes}")
+    sums = out.float().sum(1)
+    if bool((out >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+        warnings.warn(
+            "expected logits from the model, got probabilities (every output row is non-negative and sums to 1: "
+            "the model ends in softmax); drop the final softmax: cross-entropy on probabilities saturates and "
+            "masks gradients, and verify's check logits_not_probabilities will fail",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return classes

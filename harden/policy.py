@@ -275,6 +275,17 @@ class TrainSpec(_Strict):
             ``first_forward`` (the first objective's input, e.g. the PGD view of a leading
             ``pgd_at``; the other views of a mix are normalised with their own batch statistics
             but do not move eval mode's) or ``every_forward`` (a mixture of every view).
+        precision: ``fp32``, or mixed precision: ``bf16`` / ``fp16`` run the training forwards
+            under ``torch.autocast`` (losses stay float32; ``fp16`` adds a ``GradScaler``, saved
+            in checkpoints).
+        attack_precision: precision of the adversarial views computed during training: ``fp32``
+            (default, whatever ``precision`` is: half-precision input gradients are coarse and
+            underflow, which weakens the attack and can fake robustness) or ``same`` (under the
+            training autocast: faster). Verification always runs in float32.
+        channels_last: use the ``torch.channels_last`` memory format for the model and batches
+            while training (faster convolutions on GPUs).
+        compile: run the training forwards through ``torch.compile`` (attacks, evaluation and
+            saved weights use the plain module).
     """
 
     epochs: int = Field(3, ge=1, le=100_000)
@@ -292,6 +303,10 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     bn_stats: Literal["first_forward", "every_forward"] = "first_forward"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    attack_precision: Literal["fp32", "same"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
 
 class VerifySpec(_Strict):

@@ -1,21 +1,25 @@
 """Reading, validating, writing and hashing policies (re-exported by :mod:`harden.policy`).
 
-YAML is read with a safe loader that also refuses anchors/aliases and duplicate keys; every
-problem becomes one :class:`harden.PolicyError` line naming the file and the key path.
+YAML is read with a safe loader that also refuses anchors/aliases and duplicate keys; numbers
+must be finite and fit in 64 bits; every problem, whatever the bytes of the file, becomes one
+:class:`harden.PolicyError` line naming the file and the key path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from harden.errors import PolicyError, format_validation_error
 from harden.policy import MAX_POLICY_BYTES, ObjectiveSpec, Policy
+from harden.registry import suggest
 
 __all__ = ["dump_policy", "load_policy", "policy_hash", "validate_policy"]
 
@@ -36,18 +40,89 @@ def validate_policy(data: Any, source: str | None = None) -> Policy:
         >>> validate_policy({"objectives": [{"name": "ce"}]}).objectives[0].name
         'ce'
     """
+    prefix = f"{source}: " if source else ""
     if not isinstance(data, dict):
-        prefix = f"{source}: " if source else ""
         raise PolicyError(f"{prefix}(top level): expected a mapping of policy keys, got {type(data).__name__}")
+    _refuse_insane_numbers(data, prefix)  # before pydantic: e.g. 10**100 where an int is expected
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(format_validation_error(exc, source)) from None
+        raise PolicyError(format_validation_error(exc, source, hint=_unknown_key_hint)) from None
     except RecursionError:
-        prefix = f"{source}: " if source else ""
         raise PolicyError(
             f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply"
         ) from None
+    _refuse_insane_numbers(policy.model_dump(), prefix)  # after: strings such as "1e999" parse to inf
+    return policy
+
+
+#: the largest integer a policy may hold (int64): beyond it nothing in harden means anything
+MAX_POLICY_INT = 2**63 - 1
+
+
+def _refuse_insane_numbers(data: Any, prefix: str) -> None:
+    """Raise :class:`PolicyError` at the first non-finite float or integer beyond int64 in ``data``.
+
+    Walks the document without recursion, so any depth is safe, in document order.
+    """
+    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while stack:
+        path, node = stack.pop()
+        where = ".".join(path) or "(top level)"
+        if isinstance(node, bool):
+            continue
+        if isinstance(node, int) and abs(node) > MAX_POLICY_INT:
+            digits = int(node.bit_length() * math.log10(2)) + 1
+            raise PolicyError(
+                f"{prefix}{where}: expected a number of sane size (|n| < 2**63), got an integer of ~{digits} digits"
+            )
+        if isinstance(node, float) and not math.isfinite(node):
+            raise PolicyError(f"{prefix}{where}: expected a finite number, got {node}")
+        if isinstance(node, dict):
+            for key in node:  # a key too: str() of a huge int raises ValueError
+                if isinstance(key, int) and not isinstance(key, bool) and abs(key) > MAX_POLICY_INT:
+                    raise PolicyError(f"{prefix}{where}: expected string keys, got an integer key beyond 2**63")
+            stack.extend(reversed([((*path, str(k)), v) for k, v in node.items()]))
+        elif isinstance(node, (list, tuple)):
+            stack.extend(reversed([((*path, str(i)), v) for i, v in enumerate(node)]))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``X``, ``X | None``, ``tuple[X, ...]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys allowed in the mapping at ``loc`` (the path of a key inside it), if known."""
+    model: type[BaseModel] = Policy
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list: same model
+            continue
+        field = model.model_fields.get(str(part))
+        inner = _model_in(field.annotation) if field is not None else None
+        if inner is None:
+            return None
+        model = inner
+    return list(model.model_fields)
+
+
+def _unknown_key_hint(err: dict[str, Any]) -> str:
+    """For an unknown key: the close matches among the allowed keys, or the allowed keys."""
+    if err["type"] != "extra_forbidden" or not err["loc"]:
+        return ""
+    allowed = _allowed_keys(tuple(err["loc"]))
+    if not allowed:
+        return ""
+    close = suggest(str(err["loc"][-1]), allowed)
+    if close:
+        return f"; did you mean {', '.join(repr(c) for c in close)}?"
+    return f"; expected one of {', '.join(allowed)}"
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -120,6 +195,8 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{source}: {what}{where}") from None
     except RecursionError:
         raise PolicyError(f"{source}: expected a policy of sane depth, got a document nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML resolves but Python refuses (2001-13-45)
+        raise PolicyError(f"{source}: expected valid YAML values, got {type(exc).__name__}: {exc}") from None
     return validate_policy(data, source)
 
 

@@ -28,11 +28,13 @@ from harden.checkpoint import (
     save_checkpoint,
     state_bytes,
 )
-from harden.data import DataBundle, check_batch, load_data, make_loader, resolve_device, to_device
+from harden.data import DataBundle, check_batch, load_data, make_loader, to_device
+from harden.distributed import Distributed, distributed_session
 from harden.errors import DataError, HardenError
 from harden.models import Normalized, build_model, prepare_model
 from harden.objectives import OBJECTIVES, Objective, ObjectiveSet
 from harden.policy import Policy, dump_policy, policy_hash
+from harden.speed import autocast_dtype, grad_scaler, to_memory_format, training_forward
 
 __all__ = ["FitResult", "fit", "load_trained", "save_model"]
 
@@ -53,6 +55,9 @@ class FitResult:
         run_dir: where checkpoints and ``model.safetensors`` were written.
         weights: path of the final ``model.safetensors``.
         seconds: wall time of this call.
+        resumed_from: the checkpoint epoch training resumed from (None: from scratch).
+        info: ``rank`` and ``world_size`` of this process (``world_size`` > 1 under ``torchrun``;
+            only rank 0 wrote the files).
     """
 
     model: Normalized
@@ -105,7 +110,12 @@ def save_model(model: Normalized, path: Path, info: dict[str, Any]) -> str:
     return digest
 
 
-def _epoch_loader(data: Dataset[Any] | DataLoader[Any], policy: Policy, epoch: int) -> DataLoader[Any]:
+def _epoch_loader(
+    data: Dataset[Any] | DataLoader[Any], policy: Policy, epoch: int, dist: Distributed | None = None
+) -> DataLoader[Any]:
+    if dist is not None and dist.enabled:
+        d = policy.data
+        return dist.train_loader(data, d.batch_size, policy.seed, epoch, d.num_workers)
     if isinstance(data, DataLoader):
         return data
     return make_loader(
@@ -114,20 +124,31 @@ def _epoch_loader(data: Dataset[Any] | DataLoader[Any], policy: Policy, epoch: i
 
 
 def _evaluate(
-    model: Normalized, data: Dataset[Any] | DataLoader[Any], policy: Policy, device: torch.device, progress: bool
+    model: Normalized, data: Dataset[Any] | DataLoader[Any], policy: Policy, dist: Distributed
 ) -> dict[str, float]:
-    from harden.verify import clean_and_pgd_accuracy
+    """Clean accuracy and the PGD probe; under torchrun each rank takes its shard and counts are summed."""
+    from harden.verify import clean_and_pgd_counts
 
-    return clean_and_pgd_accuracy(
+    probe = policy.train.probe_examples
+    if dist.enabled:  # shard the dataset (a DataLoader's own batching is not needed to count)
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        probe = dist.share(probe, len(dataset))  # type: ignore[arg-type]
+        data = dist.shard(dataset)
+    counts = clean_and_pgd_counts(
         model,
         data,
         policy.threat,
-        device,
+        dist.device,
         batch_size=policy.data.eval_batch_size,
-        probe_examples=policy.train.probe_examples,
+        probe_examples=probe,
         probe_steps=policy.train.probe_steps,
         seed=policy.seed,
     )
+    right, total, adv_right, adv_total = dist.all_sum(counts)
+    out = {"val_clean_acc": right / max(total, 1)}
+    if adv_total:
+        out["val_pgd_acc"] = adv_right / adv_total
+    return out
 
 
 def fit(
@@ -157,16 +178,21 @@ def fit(
     Returns:
         A :class:`FitResult`; the model is in eval mode on the policy's device.
 
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls ``fit`` and trains one
+    ``DistributedDataParallel`` replica on its shard of the data; only rank 0 writes files and
+    every rank returns the same model (see :mod:`harden.distributed`).
+
     Example:
         >>> from harden.testing import tiny_policy
         >>> result = fit(None, tiny_policy(), run_dir="/tmp/harden-doctest", progress=False)  # doctest: +SKIP
         >>> result.history[-1]["val_clean_acc"] > 0.5  # doctest: +SKIP
         True
     """
-    device = resolve_device(policy.device)
-    # seeding inside fork_rng: fit is reproducible and leaves the caller's RNG as it was
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _fit(model, policy, train, val, device, run_dir, resume, progress, on_epoch_end)
+    with distributed_session(policy.device) as dist:
+        device = dist.device
+        # seeding inside fork_rng: fit is reproducible and leaves the caller's RNG as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _fit(model, policy, train, val, dist, run_dir, resume, progress, on_epoch_end)
 
 
 def _example_batch(train: DataLoader[Any] | Dataset[Any]) -> torch.Tensor:
@@ -186,15 +212,17 @@ def _fit(
     policy: Policy,
     train: DataLoader[Any] | Dataset[Any] | None,
     val: DataLoader[Any] | Dataset[Any] | None,
-    device: torch.device,
+    dist: Distributed,
     run_dir: str | Path | None,
     resume: bool,
     progress: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
 ) -> FitResult:
     t_start = time.perf_counter()
+    device, spec = dist.device, policy.train
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / policy.name
     ckpt_dir = run_dir / "checkpoints"
+    progress = progress and dist.is_main
 
     bundle: DataBundle | None = None
     if train is None:
@@ -211,19 +239,30 @@ def _fit(
     else:
         net = prepare_model(model, policy.model)
     net.to(device)  # the policy names the device; nothing moves anywhere else
-    log.info("training %s on %s", type(net.model).__name__, device)
+    if spec.channels_last:
+        to_memory_format(net, True)
+    log.info("training %s on %s (rank %d of %d)", type(net.model).__name__, device, dist.rank, dist.world_size)
 
     objectives: list[tuple[float, Objective]] = [
-        (spec.weight, OBJECTIVES.get(spec.name)(spec.params, policy.threat))
-        for spec in policy.objectives
-        if spec.weight > 0
+        (s.weight, OBJECTIVES.get(s.name)(s.params, policy.threat)) for s in policy.objectives if s.weight > 0
     ]
-    mix = ObjectiveSet(net, objectives, _example_batch(train).to(device), bn_stats=policy.train.bn_stats)
-    steps_per_epoch = len(_epoch_loader(train, policy, 0))
+    optimizer = _optimizer(net, policy)
+    amp_dtype = autocast_dtype(spec.precision, device)
+    mix = ObjectiveSet(
+        net,
+        objectives,
+        _example_batch(train).to(device),
+        bn_stats=spec.bn_stats,
+        # DDP (gradients averaged in backward), then torch.compile; attacks and saving use `net`
+        forward_model=training_forward(dist.wrap(net), spec.compile),
+        autocast_dtype=amp_dtype,
+        attack_precision=spec.attack_precision,
+    )
+    steps_per_epoch = len(_epoch_loader(train, policy, 0, dist))
     if steps_per_epoch == 0:
         raise DataError("expected training data, got an empty dataset")
-    optimizer = _optimizer(net, policy)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(policy, steps_per_epoch))
+    scaler = grad_scaler(spec.precision, device)
 
     history: list[dict[str, Any]] = []
     start_epoch, resumed_from = 0, None
@@ -237,73 +276,85 @@ def _fit(
             mix.load_state_dict(state.get("objectives", {}))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if scaler.is_enabled() and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
             history = list(info.get("history", []))
             resumed_from = start_epoch
             log.info("resumed from epoch %d", start_epoch)
+        if dist.enabled and dist.all_sum([start_epoch])[0] != start_epoch * dist.world_size:
+            raise HardenError(
+                f"expected every rank to resume from the same checkpoint, got epoch {start_epoch} on rank {dist.rank} "
+                f"and others elsewhere; put {str(run_dir)!r} on a filesystem every node shares"
+            )
 
     p_hash = policy_hash(policy)
-    atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
+    if dist.is_main:
+        atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
+    names = [f"loss_{i}_{obj.name}" for i, (_, obj) in enumerate(objectives)] if len(objectives) > 1 else []
     try:
         bad_run = 0  # consecutive non-finite losses, across epoch boundaries
-        for epoch in range(start_epoch, policy.train.epochs):
+        for epoch in range(start_epoch, spec.epochs):
             t_epoch = time.perf_counter()
+            if dist.enabled:  # each rank its own attack noise, replayable on resume
+                torch.manual_seed(dist.epoch_seed(policy.seed, epoch))
             net.train()
-            loader = _epoch_loader(train, policy, epoch)
+            loader = _epoch_loader(train, policy, epoch, dist)
             total, count, skipped = 0.0, 0, 0
-            part_sums: dict[str, float] = {}  # weighted loss of each objective (when mixed)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{policy.train.epochs}", disable=not progress, leave=False)
+            part_sums = dict.fromkeys(names, 0.0)  # weighted loss of each objective (when mixed)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
             for step, (xb, yb) in enumerate(bar):
                 check_batch(xb, yb, num_classes, in_chans)
                 x, y = to_device(xb, yb, device)
+                if spec.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 ctx = mix.context(x, y, policy.threat)
                 loss, part_losses = mix.loss(ctx)
-                parts = [(obj, part) for (_, obj), part in zip(objectives, part_losses, strict=True)]
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if dist.enabled:  # every rank skips together, or the gradient all-reduce would hang
+                    finite = not dist.any(not finite)
+                if not finite:
                     skipped += 1
                     bad_run += 1
                     optimizer.zero_grad(set_to_none=True)
-                    bad = [o.name for o, p in parts if not torch.isfinite(p)]
                     if bad_run >= MAX_BAD_STEPS:
+                        parts = zip(objectives, part_losses, strict=True)
+                        bad = [o.name for (_, o), p in parts if not torch.isfinite(p)]
                         raise HardenError(
                             f"expected finite losses, got {bad_run} non-finite in a row (epoch {epoch + 1}, batch {step}, "
                             f"objectives {bad}); lower train.lr or check the data"
                         )
                     continue
                 bad_run = 0
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if policy.train.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(net.parameters(), policy.train.grad_clip)
-                optimizer.step()
+                _step(loss, net, optimizer, scaler, spec.grad_clip)
                 scheduler.step()
                 mix.after_step(ctx)
                 total += float(loss.detach()) * x.shape[0]
                 count += x.shape[0]
-                for i, (obj, part) in enumerate(parts):
-                    key = f"loss_{i}_{obj.name}" if len(parts) > 1 else ""
-                    if key:
-                        part_sums[key] = part_sums.get(key, 0.0) + float(part.detach()) * x.shape[0]
+                for key, part in zip(names, part_losses, strict=False):
+                    part_sums[key] += float(part.detach()) * x.shape[0]
                 bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
             bar.close()
+            dist.average_buffers(net)  # BatchNorm statistics: the same model on every rank
+            total, count, *sums = dist.all_sum([total, count, *part_sums.values()])
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": total / max(count, 1),
-                **{k: v / max(count, 1) for k, v in part_sums.items()},
+                **{k: v / max(count, 1) for k, v in zip(names, sums, strict=True)},
                 "skipped_steps": skipped,
             }
             if val is not None:
-                record.update(_evaluate(net, val, policy, device, progress))
+                record.update(_evaluate(net, val, policy, dist))
             record["seconds"] = time.perf_counter() - t_epoch
             history.append(record)
             log.info("epoch %d: %s", epoch + 1, record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
-            last = epoch + 1 == policy.train.epochs
-            if last or (epoch + 1) % policy.train.checkpoint_every == 0:
+            last = epoch + 1 == spec.epochs
+            if dist.is_main and (last or (epoch + 1) % spec.checkpoint_every == 0):
                 state = {
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -313,16 +364,40 @@ def _fit(
                         "torch": torch.get_rng_state(),
                         **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     },
+                    **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 }
                 save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
-                prune_checkpoints(ckpt_dir, policy.train.keep_checkpoints)
+                prune_checkpoints(ckpt_dir, spec.keep_checkpoints)
+            dist.barrier()  # the others wait for rank 0's files
 
     finally:
         mix.close()
     net.eval()
+    if spec.channels_last:
+        to_memory_format(net, False)
     weights = run_dir / "model.safetensors"
-    save_model(net, weights, {"policy_hash": p_hash, "epochs": policy.train.epochs, "history": history})
-    return FitResult(net, history, run_dir, weights, time.perf_counter() - t_start, resumed_from)
+    if dist.is_main:
+        save_model(net, weights, {"policy_hash": p_hash, "epochs": spec.epochs, "history": history})
+    dist.barrier()
+    info = {"rank": dist.rank, "world_size": dist.world_size}
+    return FitResult(net, history, run_dir, weights, time.perf_counter() - t_start, resumed_from, info)
+
+
+def _step(
+    loss: torch.Tensor,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float | None,
+) -> None:
+    """Backward (scaled for fp16), optional clipping of the true gradients, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def load_trained(policy: Policy, weights: str | Path) -> tuple[Normalized, DataBundle]:

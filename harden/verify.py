@@ -22,7 +22,7 @@ from harden.errors import DataError
 from harden.models import prepare_model
 from harden.policy import Policy, ThreatModel
 
-__all__ = ["RobustnessReport", "accuracy", "clean_and_pgd_accuracy", "model_device", "verify"]
+__all__ = ["RobustnessReport", "accuracy", "clean_and_pgd_accuracy", "clean_and_pgd_counts", "model_device", "verify"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -134,6 +134,45 @@ def clean_and_pgd_accuracy(
     Used after every training epoch; a PGD accuracy that jumps up while clean accuracy holds is
     the mark of catastrophic overfitting / gradient masking. The model's modes are restored.
     """
+    right, total, adv_right, adv_total = clean_and_pgd_counts(
+        model,
+        data,
+        threat,
+        device,
+        batch_size=batch_size,
+        probe_examples=probe_examples,
+        probe_steps=probe_steps,
+        seed=seed,
+    )
+    out = {"val_clean_acc": right / max(total, 1)}
+    if adv_total:
+        out["val_pgd_acc"] = adv_right / adv_total
+    return out
+
+
+def clean_and_pgd_counts(
+    model: nn.Module,
+    data: EvalData,
+    threat: ThreatModel,
+    device: torch.device,
+    *,
+    batch_size: int,
+    probe_examples: int,
+    probe_steps: int,
+    seed: int,
+) -> tuple[int, int, int, int]:
+    """The counts behind :func:`clean_and_pgd_accuracy`: ``(right, total, pgd_right, pgd_total)``.
+
+    Counts add up over shards of the data (distributed training sums them over ranks).
+
+    Example:
+        >>> from harden.testing import TinyMLP
+        >>> data = (torch.rand(6, 1, 8, 8), torch.arange(6) % 2)
+        >>> counts = clean_and_pgd_counts(TinyMLP(num_classes=2), data, ThreatModel(eps=0.1), torch.device("cpu"),
+        ...                               batch_size=4, probe_examples=3, probe_steps=2, seed=0)
+        >>> counts[1], counts[3]
+        (6, 3)
+    """
     from harden.attacks.base import restore_modes, save_modes
 
     modes = save_modes(model)
@@ -155,10 +194,7 @@ def clean_and_pgd_accuracy(
                     adv_total += xs.shape[0]
     finally:
         restore_modes(model, modes)
-    out = {"val_clean_acc": right / max(total, 1)}
-    if adv_total:
-        out["val_pgd_acc"] = adv_right / adv_total
-    return out
+    return right, total, adv_right, adv_total
 
 
 def _eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy) -> list[tuple[float, float]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ from harden.policy import AttackSpec, ThreatModel
 from harden.registry import Registry
 
 __all__ = [
+    "ATTACK_PRECISIONS",
     "BN_STATS",
     "OBJECTIVES",
     "BatchContext",
@@ -75,6 +76,7 @@ def pgd_view(steps: int, step_size: float | None = None, random_start: bool = Tr
 
 
 BN_STATS = ("first_forward", "every_forward")
+ATTACK_PRECISIONS = ("fp32", "same")
 
 
 @contextmanager
@@ -122,6 +124,13 @@ class BatchContext:
             views (clean, IWD, invariance, noisy ...) are normalised with their own batch
             statistics but do not move the statistics eval mode uses. ``every_forward``: every
             forward updates them (the running statistics then describe a mixture of views).
+        forward_model: what the training forwards (:meth:`forward`) call, when not ``model``
+            itself: its ``DistributedDataParallel`` or ``torch.compile`` wrapper. Attacks
+            always run on ``model``, the plain module.
+        autocast_dtype: run the training forwards under ``torch.autocast`` to this dtype
+            (``bfloat16`` / ``float16``); the logits and embeddings they return are float32.
+        attack_precision: ``fp32`` (default): views are computed with autocast disabled;
+            ``same``: under the training forwards' autocast.
     """
 
     def __init__(
@@ -134,10 +143,18 @@ class BatchContext:
         tap: EmbeddingTap | None = None,
         clean_input_grad: bool = False,
         bn_stats: str = "first_forward",
+        forward_model: nn.Module | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        attack_precision: str = "fp32",
     ) -> None:
         if bn_stats not in BN_STATS:
             raise PolicyError(f"expected bn_stats in {BN_STATS}, got {bn_stats!r}")
+        if attack_precision not in ATTACK_PRECISIONS:
+            raise PolicyError(f"expected attack_precision in {ATTACK_PRECISIONS}, got {attack_precision!r}")
         self.model = model
+        self.forward_model = forward_model if forward_model is not None else model
+        self.autocast_dtype = autocast_dtype
+        self.attack_precision = attack_precision
         self.bn_stats = bn_stats
         self.x = x.detach().requires_grad_(True) if clean_input_grad else x
         self.y = y
@@ -156,22 +173,42 @@ class BatchContext:
             from harden.attacks.suite import build_attack
 
             attack = build_attack(AttackSpec(name=view.attack, params=dict(view.params)), self.threat)
-            self._views[view] = attack(self.model, self.x.detach(), self.y)
+            with self.attack_precision_scope():
+                self._views[view] = attack(self.model, self.x.detach(), self.y)
             self.view_calls += 1
         return self._views[view]
+
+    def attack_precision_scope(self) -> AbstractContextManager[None]:
+        """Where attacks run: autocast disabled (``fp32``) or the training autocast (``same``).
+
+        Objectives that run an attack themselves (not through :meth:`view`) enter it too.
+        """
+        from harden.speed import autocast
+
+        dtype = self.autocast_dtype if self.attack_precision == "same" else None
+        return autocast(self.x.device, dtype)
 
     def forward(self, key: Any, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of ``inputs`` under ``key`` (cached; the embedding is kept when tapped)."""
         if key not in self._logits:
             if self.forward_calls and self.bn_stats == "first_forward" and self.model.training:
                 with frozen_bn_statistics(self.model):
-                    self._logits[key] = self.model(inputs)
+                    logits = self._run(inputs)
             else:
-                self._logits[key] = self.model(inputs)
+                logits = self._run(inputs)
+            self._logits[key] = logits
             self.forward_calls += 1
             if self.tap is not None:
-                self._embeddings[key] = self.tap.take()
+                emb = self.tap.take()
+                self._embeddings[key] = emb.float() if self.autocast_dtype is not None else emb
         return self._logits[key]
+
+    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.forward_model(inputs)
+        with torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype):
+            out = self.forward_model(inputs)
+        return out.float()
 
     def logits(self, view: View | None = None) -> torch.Tensor:
         """Model logits (with grad) on the clean batch (``None``) or on ``view``, cached."""
@@ -286,6 +323,10 @@ class ObjectiveSet:
         weighted: ``(weight, objective)`` pairs.
         example: one clean input batch on the model's device (for setup).
         bn_stats: which forwards update BatchNorm running statistics (see :class:`BatchContext`).
+        forward_model: the training forwards' DDP / compiled wrapper of ``model`` (see
+            :class:`BatchContext`); None: ``model``.
+        autocast_dtype: the training forwards' autocast dtype (None: float32).
+        attack_precision: ``fp32`` or ``same`` (see :class:`BatchContext`).
 
     Raises:
         PolicyError: two objectives ask for different embedding layers.
@@ -304,9 +345,16 @@ class ObjectiveSet:
         weighted: list[tuple[float, Objective]],
         example: torch.Tensor,
         bn_stats: str = "first_forward",
+        *,
+        forward_model: nn.Module | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        attack_precision: str = "fp32",
     ) -> None:
         self.model = model
         self.bn_stats = bn_stats
+        self.forward_model = forward_model
+        self.autocast_dtype = autocast_dtype
+        self.attack_precision = attack_precision
         self.weighted = weighted
         layers = {o.embedding_layer() for _, o in weighted} - {False}
         if len(layers) > 1:
@@ -322,7 +370,16 @@ class ObjectiveSet:
     def context(self, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> BatchContext:
         """A fresh per-batch context with what these objectives need."""
         return BatchContext(
-            self.model, x, y, threat, tap=self.tap, clean_input_grad=self.clean_input_grad, bn_stats=self.bn_stats
+            self.model,
+            x,
+            y,
+            threat,
+            tap=self.tap,
+            clean_input_grad=self.clean_input_grad,
+            bn_stats=self.bn_stats,
+            forward_model=self.forward_model,
+            autocast_dtype=self.autocast_dtype,
+            attack_precision=self.attack_precision,
         )
 
     def loss(self, ctx: BatchContext) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -91,7 +91,8 @@ class IWDAT(Objective):
         key = ("iwd_at", m, *sorted(params.items()))
 
         def compute() -> torch.Tensor:
-            return IWDAttack(ctx.threat, params)(ctx.model, ctx.x[:m].detach(), ctx.y[:m])
+            with ctx.attack_precision_scope():
+                return IWDAttack(ctx.threat, params)(ctx.model, ctx.x[:m].detach(), ctx.y[:m])
 
         return ctx.memo(key, compute), ctx.y[:m], key
 

@@ -25,6 +25,13 @@ when the step counts match).
 Deviation, documented: the paper pre-trains the estimators and then trains the model; we train
 them in alternation (one estimator step after every model step, on the same batch), so one
 ``harden.fit`` does both. The estimator architecture and every default are ours.
+
+Distributed training (``torchrun``): the estimators are not wrapped in DDP (they are called
+through :meth:`MIEstimator.mi` / :meth:`MIEstimator.features`, not ``forward``, and step outside
+the model's optimizer). Instead rank 0's initial weights are broadcast in :meth:`MI.setup`, and
+before every estimator step their gradients are averaged over ranks in one all-reduce
+(:func:`harden.distributed.average_gradients`): with equal gradients, equal weights and the same
+Adam state, they stay identical on every rank, as DDP keeps the model.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import restore_modes, save_modes
+from harden.distributed import average_gradients, broadcast_parameters
 from harden.errors import CheckpointError, HardenError
 from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams, View, pgd_view
 
@@ -153,6 +161,7 @@ class MI(Objective):
         dim, chans = self.params.dim, int(example.shape[1])
         self.natural = MIEstimator(chans, num_classes, dim).to(example.device)
         self.adversarial = MIEstimator(chans, num_classes, dim).to(example.device)
+        broadcast_parameters([self.natural, self.adversarial])  # no-op unless distributed
         self.optimizer = torch.optim.Adam(
             [*self.natural.parameters(), *self.adversarial.parameters()], lr=self.params.lr
         )
@@ -200,6 +209,7 @@ class MI(Objective):
         optimizer.zero_grad(set_to_none=True)
         objective = nat.mi(x, ln).mean() + adv_est.mi(noise, la).mean()
         (-objective).backward()
+        average_gradients([*nat.parameters(), *adv_est.parameters()])  # no-op unless distributed
         optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""Mixed precision, channels_last and torch.compile in training (train.precision, ...)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import harden
+from harden.checkpoint import load_checkpoint
+from harden.objectives import BatchContext, pgd_view
+from harden.policy import ThreatModel
+from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+
+FAST = {"epochs": 1, "probe_examples": 0}
+
+
+def fit(policy, run_dir, **kwargs):
+    return harden.fit(None, policy, run_dir=run_dir, progress=False, **kwargs)
+
+
+def test_precision_options_are_validated():
+    train = tiny_policy(train={"precision": "bf16", "attack_precision": "same"}).train
+    assert (train.precision, train.attack_precision) == ("bf16", "same")
+    assert not train.channels_last and not train.compile
+    for bad in ({"precision": "fp8"}, {"attack_precision": "fp16"}, {"compile": "sometimes"}):
+        with pytest.raises(harden.PolicyError, match="train"):
+            tiny_policy(train=bad)
+
+
+class Recorder(nn.Module):
+    """TinyCNN that records, per forward, its mode and whether CPU autocast is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCNN(num_classes=3)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_autocast_enabled("cpu")))
+        return self.net(x)
+
+
+@pytest.mark.parametrize(("attack_precision", "attack_autocast"), [("fp32", False), ("same", True)])
+def test_views_run_in_fp32_unless_the_policy_asks(attack_precision, attack_autocast):
+    model = Recorder().train()
+    x, y = synthetic_tensors(8)
+    ctx = BatchContext(
+        model, x, y, ThreatModel(eps=0.1), autocast_dtype=torch.bfloat16, attack_precision=attack_precision
+    )
+    logits = ctx.logits(pgd_view(2))
+    assert logits.dtype == torch.float32  # objectives see float32 logits
+    attack = {autocast for training, autocast in model.calls if not training}
+    train = {autocast for training, autocast in model.calls if training}
+    assert attack == {attack_autocast}  # the attack's forwards (eval mode)
+    assert train == {True}  # the training forward
+
+
+def test_bf16_on_cpu_trains_like_fp32(tmp_path):
+    train = {"epochs": 2, "probe_examples": 64}
+    fp32 = fit(tiny_policy(train=train), tmp_path / "fp32")
+    bf16 = fit(tiny_policy(train={**train, "precision": "bf16"}), tmp_path / "bf16")
+    for record in bf16.history:
+        assert torch.isfinite(torch.tensor(record["train_loss"]))
+    assert bf16.history[-1]["train_loss"] < bf16.history[0]["train_loss"]
+    assert bf16.history[-1]["val_clean_acc"] == pytest.approx(fp32.history[-1]["val_clean_acc"], abs=0.1)
+    assert bf16.history[-1]["val_pgd_acc"] == pytest.approx(fp32.history[-1]["val_pgd_acc"], abs=0.15)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    _, state, _ = load_checkpoint(tmp_path / "bf16" / "checkpoints" / "epoch-0002.json")
+    assert "scaler" not in state  # bf16 needs no loss scaling
+
+
+def _fp16_cpu_reason():
+    try:
+        conv = nn.Conv2d(1, 2, 3)
+        scaler = torch.amp.GradScaler("cpu")
+        opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = conv(torch.rand(2, 1, 5, 5))
+        if out.dtype != torch.float16:
+            return f"CPU autocast to float16 produced {out.dtype}"
+        scaler.scale(out.float().sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        return f"float16 autocast / GradScaler unsupported on this CPU build: {exc}"
+    return None
+
+
+def test_fp16_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
+    reason = _fp16_cpu_reason()
+    if reason:
+        pytest.skip(reason)
+    train = {"schedule": "constant", "probe_examples": 0, "precision": "fp16"}
+    ce = [{"name": "ce"}]
+    first = fit(tiny_policy(train={**train, "epochs": 2}, objectives=ce), tmp_path / "resumed")
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in first.history)
+    _, state, _ = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "epoch-0002.json")
+    assert state["scaler"]["scale"] > 0
+    loaded = []
+    original = torch.amp.GradScaler.load_state_dict
+
+    def recording(self, sd):
+        loaded.append(dict(sd))
+        return original(self, sd)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", recording)
+    resumed = fit(tiny_policy(train={**train, "epochs": 3}, objectives=ce), tmp_path / "resumed", resume=True)
+    assert loaded == [state["scaler"]]
+    straight = fit(tiny_policy(train={**train, "epochs": 3}, objectives=ce), tmp_path / "straight")
+    assert resumed.resumed_from == 2
+    for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _test_logits(model):
+    x, _ = synthetic_tensors(64, seed=3)
+    with torch.no_grad():
+        return model(x)
+
+
+def test_channels_last_matches_eager(tmp_path):
+    eager = fit(tiny_policy(train=FAST), tmp_path / "eager")
+    cl = fit(tiny_policy(train={**FAST, "channels_last": True}), tmp_path / "cl")
+    assert cl.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+    torch.testing.assert_close(_test_logits(cl.model), _test_logits(eager.model), rtol=1e-4, atol=1e-4)
+    # the returned model is back in the default memory format; the saved keys are the plain ones
+    assert all(p.is_contiguous() for p in cl.model.parameters())
+    assert list(load_file(cl.weights)) == list(load_file(eager.weights))
+
+
+def _compile_reason():
+    try:
+        fn = torch.compile(nn.Linear(3, 2))
+        fn(torch.rand(4, 3)).sum().backward()
+    except Exception as exc:  # any backend/compiler failure means: not on this machine
+        return f"torch.compile does not work here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return None
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tmp_path):
+    reason = _compile_reason()
+    if reason:
+        pytest.skip(reason)
+    policy = {"train": FAST, "objectives": [{"name": "ce"}]}
+    eager = fit(tiny_policy(**policy), tmp_path / "eager")
+    compiled = fit(tiny_policy(**{**policy, "train": {**FAST, "compile": True}}), tmp_path / "compiled")
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+    torch.testing.assert_close(_test_logits(compiled.model), _test_logits(eager.model), rtol=1e-3, atol=1e-4)
+    keys = list(load_file(compiled.weights))
+    assert keys == list(load_file(eager.weights))
+    assert not any("_orig_mod" in k for k in keys)
+    assert isinstance(compiled.model, harden.Normalized)
