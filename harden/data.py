@@ -303,8 +303,13 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
         raise DataError(f"expected NCHW images (4 dims), got shape {tuple(x.shape)}")
     if in_chans is not None and x.shape[1] != in_chans:
         raise DataError(f"expected {in_chans} channels to match the model, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if not torch.isfinite(x).all():
-        raise DataError("expected finite pixels, got NaN or infinity")
+    finite = torch.isfinite(x)
+    if not finite.all():
+        bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+        raise DataError(
+            f"expected finite pixels, got NaN or infinity in {len(bad)} of {x.shape[0]} images of the batch "
+            f"(first: image {bad[0]})"
+        )
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise DataError(

@@ -7,7 +7,8 @@ Messages follow the pattern "expected ..., got ..." and, where it helps, end wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ThreatModelError",
     "UnknownNameError",
     "describe_validation_error",
+    "format_key_path",
     "format_validation_error",
 ]
 
@@ -106,6 +108,25 @@ _PHRASES: dict[str, str] = {
 }
 
 
+_PLAIN_KEY = re.compile(r"[\w\-]{1,60}")
+
+
+def format_key_path(parts: Sequence[Any]) -> str:
+    """A key path for messages: ``train.lr``, ``objectives.0.params``; odd keys quoted (``'a b'``).
+
+    Example:
+        >>> format_key_path(["train", "lr"]), format_key_path(["objectives", 0, "a b"]), format_key_path([])
+        ('train.lr', "objectives.0.'a b'", '(top level)')
+    """
+    out = []
+    for part in parts:
+        text = str(part) if isinstance(part, (str, int)) and not isinstance(part, bool) else repr(part)
+        if not _PLAIN_KEY.fullmatch(text):
+            text = repr(text if len(text) <= 60 else text[:57] + "...")
+        out.append(text)
+    return ".".join(out) or "(top level)"
+
+
 def describe_validation_error(err: Any) -> str:
     """One readable phrase for a pydantic error: 'expected ..., got ...'."""
     kind = err["type"]
@@ -144,10 +165,9 @@ def format_validation_error(exc: Any, source: str | None, hint: Callable[[dict[s
     """
     errors = exc.errors()
     err = errors[0]
-    loc = [str(p) for p in err["loc"]]
-    if err["type"] == "harden_nested" and err["ctx"]["path"]:
-        loc.append(err["ctx"]["path"])
-    path = ".".join(loc) or "(top level)"
+    path = format_key_path(err["loc"])
+    if err["type"] == "harden_nested" and err["ctx"]["path"]:  # a dotted path of plain names already
+        path = err["ctx"]["path"] if path == "(top level)" else f"{path}.{err['ctx']['path']}"
     # an error on a parent of another error (e.g. a list left empty by a bad item) is a consequence
     locs = [tuple(e["loc"]) for e in errors]
     causes = [e for e, lc in zip(errors, locs, strict=False) if not any(o != lc and o[: len(lc)] == lc for o in locs)]

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from harden.errors import PolicyError, format_validation_error
+from harden.errors import PolicyError, format_key_path, format_validation_error
 from harden.policy import MAX_POLICY_BYTES, ObjectiveSpec, Policy
 from harden.registry import suggest
 
@@ -65,10 +65,10 @@ def _refuse_insane_numbers(data: Any, prefix: str) -> None:
 
     Walks the document without recursion, so any depth is safe, in document order.
     """
-    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
     while stack:
         path, node = stack.pop()
-        where = ".".join(path) or "(top level)"
+        where = format_key_path(path)
         if isinstance(node, bool):
             continue
         if isinstance(node, int) and abs(node) > MAX_POLICY_INT:
@@ -82,9 +82,9 @@ def _refuse_insane_numbers(data: Any, prefix: str) -> None:
             for key in node:  # a key too: str() of a huge int raises ValueError
                 if isinstance(key, int) and not isinstance(key, bool) and abs(key) > MAX_POLICY_INT:
                     raise PolicyError(f"{prefix}{where}: expected string keys, got an integer key beyond 2**63")
-            stack.extend(reversed([((*path, str(k)), v) for k, v in node.items()]))
+            stack.extend(reversed([((*path, k), v) for k, v in node.items()]))
         elif isinstance(node, (list, tuple)):
-            stack.extend(reversed([((*path, str(i)), v) for i, v in enumerate(node)]))
+            stack.extend(reversed([((*path, i), v) for i, v in enumerate(node)]))
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

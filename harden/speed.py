@@ -8,9 +8,10 @@
 - ``train.attack_precision``: the adversarial views of training (PGD, IWD, ...) run in float32
   by default, whatever ``precision`` says. Their gradient steps follow the sign or direction
   of the *input* gradient, which in half precision is coarse and can underflow to zero for
-  part of the pixels: a weaker attack that trains on easier examples and can make the
-  probe look robust when the model is not. ``same`` runs them under the training autocast
-  (faster, at that risk). Verification (the per-epoch probe, ``harden verify``) is always float32.
+  part of the pixels: a weaker attack, so the model trains on easier examples (and an
+  evaluation attack weakened that way fakes robustness). ``same`` runs them under the training
+  autocast (faster, at that risk). Verification (the per-epoch probe, ``harden verify``) is
+  always float32.
 - ``train.channels_last``: the model and each training batch use ``torch.channels_last``
   (faster convolutions on tensor cores); the returned model is converted back.
 - ``train.compile``: the training forwards go through ``torch.compile``; attacks, evaluation,

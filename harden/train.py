@@ -31,7 +31,7 @@ from harden.checkpoint import (
 from harden.data import DataBundle, check_batch, load_data, make_loader, to_device
 from harden.distributed import Distributed, distributed_session
 from harden.errors import DataError, HardenError
-from harden.models import Normalized, build_model, prepare_model
+from harden.models import Normalized, build_model, check_model, prepare_model
 from harden.objectives import OBJECTIVES, Objective, ObjectiveSet
 from harden.policy import Policy, dump_policy, policy_hash
 from harden.speed import autocast_dtype, grad_scaler, to_memory_format, training_forward
@@ -198,6 +198,8 @@ def fit(
 def _example_batch(train: DataLoader[Any] | Dataset[Any]) -> torch.Tensor:
     """One training image as a batch, read without touching any RNG (for objectives' setup)."""
     dataset = train.dataset if isinstance(train, DataLoader) else train
+    if hasattr(dataset, "__len__") and len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("expected training data, got an empty dataset")
     try:
         x = dataset[0][0]
     except (IndexError, TypeError, KeyError) as exc:
@@ -242,6 +244,10 @@ def _fit(
     if spec.channels_last:
         to_memory_format(net, True)
     log.info("training %s on %s (rank %d of %d)", type(net.model).__name__, device, dist.rank, dist.world_size)
+    example = _example_batch(train).to(device)
+    n_logits = check_model(net, example, num_classes)  # channels, logits shape, softmax head: before any file
+    if num_classes is None:  # user data: labels must index the model's logits
+        num_classes = n_logits
 
     objectives: list[tuple[float, Objective]] = [
         (s.weight, OBJECTIVES.get(s.name)(s.params, policy.threat)) for s in policy.objectives if s.weight > 0
@@ -251,7 +257,7 @@ def _fit(
     mix = ObjectiveSet(
         net,
         objectives,
-        _example_batch(train).to(device),
+        example,
         bn_stats=spec.bn_stats,
         # DDP (gradients averaged in backward), then torch.compile; attacks and saving use `net`
         forward_model=training_forward(dist.wrap(net), spec.compile),
@@ -338,12 +344,12 @@ def _fit(
                 bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
             bar.close()
             dist.average_buffers(net)  # BatchNorm statistics: the same model on every rank
-            total, count, *sums = dist.all_sum([total, count, *part_sums.values()])
+            loss_sum, n_seen, *sums = dist.all_sum([total, count, *part_sums.values()])  # over ranks
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": total / max(count, 1),
-                **{k: v / max(count, 1) for k, v in zip(names, sums, strict=True)},
+                "train_loss": loss_sum / max(n_seen, 1),
+                **{k: v / max(n_seen, 1) for k, v in zip(names, sums, strict=True)},
                 "skipped_steps": skipped,
             }
             if val is not None:

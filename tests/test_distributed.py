@@ -176,3 +176,29 @@ def test_shards_cover_the_validation_set_and_the_probe_once():
     assert sorted(i for shard in shards for i in shard) == list(range(10))
     assert sum(d.share(4, 10) for d in ranks) == 4
     assert sum(d.share(40, 10) for d in ranks) == 10
+
+
+def test_training_shards_partition_the_data_reproducibly():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.rand(10, 1, 2, 2), torch.arange(10))
+    ranks = [Distributed(torch.device("cpu"), rank=r, world_size=2) for r in range(2)]
+
+    def order(d, epoch, seed=7):
+        return [int(i) for _, y in d.train_loader(data, 2, seed, epoch, 0) for i in y]
+
+    assert sorted(order(ranks[0], 0) + order(ranks[1], 0)) == list(range(10))
+    assert order(ranks[0], 1) == order(ranks[0], 1)  # replayable (resume)
+    assert order(ranks[0], 0) != order(ranks[0], 1)  # reshuffled every epoch
+    assert order(ranks[0], 0, seed=8) != order(ranks[0], 0)
+    with pytest.raises(harden.DataError, match="DistributedSampler"):
+        ranks[0].train_loader(DataLoader(data, batch_size=2), 2, 0, 0, 0)
+
+
+def test_doctests_run():
+    import doctest
+
+    import harden.distributed
+
+    result = doctest.testmod(harden.distributed, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -444,10 +444,8 @@ def test_softmax_head_warns_in_fit_and_fails_verify_check():
 
 # The three below need harden/train.py to call harden.models.check_model on the example batch
 # (see the report of the "survive faults" change); they pass once it does: then drop the marks.
-NEEDS_TRAIN_CHECK = pytest.mark.xfail(strict=True, reason="train.py does not call models.check_model yet")
 
 
-@NEEDS_TRAIN_CHECK
 def test_fit_refuses_a_model_with_other_channels(tmp_run, user_module):
     policy = tiny_policy(model={"name": "faulty:rgb_net"}, objectives=[{"name": "ce"}])
     with pytest.raises(harden.ModelError, match="expected a model that accepts the data's images"):
@@ -455,14 +453,12 @@ def test_fit_refuses_a_model_with_other_channels(tmp_run, user_module):
     assert not tmp_run.exists()
 
 
-@NEEDS_TRAIN_CHECK
 def test_fit_warns_about_a_softmax_head(tmp_run):
     policy = tiny_policy(objectives=[{"name": "ce"}], train={"probe_examples": 0})
     with pytest.warns(RuntimeWarning, match="got probabilities"):
         harden.fit(SoftmaxHead(TinyCNN(num_classes=3)), policy, run_dir=tmp_run, progress=False)
 
 
-@NEEDS_TRAIN_CHECK
 def test_fit_on_user_data_checks_labels_against_the_model(tmp_run):
     x, y = synthetic_tensors(32)
     y[5] = 7
