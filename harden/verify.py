@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from harden.attacks import ATTACKS, SuiteResult, build_attack, run_suite
-from harden.attacks.suite import suite_labels
-from harden.data import EvalData, check_batch, eval_batches, load_data, to_device
+from harden._cascade import run_cascade
+from harden.attacks import ATTACKS, build_attack
+from harden.data import EvalData, eval_batches, load_data, to_device
 from harden.errors import DataError
 from harden.models import prepare_model
 from harden.policy import Policy, ThreatModel
@@ -275,54 +274,27 @@ def verify(
     for attack in attacks:
         attack.prepare(env)
     lp_attacks, other_attacks = order_attacks(attacks)
-    other_labels = suite_labels([a.name for a in other_attacks])
-    other_caps = [caps[id(a)] for a in other_attacks]
-    seen = 0
-    limit = policy.verify.n_examples
-    result: SuiteResult | None = None
-    other_right = dict.fromkeys(other_labels, 0)
-    other_n = dict.fromkeys(other_labels, 0)
-    check_x: list[torch.Tensor] = []
-    check_y: list[torch.Tensor] = []
-    n_check = 0
-    fooled_adv: list[torch.Tensor] = []  # worst-case inputs that fooled the model, then survivors'
-    survived_adv: list[torch.Tensor] = []
-    bar = tqdm(total=limit, desc="verify", disable=not progress, leave=False, unit="img")
     modes = save_modes(net)
     net.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(policy.seed)
-            for xb, yb in eval_batches(data, policy.data.eval_batch_size, limit):
-                check_batch(xb, yb)
-                x, y = to_device(xb, yb, device)
-                n_fooled = sum(a.shape[0] for a in fooled_adv)
-                part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep_adversarial)
-                if part.x_adv is not None:
-                    _harvest(part, keep_adversarial, fooled_adv, survived_adv)
-                    part.x_adv = None  # kept what we need; do not accumulate every batch
-                if result is None:
-                    result = part
-                else:
-                    result.extend(part)
-                for label, attack, cap in zip(other_labels, other_attacks, other_caps, strict=True):
-                    room = x.shape[0] if cap is None else min(x.shape[0], cap - seen)
-                    if room <= 0:
-                        continue
-                    right, counted = attack.score(net, x[:room], y[:room])
-                    other_right[label] += int(right.sum())
-                    other_n[label] += int(counted.sum())
-                if n_check < policy.verify.check_examples:
-                    take = policy.verify.check_examples - n_check
-                    check_x.append(x[:take])
-                    check_y.append(y[:take])
-                    n_check += min(take, x.shape[0])
-                seen += x.shape[0]
-                bar.update(x.shape[0])
-            bar.close()
-            if result is None:
-                raise DataError("expected at least one example to verify, got none")
-            cx, cy = torch.cat(check_x), torch.cat(check_y)
+            tally = run_cascade(
+                net,
+                data,
+                lp_attacks,
+                other_attacks,
+                [caps[id(a)] for a in other_attacks],
+                device,
+                batch_size=policy.data.eval_batch_size,
+                limit=policy.verify.n_examples,
+                desc="verify",
+                progress=progress,
+                check_examples=policy.verify.check_examples,
+                keep_adversarial=keep_adversarial,
+            )
+            result = tally.result
+            cx, cy = torch.cat(tally.check_x), torch.cat(tally.check_y)
             curve = _eps_curve(net, cx, cy, policy)
             checks = {}
             if policy.verify.checks:
@@ -343,7 +315,6 @@ def verify(
         restore_modes(net, modes)
     n = int(result.clean_correct.numel())
     counts = Counter(b for b in result.broken_by if b)
-    kept = torch.cat([*fooled_adv, *survived_adv])[:keep_adversarial] if fooled_adv or survived_adv else None
     return RobustnessReport(
         n=n,
         clean_accuracy=int(result.clean_correct.sum()) / n,
@@ -355,21 +326,9 @@ def verify(
         attacks=[spec.model_dump(mode="json") for spec in specs],
         seconds=time.perf_counter() - t0,
         seed=policy.seed,
-        other_threats={k: v / max(other_n[k], 1) for k, v in other_right.items()},
-        other_counts=other_n,
+        other_threats={k: v / max(tally.other_n[k], 1) for k, v in tally.other_right.items()},
+        other_counts=tally.other_n,
         eps_curve=curve,
         checks=checks,
-        adversarial=kept if kept is not None and kept.shape[0] else None,
+        adversarial=tally.adversarial,
     )
-
-
-def _harvest(part: SuiteResult, k: int, fooled: list[torch.Tensor], survived: list[torch.Tensor]) -> None:
-    """Move up to ``k`` fooling and ``k`` surviving worst-case inputs of ``part`` into the lists."""
-    if part.x_adv is None or not part.labels:
-        return
-    hit = torch.tensor([b not in ("", "clean") for b in part.broken_by], dtype=torch.bool)
-    held = part.robust  # attacked by the whole cascade and still right
-    for mask, bucket in ((hit, fooled), (held, survived)):
-        room = k - sum(a.shape[0] for a in bucket)
-        if room > 0 and bool(mask.any()):
-            bucket.append(part.x_adv[mask][:room].to(torch.float32))

@@ -30,14 +30,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from harden.attacks import ATTACKS, SuiteResult, build_attack, run_suite
+from harden._cascade import run_cascade
+from harden.attacks import ATTACKS, build_attack
 from harden.attacks.base import AttackEnv
-from harden.attacks.suite import order_attacks, preset_specs, suite_labels
+from harden.attacks.suite import order_attacks, preset_specs
 from harden.attacks.transfer import Transfer
-from harden.data import EvalData, check_batch, eval_batches, load_data, to_device
-from harden.errors import DataError, ModelError
+from harden.data import EvalData, load_data
+from harden.errors import ModelError
 from harden.models import prepare_model
 from harden.policy import AttackSpec, Policy
 from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
@@ -172,35 +172,22 @@ def verify_onnx(
             attack.surrogate = surrogate  # prepare() keeps a surrogate it is given
         attack.prepare(env)
     lp_attacks, other_attacks = order_attacks(attacks)
-    other_labels = suite_labels([a.name for a in other_attacks])
-    other_right = dict.fromkeys(other_labels, 0)
-    other_n = dict.fromkeys(other_labels, 0)
-    in_chans = clf.input_shape[0] if clf.input_shape is not None else None
-    limit, seen = policy.verify.n_examples, 0
-    result: SuiteResult | None = None
-    bar = tqdm(total=limit, desc="verify onnx", disable=not progress, leave=False, unit="img")
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(policy.seed)
-        for xb, yb in eval_batches(data, policy.data.eval_batch_size, limit):
-            check_batch(xb, yb, in_chans=in_chans)
-            x, y = to_device(xb, yb, dev)
-            part = run_suite(net, x, y, lp_attacks)
-            if result is None:
-                result = part
-            else:
-                result.extend(part)
-            for label, attack in zip(other_labels, other_attacks, strict=True):
-                cap = caps[id(attack)]
-                room = x.shape[0] if cap is None else min(x.shape[0], cap - seen)
-                if room > 0:
-                    right, counted = attack.score(net, x[:room], y[:room])
-                    other_right[label] += int(right.sum())
-                    other_n[label] += int(counted.sum())
-            seen += x.shape[0]
-            bar.update(x.shape[0])
-    bar.close()
-    if result is None:
-        raise DataError("expected at least one example to verify, got none")
+        tally = run_cascade(
+            net,
+            data,
+            lp_attacks,
+            other_attacks,
+            [caps[id(a)] for a in other_attacks],
+            dev,
+            batch_size=policy.data.eval_batch_size,
+            limit=policy.verify.n_examples,
+            desc="verify onnx",
+            progress=progress,
+            in_chans=clf.input_shape[0] if clf.input_shape is not None else None,
+        )
+    result = tally.result
     n = int(result.clean_correct.numel())
     counts = Counter(b for b in result.broken_by if b)
     return OnnxReport(
@@ -214,8 +201,8 @@ def verify_onnx(
         attacks=[spec.model_dump(mode="json") for spec in specs],
         seconds=time.perf_counter() - t0,
         seed=policy.seed,
-        other_threats={k: v / max(other_n[k], 1) for k, v in other_right.items()},
-        other_counts=other_n,
+        other_threats={k: v / max(tally.other_n[k], 1) for k, v in tally.other_right.items()},
+        other_counts=tally.other_n,
         onnx={
             "path": str(clf.path),
             "sha256": sha256_file(clf.path),

@@ -1,0 +1,149 @@
+"""The per-batch worst-case cascade loop shared by :func:`harden.verify` and :func:`harden.verify_onnx`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harden.attacks import SuiteResult, run_suite
+from harden.attacks.suite import suite_labels
+from harden.data import EvalData, check_batch, eval_batches, to_device
+from harden.errors import DataError
+
+if TYPE_CHECKING:
+    from harden.attacks.base import Attack
+
+
+@dataclass
+class CascadeTally:
+    """What :func:`run_cascade` accumulated over the batches.
+
+    Attributes:
+        result: the l_p cascade's :class:`harden.attacks.SuiteResult` over every example
+            (without ``x_adv``).
+        other_right: per label of an attack outside the l_p threat model, the examples it
+            scored right.
+        other_n: per such label, the examples it was measured on.
+        check_x: the first ``check_examples`` inputs, as per-batch slices.
+        check_y: their labels, as per-batch slices.
+        adversarial: up to ``keep_adversarial`` worst-case inputs (CPU, float32): the examples an
+            attack fooled first, then attacked examples that survived; None when none were kept.
+    """
+
+    result: SuiteResult
+    other_right: dict[str, int]
+    other_n: dict[str, int]
+    check_x: list[torch.Tensor] = field(default_factory=list)
+    check_y: list[torch.Tensor] = field(default_factory=list)
+    adversarial: torch.Tensor | None = None
+
+
+def run_cascade(
+    net: nn.Module,
+    data: EvalData,
+    lp_attacks: Sequence[Attack],
+    other_attacks: Sequence[Attack],
+    other_caps: Sequence[int | None],
+    device: torch.device,
+    *,
+    batch_size: int,
+    limit: int | None,
+    desc: str,
+    progress: bool,
+    in_chans: int | None = None,
+    check_examples: int = 0,
+    keep_adversarial: int = 0,
+) -> CascadeTally:
+    """Run the worst-case cascade over the eval batches of ``data``, up to ``limit`` examples.
+
+    Per batch: check it, move it to ``device``, run ``lp_attacks`` as a cascade (each only on
+    the examples still robust), score each of ``other_attacks`` on up to its cap of examples,
+    collect the first ``check_examples`` examples and update the progress bar. The caller owns
+    the model's modes and the RNG (seed it before calling).
+
+    Args:
+        net: the model under attack (a PyTorch model or an ONNX session module).
+        data: a DataLoader, a Dataset, or an ``(x, y)`` pair of tensors.
+        lp_attacks: the l_p attacks, in cascade order.
+        other_attacks: attacks outside the l_p threat model, each run on every example.
+        other_caps: per attack of ``other_attacks``, the most examples it scores (None: all).
+        device: where batches go.
+        batch_size: the eval batch size.
+        limit: stop after this many examples (None: all of ``data``).
+        desc: the progress bar's label.
+        progress: show a progress bar.
+        in_chans: the input channels the batches must have (None: any).
+        check_examples: collect this many leading examples for the sanity checks.
+        keep_adversarial: keep up to this many worst-case inputs of the l_p cascade.
+
+    Returns:
+        A :class:`CascadeTally`.
+
+    Raises:
+        DataError: no examples, or a batch that does not pass :func:`harden.data.check_batch`.
+    """
+    other_labels = suite_labels([a.name for a in other_attacks])
+    other_right = dict.fromkeys(other_labels, 0)
+    other_n = dict.fromkeys(other_labels, 0)
+    check_x: list[torch.Tensor] = []
+    check_y: list[torch.Tensor] = []
+    n_check = 0
+    fooled_adv: list[torch.Tensor] = []  # worst-case inputs that fooled the model, then survivors'
+    survived_adv: list[torch.Tensor] = []
+    seen = 0
+    result: SuiteResult | None = None
+    with tqdm(total=limit, desc=desc, disable=not progress, leave=False, unit="img") as bar:
+        for xb, yb in eval_batches(data, batch_size, limit):
+            check_batch(xb, yb, in_chans=in_chans)
+            x, y = to_device(xb, yb, device)
+            n_fooled = sum(a.shape[0] for a in fooled_adv)
+            part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep_adversarial)
+            if part.x_adv is not None:
+                _harvest(part, keep_adversarial, fooled_adv, survived_adv)
+                part.x_adv = None  # kept what we need; do not accumulate every batch
+            if result is None:
+                result = part
+            else:
+                result.extend(part)
+            for label, attack, cap in zip(other_labels, other_attacks, other_caps, strict=True):
+                room = x.shape[0] if cap is None else min(x.shape[0], cap - seen)
+                if room <= 0:
+                    continue
+                right, counted = attack.score(net, x[:room], y[:room])
+                other_right[label] += int(right.sum())
+                other_n[label] += int(counted.sum())
+            if n_check < check_examples:
+                take = check_examples - n_check
+                check_x.append(x[:take])
+                check_y.append(y[:take])
+                n_check += min(take, x.shape[0])
+            seen += x.shape[0]
+            bar.update(x.shape[0])
+    if result is None:
+        raise DataError("expected at least one example to verify, got none")
+    kept = torch.cat([*fooled_adv, *survived_adv])[:keep_adversarial] if fooled_adv or survived_adv else None
+    return CascadeTally(
+        result=result,
+        other_right=other_right,
+        other_n=other_n,
+        check_x=check_x,
+        check_y=check_y,
+        adversarial=kept if kept is not None and kept.shape[0] else None,
+    )
+
+
+def _harvest(part: SuiteResult, k: int, fooled: list[torch.Tensor], survived: list[torch.Tensor]) -> None:
+    """Move up to ``k`` fooling and ``k`` surviving worst-case inputs of ``part`` into the lists."""
+    if part.x_adv is None or not part.labels:
+        return
+    hit = torch.tensor([b not in ("", "clean") for b in part.broken_by], dtype=torch.bool)
+    held = part.robust  # attacked by the whole cascade and still right
+    for mask, bucket in ((hit, fooled), (held, survived)):
+        room = k - sum(a.shape[0] for a in bucket)
+        if room > 0 and bool(mask.any()):
+            bucket.append(part.x_adv[mask][:room].to(torch.float32))
