@@ -46,6 +46,8 @@ def _do_fit(args: argparse.Namespace) -> Any:
     if result.info.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return policy, result
     last = result.history[-1] if result.history else {}
+    if result.resumed_from is not None:
+        _say(args, f"resumed from the checkpoint of epoch {result.resumed_from}")
     _say(args, f"trained {policy.train.epochs} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
     if "val_clean_acc" in last:
         probe = f", PGD-{policy.train.probe_steps} probe {last['val_pgd_acc']:.2%}" if "val_pgd_acc" in last else ""

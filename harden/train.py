@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from harden.checkpoint import (
 )
 from harden.data import DataBundle, check_batch, load_data, make_loader, to_device
 from harden.distributed import Distributed, distributed_session
-from harden.errors import DataError, HardenError
+from harden.errors import CheckpointError, DataError, HardenError
 from harden.models import Normalized, build_model, check_model, prepare_model
 from harden.objectives import OBJECTIVES, Objective, ObjectiveSet
 from harden.policy import Policy, dump_policy, policy_hash
@@ -209,6 +210,11 @@ def _example_batch(train: DataLoader[Any] | Dataset[Any]) -> torch.Tensor:
     return torch.as_tensor(x).float().unsqueeze(0)
 
 
+def _resume_hash(policy: Policy) -> str:
+    """The policy's hash with ``train.epochs`` left out: resuming to train longer is not a policy change."""
+    return policy_hash(policy.model_copy(update={"train": policy.train.model_copy(update={"epochs": 1})}))
+
+
 def _fit(
     model: nn.Module | None,
     policy: Policy,
@@ -278,12 +284,28 @@ def _fit(
             log.warning("resume requested but no intact checkpoint in %s; starting from scratch", ckpt_dir)
         else:
             start_epoch, state, info = found
-            net.load_state_dict(state["model"])
-            mix.load_state_dict(state.get("objectives", {}))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler.is_enabled() and "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
+            try:
+                net.load_state_dict(state["model"])
+                mix.load_state_dict(state.get("objectives", {}))
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                if scaler.is_enabled() and "scaler" in state:
+                    scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(
+                    f"expected the checkpoint of epoch {start_epoch} in {ckpt_dir} to fit this policy's model, "
+                    f"objectives and optimizer, got: {first[:300]}; resume only with the policy that wrote it, "
+                    "or train into a new --out"
+                ) from None
+            stored = info.get("resume_hash")
+            if stored and stored != _resume_hash(policy):
+                warnings.warn(
+                    f"the checkpoint in {ckpt_dir} was written under another policy (other than train.epochs; "
+                    f"hash {str(stored)[:12]}..., now {_resume_hash(policy)[:12]}...); resuming with the current one",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -372,7 +394,12 @@ def _fit(
                     },
                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 }
-                save_checkpoint(ckpt_dir, epoch + 1, state, {"history": history, "policy_hash": p_hash})
+                save_checkpoint(
+                    ckpt_dir,
+                    epoch + 1,
+                    state,
+                    {"history": history, "policy_hash": p_hash, "resume_hash": _resume_hash(policy)},
+                )
                 prune_checkpoints(ckpt_dir, spec.keep_checkpoints)
             dist.barrier()  # the others wait for rank 0's files
 
@@ -417,7 +444,6 @@ def load_trained(policy: Policy, weights: str | Path) -> tuple[Normalized, DataB
     from safetensors.torch import load as st_load
 
     from harden.checkpoint import sha256_file
-    from harden.errors import CheckpointError
 
     weights = Path(weights)
     if not weights.is_file():

@@ -90,6 +90,9 @@ def test_fit_then_resume_is_a_no_op_when_done(tmp_path, capsys):
     before = (out / "model.safetensors").read_bytes()
     assert main(["fit", str(policy), "--out", str(out), "--resume", "-q"]) == 0
     assert (out / "model.safetensors").read_bytes() == before
+    capsys.readouterr()
+    assert main(["fit", str(policy), "--out", str(out), "--resume"]) == 0
+    assert "resumed from the checkpoint of epoch 1" in capsys.readouterr().out
 
 
 def test_verify_without_weights_is_a_clear_error(tmp_path, capsys):

@@ -108,6 +108,24 @@ def test_resume_skips_a_corrupt_checkpoint(tmp_run):
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 
+def test_resume_under_an_edited_policy_warns(tmp_run):
+    train = {"epochs": 2, "schedule": "constant", "probe_examples": 0}
+    fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
+    edited = tiny_policy(train={**train, "epochs": 3, "lr": 0.01}, objectives=[{"name": "ce"}])
+    with pytest.warns(RuntimeWarning, match="written under another policy"):
+        again = fit(edited, tmp_run, resume=True)
+    assert again.resumed_from == 2
+    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+
+
+def test_resume_with_another_model_is_a_checkpoint_error(tmp_run):
+    train = {"epochs": 1, "probe_examples": 0}
+    fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
+    wider = tiny_policy(train={**train, "epochs": 2}, objectives=[{"name": "ce"}], model={"args": {"width": 24}})
+    with pytest.raises(harden.CheckpointError, match=r"epoch 1 .* resume only with the policy that wrote it"):
+        fit(wider, tmp_run, resume=True)
+
+
 def test_user_module_and_datasets(tmp_run):
     torch.manual_seed(0)
     user = TinyCNN(num_classes=3)
