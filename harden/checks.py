@@ -269,7 +269,9 @@ def _white_vs_black(ctx: CheckContext) -> tuple[Status, str]:
     "use more attack steps in training (pgd_at steps >= 2), random starts, or a smaller step size",
 )
 def _overfitting(ctx: CheckContext) -> tuple[Status, str]:
-    probes = [(h.get("val_pgd_acc"), h.get("val_clean_acc")) for h in ctx.history if h.get("val_pgd_acc") is not None]
+    probes = [
+        (float(h["val_pgd_acc"]), h.get("val_clean_acc")) for h in ctx.history if h.get("val_pgd_acc") is not None
+    ]
     if len(probes) < 2:
         return "PASS", "fewer than two probed epochs"
     best = max(p for p, _ in probes)

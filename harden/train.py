@@ -199,7 +199,7 @@ def fit(
 def _example_batch(train: DataLoader[Any] | Dataset[Any]) -> torch.Tensor:
     """One training image as a batch, read without touching any RNG (for objectives' setup)."""
     dataset = train.dataset if isinstance(train, DataLoader) else train
-    if hasattr(dataset, "__len__") and len(dataset) == 0:  # type: ignore[arg-type]
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise DataError("expected training data, got an empty dataset")
     try:
         x = dataset[0][0]

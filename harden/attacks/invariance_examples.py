@@ -187,7 +187,8 @@ class InvarianceExamples(Attack):
             best_j = torch.where(better, j, best_j)
             best_g = torch.where(better, torch.full_like(best_g, gi), best_g)
         valid = torch.isfinite(best_d)
-        inv = torch.stack([torch.linalg.inv(affine_theta(*grid[g], h, w)) for g in best_g.tolist()])
+        chosen = [grid[int(g)] for g in best_g.tolist()]
+        inv = torch.stack([torch.linalg.inv(affine_theta(a, dx, dy, h, w)) for a, dx, dy in chosen])
         x_src = apply_affine(px[best_j], inv).clamp(0.0, 1.0)
         x_src = torch.where(valid.view(-1, 1, 1, 1), x_src, x)
         label = torch.where(valid, py[best_j], y)

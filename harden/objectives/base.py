@@ -258,7 +258,7 @@ class Objective(ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = ObjectiveParams
     #: The clean input must require grad (the objective differentiates w.r.t. it).
-    needs_input_grad: ClassVar[bool] = False
+    needs_input_grad: bool = False
 
     def __init__(self, params: BaseModel | Mapping[str, Any] | None, threat: ThreatModel) -> None:
         self.threat = threat

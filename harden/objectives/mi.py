@@ -96,6 +96,7 @@ class MIEstimator(nn.Module):
             nn.Linear(32, dim),
         )
         self.psi = nn.Sequential(nn.Linear(num_classes, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.dim = dim
 
     def features(self, logits: torch.Tensor) -> torch.Tensor:
         """``ψ(z)``: the logits' representation, ``(N, dim)``."""
@@ -103,7 +104,7 @@ class MIEstimator(nn.Module):
 
     def scores(self, u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``T(u_i, z_j)`` for every pair, ``(N, N)``."""
-        return self.phi(u) @ self.features(logits).T / math.sqrt(self.psi[-1].out_features)
+        return self.phi(u) @ self.features(logits).T / math.sqrt(self.dim)
 
     def mi(self, u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-example MI lower bound ``T_ii - log mean_j exp T_ij``, ``(N,)``."""
