@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -33,11 +34,26 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m harden.docs
 
-bench: $(STAMP)
-	$(PY) benchmarks/attacks.py
-	$(PY) benchmarks/iwd_cost.py
-	$(PY) benchmarks/inference.py
-	$(PY) benchmarks/report.py
+# `make bench` runs every benchmark at SIZE (default small: a few minutes each on 2 cores) on
+# DEVICE (cpu or cuda), then assembles benchmarks/RESULTS.md with this run's sections first.
+# Benchmarks never run in `make test`.
+SIZE    ?= small
+DEVICE  ?= cpu
+BENCHES := attacks iwd_cost objectives bn_ablation training certify inference
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c requirements-lock.txt -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@set -e; run=$$(date -u +%Y%m%dT%H%M%S); export HARDEN_BENCH_RUN=$$run; \
+	for b in $(BENCHES); do \
+		echo "== benchmarks/$$b.py --size $(SIZE) --device $(DEVICE)"; start=$$(date +%s); \
+		$(PY) benchmarks/$$b.py --size $(SIZE) --device $(DEVICE); \
+		echo "== $$b: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	$(PY) benchmarks/report.py --run $$run --size $(SIZE) --device $(DEVICE) --expect $(BENCHES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache build *.egg-info

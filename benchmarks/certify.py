@@ -9,8 +9,14 @@ is the overhead of everything smoothing adds around the forward passes.
 The demo model is the demo policy's timm ResNet-10-T on 28x28 MNIST; with ``runs/demo``
 present its trained weights are used (throughput does not depend on the weights).
 
-    python benchmarks/certify.py                 # 10 images, n0=100, n=1000
-    python benchmarks/certify.py --size full     # 100 images (the demo's setting)
+Sizes (times on 2 cores), each with n0 = 100, n = 1,000 and noise batches of 128, 256 and 512:
+
+- ``small`` (default, ~20 s): the first 10 test images.
+- ``full`` (~2 min): the first 100 test images (the demo's setting).
+
+    python benchmarks/certify.py                              # small, CPU
+    python benchmarks/certify.py --size full
+    python benchmarks/certify.py --size full --device cuda
 """
 
 from __future__ import annotations
@@ -18,13 +24,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_section
+from common import headline, section_name, table, timed, write_section
 
 import harden
 from harden.data import load_data
@@ -33,26 +38,32 @@ from harden.smoothing import smooth_certify
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"small": 10, "full": 100}
+DEFAULT_SIZE = "small"
 
 
 def forward_rate(model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: int = 5) -> float:
-    """Images per second of plain eval-mode forward passes on batches of ``batch`` images."""
+    """Images per second of plain eval-mode forward passes on batches of ``batch`` images (on ``x``'s device)."""
     xb = x[:1].repeat(batch, 1, 1, 1)
     times = []
     with torch.no_grad():
         model(xb)  # warm-up
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(xb + 0.25 * torch.randn_like(xb))
-            times.append(time.perf_counter() - t0)
+            _, took = timed(lambda: model(xb + 0.25 * torch.randn_like(xb)), sync=xb.device)
+            times.append(took)
     return batch / statistics.median(times)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``main`` parses it; tests inspect it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: model, data, timing")
+    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     policy = harden.load_policy(ROOT / "policies" / "mnist-mixed.yaml")
     torch.manual_seed(0)
@@ -70,6 +81,7 @@ def main() -> None:
     xs, ys = zip(*(bundle.test[i] for i in range(k)), strict=True)
     x, y = torch.stack(xs).to(device), torch.tensor([int(v) for v in ys], device=device)
     rows, data = [], []
+    heads: list[dict[str, str]] = []
     for batch in (128, 256, 512):
         torch.manual_seed(0)
         res = smooth_certify(model, x, y, sigma=0.25, n0=100, n=1000, alpha=0.001, batch_size=batch, progress=False)
@@ -86,6 +98,15 @@ def main() -> None:
             ]
         )
         data.append({"batch": batch, "samples_per_s": rate, "forward_per_s": ref, "seconds": res.seconds})
+        heads.append(
+            headline(
+                f"smoothing CERTIFY, noisy samples/s vs plain forward images/s (batch {batch})",
+                f"{rate:,.0f}",
+                f"{ref:,.0f}",
+                f"{ref / rate:.2f}x",
+                "time ratio (overhead)",
+            )
+        )
         print(rows[-1], flush=True)
     lines = [
         f"CERTIFY with n0 = 100, n = 1,000, sigma = 0.25, alpha = 0.001 on the first {k} mnist-5k test images; "
@@ -105,14 +126,16 @@ def main() -> None:
         ),
         "",
     ]
-    write_section(
-        "certify" if args.size == "small" else f"certify-{args.size}",
-        f"Certification throughput ({args.size})",
-        f"python benchmarks/certify.py --size {args.size}",
+    return write_section(
+        section_name("certify", args.size, args.device),
+        f"Certification throughput ({args.size}, {args.device})",
+        f"python benchmarks/certify.py --size {args.size} --device {args.device}",
         lines,
-        {"results": data, "weights": source},
+        {"results": data, "weights": source, "size": args.size, "device": args.device},
+        results=args.results,
+        headlines=heads,
     )
 
 
 if __name__ == "__main__":
-    main()
+    print(main())

@@ -20,6 +20,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+#: environment variable naming the `make bench` run a section belongs to
+RUN_ENV = "HARDEN_BENCH_RUN"
 
 
 def machine() -> str:
@@ -63,10 +65,27 @@ def timed(fn: Callable[[], Any], sync: torch.device | None = None) -> tuple[Any,
     return out, time.perf_counter() - t0
 
 
+def headline(what: str, measured: str, reference: str, ratio: str, note: str = "") -> dict[str, str]:
+    """One row of RESULTS.md's summary table: a measurement beside its reference and their ratio."""
+    return {"what": what, "measured": measured, "reference": reference, "ratio": ratio, "note": note}
+
+
 def write_section(
-    name: str, title: str, command: str, lines: list[str], data: dict[str, Any], results: Path | None = None
+    name: str,
+    title: str,
+    command: str,
+    lines: list[str],
+    data: dict[str, Any],
+    results: Path | None = None,
+    *,
+    headlines: list[dict[str, str]] | None = None,
 ) -> Path:
-    """Write ``results/<name>.md`` and ``results/<name>.json`` (``results`` default: benchmarks/results)."""
+    """Write ``results/<name>.md`` and ``results/<name>.json`` (``results`` default: benchmarks/results).
+
+    ``headlines`` (rows made by :func:`headline`) go into RESULTS.md's summary table. The JSON
+    records the run id from the ``HARDEN_BENCH_RUN`` environment variable (set by ``make bench``)
+    so ``report.py`` can tell the sections of this run from those kept from earlier runs.
+    """
     out = RESULTS if results is None else Path(results)
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -81,7 +100,17 @@ def write_section(
     path = out / f"{name}.md"
     path.write_text("\n".join(head + lines) + "\n")
     (out / f"{name}.json").write_text(
-        json.dumps({"machine": machine(), "date": stamp, "command": command, **data}, indent=1)
+        json.dumps(
+            {
+                "machine": machine(),
+                "date": stamp,
+                "command": command,
+                "run": os.environ.get(RUN_ENV, ""),
+                "headlines": headlines or [],
+                **data,
+            },
+            indent=1,
+        )
     )
     return path
 
@@ -91,3 +120,16 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
+
+
+def section_name(base: str, size: str, device: str, *suffixes: str) -> str:
+    """The results file stem: ``base``, ``-<size>`` unless small, ``-<device>`` unless cpu, then ``suffixes``.
+
+    Runs with overrides add a suffix (``n50``, ``custom``, ...) so they never overwrite a standard
+    section: ``report.py`` expects exactly the standard names.
+    """
+    parts = [base]
+    parts += [size] if size != "small" else []
+    parts += [device.replace(":", "")] if device != "cpu" else []
+    parts += [s for s in suffixes if s]
+    return "-".join(parts)

@@ -4,7 +4,7 @@ The demo model is the demo policy's timm ResNet-10-T on 1x28x28 MNIST, 10 classe
 ``runs/demo/model.safetensors`` present its trained weights are used, else a seeded random
 init (throughput does not depend on the weights; parity and accuracy do). It is exported with
 ``harden.export_onnx`` and converted with ``harden.quantize.to_int8`` / ``to_fp16``. Throughput
-is images per second at batch 1 and batch 64: the median of ``--repeats`` timed runs after a
+is images per second at each batch size: the median of ``--repeats`` timed runs after a
 warm-up, each run a loop of calls lasting about ``--seconds``. torch runs in eval mode under
 ``torch.no_grad``; onnxruntime sessions get as many intra-op threads as torch has. Ratios are
 against torch eager at the same batch on the same device.
@@ -14,7 +14,19 @@ Parity and accuracy of each ONNX model are measured through onnxruntime (CPU) on
 float32 torch model; clean accuracy, accuracy on the float32 torch model's PGD-10 examples
 (transfer) and under Gaussian noise in the demo's threat model (``harden.quantize.measure_converted``).
 
-    python benchmarks/inference.py                  # CPU rows (about a minute on 2 cores)
+Sizes (times on 2 cores, CPU rows):
+
+- ``small`` (default, about a minute): batches 1 and 64, median of 5 runs of ~0.5 s, parity and
+  accuracy on 256 test images.
+- ``full`` (~5 min): batches 1, 64 and 256, median of 10 runs of ~2 s, parity and accuracy on
+  1,000 test images.
+
+``--batches``, ``--repeats``, ``--seconds`` and ``--examples`` override the size's values (and
+then appear in the reproduce command and the section name, which gets ``-custom``).
+``--device cuda`` adds torch CUDA vs onnxruntime CUDA EP rows; the CPU rows are always measured.
+
+    python benchmarks/inference.py                  # small, CPU rows
+    python benchmarks/inference.py --size full
     python benchmarks/inference.py --device cuda    # adds torch CUDA vs onnxruntime CUDA EP rows
 """
 
@@ -34,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_section
+from common import headline, section_name, table, write_section
 
 import harden
 from harden.attacks import ATTACKS
@@ -43,6 +55,13 @@ from harden.quantize import logit_parity, measure_converted, to_fp16, to_int8
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "runs" / "demo" / "model.safetensors"
+SIZES: dict[str, dict[str, Any]] = {
+    "small": {"batches": "1,64", "repeats": 5, "seconds": 0.5, "examples": 256},
+    "full": {"batches": "1,64,256", "repeats": 10, "seconds": 2.0, "examples": 1000},
+}
+DEFAULT_SIZE = "small"
+#: options that override a size's value
+OVERRIDES = ["batches", "repeats", "seconds", "examples"]
 
 
 def demo_model(weights: Path | None = WEIGHTS) -> tuple[torch.nn.Module, str]:
@@ -217,16 +236,26 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def main(argv: list[str] | None = None) -> Path:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``main`` parses it; tests inspect it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda adds GPU rows (CPU rows always)")
-    ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default 1,64)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per cell; the median is reported")
-    ap.add_argument("--seconds", type=float, default=0.5, help="length of one timed run")
-    ap.add_argument("--examples", type=int, default=256, help="test images for parity/accuracy (0: skip)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the size's, 1,64)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell; the median is reported")
+    ap.add_argument("--seconds", type=float, default=None, help="length of one timed run")
+    ap.add_argument("--examples", type=int, default=None, help="test images for parity/accuracy (0: skip)")
     ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--weights", type=Path, default=WEIGHTS, help="demo weights (random init when missing)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    given = [k for k in OVERRIDES if getattr(args, k) is not None]
+    for key in OVERRIDES:
+        if getattr(args, key) is None:
+            setattr(args, key, SIZES[args.size][key])
     batches = [int(b) for b in args.batches.split(",")]
     model, source = demo_model(args.weights)
     threat = harden.load_policy(ROOT / "policies" / "mnist-mixed.yaml").threat
@@ -247,6 +276,21 @@ def main(argv: list[str] | None = None) -> Path:
                 print(gpu_note, flush=True)
         accs = accuracy_rows(model, paths, args.examples, threat) if args.examples else []
 
+    eager = {(r["device"], r["batch"]): r for r in rows if r["backend"].startswith("torch") and "images_per_s" in r}
+    heads = [
+        headline(
+            f"{r['backend']} images/s vs torch eager ({r['device']}, batch {r['batch']})",
+            f"{r['images_per_s']:,.0f}",
+            f"{eager[(r['device'], r['batch'])]['images_per_s']:,.0f}",
+            f"{r['ratio']:.2f}x",
+            "throughput ratio (higher is faster)",
+        )
+        for r in rows
+        if "ratio" in r
+        and "images_per_s" in r
+        and (r["device"], r["batch"]) in eager
+        and r is not eager[(r["device"], r["batch"])]
+    ]
     thr = [
         [
             r["device"],
@@ -293,11 +337,14 @@ def main(argv: list[str] | None = None) -> Path:
             ),
             "",
         ]
-    name = "inference" if args.device == "cpu" else "inference-cuda"
+    cmd = f"python benchmarks/inference.py --size {args.size} --device {args.device}"
+    cmd += "".join(f" --{key} {getattr(args, key)}" for key in given)
+    if Path(args.weights) != WEIGHTS:
+        cmd += f" --weights {args.weights}"
     return write_section(
-        name,
-        f"Inference throughput ({args.device})",
-        "python benchmarks/inference.py" + (" --device cuda" if args.device == "cuda" else ""),
+        section_name("inference", args.size, args.device, "custom" if given else ""),
+        f"Inference throughput ({args.size}, {args.device})",
+        cmd,
         lines,
         {
             "results": rows,
@@ -305,8 +352,11 @@ def main(argv: list[str] | None = None) -> Path:
             "weights": source,
             "onnx_bytes": sizes,
             "gpu": gpu_note or ("ok" if args.device == "cuda" else "not requested"),
+            "size": args.size,
+            "device": args.device,
         },
         results=args.results,
+        headlines=heads,
     )
 
 

@@ -8,8 +8,20 @@ the IWD attack, the invariance (rotation/shift grid) attack, label-changing inva
 Then the per-step training cost of each objective (median of timed steps on one batch) as a
 ratio to a plain CE step, and the mixed policy's as a ratio to `pgd_at` alone.
 
-    python benchmarks/objectives.py                # small: TinyCNN (width 32), eps 0.1
-    python benchmarks/objectives.py --size full    # timm resnet10t, eps 0.3 (the demo's setting)
+Sizes (every size trains every configuration, so every objective gets a row; times: 2 cores):
+
+- ``small`` (default; a smoke-scale run, ~3 min): TinyCNN (width 32), linf eps 0.1, 2 epochs of
+  batches of 64 on the first 2,048 training images, 100 test images, the IWD attack on the first
+  8, per-step cost the median of 3 timed steps. The models are undertrained and the samples
+  small: the per-paper verdicts are only meaningful from ``medium`` on.
+- ``medium`` (~12-15 min): TinyCNN (width 32), eps 0.1, 4 epochs of batches of 128 on all 4,000
+  training images, 300 test images, the IWD attack on the first 64, median of 6 timed steps.
+- ``full`` (hours on a CPU): timm resnet10t, eps 0.3 (the demo's setting), 5 epochs,
+  1,000 test images, the IWD attack on the first 200.
+
+    python benchmarks/objectives.py                               # small, CPU
+    python benchmarks/objectives.py --size medium
+    python benchmarks/objectives.py --size full --device cuda
 """
 
 from __future__ import annotations
@@ -19,14 +31,13 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_section
+from common import headline, section_name, table, timed, write_section
 
 import harden
 from harden.attacks import ATTACKS, run_suite
@@ -40,12 +51,24 @@ SIZES: dict[str, dict[str, Any]] = {
         "model": "harden.testing:TinyCNN",
         "args": {"width": 32},
         "eps": 0.1,
+        "epochs": 2,
+        "train_limit": 2048,
+        "batch_size": 64,
+        "n": 100,
+        "n_iwd": 8,
+        "cost_steps": 3,
+    },
+    "medium": {
+        "model": "harden.testing:TinyCNN",
+        "args": {"width": 32},
+        "eps": 0.1,
         "epochs": 4,
         "n": 300,
         "n_iwd": 64,
     },
     "full": {"model": "timm:resnet10t", "args": {}, "eps": 0.3, "epochs": 5, "n": 1000, "n_iwd": 200},
 }
+DEFAULT_SIZE = "small"
 #: objective lists, from the policies where a policy exists
 CONFIGS: dict[str, list[dict[str, Any]]] = {
     "ce": [{"name": "ce"}],
@@ -67,14 +90,18 @@ CONFIGS["mixed (bn every_forward)"] = CONFIGS["mixed"]
 TRAIN_OVERRIDES: dict[str, dict[str, Any]] = {"mixed (bn every_forward)": {"bn_stats": "every_forward"}}
 
 
-def policy_for(name: str, size: dict[str, Any], seed: int = 0) -> harden.Policy:
+def policy_for(name: str, size: dict[str, Any], seed: int = 0, device: str = "cpu") -> harden.Policy:
     train = {"epochs": size["epochs"], "lr": 0.05, "warmup_epochs": 1, "probe_examples": 0}
+    data: dict[str, Any] = {"name": "mnist-5k", "batch_size": size.get("batch_size", 128)}
+    if size.get("train_limit"):
+        data["train_limit"] = size["train_limit"]
     return harden.validate_policy(
         {
             "name": "bench-" + "".join(c if c.isalnum() or c in "_-" else "-" for c in name),
             "seed": seed,
+            "device": device,
             "model": {"name": size["model"], "args": size["args"]},
-            "data": {"name": "mnist-5k", "batch_size": 128},
+            "data": data,
             "threat": {"eps": size["eps"], "rho": 2e-3},
             "train": {**train, **TRAIN_OVERRIDES.get(name, {})},
             "objectives": CONFIGS[name],
@@ -88,7 +115,12 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_transfer: torch.Tensor, size: dict[str, Any]
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_transfer: torch.Tensor,
+    size: dict[str, Any],
+    bundle: Any,
 ) -> dict[str, float]:
     threat = harden.ThreatModel(eps=size["eps"], rho=2e-3)
     torch.manual_seed(0)
@@ -99,8 +131,7 @@ def evaluate(
     iwd = ATTACKS.get("iwd")(threat, {"steps": 20, "stride": 2})
     inv = ATTACKS.get("invariance")(threat, {"angles": 5, "shifts": 3})
     examples = ATTACKS.get("invariance_examples")(threat)
-    bundle = load_data(DataSpec(name="mnist-5k"))
-    examples.prepare(harden.attacks.AttackEnv(policy=None, bundle=bundle))
+    examples.prepare(harden.attacks.AttackEnv(policy=None, bundle=bundle, device=x.device))
     agree, counted = examples.score(model, x, y)
     return {
         "clean": float(suite.clean_correct.float().mean()),
@@ -115,25 +146,32 @@ def evaluate(
 
 
 def step_seconds(name: str, size: dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: int = 6) -> float:
-    """Median wall time of one training step (forward, views, backward, optimizer, hooks)."""
-    policy = policy_for(name, size)
+    """Median wall time of one training step (forward, views, backward, optimizer, hooks).
+
+    Runs on ``x``'s device (CUDA work is synchronised around each timed step).
+    """
+    device = x.device
+    policy = policy_for(name, size, device=str(device))
     torch.manual_seed(0)
-    model = harden.models.build_model(policy.model, 10, 1)
+    model = harden.models.build_model(policy.model, 10, 1).to(device)
     weighted = [(s.weight, OBJECTIVES.get(s.name)(s.params, policy.threat)) for s in policy.objectives]
     objs = ObjectiveSet(model, weighted, x[:1], bn_stats=policy.train.bn_stats)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     model.train()
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         ctx = objs.context(x, y, policy.threat)
         loss, _ = objs.loss(ctx)
         opt.zero_grad()
         loss.backward()
         opt.step()
         objs.after_step(ctx)
+
+    times = []
+    for i in range(steps + 2):
+        _, took = timed(step, sync=device)
         if i >= 2:  # warm-up
-            times.append(time.perf_counter() - t0)
+            times.append(took)
     objs.close()
     return statistics.median(times)
 
@@ -147,8 +185,12 @@ def _gap(a: float, b: float, n: int) -> tuple[float, float]:
     return a - b, se
 
 
-def verdicts(res: dict[str, dict[str, float]], size: dict[str, Any]) -> list[str]:
-    """One line per paper: does its objective beat `pgd_at` and `ce` on its own axis by > 2 SE?"""
+def verdicts(res: dict[str, dict[str, float]], size: dict[str, Any]) -> tuple[list[str], list[dict[str, str]]]:
+    """One line per paper: does its objective beat `pgd_at` and `ce` on its own axis by > 2 SE?
+
+    Returns the lines and one summary headline per claim (the objective against `pgd_at`).
+    """
+    heads: list[dict[str, str]] = []
 
     def n_for(obj: str, axis: str) -> int:
         if axis == "iwd":
@@ -177,42 +219,65 @@ def verdicts(res: dict[str, dict[str, float]], size: dict[str, Any]) -> list[str
             word = "**does not reproduce**: below a baseline by more than 2 SE"
         else:
             word = "**does not reproduce**: within noise of the baselines"
+        d_pgd, se_pgd = _gap(v, res["pgd_at"][axis], n)
+        heads.append(
+            headline(
+                f"{obj} on {label.split(' (')[0]}: accuracy vs pgd_at (n = {n})",
+                f"{v:.1%}",
+                f"{res['pgd_at'][axis]:.1%}",
+                f"{d_pgd * 100:+.1f} pts (2 SE {2 * se_pgd * 100:.1f})",
+                word.split(":")[0].strip("*"),
+            )
+        )
         return f"- {obj} on {label} (n = {n}): {v:.1%} vs {', '.join(parts)}: {word}."
 
-    return [
+    lines = [
         claim("iwd_at", "iwd", "the IWD attack"),
         claim("ot_metric", "invariance", "the invariance (rotation/shift) attack"),
         claim("ot_metric", "inv_examples", "label-changing invariance examples (agreement with the new label)"),
         claim("jsigr", "transfer", "transfer from a ce surrogate"),
         claim("mi", "worst", "the PGD/APGD worst case"),
     ]
+    return lines, heads
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (``main`` parses it; tests inspect it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: training, attacks, timing")
     ap.add_argument("--only", nargs="*", default=None, help="train only these configurations")
-    args = ap.parse_args()
+    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     size = SIZES[args.size]
+    device = torch.device(args.device)
     names = args.only or list(CONFIGS)
     bundle = load_data(DataSpec(name="mnist-5k"))
-    xs, ys = zip(*(bundle.test[i] for i in range(size["n"])), strict=True)
-    x, y = torch.stack(xs), torch.tensor([int(v) for v in ys])
+    xs, ys = zip(*(bundle.test[i] for i in range(max(size["n"], 128))), strict=True)
+    x_all, y_all = torch.stack(xs).to(device), torch.tensor([int(v) for v in ys], device=device)
+    x, y = x_all[: size["n"]], y_all[: size["n"]]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(1)
-        surrogate = harden.fit(None, policy_for("ce", size, seed=1), run_dir=f"{tmp}/s", progress=False).model
+        surrogate = harden.fit(
+            None, policy_for("ce", size, seed=1, device=args.device), run_dir=f"{tmp}/s", progress=False
+        ).model.to(device)
         threat = harden.ThreatModel(eps=size["eps"])
         torch.manual_seed(0)
         x_transfer = ATTACKS.get("pgd")(threat, {"steps": 20})(surrogate, x, y)
         res: dict[str, dict[str, float]] = {}
         for name in names:
-            t0 = time.perf_counter()
-            model = harden.fit(None, policy_for(name, size), run_dir=f"{tmp}/{len(res)}", progress=False).model.eval()
-            train_s = time.perf_counter() - t0
-            res[name] = {**evaluate(model, x, y, x_transfer, size), "train_s": train_s}
+            policy = policy_for(name, size, device=args.device)
+            run_dir = f"{tmp}/{len(res)}"
+            fitted, train_s = timed(lambda p=policy, d=run_dir: harden.fit(None, p, run_dir=d, progress=False), device)
+            model = fitted.model.to(device).eval()
+            res[name] = {**evaluate(model, x, y, x_transfer, size, bundle), "train_s": train_s}
             print(name, {k: round(v, 3) for k, v in res[name].items()}, flush=True)
-    xb, yb = x[:128], y[:128]
-    cost = {name: step_seconds(name, size, xb, yb) for name in names}
+    xb, yb = x_all[:128], y_all[:128]
+    cost = {name: step_seconds(name, size, xb, yb, steps=size.get("cost_steps", 6)) for name in names}
     for name in names:
         res[name]["step_s"] = cost[name]
         print(name, f"step {cost[name] * 1000:.0f} ms", flush=True)
@@ -236,11 +301,14 @@ def main() -> None:
             ]
         )
     lines = [
-        f"Model `{size['model']}` {size['args'] or ''}, mnist-5k, {size['epochs']} epochs, seed 0, linf eps "
+        f"Model `{size['model']}` {size['args'] or ''}, mnist-5k"
+        + (f" (the first {size['train_limit']:,} training images)" if size.get("train_limit") else "")
+        + f", {size['epochs']} epochs of batches of {size.get('batch_size', 128)}, seed 0, linf eps "
         f"{size['eps']}, IWD budget rho 2e-3; {size['n']} test images (the IWD attack: the first {size['n_iwd']}, "
-        "20 steps, stride 2). Accuracies under each attack (higher is more robust); invariance examples: "
-        "agreement with the new label (higher is less excessively invariant); transfer: PGD-20 examples of a "
-        "`ce` surrogate trained with seed 1. Step: median wall time of one training step on a batch of 128.",
+        "20 steps, stride 2); device " + args.device + ". Accuracies under each attack (higher is more robust); "
+        "invariance examples: agreement with the new label (higher is less excessively invariant); transfer: "
+        "PGD-20 examples of a `ce` surrogate trained with seed 1. Step: median wall time of one training step "
+        f"on a batch of {len(xb)} (median of {size.get('cost_steps', 6)} timed steps after 2 warm-up steps).",
         "",
         *table(
             [
@@ -260,7 +328,18 @@ def main() -> None:
         ),
         "",
     ]
+    heads: list[dict[str, str]] = []
     if "mixed" in cost and "pgd_at" in cost:
+        mix_ratio = cost["mixed"] / cost["pgd_at"]
+        heads.append(
+            headline(
+                "mixed policy training step vs pgd_at alone, ms",
+                f"{cost['mixed'] * 1000:.0f}",
+                f"{cost['pgd_at'] * 1000:.0f}",
+                f"{mix_ratio:.2f}x",
+                f"goal <= 1.5x: {'met' if mix_ratio <= 1.5 else 'NOT met'}",
+            )
+        )
         lines.append(
             f"Mixed policy step cost / `pgd_at` alone: **{cost['mixed'] / cost['pgd_at']:.2f}x** (goal <= 1.5x)."
         )
@@ -275,15 +354,22 @@ def main() -> None:
         )
         lines.append("")
     if all(k in res for k in ("ce", "pgd_at", "iwd_at", "ot_metric", "jsigr", "mi")):
-        lines += ["Each paper's claim on its own axis, against both baselines:", "", *verdicts(res, size)]
-    cmd = f"python benchmarks/objectives.py --size {args.size}" + (
+        claims, claim_heads = verdicts(res, size)
+        lines += ["Each paper's claim on its own axis, against both baselines:", "", *claims]
+        heads += claim_heads
+    cmd = f"python benchmarks/objectives.py --size {args.size} --device {args.device}" + (
         f" --only {' '.join(args.only)}" if args.only else ""
     )
-    section = "objectives" if args.size == "small" and not args.only else f"objectives-{args.size}"
-    write_section(
-        section, f"Objectives: each paper's claim on its own axis ({args.size})", cmd, lines, {"results": res}
+    return write_section(
+        section_name("objectives", args.size, args.device, "only" if args.only else ""),
+        f"Objectives: each paper's claim on its own axis ({args.size}, {args.device})",
+        cmd,
+        lines,
+        {"results": res, "size": args.size, "device": args.device},
+        results=args.results,
+        headlines=heads,
     )
 
 
 if __name__ == "__main__":
-    main()
+    print(main())

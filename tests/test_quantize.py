@@ -240,12 +240,12 @@ def test_inference_benchmark_runs_tiny(tmp_path):
             f"--weights={tmp_path / 'none.safetensors'}",
         ]
     )
-    assert md == tmp_path / "inference.md"
+    assert md == tmp_path / "inference-custom.md"  # overrides never overwrite the standard section
     text = md.read_text()
     assert "random init" in text
     for backend in ("torch eager", "onnxruntime fp32", "onnxruntime int8", "onnxruntime fp16"):
         assert backend in text
-    data = json.loads((tmp_path / "inference.json").read_text())
+    data = json.loads((tmp_path / "inference-custom.json").read_text())
     assert {r["batch"] for r in data["results"]} == {1, 3}
     assert [a["model"] for a in data["accuracy"]] == ["torch fp32", "onnx fp32", "onnx int8", "onnx fp16"]
     assert data["accuracy"][1]["max_abs_diff"] <= 1e-4
