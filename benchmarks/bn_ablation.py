@@ -64,6 +64,10 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_SIZE = "small"
+SMOKE = (
+    "Small is a smoke-scale run (undertrained models, few test images): it shows the script works and wha"
+    "t it costs, not whether the effect holds; `--size medium` (kept below when not re-run) is the measurement."
+)
 
 
 def policy_for(
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
                     f"{r['worst']:.1%}",
                     f"{other['worst']:.1%}",
                     f"{(r['worst'] - other['worst']) * 100:+.1f} pts",
+                    "smoke scale: see --size medium" if args.size == "small" else "",
                 )
             )
     limit = first.data.train_limit
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
         "",
         *table(["objectives", "bn_stats", "clean", "PGD-40", "PGD-40 then APGD-CE", "fit s"], rows),
         "",
+        *([SMOKE, ""] if args.size == "small" else []),
     ]
     return write_section(
         section_name("objectives-bn", args.size, args.device),

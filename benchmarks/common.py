@@ -47,7 +47,20 @@ def commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE
+            # results being rewritten by this very run do not make the code dirty
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)benchmarks/results",
+                ":(top,exclude)benchmarks/RESULTS.md",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=HERE,
         ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except OSError:

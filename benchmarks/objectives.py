@@ -48,6 +48,7 @@ from harden.policy import DataSpec, load_policy
 ROOT = Path(__file__).resolve().parent.parent
 SIZES: dict[str, dict[str, Any]] = {
     "small": {
+        "smoke": True,
         "model": "harden.testing:TinyCNN",
         "args": {"width": 32},
         "eps": 0.1,
@@ -69,6 +70,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"model": "timm:resnet10t", "args": {}, "eps": 0.3, "epochs": 5, "n": 1000, "n_iwd": 200},
 }
 DEFAULT_SIZE = "small"
+SMOKE = (
+    "Small is a smoke-scale run (undertrained models, few test images): it shows the script works and wha"
+    "t it costs, not whether the effect holds; `--size medium` (kept below when not re-run) is the measurement."
+)
 #: objective lists, from the policies where a policy exists
 CONFIGS: dict[str, list[dict[str, Any]]] = {
     "ce": [{"name": "ce"}],
@@ -226,7 +231,7 @@ def verdicts(res: dict[str, dict[str, float]], size: dict[str, Any]) -> tuple[li
                 f"{v:.1%}",
                 f"{res['pgd_at'][axis]:.1%}",
                 f"{d_pgd * 100:+.1f} pts (2 SE {2 * se_pgd * 100:.1f})",
-                word.split(":")[0].strip("*"),
+                word.split(":")[0].strip("*") + ("; smoke scale: see --size medium" if size.get("smoke") else ""),
             )
         )
         return f"- {obj} on {label} (n = {n}): {v:.1%} vs {', '.join(parts)}: {word}."
@@ -355,7 +360,8 @@ def main(argv: list[str] | None = None) -> Path:
         lines.append("")
     if all(k in res for k in ("ce", "pgd_at", "iwd_at", "ot_metric", "jsigr", "mi")):
         claims, claim_heads = verdicts(res, size)
-        lines += ["Each paper's claim on its own axis, against both baselines:", "", *claims]
+        lines += ["Each paper's claim on its own axis, against both baselines:", "", *claims, ""]
+        lines += [SMOKE, ""] if size.get("smoke") else []
         heads += claim_heads
     cmd = f"python benchmarks/objectives.py --size {args.size} --device {args.device}" + (
         f" --only {' '.join(args.only)}" if args.only else ""
