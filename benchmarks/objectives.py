@@ -5,17 +5,17 @@ Same model, data (mnist-5k), epochs and seed for `ce`, `pgd_at`, `trades`, `iwd_
 is evaluated on the same test images with: clean accuracy, PGD-20, the PGD + APGD-CE worst case,
 the IWD attack, the invariance (rotation/shift grid) attack, label-changing invariance examples
 (agreement with the new label) and transfer from one `ce` surrogate (trained with another seed).
-Then the per-step training cost of each objective (median of timed steps on one batch) as a
+Then the per-step training cost of each objective (median of interleaved timed rounds on one batch) as a
 ratio to a plain CE step, and the mixed policy's as a ratio to `pgd_at` alone.
 
 Sizes (every size trains every configuration, so every objective gets a row; times: 2 cores):
 
 - ``small`` (default; a smoke-scale run, ~3 min): TinyCNN (width 32), linf eps 0.1, 2 epochs of
   batches of 64 on the first 2,048 training images, 100 test images, the IWD attack on the first
-  8, per-step cost the median of 3 timed steps. The models are undertrained and the samples
+  8, per-step cost the median of 8 interleaved rounds. The models are undertrained and the samples
   small: the per-paper verdicts are only meaningful from ``medium`` on.
 - ``medium`` (~12-15 min): TinyCNN (width 32), eps 0.1, 4 epochs of batches of 128 on all 4,000
-  training images, 300 test images, the IWD attack on the first 64, median of 6 timed steps.
+  training images, 300 test images, the IWD attack on the first 64, median of 6 interleaved rounds.
 - ``full`` (hours on a CPU): timm resnet10t, eps 0.3 (the demo's setting), 5 epochs,
   1,000 test images, the IWD attack on the first 200.
 
@@ -57,7 +57,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "n": 100,
         "n_iwd": 8,
-        "cost_steps": 3,
+        "cost_steps": 8,
     },
     "medium": {
         "model": "harden.testing:TinyCNN",
@@ -150,11 +150,8 @@ def evaluate(
     }
 
 
-def step_seconds(name: str, size: dict[str, Any], x: torch.Tensor, y: torch.Tensor, steps: int = 6) -> float:
-    """Median wall time of one training step (forward, views, backward, optimizer, hooks).
-
-    Runs on ``x``'s device (CUDA work is synchronised around each timed step).
-    """
+def _stepper(name: str, size: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
+    """One training step of configuration ``name`` (forward, views, backward, optimizer, hooks) and its cleanup."""
     device = x.device
     policy = policy_for(name, size, device=str(device))
     torch.manual_seed(0)
@@ -172,13 +169,29 @@ def step_seconds(name: str, size: dict[str, Any], x: torch.Tensor, y: torch.Tens
         opt.step()
         objs.after_step(ctx)
 
-    times = []
-    for i in range(steps + 2):
-        _, took = timed(step, sync=device)
-        if i >= 2:  # warm-up
-            times.append(took)
-    objs.close()
-    return statistics.median(times)
+    return step, objs.close
+
+
+def step_costs(
+    names: list[str], size: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rounds: int
+) -> dict[str, float]:
+    """Median wall time of one training step per configuration, timed in interleaved rounds.
+
+    Each round times one step of every configuration (the order rotating), so a slow spell of
+    the machine touches all of them instead of one; two warm-up steps each come first. Runs on
+    ``x``'s device (CUDA work is synchronised around each timed step).
+    """
+    steppers = {name: _stepper(name, size, x, y) for name in names}
+    for step, _ in steppers.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(steppers[name][0], sync=x.device)[1])
+    for _, close in steppers.values():
+        close()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _gap(a: float, b: float, n: int) -> tuple[float, float]:
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
             res[name] = {**evaluate(model, x, y, x_transfer, size, bundle), "train_s": train_s}
             print(name, {k: round(v, 3) for k, v in res[name].items()}, flush=True)
     xb, yb = x_all[:128], y_all[:128]
-    cost = {name: step_seconds(name, size, xb, yb, steps=size.get("cost_steps", 6)) for name in names}
+    cost = step_costs(names, size, xb, yb, rounds=size.get("cost_steps", 6))
     for name in names:
         res[name]["step_s"] = cost[name]
         print(name, f"step {cost[name] * 1000:.0f} ms", flush=True)
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> Path:
         "20 steps, stride 2); device " + args.device + ". Accuracies under each attack (higher is more robust); "
         "invariance examples: agreement with the new label (higher is less excessively invariant); transfer: "
         "PGD-20 examples of a `ce` surrogate trained with seed 1. Step: median wall time of one training step "
-        f"on a batch of {len(xb)} (median of {size.get('cost_steps', 6)} timed steps after 2 warm-up steps).",
+        f"on a batch of {len(xb)} (median of {size.get('cost_steps', 6)} interleaved rounds after 2 warm-up steps).",
         "",
         *table(
             [
