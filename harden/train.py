@@ -292,7 +292,9 @@ def _fit(
                 if scaler.is_enabled() and "scaler" in state:
                     scaler.load_state_dict(state["scaler"])
             except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                # torch's message starts with a header line ("Error(s) in loading ..."): name the first mismatch
+                lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+                first = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]).rstrip(".")
                 raise CheckpointError(
                     f"expected the checkpoint of epoch {start_epoch} in {ckpt_dir} to fit this policy's model, "
                     f"objectives and optimizer, got: {first[:300]}; resume only with the policy that wrote it, "
