@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harden.attacks import SuiteResult, run_suite
-from harden.attacks.suite import suite_labels
+from harden.attacks import SuiteResult, build_attack, run_suite
+from harden.attacks.base import AttackEnv
+from harden.attacks.suite import order_attacks, suite_labels
+from harden.attacks.transfer import Transfer
 from harden.data import EvalData, check_batch, eval_batches, to_device
 from harden.errors import DataError
 
 if TYPE_CHECKING:
     from harden.attacks.base import Attack
+    from harden.data import DataBundle
+    from harden.policy import AttackSpec, Policy
 
 
 @dataclass
@@ -41,6 +46,57 @@ class CascadeTally:
     check_x: list[torch.Tensor] = field(default_factory=list)
     check_y: list[torch.Tensor] = field(default_factory=list)
     adversarial: torch.Tensor | None = None
+
+    def report_fields(self, policy: Policy, specs: Sequence[AttackSpec], seconds: float) -> dict[str, Any]:
+        """The fields every robustness report takes from a cascade (accuracies, counts, threat, timing)."""
+        result = self.result
+        n = int(result.clean_correct.numel())
+        counts = Counter(b for b in result.broken_by if b)
+        return {
+            "n": n,
+            "clean_accuracy": int(result.clean_correct.sum()) / n,
+            "robust_accuracy": int(result.robust.sum()) / n,
+            "per_attack": {k: int(v.sum()) / n for k, v in result.still_correct.items()},
+            "broken_by": {k: counts.get(k, 0) for k in ["clean", *result.labels]},
+            "attack_seconds": dict(result.seconds),
+            "threat": policy.threat.model_dump(mode="json"),
+            "attacks": [spec.model_dump(mode="json") for spec in specs],
+            "seconds": seconds,
+            "seed": policy.seed,
+            "other_threats": {k: v / max(self.other_n[k], 1) for k, v in self.other_right.items()},
+            "other_counts": self.other_n,
+        }
+
+
+def prepared_attacks(
+    specs: Sequence[AttackSpec],
+    policy: Policy,
+    bundle: DataBundle | None,
+    device: torch.device,
+    surrogate: nn.Module | None = None,
+) -> tuple[list[Attack], list[Attack], list[int | None]]:
+    """Build and prepare the attacks ``specs`` name, in cascade order.
+
+    Args:
+        specs: the attacks, as the policy lists them.
+        policy: gives the threat model (and, to ``prepare``, the data and seed).
+        bundle: the data bundle attacks may prepare from (a transfer surrogate's training data).
+        device: where the attacks run.
+        surrogate: given to transfer attacks before they prepare (so they do not train their own).
+
+    Returns:
+        ``(lp_attacks, other_attacks, other_caps)``: the l_p cascade, the attacks outside the
+        l_p threat model, and each of those one's ``n_examples`` cap.
+    """
+    attacks = [build_attack(spec, policy.threat) for spec in specs]
+    caps = {id(a): spec.n_examples for a, spec in zip(attacks, specs, strict=True)}
+    env = AttackEnv(policy=policy, bundle=bundle, device=device)
+    for attack in attacks:
+        if surrogate is not None and isinstance(attack, Transfer):
+            attack.surrogate = surrogate  # prepare() keeps a surrogate it is given
+        attack.prepare(env)
+    lp_attacks, other_attacks = order_attacks(attacks)
+    return list(lp_attacks), list(other_attacks), [caps[id(a)] for a in other_attacks]
 
 
 def run_cascade(

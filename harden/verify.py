@@ -7,15 +7,14 @@ worst case and how many examples survived after each attack.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from harden._cascade import run_cascade
-from harden.attacks import ATTACKS, build_attack
+from harden._cascade import prepared_attacks, run_cascade
+from harden.attacks import ATTACKS
 from harden.data import EvalData, eval_batches, load_data, to_device
 from harden.errors import DataError
 from harden.models import prepare_model
@@ -254,8 +253,8 @@ def verify(
         >>> kept.adversarial is None or kept.adversarial.shape[1:] == (1, 8, 8)
         True
     """
-    from harden.attacks.base import AttackEnv, restore_modes, save_modes
-    from harden.attacks.suite import order_attacks, preset_specs
+    from harden.attacks.base import restore_modes, save_modes
+    from harden.attacks.suite import preset_specs
     from harden.checks import CheckContext, run_checks
 
     if isinstance(keep_adversarial, bool) or not isinstance(keep_adversarial, int) or keep_adversarial < 0:
@@ -268,12 +267,7 @@ def verify(
         bundle = load_data(policy.data)
         data = bundle.test
     specs = [*preset_specs(policy.verify.preset), *policy.verify.attacks]
-    attacks = [build_attack(spec, policy.threat) for spec in specs]
-    caps = {id(a): spec.n_examples for a, spec in zip(attacks, specs, strict=True)}
-    env = AttackEnv(policy=policy, bundle=bundle, device=device)
-    for attack in attacks:
-        attack.prepare(env)
-    lp_attacks, other_attacks = order_attacks(attacks)
+    lp_attacks, other_attacks, other_caps = prepared_attacks(specs, policy, bundle, device)
     modes = save_modes(net)
     net.eval()
     try:
@@ -284,7 +278,7 @@ def verify(
                 data,
                 lp_attacks,
                 other_attacks,
-                [caps[id(a)] for a in other_attacks],
+                other_caps,
                 device,
                 batch_size=policy.data.eval_batch_size,
                 limit=policy.verify.n_examples,
@@ -313,21 +307,8 @@ def verify(
                 checks = {k: v.to_dict() for k, v in run_checks(ctx).items()}
     finally:
         restore_modes(net, modes)
-    n = int(result.clean_correct.numel())
-    counts = Counter(b for b in result.broken_by if b)
     return RobustnessReport(
-        n=n,
-        clean_accuracy=int(result.clean_correct.sum()) / n,
-        robust_accuracy=int(result.robust.sum()) / n,
-        per_attack={k: int(v.sum()) / n for k, v in result.still_correct.items()},
-        broken_by={k: counts.get(k, 0) for k in ["clean", *result.labels]},
-        attack_seconds=dict(result.seconds),
-        threat=policy.threat.model_dump(mode="json"),
-        attacks=[spec.model_dump(mode="json") for spec in specs],
-        seconds=time.perf_counter() - t0,
-        seed=policy.seed,
-        other_threats={k: v / max(tally.other_n[k], 1) for k, v in tally.other_right.items()},
-        other_counts=tally.other_n,
+        **tally.report_fields(policy, specs, time.perf_counter() - t0),
         eps_curve=curve,
         checks=checks,
         adversarial=tally.adversarial,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from harden._cascade import run_cascade
-from harden.attacks import ATTACKS, build_attack
-from harden.attacks.base import AttackEnv
-from harden.attacks.suite import order_attacks, preset_specs
-from harden.attacks.transfer import Transfer
+from harden._cascade import prepared_attacks, run_cascade
+from harden.attacks import ATTACKS
+from harden.attacks.suite import preset_specs
 from harden.data import EvalData, load_data
 from harden.errors import ModelError
 from harden.models import prepare_model
@@ -164,14 +161,7 @@ def verify_onnx(
         bundle = load_data(policy.data)
         data = bundle.test
     specs = gradient_free_specs(policy, with_transfer=surrogate is not None)
-    attacks = [build_attack(spec, policy.threat) for spec in specs]
-    caps = {id(a): spec.n_examples for a, spec in zip(attacks, specs, strict=True)}
-    env = AttackEnv(policy=policy, bundle=bundle, device=dev)
-    for attack in attacks:
-        if surrogate is not None and isinstance(attack, Transfer):
-            attack.surrogate = surrogate  # prepare() keeps a surrogate it is given
-        attack.prepare(env)
-    lp_attacks, other_attacks = order_attacks(attacks)
+    lp_attacks, other_attacks, other_caps = prepared_attacks(specs, policy, bundle, dev, surrogate)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(policy.seed)
         tally = run_cascade(
@@ -179,7 +169,7 @@ def verify_onnx(
             data,
             lp_attacks,
             other_attacks,
-            [caps[id(a)] for a in other_attacks],
+            other_caps,
             dev,
             batch_size=policy.data.eval_batch_size,
             limit=policy.verify.n_examples,
@@ -187,22 +177,8 @@ def verify_onnx(
             progress=progress,
             in_chans=clf.input_shape[0] if clf.input_shape is not None else None,
         )
-    result = tally.result
-    n = int(result.clean_correct.numel())
-    counts = Counter(b for b in result.broken_by if b)
     return OnnxReport(
-        n=n,
-        clean_accuracy=int(result.clean_correct.sum()) / n,
-        robust_accuracy=int(result.robust.sum()) / n,
-        per_attack={k: int(v.sum()) / n for k, v in result.still_correct.items()},
-        broken_by={k: counts.get(k, 0) for k in ["clean", *result.labels]},
-        attack_seconds=dict(result.seconds),
-        threat=policy.threat.model_dump(mode="json"),
-        attacks=[spec.model_dump(mode="json") for spec in specs],
-        seconds=time.perf_counter() - t0,
-        seed=policy.seed,
-        other_threats={k: v / max(tally.other_n[k], 1) for k, v in tally.other_right.items()},
-        other_counts=tally.other_n,
+        **tally.report_fields(policy, specs, time.perf_counter() - t0),
         onnx={
             "path": str(clf.path),
             "sha256": sha256_file(clf.path),
