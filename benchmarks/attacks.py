@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, timed, write_section
+from common import base_parser, headline, section_name, table, timed, write_section
 
 import harden
 from harden.attacks import ATTACKS, preset_specs, run_suite
@@ -47,7 +47,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "medium": {"model": "harden.testing:TinyCNN", "args": {"width": 32}, "n": 200, "epochs": 4, "eps": 0.1},
     "full": {"model": "timm:resnet10t", "args": {}, "n": 1000, "epochs": 5, "eps": 0.3},
 }
-DEFAULT_SIZE = "small"
 EPS = 0.3  # set from --size in main()
 
 
@@ -110,12 +109,9 @@ def theirs(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: training, attacks, timing")
+    ap = base_parser(__doc__, SIZES, "cpu (default), cuda or cuda:N: training, attacks, timing")
     ap.add_argument("--skip-standard", action="store_true", help="skip the (slow) standard-suite rows")
     ap.add_argument("--n", type=int, default=None, help="test images (default: the size's)")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
     return ap
 
 

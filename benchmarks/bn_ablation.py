@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, timed, write_section
+from common import base_parser, headline, section_name, table, timed, write_section
 
 import harden
 from harden.attacks import ATTACKS, run_suite
@@ -63,7 +63,6 @@ SIZES: dict[str, dict[str, Any]] = {
         ],
     },
 }
-DEFAULT_SIZE = "small"
 SMOKE = (
     "Small is a smoke-scale run (undertrained models, few test images): it shows the script works and wha"
     "t it costs, not whether the effect holds; `--size medium` (kept below when not re-run) is the measurement."
@@ -92,10 +91,7 @@ def policy_for(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: training and attacks")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
+    ap = base_parser(__doc__, SIZES, "cpu (default), cuda or cuda:N: training and attacks")
     return ap
 
 

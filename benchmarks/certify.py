@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, timed, write_section
+from common import base_parser, headline, section_name, table, timed, write_section
 
 import harden
 from harden.data import load_data
@@ -38,7 +38,6 @@ from harden.smoothing import smooth_certify
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"small": 10, "full": 100}
-DEFAULT_SIZE = "small"
 
 
 def forward_rate(model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: int = 5) -> float:
@@ -55,10 +54,7 @@ def forward_rate(model: torch.nn.Module, x: torch.Tensor, batch: int, repeats: i
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: model, data, timing")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
+    ap = base_parser(__doc__, SIZES, "cpu (default), cuda or cuda:N: model, data, timing")
     return ap
 
 

@@ -6,6 +6,7 @@ them into ``benchmarks/RESULTS.md`` under a header naming the machine.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -146,3 +147,19 @@ def section_name(base: str, size: str, device: str, *suffixes: str) -> str:
     parts += [device.replace(":", "")] if device != "cpu" else []
     parts += [s for s in suffixes if s]
     return "-".join(parts)
+
+
+def base_parser(
+    doc: str | None, sizes: dict[str, Any], device_help: str, device_choices: list[str] | None = None
+) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--size`` (default ``small``), ``--device``, ``--results``.
+
+    ``doc`` (the script's docstring, with its sizes and times) is the ``--help`` text.
+    """
+    if "small" not in sizes:
+        raise ValueError(f"expected a 'small' size (make bench's default), got {sorted(sizes)}")
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=list(sizes), default="small", help="see the description above")
+    ap.add_argument("--device", choices=device_choices, default="cpu", help=device_help)
+    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
+    return ap

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, write_section
+from common import base_parser, headline, section_name, table, write_section
 
 import harden
 from harden.attacks import ATTACKS
@@ -59,7 +59,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"batches": "1,64", "repeats": 5, "seconds": 0.5, "examples": 256},
     "full": {"batches": "1,64,256", "repeats": 10, "seconds": 2.0, "examples": 1000},
 }
-DEFAULT_SIZE = "small"
 #: options that override a size's value
 OVERRIDES = ["batches", "repeats", "seconds", "examples"]
 
@@ -238,14 +237,11 @@ def _pct(v: float | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda adds GPU rows (CPU rows always)")
+    ap = base_parser(__doc__, SIZES, "cuda adds GPU rows (CPU rows always)", ["cpu", "cuda"])
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the size's, 1,64)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell; the median is reported")
     ap.add_argument("--seconds", type=float, default=None, help="length of one timed run")
     ap.add_argument("--examples", type=int, default=None, help="test images for parity/accuracy (0: skip)")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--weights", type=Path, default=WEIGHTS, help="demo weights (random init when missing)")
     return ap
 

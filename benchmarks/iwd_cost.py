@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, timed, write_section
+from common import base_parser, headline, section_name, table, timed, write_section
 
 import harden.ot as hot
 from harden.attacks.iwd import IWDAttack
@@ -46,7 +46,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"batch": 128, "strides": [2], "attack_strides": [2], "attack_n": 64, "steps": None},
     "full": {"batch": 128, "strides": [2, 1], "attack_strides": [2], "attack_n": None, "steps": None},
 }
-DEFAULT_SIZE = "small"
 #: options that override a size's value: (flag, key in SIZES)
 OVERRIDES = [
     ("--batch", "batch"),
@@ -79,16 +78,13 @@ def _count_iterations() -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see above")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: data, model, IWD, timing")
+    ap = base_parser(__doc__, SIZES, "cpu (default), cuda or cuda:N: data, model, IWD, timing")
     ap.add_argument("--batch", type=int, default=None, help="digits per IWD evaluation (default: the size's, 128)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--strides", type=int, nargs="*", default=None, help="IWD strides (default: the size's)")
     ap.add_argument("--attack-strides", type=int, nargs="*", default=None, help="attack strides (default: 2)")
     ap.add_argument("--attack-n", type=int, default=None, help="digits attacked (default: the size's; all: the batch)")
     ap.add_argument("--steps", type=int, default=None, help="attack steps (default: the attack's, 50)")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
     return ap
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, timed, write_section
+from common import base_parser, headline, section_name, table, timed, write_section
 
 import harden
 from harden.attacks import ATTACKS, run_suite
@@ -69,7 +69,6 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "full": {"model": "timm:resnet10t", "args": {}, "eps": 0.3, "epochs": 5, "n": 1000, "n_iwd": 200},
 }
-DEFAULT_SIZE = "small"
 SMOKE = (
     "Small is a smoke-scale run (undertrained models, few test images): it shows the script works and wha"
     "t it costs, not whether the effect holds; `--size medium` (kept below when not re-run) is the measurement."
@@ -261,11 +260,8 @@ def verdicts(res: dict[str, dict[str, float]], size: dict[str, Any]) -> tuple[li
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help="see the module docstring")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: training, attacks, timing")
+    ap = base_parser(__doc__, SIZES, "cpu (default), cuda or cuda:N: training, attacks, timing")
     ap.add_argument("--only", nargs="*", default=None, help="train only these configurations")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
     return ap
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import headline, section_name, table, write_section
+from common import base_parser, headline, section_name, table, write_section
 
 import harden
 from harden.data import load_data, make_loader
@@ -64,10 +64,7 @@ SIZES: dict[str, dict[str, int]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``--size``, ``--device``, ``--results``)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
+    ap = base_parser(__doc__, SIZES, "cpu (default), cuda or cuda:N: training, ART, throughput")
     ap.add_argument("--skip-throughput", action="store_true", help="only the overhead and ideal tables")
     return ap
 
