@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from harden.errors import (
     UnknownNameError,
     describe_validation_error,
+    format_key_path,
 )
 
 __all__ = [
@@ -50,7 +51,7 @@ class _Strict(BaseModel):
 def _nested_params_error(kind: str, name: str, exc: ValidationError) -> PydanticCustomError:
     """Turn a Params model's first error into one that carries the nested key path."""
     err = exc.errors()[0]
-    path = ".".join(["params", *(str(p) for p in err["loc"])])
+    path = format_key_path(["params", *err["loc"]])  # quotes odd keys: a "\n" key must not break the line
     return PydanticCustomError(
         "harden_nested",
         "{msg}",

@@ -184,6 +184,14 @@ def test_param_errors_name_the_objective(tmp_path):
     assert "-1" in msg
 
 
+def test_odd_param_keys_are_quoted_on_one_line(tmp_path):
+    # found by the fuzz test: a newline key inside attack params broke the one-line message
+    _, msg = policy_error(tmp_path, 'objectives: [{name: ce}]\nverify: {attacks: [{name: pgd, params: {"\\n": 1}}]}\n')
+    assert "\n" not in msg
+    assert ": verify.attacks.0.params.'\\n': unknown key" in msg
+    assert "'pgd'" in msg
+
+
 def test_unknown_objective_lists_suggestions(tmp_path):
     _, msg = policy_error(tmp_path, "objectives: [{name: pgd-at}]\n")
     assert "got 'pgd-at'" in msg

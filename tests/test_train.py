@@ -122,7 +122,9 @@ def test_resume_with_another_model_is_a_checkpoint_error(tmp_run):
     train = {"epochs": 1, "probe_examples": 0}
     fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
     wider = tiny_policy(train={**train, "epochs": 2}, objectives=[{"name": "ce"}], model={"args": {"width": 24}})
-    with pytest.raises(harden.CheckpointError, match=r"epoch 1 .* size mismatch .* resume only with the policy that wrote it"):
+    with pytest.raises(
+        harden.CheckpointError, match=r"epoch 1 .* size mismatch .* resume only with the policy that wrote it"
+    ):
         fit(wider, tmp_run, resume=True)
 
 
