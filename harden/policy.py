@@ -22,6 +22,7 @@ from harden.errors import (
     describe_validation_error,
     format_key_path,
 )
+from harden.registry import suggest
 
 __all__ = [
     "AttackSpec",
@@ -48,14 +49,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _nested_params_error(kind: str, name: str, exc: ValidationError) -> PydanticCustomError:
-    """Turn a Params model's first error into one that carries the nested key path."""
+def _nested_params_error(
+    kind: str, name: str, exc: ValidationError, params_model: type[BaseModel]
+) -> PydanticCustomError:
+    """Turn a Params model's first error into one that carries the nested key path.
+
+    An unknown parameter gets the close matches among the allowed ones (or the allowed ones).
+    """
     err = exc.errors()[0]
     path = format_key_path(["params", *err["loc"]])  # quotes odd keys: a "\n" key must not break the line
+    hint = ""
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+        allowed = list(params_model.model_fields)
+        close = suggest(str(err["loc"][0]), allowed)
+        hint = (
+            f"; did you mean {', '.join(repr(c) for c in close)}?"
+            if close
+            else f"; expected one of {', '.join(allowed)}"
+        )
     return PydanticCustomError(
         "harden_nested",
         "{msg}",
-        {"path": path, "msg": f"{describe_validation_error(err)} (params of {kind} {name!r})"},
+        {"path": path, "msg": f"{describe_validation_error(err)} (params of {kind} {name!r}){hint}"},
     )
 
 
@@ -63,7 +78,7 @@ def _validate_params(kind: str, name: str, params_model: type[BaseModel], params
     try:
         validated = params_model.model_validate(params)
     except ValidationError as exc:
-        raise _nested_params_error(kind, name, exc) from None
+        raise _nested_params_error(kind, name, exc, params_model) from None
     return validated.model_dump(mode="json")
 
 

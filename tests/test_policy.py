@@ -192,6 +192,14 @@ def test_odd_param_keys_are_quoted_on_one_line(tmp_path):
     assert "'pgd'" in msg
 
 
+def test_unknown_params_suggest_the_close_ones(tmp_path):
+    _, msg = policy_error(tmp_path, "objectives: [{name: pgd_at, params: {step: 5}}]\n")
+    assert ": objectives.0.params.step: unknown key" in msg
+    assert "did you mean 'steps', 'step_size'?" in msg
+    _, msg = policy_error(tmp_path, "objectives: [{name: pgd_at, params: {zzz: 5}}]\n")
+    assert "expected one of steps, step_size, random_start" in msg
+
+
 def test_unknown_objective_lists_suggestions(tmp_path):
     _, msg = policy_error(tmp_path, "objectives: [{name: pgd-at}]\n")
     assert "got 'pgd-at'" in msg
