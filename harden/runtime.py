@@ -161,10 +161,18 @@ def _no_cuda_reason(log_lines: list[str], available: list[str]) -> str:
     return text if len(text) <= 900 else text[:897] + "..."
 
 
-def _session(path: Path, providers: list[str], threads: int | None) -> tuple[Any, list[str]]:
-    """An ``InferenceSession`` and, for GPU providers, onnxruntime's captured log lines."""
+def _session(path: Path, providers: list[str], threads: int | None, tf32: bool = False) -> tuple[Any, list[str]]:
+    """An ``InferenceSession`` and, for GPU providers, onnxruntime's captured log lines.
+
+    The CUDA provider gets ``use_tf32`` from ``tf32``: onnxruntime's default (on) rounds the
+    inputs of float32 convolutions and matrix products to TensorFloat-32 (10-bit mantissa) on
+    Ampere and later GPUs, which moves logits by about 1e-3 of their scale.
+    """
     import onnxruntime as ort
 
+    entries: list[Any] = [
+        (CUDA, {"device_id": "0", "use_tf32": "1" if tf32 else "0"}) if p == CUDA else p for p in providers
+    ]
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -173,7 +181,7 @@ def _session(path: Path, providers: list[str], threads: int | None) -> tuple[Any
     )
     try:
         with ctx as lines:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=entries)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"expected an ONNX model onnxruntime can load at {str(path)!r}, got {first}") from None
@@ -181,7 +189,9 @@ def _session(path: Path, providers: list[str], threads: int | None) -> tuple[Any
 
 
 # ---------------------------------------------------------------- the classifier
-def load_onnx(path: str | Path, device: str = "auto", *, threads: int | None = None) -> OnnxClassifier:
+def load_onnx(
+    path: str | Path, device: str = "auto", *, threads: int | None = None, tf32: bool = False
+) -> OnnxClassifier:
     """Open an ONNX classifier in onnxruntime on ``device`` and report what actually runs.
 
     Args:
@@ -189,6 +199,9 @@ def load_onnx(path: str | Path, device: str = "auto", *, threads: int | None = N
         device: ``auto`` (CUDA if it runs, else CPU), ``cuda`` (or an error) or ``cpu``.
             ``HARDEN_TRT=1`` in the environment puts TensorRT first for ``cuda``/``auto``.
         threads: onnxruntime's intra-op CPU threads (None: its default, one per core).
+        tf32: let CUDA round float32 convolutions and matrix products to TensorFloat-32
+            (faster on Ampere and later GPUs, logits move by about 1e-3 of their scale). Off by
+            default, so that a CUDA session keeps the float32 parity the export measured.
 
     Returns:
         An :class:`OnnxClassifier`; its ``providers`` are the ones running, not the ones asked.
@@ -220,7 +233,7 @@ def load_onnx(path: str | Path, device: str = "auto", *, threads: int | None = N
         raise ExportError(f"expected threads as an integer >= 1 or None, got {threads!r}")
     available = list(ort.get_available_providers())
     asked = providers_for(device, available)
-    sess, lines = _session(path, asked, threads)
+    sess, lines = _session(path, asked, threads, tf32)
     running = list(sess.get_providers())
     fallback = None
     if device != "cpu" and CUDA not in running:
