@@ -35,20 +35,23 @@ THREATS = [ThreatModel(norm="linf", eps=0.1), ThreatModel(norm="l2", eps=0.5)]
 _PREPARED = {}
 
 
-def make_attack(name, threat, **params):
-    """A cheap instance of a registered attack, prepared once (e.g. a transfer surrogate trained)."""
+def make_attack(name, threat, device="cpu", **params):
+    """A cheap instance of a registered attack, prepared once (e.g. a transfer surrogate trained) for ``device``."""
     cls = ATTACKS.get(name)
     cheap = {k: v for k, v in CHEAP.items() if k in cls.Params.model_fields}
     params = {**cheap, **FAST_PARAMS.get(name, {}), **params}
-    key = (name, threat.norm, threat.eps, tuple(sorted(params.items())))
+    key = (name, threat.norm, threat.eps, device, tuple(sorted(params.items())))
     if key not in _PREPARED:
         attack = cls(threat, params)
         prepare = getattr(attack, "prepare", None)
         if prepare is not None:
             from harden.attacks.base import AttackEnv
 
+            env = AttackEnv(
+                policy=tiny_policy(threat=threat.model_dump()), bundle=synthetic_bundle(), device=torch.device(device)
+            )
             with torch.random.fork_rng(devices=[]):
-                prepare(AttackEnv(policy=tiny_policy(threat=threat.model_dump()), bundle=synthetic_bundle()))
+                prepare(env)
         _PREPARED[key] = attack
     return _PREPARED[key]
 
@@ -291,15 +294,19 @@ def test_inputs_already_on_the_box_edge(name):
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @CONTRACT
 def test_device_mismatch_raises_and_cuda_stays_on_cuda(name):
     model = fresh_model().cuda()
     x, y = synthetic_tensors(8)
+    attack = make_attack(name, THREATS[0], device="cuda")  # a transfer surrogate prepared on the GPU
     with pytest.raises(harden.ThreatModelError, match="one device"):
-        make_attack(name, THREATS[0])(model, x, y)
-    adv = make_attack(name, THREATS[0])(model, x.cuda(), y.cuda())
+        attack(model, x, y)
+    adv = attack(model, x.cuda(), y.cuda())
     assert adv.device.type == "cuda"
+    if ATTACKS.get(name).bounded and not ATTACKS.get(name).changes_label:
+        # the linf projection in float32: one rounding of x + delta (|x| <= 1) adds at most 2**-24
+        assert float((adv - x.cuda()).abs().max()) <= THREATS[0].eps + 1e-6
 
 
 # --------------------------------------------------------------------------- projection

@@ -255,3 +255,16 @@ def test_inspect_refuses_a_non_certificate(tmp_path):
         inspect_certificate(tmp_path)
     with pytest.raises(harden.HardenError, match="no file"):
         inspect_certificate(tmp_path / "nothing")
+
+
+@pytest.mark.gpu
+def test_smoothing_on_cuda_certifies_the_closed_form_radius():
+    sigma, n, alpha = 0.5, 200, 0.001
+    x, _ = synthetic_tensors(6, num_classes=3)
+    y = torch.tensor([2, 2, 2, 0, 1, 2])
+    model = ConstantClassifier(3, label=2).cuda()
+    res = smooth_certify(model, x.cuda(), y.cuda(), sigma=sigma, n0=20, n=n, alpha=alpha, progress=False)
+    assert res.predictions == [2] * 6
+    assert res.radii == pytest.approx([sigma * norm.ppf(alpha ** (1 / n))] * 6, rel=1e-9)
+    counts = sample_counts(TinyCNN(num_classes=3).cuda().eval(), x.cuda(), 33, 0.2, 7, 3)
+    assert counts.sum(1).tolist() == [33] * 6

@@ -222,3 +222,16 @@ def test_run_checks_parity_on_the_suites_adversarial_examples(tmp_path):
     assert export["parity_adversarial_examples"] > 0
     assert export["parity_adversarial_max_abs_diff"] <= policy.export.parity_atol
     assert export["parity_adversarial_argmax_agreement"] == 1.0
+
+
+@pytest.mark.gpu
+def test_export_of_a_cuda_model_leaves_it_on_cuda_in_its_mode(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3).cuda().eval()
+    x, y = (t.cuda() for t in synthetic_tensors(24, seed=3))
+    x_adv = pgd_examples(model, x, y)  # CUDA parity inputs: export takes them where they are
+    model.train()
+    result = harden.export_onnx(model, tmp_path / "m.onnx", parity_inputs=x, adversarial_inputs=x_adv)
+    assert all(p.device.type == "cuda" for p in model.parameters()) and model.training
+    assert result.parity_max_abs_diff <= 1e-4 and result.parity_adversarial_max_abs_diff <= 1e-4
+    assert result.parity_argmax_agreement == 1.0

@@ -318,3 +318,13 @@ def test_attack_on_mnist_sized_images():
 def test_numpy_inputs_are_not_tensors():
     with pytest.raises(DataError):
         iwd(np.zeros((1, 1, 8, 8)), torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.gpu
+def test_sinkhorn_cost_on_cuda_equals_the_cpu():
+    pa, pb = patches(tiny_images(seed=0)), patches(tiny_images(seed=1))
+    cpu = sinkhorn_cost(pa, pb, 0.05, tol=1e-10, max_iter=100_000)
+    gpu = sinkhorn_cost(pa.cuda(), pb.cuda(), 0.05, tol=1e-10, max_iter=100_000)
+    assert gpu.device.type == "cuda"
+    # both converge (tol 1e-10) to the same fixed point; the test against POT holds at rel 1e-7 too
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-9)

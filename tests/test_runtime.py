@@ -313,3 +313,46 @@ def test_cli_verify_onnx_writes_report(tmp_path, capsys):
         assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("harden: error: expected onnxruntime to run model.onnx on CUDA")
+
+
+# ---------------------------------------------------------------- CUDA (pytest -m gpu; skipped without CUDA)
+def test_cuda_provider_options_ask_for_float32_unless_tf32(onnx_path, monkeypatch):
+    seen = []
+    real = ort.InferenceSession
+
+    def recording(path, sess_options=None, providers=None):
+        seen.append(providers)
+        return real(path, sess_options=sess_options, providers=[CPU])
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    load_onnx(onnx_path, "auto")
+    load_onnx(onnx_path, "auto", tf32=True)
+    assert seen[0] == [(CUDA, {"device_id": "0", "use_tf32": "0"}), CPU]
+    assert seen[1] == [(CUDA, {"device_id": "0", "use_tf32": "1"}), CPU]
+
+
+@pytest.mark.gpu
+def test_cuda_session_reads_and_writes_cuda_tensors_through_io_binding(onnx_path, trained, data):
+    clf = load_onnx(onnx_path, "cuda")
+    assert clf.providers[0] == CUDA and clf.device == "cuda" and clf.torch_device.type == "cuda"
+    assert clf.session.get_provider_options()[CUDA]["use_tf32"] == "0"
+    x = data[0]
+    with torch.no_grad():
+        ref = trained(x)
+    got = clf.predict_logits(x.cuda(), batch_size=16)
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    # float32 on both sides (TF32 off): TinyCNN's logits are O(1) sums of at most 8*8*16 products,
+    # so summation order moves them by about 1e3 * 6e-8 = 6e-5 at most; 1e-4 is the export's bound
+    torch.testing.assert_close(got.cpu(), ref, atol=1e-4, rtol=0)
+    host = clf.predict_logits(x.numpy(), batch_size=16)  # host arrays go through IO binding too
+    np.testing.assert_allclose(host, ref.numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(DataError, match="expected a tensor on"):
+        load_onnx(onnx_path, "cpu").predict_logits(x.cuda())
+
+
+@pytest.mark.gpu
+def test_tf32_is_opt_in_on_cuda(onnx_path, data):
+    clf = load_onnx(onnx_path, "cuda", tf32=True)
+    assert clf.session.get_provider_options()[CUDA]["use_tf32"] == "1"
+    assert clf.predict_logits(data[0].cuda()).shape == (48, 3)

@@ -173,3 +173,41 @@ def test_doctests_run():
 
     result = doctest.testmod(harden.speed, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- CUDA (pytest -m gpu; skipped without CUDA)
+class CudaRecorder(Recorder):
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_autocast_enabled("cuda")))
+        return self.net(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("attack_precision", "attack_autocast"), [("fp32", False), ("same", True)])
+def test_cuda_views_run_in_fp32_unless_the_policy_asks(attack_precision, attack_autocast):
+    model = CudaRecorder().cuda().train()
+    x, y = (t.cuda() for t in synthetic_tensors(8))
+    ctx = BatchContext(
+        model, x, y, ThreatModel(eps=0.1), autocast_dtype=torch.bfloat16, attack_precision=attack_precision
+    )
+    logits = ctx.logits(pgd_view(2))
+    assert logits.dtype == torch.float32 and logits.device.type == "cuda"
+    assert {a for training, a in model.calls if not training} == {attack_autocast}
+    assert {a for training, a in model.calls if training} == {True}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_fit_with_channels_last(tmp_path, precision):
+    train = {"epochs": 2, "probe_examples": 64, "precision": precision, "channels_last": True}
+    result = fit(tiny_policy(device="cuda", train=train), tmp_path / precision)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["val_clean_acc"] > 0.5  # 3 classes: chance is 1/3
+    params = list(result.model.parameters())
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in params)
+    saved = load_file(str(tmp_path / precision / "model.safetensors"))
+    state = result.model.state_dict()
+    assert all(torch.equal(saved[k], state[k].cpu()) for k in saved)  # what was saved is the returned model
+    _, state, _ = load_checkpoint(tmp_path / precision / "checkpoints" / "epoch-0002.json")
+    assert ("scaler" in state) == (precision == "fp16")

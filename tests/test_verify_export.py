@@ -1,5 +1,6 @@
 """verify, certify and export_onnx on tiny models."""
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -329,3 +330,44 @@ def test_run_suite_keeps_the_worst_case_input_per_example():
     both = run_suite(model, x[:8], y[:8], attacks, keep_adversarial=True)
     both.extend(run_suite(model, x[8:], y[8:], attacks, keep_adversarial=True))
     assert both.x_adv is not None and both.x_adv.shape == x.shape
+
+
+@contextlib.contextmanager
+def _float32_convolutions():
+    """cuDNN convolutions in IEEE float32 (no TF32) for a comparison with the CPU, restored after."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        saved = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = saved
+        return
+    saved_flag = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved_flag
+
+
+@pytest.mark.gpu
+def test_verify_on_cuda_runs_the_suite_and_the_checks_there(fitted):
+    fit_policy, result = fitted
+    raw = fit_policy.model_dump(mode="json")
+    raw["verify"] = {**raw["verify"], "checks": True, "check_examples": 32, "check_steps": 5}
+    policy = harden.validate_policy(raw)
+    model = copy.deepcopy(result.model).cuda().eval()
+    x, y = synthetic_tensors(90, seed=5)
+    cpu = harden.verify(result.model, policy, (x, y), progress=False)
+    gpu = harden.verify(model, policy, (x.cuda(), y.cuda()), progress=False, keep_adversarial=8)
+    assert gpu.n == 90 and gpu.robust_accuracy <= gpu.clean_accuracy
+    assert gpu.adversarial is not None and len(gpu.adversarial) == 8  # returned on the CPU, as documented
+    assert all(p.device.type == "cuda" for p in model.parameters()) and not model.training
+    assert cpu.checks and set(gpu.checks) == set(cpu.checks)
+    assert {c["status"] for c in gpu.checks.values()} == {c["status"] for c in cpu.checks.values()}, gpu.checks
+    with _float32_convolutions(), torch.no_grad():
+        ref, got = result.model(x), model(x.cuda()).cpu()
+    # TinyCNN's logits are O(1) sums of at most 8*8*16 float32 products: reordering moves them < 1e-4
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
