@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 POLICY ?= policies/mnist-mixed.yaml
 OUT    ?= runs/demo
 
-.PHONY: demo test lint typecheck bench clean venv docs
+.PHONY: demo test lint typecheck bench clean venv docs gpu-check
 
 venv: $(STAMP)
 
@@ -54,6 +54,18 @@ bench: $(BENCH_STAMP)
 		echo "== $$b: $$(( $$(date +%s) - start )) s"; \
 	done; \
 	$(PY) benchmarks/report.py --run $$run --size $(SIZE) --device $(DEVICE) --expect $(BENCHES)
+
+# `make gpu-check` proves the CUDA paths on one GPU in under 8 minutes (benchmarks/gpu_check.py:
+# environment and CUDA library agreement, pytest -m gpu, harden run of policies/mnist-gpu.yaml
+# with ONNX parity on CUDA, make bench's GPU sections, NCCL DDP). `make gpu-check DEVICE=cpu` is
+# its dry run (CI runs it through tests/test_gpu_check.py). GPU_PY=python3 uses that interpreter
+# (a machine whose python already has torch and harden's dependencies) instead of .venv.
+GPU_PY  ?= $(PY)
+GPU_OUT ?= runs/gpu-check
+GPU_DEVICE := $(if $(filter command line environment,$(origin DEVICE)),$(DEVICE),cuda)
+
+gpu-check: $(if $(filter $(PY),$(GPU_PY)),$(BENCH_STAMP))
+	$(GPU_PY) benchmarks/gpu_check.py --device $(GPU_DEVICE) --out $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache build *.egg-info

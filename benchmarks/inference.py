@@ -16,14 +16,16 @@ float32 torch model; clean accuracy, accuracy on the float32 torch model's PGD-1
 
 Sizes (times on 2 cores, CPU rows):
 
-- ``small`` (default, about a minute): batches 1 and 64, median of 5 runs of ~0.5 s, parity and
+- ``small`` (default, about a minute): batches 1, 64 and 256, median of 5 runs of ~0.5 s, parity and
   accuracy on 256 test images.
 - ``full`` (~5 min): batches 1, 64 and 256, median of 10 runs of ~2 s, parity and accuracy on
   1,000 test images.
 
 ``--batches``, ``--repeats``, ``--seconds`` and ``--examples`` override the size's values (and
 then appear in the reproduce command and the section name, which gets ``-custom``).
-``--device cuda`` adds torch CUDA vs onnxruntime CUDA EP rows; the CPU rows are always measured.
+``--device cuda`` adds torch CUDA vs onnxruntime CUDA EP rows (fp32 and fp16, TF32 off as in
+``harden.load_onnx``, IO binding on GPU tensors), and TensorRT fp32 rows when its provider loads
+(the note says why when it does not); the CPU rows are always measured.
 
     python benchmarks/inference.py                  # small, CPU rows
     python benchmarks/inference.py --size full
@@ -56,7 +58,7 @@ from harden.quantize import logit_parity, measure_converted, to_fp16, to_int8
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "runs" / "demo" / "model.safetensors"
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"batches": "1,64", "repeats": 5, "seconds": 0.5, "examples": 256},
+    "small": {"batches": "1,64,256", "repeats": 5, "seconds": 0.5, "examples": 256},
     "full": {"batches": "1,64,256", "repeats": 10, "seconds": 2.0, "examples": 1000},
 }
 #: options that override a size's value
@@ -140,12 +142,52 @@ def cpu_rows(
     return out
 
 
+def cuda_sessions(paths: dict[str, Path]) -> tuple[dict[str, Any], list[str]]:
+    """onnxruntime sessions on the GPU: CUDA EP fp32/fp16 (TF32 off, as ``harden.load_onnx``), TensorRT fp32.
+
+    Returns the sessions that run where they were asked to, and one note per one that does not
+    (TensorRT needs its own libraries, ``libnvinfer``; without them onnxruntime falls back).
+    """
+    import onnxruntime as ort
+
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "0"})
+    wanted: dict[str, tuple[Path, list[Any]]] = {
+        f"CUDA EP {name}": (path, [cuda]) for name, path in paths.items() if name != "int8"
+    }  # dynamic quantization's integer ops have no CUDA kernels
+    notes: list[str] = []
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        # one engine for every batch from 1 to 256 (else TensorRT builds one per shape, in the timing)
+        trt = {
+            "device_id": "0",
+            "trt_profile_min_shapes": "pixels:1x1x28x28",
+            "trt_profile_opt_shapes": "pixels:64x1x28x28",
+            "trt_profile_max_shapes": "pixels:256x1x28x28",
+        }
+        wanted["TensorRT fp32"] = (paths["fp32"], [("TensorrtExecutionProvider", trt), cuda])
+    else:
+        notes.append("TensorRT: onnxruntime lists no TensorrtExecutionProvider")
+    sessions = {}
+    for name, (path, providers) in wanted.items():
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        try:
+            sess = ort_session(path, providers, 1)
+        except Exception as exc:
+            notes.append(f"{name}: {str(exc).splitlines()[0][:160]}")
+            continue
+        if sess.get_providers()[0] != first:
+            notes.append(f"{name}: asked for {first}, onnxruntime runs {sess.get_providers()} (a silent fallback)")
+            continue
+        sessions[name] = sess
+    return sessions, notes
+
+
 def cuda_rows(
     model: torch.nn.Module, paths: dict[str, Path], batches: list[int], repeats: int, seconds: float
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Throughput of torch eager on CUDA and of onnxruntime's CUDA EP (IO binding, tensors on the GPU).
+    """Throughput of torch eager on CUDA and of onnxruntime's CUDA EP / TensorRT (IO binding, tensors on the GPU).
 
-    Returns the rows and, when there is no usable GPU, the reason (and no rows).
+    Returns the rows and a note: why there are no rows (no usable GPU), or which GPU sessions
+    did not run (TensorRT without its libraries, say).
     """
     import onnxruntime as ort
 
@@ -155,6 +197,7 @@ def cuda_rows(
         return [], "no CUDA in onnxruntime: CUDAExecutionProvider not available, CUDA rows skipped"
     dev = torch.device("cuda")
     gpu_model = copy.deepcopy(model).to(dev).eval()
+    sessions, notes = cuda_sessions(paths)
     out = []
     for batch in batches:
         x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch)).to(dev)
@@ -167,26 +210,23 @@ def cuda_rows(
         ref = rate(torch_fn, batch, repeats, seconds, sync)
         out.append({"device": "cuda", "backend": "torch eager", "batch": batch, "images_per_s": ref, "ratio": 1.0})
         print(out[-1], flush=True)
-        for name, path in paths.items():
-            if name == "int8":  # dynamic quantization's integer ops have no CUDA kernels
-                continue
-            row = {"device": "cuda", "backend": f"onnxruntime CUDA EP {name}", "batch": batch}
-            try:
-                sess = ort_session(path, ["CUDAExecutionProvider"], 1)
-            except Exception as exc:
-                out.append({**row, "error": str(exc)[:120]})
-                continue
-            if sess.get_providers()[0] != "CUDAExecutionProvider":
-                out.append({**row, "error": f"onnxruntime fell back to {sess.get_providers()}"})
-                continue
+        for name, sess in sessions.items():
             logits = torch.empty(batch, 10, device=dev)
             binding = sess.io_binding()
             binding.bind_input("pixels", "cuda", 0, np.float32, tuple(x.shape), x.data_ptr())
             binding.bind_output("logits", "cuda", 0, np.float32, tuple(logits.shape), logits.data_ptr())
             r = rate(lambda sess=sess, b=binding: sess.run_with_iobinding(b), batch, repeats, seconds, sync)
-            out.append({**row, "images_per_s": r, "ratio": r / ref})
+            out.append(
+                {
+                    "device": "cuda",
+                    "backend": f"onnxruntime {name}",
+                    "batch": batch,
+                    "images_per_s": r,
+                    "ratio": r / ref,
+                }
+            )
             print(out[-1], flush=True)
-    return out, None
+    return out, "; ".join(notes) or None
 
 
 def accuracy_rows(
@@ -238,7 +278,7 @@ def _pct(v: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
     ap = base_parser(__doc__, SIZES, "cuda adds GPU rows (CPU rows always)", ["cpu", "cuda"])
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the size's, 1,64)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: the size's, 1,64,256)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell; the median is reported")
     ap.add_argument("--seconds", type=float, default=None, help="length of one timed run")
     ap.add_argument("--examples", type=int, default=None, help="test images for parity/accuracy (0: skip)")

@@ -19,7 +19,8 @@ from typing import Any
 
 from common import HERE, RESULTS, machine, section_name, table
 
-ORDER = ["attacks", "iwd", "objectives", "training", "certify", "inference"]
+#: section order; "gpu" is the summary of `make gpu-check` (benchmarks/gpu_check.py), first when present
+ORDER = ["gpu", "attacks", "iwd", "objectives", "training", "certify", "inference"]
 #: the section (file stem) each script writes at size small on cpu
 SECTION = {
     "attacks": "attacks",

@@ -19,7 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in {"common", "report"})
+#: `make bench`'s scripts; gpu_*.py are `make gpu-check` and its helpers (tests/test_gpu_check.py)
+SCRIPTS = sorted(
+    p.stem for p in BENCH.glob("*.py") if p.stem not in {"common", "report"} and not p.stem.startswith("gpu_")
+)
 
 
 def _load(name: str) -> ModuleType:
