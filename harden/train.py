@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,15 +331,21 @@ def _fit(
             if dist.enabled:  # each rank its own attack noise, replayable on resume
                 torch.manual_seed(dist.epoch_seed(policy.seed, epoch))
             net.train()
-            loader = _epoch_loader(train, policy, epoch, dist)
+
+            def batches(epoch: int = epoch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                return _device_batches(_epoch_loader(train, policy, epoch, dist), num_classes, in_chans, device, spec)
+
+            mix.begin_epoch(epoch, batches, progress)  # e.g. MI's estimators warm up on the frozen model
             total, count, skipped = 0.0, 0, 0
             part_sums = dict.fromkeys(names, 0.0)  # weighted loss of each objective (when mixed)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=not progress, leave=False)
-            for step, (xb, yb) in enumerate(bar):
-                check_batch(xb, yb, num_classes, in_chans)
-                x, y = to_device(xb, yb, device)
-                if spec.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            bar = tqdm(
+                batches(),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{spec.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for step, (x, y) in enumerate(bar):
                 ctx = mix.context(x, y, policy.threat)
                 loss, part_losses = mix.loss(ctx)
                 finite = bool(torch.isfinite(loss))
@@ -416,6 +422,22 @@ def _fit(
     dist.barrier()
     info = {"rank": dist.rank, "world_size": dist.world_size}
     return FitResult(net, history, run_dir, weights, time.perf_counter() - t_start, resumed_from, info)
+
+
+def _device_batches(
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int | None,
+    in_chans: int | None,
+    device: torch.device,
+    spec: Any,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches, checked, on ``device``, in the training memory format."""
+    for xb, yb in loader:
+        check_batch(xb, yb, num_classes, in_chans)
+        x, y = to_device(xb, yb, device)
+        if spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
 
 
 def _step(

@@ -1,7 +1,5 @@
 """The four seed objectives, each tested where its paper makes its claim (issue 4)."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +9,9 @@ import harden
 from harden.objectives import OBJECTIVES, ObjectiveSet, pgd_view
 from harden.objectives.embedding import EmbeddingTap, classifier_module
 from harden.objectives.jsigr import jacobian_frobenius_sq, occlusion_saliency, top_q_mask
-from harden.objectives.mi import MIEstimator
 from harden.objectives.ot_metric import angular_triplet, label_aware_cost
 from harden.policy import ThreatModel
-from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
-from harden.train import fit
+from harden.testing import TinyCNN, synthetic_tensors
 
 THREAT = ThreatModel(eps=0.1, rho=2e-3)
 
@@ -90,69 +86,6 @@ def test_jsigr_mask_is_computed_once_per_batch_and_leaves_modes():
     m1 = obj.mask(ctx)
     assert obj.mask(ctx) is m1 and model.training
     assert m1.shape == (8, 1, 8, 8) and set(m1.unique().tolist()) <= {0.0, 1.0}
-
-
-# --- MI -----------------------------------------------------------------------------------------
-
-
-def test_mi_bound_is_larger_on_dependent_than_on_independent_pairs():
-    torch.manual_seed(0)
-    n, k = 128, 5
-    labels = torch.arange(n) % k
-    u = torch.rand(n, 1, 8, 8) * 0.2
-    for c in range(k):
-        u[labels == c, :, c : c + 2, :] += 0.8  # the image shows its class as a bright band
-    dependent = F.one_hot(labels, k).float() * 4 + 0.1 * torch.randn(n, k)
-    independent = dependent[torch.randperm(n)]
-
-    def trained_bound(z):
-        torch.manual_seed(1)
-        est = MIEstimator(1, k, dim=16)
-        opt = torch.optim.Adam(est.parameters(), 3e-3)
-        for _ in range(150):
-            opt.zero_grad()
-            (-est.mi(u, z).mean()).backward()
-            opt.step()
-        with torch.no_grad():
-            return float(est.mi(u, z).mean())
-
-    dep, ind = trained_bound(dependent), trained_bound(independent)
-    assert dep > ind + 0.5, (dep, ind)
-    assert dep <= torch.log(torch.tensor(float(n))) + 1e-4  # the InfoNCE-form bound never exceeds log N
-
-
-def test_mi_trains_its_estimators_after_each_step_and_not_through_the_model_loss():
-    torch.manual_seed(0)
-    model, (x, y) = TinyCNN(num_classes=3), synthetic_tensors(16)
-    objs, ctx = _prepare([("mi", {"steps": 2})], model, x, y)
-    obj = objs.weighted[0][1]
-    before = copy.deepcopy(obj.natural.state_dict())
-    loss = obj.loss(ctx)
-    loss.backward()
-    assert all(p.grad is None for p in obj.natural.parameters())  # the model's loss left them alone
-    obj.after_step(ctx)
-    after = obj.natural.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-
-
-def test_mi_without_setup_raises_clearly():
-    model, (x, y) = TinyCNN(num_classes=3), synthetic_tensors(4)
-    obj = OBJECTIVES.get("mi")({"steps": 1}, THREAT)
-    with pytest.raises(harden.HardenError, match="setup"):
-        obj.loss(ObjectiveSet(model, [], x[:1]).context(x, y, THREAT))
-
-
-def test_mi_state_round_trips_and_refuses_foreign_state():
-    torch.manual_seed(0)
-    model, (x, y) = TinyCNN(num_classes=3), synthetic_tensors(8)
-    objs, _ = _prepare([("mi", {"steps": 1})], model, x, y)
-    state = objs.state_dict()
-    objs2, _ = _prepare([("mi", {"steps": 1})], model, x, y)
-    objs2.load_state_dict(state)
-    a, b = objs.weighted[0][1].natural.state_dict(), objs2.weighted[0][1].natural.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(harden.CheckpointError):
-        objs2.load_state_dict({"0": {"natural": {}}})
 
 
 # --- OT metric ------------------------------------------------------------------------------------
@@ -247,22 +180,6 @@ def test_the_mix_computes_the_pgd_view_once():
     total.backward()
     objs.after_step(ctx)
     objs.close()
-
-
-@pytest.mark.slow
-def test_fit_with_mi_resumes_exactly_with_its_estimators(tmp_path):
-    objectives = [{"name": "pgd_at", "params": {"steps": 1}}, {"name": "mi", "params": {"steps": 1, "ce_weight": 0}}]
-    train = {"epochs": 2, "probe_examples": 0, "schedule": "constant"}  # lr independent of the total
-    straight = fit(None, tiny_policy(objectives=objectives, train=train), run_dir=tmp_path / "a", progress=False)
-    first = tiny_policy(objectives=objectives, train={**train, "epochs": 1})
-    fit(None, first, run_dir=tmp_path / "b", progress=False)
-    resumed = fit(
-        None, tiny_policy(objectives=objectives, train=train), run_dir=tmp_path / "b", resume=True, progress=False
-    )
-    assert resumed.resumed_from == 1
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert "loss_1_mi" in straight.history[-1]
 
 
 def test_jsigr_and_ot_metric_fractions_penalise_a_subset_with_its_own_forward():

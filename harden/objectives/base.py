@@ -8,7 +8,7 @@ the model's logits on it, so ``pgd_at + trades + ...`` never attacks or forwards
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -210,6 +210,24 @@ class BatchContext:
             out = self.forward_model(inputs)
         return out.float()
 
+    def forward_eval(self, key: Any, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of ``inputs`` with the model in eval mode, with grad, cached under ``key``.
+
+        BatchNorm then normalises with its running statistics (not updated): every example's
+        logits depend on that example alone, as per-example input gradients and Jacobians
+        assume (in train mode the batch statistics couple the examples). The modes are restored.
+        """
+        if key not in self._logits:
+            saved = {m: m.training for m in self.model.modules()}
+            self.model.eval()
+            try:
+                self._logits[key] = self._run(inputs)
+            finally:
+                for m, mode in saved.items():
+                    m.train(mode)
+            self.forward_calls += 1
+        return self._logits[key]
+
     def logits(self, view: View | None = None) -> torch.Tensor:
         """Model logits (with grad) on the clean batch (``None``) or on ``view``, cached."""
         return self.forward(view, self.x if view is None else self.view(view))
@@ -293,6 +311,23 @@ class Objective(ABC):
 
     def after_step(self, ctx: BatchContext) -> None:  # noqa: B027 - optional hook
         """Run after the model's optimizer step, on the same batch (e.g. train estimators)."""
+
+    def begin_epoch(  # noqa: B027 - optional hook
+        self,
+        epoch: int,
+        model: nn.Module,
+        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        progress: bool = False,
+    ) -> None:
+        """Run before epoch ``epoch`` (0-based) trains, e.g. to train owned networks on the frozen model.
+
+        Args:
+            epoch: the epoch about to be trained.
+            model: the plain model (not its DDP or compiled wrapper), in train mode; leave it so.
+            batches: a fresh pass over this epoch's training batches ``(x, y)`` on the model's
+                device (this process's shard under ``torchrun``).
+            progress: whether the caller shows progress bars.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep of this objective (default: nothing)."""
@@ -392,6 +427,16 @@ class ObjectiveSet:
         """Every objective's post-step hook."""
         for _, obj in self.weighted:
             obj.after_step(ctx)
+
+    def begin_epoch(
+        self,
+        epoch: int,
+        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        progress: bool = False,
+    ) -> None:
+        """Every objective's pre-epoch hook (see :meth:`Objective.begin_epoch`)."""
+        for _, obj in self.weighted:
+            obj.begin_epoch(epoch, self.model, batches, progress)
 
     def state_dict(self) -> dict[str, Any]:
         """Each objective's state, keyed by position."""

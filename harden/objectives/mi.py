@@ -1,54 +1,61 @@
 """MI: natural vs adversarial mutual information (Zhou et al., ICML 2022, "MIAT"/NAMID).
 
-Two estimator networks score how much a model output tells about an input:
+Two estimators (:mod:`harden.objectives.mi_estimator`) give per-example mutual-information
+estimates: the *natural* one ``I_n(u, f(v))`` with ``u = x``, the *adversarial* one
+``I_a(u, f(v))`` with ``u = x~ - x`` (the noise). ``x~`` is the PGD view of the batch (shared
+with ``pgd_at`` when the step counts match). With ``sel`` the examples right on ``x`` and wrong
+on ``x~`` (argmax of the logits), the model minimises, as the authors' ``train_MIAT.py``::
 
-- the *natural* estimator ``E_n`` pairs an image ``x`` with logits,
-- the *adversarial* estimator ``E_a`` pairs the adversarial noise ``x~ - x`` with logits.
+    ce_weight * CE(f(x~), y)
+      + alpha * [ Lcos(I_n(x, f(x))_sel, I_n(x, f(x~))_sel)
+                + Lcos(I_a(x~ - x, f(x~))_sel, I_a(x~ - x, f(x))_sel)
+                + lam * mean_sel(I_a(x~ - x, f(x~)) - I_n(x, f(x~))) ]
 
-Each has a small conv branch on its image input (``φ``) and a 1x1 branch (an MLP) on the
-logits (``ψ``); their score is ``T(u, z) = <φ(u), ψ(z)>`` and the per-example mutual-information
-lower bound is the Donsker-Varadhan/InfoNCE form over the batch,
-``I_i = T(u_i, z_i) - log mean_j exp T(u_i, z_j)``, the other examples' outputs giving the
-product of marginals.
+``Lcos(a, b) = |1 - cos(a, b)|`` between the two *vectors of per-example estimates* over
+``sel`` (cosine along the batch axis). The adversarial output should carry the natural image's
+information as the natural output does, and the noise's as little as the natural output does.
 
-The estimators are trained (their own Adam optimizer) to maximise ``I`` on
-``(x, f(x))`` for ``E_n`` and on ``(x~ - x, f(x~))`` for ``E_a``. The model minimises
+Two stages, as in the paper: the estimators are first trained with the authors' discriminative
+stage-1 objective (``train_MI_estimator.py``; see :mod:`~harden.objectives.mi_estimator`) for
+``warmup_epochs`` passes over the training data on the *frozen* model (eval mode, no model
+update), right before epoch ``start_epoch``; from then on the model trains with the MI term and
+the estimators stay frozen (``estimators: frozen``, the paper). Before ``start_epoch`` the
+objective contributes its CE term only, so a mix (``pgd_at`` first) can adversarially train the
+model that the estimators then learn from, as the paper's pre-trained model.
 
-``CE(f(x~), y) + alpha * mean_sel[ Lcos(ψ_n(f(x~)), ψ_n(f(x))) + Lcos(ψ_a(f(x~)), ψ_a(f(x)))
-+ lambda * (I_a(x~ - x, f(x~)) - I_n(x, f(x~))) ]``
+Deviations, documented: the paper warms the estimators up for 25 epochs on a separately
+adversarially trained model; ours run ``warmup_epochs`` (default 1) inside the same
+``harden.fit``. ``estimators: alternating`` (not the paper) keeps training them with the stage-1
+objective after every model step. ``lam`` defaults to the paper's 0.1; the authors' released
+``train_MIAT.py`` has that term commented out (``lam: 0`` reproduces the code). The authors
+pick ``sel`` by ``softmax(dim=0)`` before the argmax, across the batch: a bug we do not copy.
 
-with ``Lcos(a, b) = |1 - cos(a, b)|`` and ``sel`` the examples correct on ``x`` and wrong on
-``x~`` (the paper's sample selection): the adversarial output should carry the natural image's
-information and not the noise's. ``x~`` is the PGD view of the batch (shared with ``pgd_at``
-when the step counts match).
-
-Deviation, documented: the paper pre-trains the estimators and then trains the model; we train
-them in alternation (one estimator step after every model step, on the same batch), so one
-``harden.fit`` does both. The estimator architecture and every default are ours.
-
-Distributed training (``torchrun``): the estimators are not wrapped in DDP (they are called
-through :meth:`MIEstimator.mi` / :meth:`MIEstimator.features`, not ``forward``, and step outside
-the model's optimizer). Instead rank 0's initial weights are broadcast in :meth:`MI.setup`, and
-before every estimator step their gradients are averaged over ranks in one all-reduce
-(:func:`harden.distributed.average_gradients`): with equal gradients, equal weights and the same
-Adam state, they stay identical on every rank, as DDP keeps the model.
+Distributed training (``torchrun``): the estimators are not wrapped in DDP; rank 0's initial
+weights are broadcast in :meth:`MI.setup`, and before every estimator step their gradients are
+averaged over ranks (:func:`harden.distributed.average_gradients`), so they stay identical.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
+from tqdm import tqdm
 
 from harden.attacks.base import restore_modes, save_modes
 from harden.distributed import average_gradients, broadcast_parameters
 from harden.errors import CheckpointError, HardenError
 from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams, View, pgd_view
+from harden.objectives.mi_estimator import (
+    MIEstimator,
+    adversarial_estimator_loss,
+    cos_along_batch,
+    natural_estimator_loss,
+)
 
 __all__ = ["MI", "MIEstimator", "MIParams"]
 
@@ -57,13 +64,18 @@ class MIParams(ObjectiveParams):
     """Parameters of :class:`MI`.
 
     Attributes:
-        alpha: weight of the MI term (5 in the paper).
-        lam: weight of ``I_a - I_n`` inside it (lambda, 0.1 in the paper).
+        alpha: weight of the MI terms (5 in the paper and the code).
+        lam: weight of ``mean_sel(I_a - I_n)`` inside them (0.1 in the paper; the code has 0).
         ce_weight: weight of ``CE(f(x~), y)`` (set 0 when mixing with ``pgd_at``, which has it).
         steps: PGD steps of the adversarial view (equal to ``pgd_at``'s to share it).
         step_size: PGD step; None means ``2.5 * eps / steps``.
         dim: estimator feature dimension.
         lr: the estimators' Adam learning rate.
+        start_epoch: the first epoch (0-based) trained with the MI terms; the estimators warm up
+            right before it.
+        warmup_epochs: stage-1 passes over the training data on the frozen model.
+        estimators: ``frozen`` after the warm-up (the paper) or ``alternating`` (a stage-1 step
+            after every model step; not the paper).
     """
 
     alpha: float = Field(5.0, ge=0)
@@ -73,51 +85,30 @@ class MIParams(ObjectiveParams):
     step_size: float | None = Field(None, gt=0)
     dim: int = Field(64, ge=2, le=4096)
     lr: float = Field(1e-3, gt=0)
+    start_epoch: int = Field(0, ge=0)
+    warmup_epochs: int = Field(1, ge=0, le=1000)
+    estimators: Literal["frozen", "alternating"] = "frozen"
+
+    @model_validator(mode="after")
+    def _trained_somehow(self) -> MIParams:
+        if self.warmup_epochs == 0 and self.estimators == "frozen":
+            raise ValueError(
+                "expected warmup_epochs >= 1 or estimators 'alternating', got neither: frozen estimators that were "
+                "never trained measure nothing"
+            )
+        return self
 
 
-class MIEstimator(nn.Module):
-    """``T(u, z) = <φ(u), ψ(z)>``: conv branch on images, 1x1 branch on logits.
+def selection(ln: torch.Tensor, la: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(right, fooled)``: argmax of the clean logits is ``y``; argmax of the adversarial ones is not.
 
     Example:
-        >>> est = MIEstimator(in_chans=1, num_classes=3, dim=8)
-        >>> est.mi(torch.rand(5, 1, 8, 8), torch.randn(5, 3)).shape
-        torch.Size([5])
+        >>> right, fooled = selection(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 3.0], [0.0, 1.0]]),
+        ...                           torch.tensor([0, 0]))
+        >>> right.tolist(), fooled.tolist()
+        ([True, False], [True, True])
     """
-
-    def __init__(self, in_chans: int, num_classes: int, dim: int = 64) -> None:
-        super().__init__()
-        self.phi = nn.Sequential(
-            nn.Conv2d(in_chans, 16, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(32, dim),
-        )
-        self.psi = nn.Sequential(nn.Linear(num_classes, dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.dim = dim
-
-    def features(self, logits: torch.Tensor) -> torch.Tensor:
-        """``ψ(z)``: the logits' representation, ``(N, dim)``."""
-        return self.psi(logits)
-
-    def scores(self, u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``T(u_i, z_j)`` for every pair, ``(N, N)``."""
-        return self.phi(u) @ self.features(logits).T / math.sqrt(self.dim)
-
-    def mi(self, u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Per-example MI lower bound ``T_ii - log mean_j exp T_ij``, ``(N,)``."""
-        t = self.scores(u, logits)
-        return t.diagonal() - (torch.logsumexp(t, dim=1) - math.log(t.shape[1]))
-
-    def forward(self, u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`mi`."""
-        return self.mi(u, logits)
-
-
-def _lcos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (1 - F.cosine_similarity(a, b, dim=1)).abs()
+    return ln.argmax(1) == y, la.argmax(1) != y
 
 
 @OBJECTIVES.register("mi")
@@ -142,6 +133,8 @@ class MI(Objective):
         self.natural: MIEstimator | None = None
         self.adversarial: MIEstimator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.epoch = 0  # the epoch being trained (set by begin_epoch)
+        self.warmed_up = False  # stage 1 done (saved in checkpoints)
 
     def _view(self) -> View:
         return pgd_view(self.params.steps, self.params.step_size)
@@ -172,51 +165,105 @@ class MI(Objective):
             raise HardenError("expected MI.setup(model, example) before use (harden.fit calls it)")
         return self.natural, self.adversarial, self.optimizer
 
+    @property
+    def active(self) -> bool:
+        """Whether the MI terms are on for the epoch being trained."""
+        return self.epoch >= self.params.start_epoch
+
     def loss(self, ctx: BatchContext) -> torch.Tensor:
-        """``ce_weight * CE(f(x~), y) + alpha * mean_sel[...]`` (see the module docstring)."""
+        """``ce_weight * CE(f(x~), y) + alpha * [...]`` (see the module docstring)."""
         p: MIParams = self.params
         nat, adv_est, _ = self._estimators()
         view = self._view()
         x_adv = ctx.view(view)
-        la, ln = ctx.logits(view), ctx.logits(None)
+        la = ctx.logits(view)
         loss = p.ce_weight * F.cross_entropy(la, ctx.y) if p.ce_weight > 0 else la.sum() * 0.0
+        if p.alpha == 0 or not self.active:
+            return loss
+        ln = ctx.logits(None)
         with torch.no_grad():
-            sel = (ln.argmax(1) == ctx.y) & (la.argmax(1) != ctx.y)
-        if p.alpha == 0 or not bool(sel.any()):
+            right, fooled = selection(ln, la, ctx.y)
+            sel = right & fooled
+        if int(sel.sum()) < 2:  # a cosine of one-element vectors is +-1 with no gradient: nothing to learn
             return loss
         x = ctx.x.detach()
+        noise = (x_adv - x).detach()
         for est in (nat, adv_est):
             est.requires_grad_(False)  # the model's loss does not train the estimators
         try:
-            i_adv = adv_est.mi(x_adv - x, la)  # noise <-> adversarial output
-            i_nat = nat.mi(x, la)  # natural image <-> adversarial output
-            term = (
-                _lcos(nat.features(la), nat.features(ln))
-                + _lcos(adv_est.features(la), adv_est.features(ln))
-                + p.lam * (i_adv - i_nat)
-            )
+            # the negatives of each estimate come from the whole batch; the terms compare sel
+            n_nat, n_adv = nat.mi(x, ln), nat.mi(x, la)
+            a_adv, a_nat = adv_est.mi(noise, la), adv_est.mi(noise, ln)
         finally:
             for est in (nat, adv_est):
                 est.requires_grad_(True)
-        return loss + p.alpha * term[sel].mean()
+        term = (1 - cos_along_batch(n_nat[sel], n_adv[sel])).abs() + (1 - cos_along_batch(a_adv[sel], a_nat[sel])).abs()
+        term = term + p.lam * (a_adv[sel] - n_adv[sel]).mean()
+        return loss + p.alpha * term
 
-    def after_step(self, ctx: BatchContext) -> None:
-        """One estimator step: maximise ``I_n(x, f(x)) + I_a(x~ - x, f(x~))`` on this batch."""
+    def estimator_step(
+        self, x: torch.Tensor, x_adv: torch.Tensor, ln: torch.Tensor, la: torch.Tensor, y: torch.Tensor
+    ) -> float:
+        """One stage-1 step of both estimators on a batch (logits detached); returns the loss."""
         nat, adv_est, optimizer = self._estimators()
-        view = self._view()
-        x = ctx.x.detach()
-        noise = ctx.view(view) - x
-        ln, la = ctx.logits(None).detach(), ctx.logits(view).detach()
+        ln, la, x = ln.detach().float(), la.detach().float(), x.detach()
+        right, fooled = selection(ln, la, y)
         optimizer.zero_grad(set_to_none=True)
-        objective = nat.mi(x, ln).mean() + adv_est.mi(noise, la).mean()
-        (-objective).backward()
+        loss = natural_estimator_loss(nat, x, ln, la, right, fooled)
+        loss = loss + adversarial_estimator_loss(adv_est, (x_adv - x).detach(), ln, la, right, fooled)
+        loss.backward()
         average_gradients([*nat.parameters(), *adv_est.parameters()])  # no-op unless distributed
         optimizer.step()
+        return float(loss.detach())
+
+    def begin_epoch(
+        self,
+        epoch: int,
+        model: nn.Module,
+        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        progress: bool = False,
+    ) -> None:
+        """Record the epoch; right before ``start_epoch``, warm the estimators up on the frozen model."""
+        self.epoch = epoch
+        if epoch < self.params.start_epoch or self.warmed_up:  # also after a resume past start_epoch
+            return
+        modes = save_modes(model)
+        model.eval()
+        try:
+            for k in range(self.params.warmup_epochs):
+                bar = tqdm(
+                    batches(),
+                    desc=f"MI estimators {k + 1}/{self.params.warmup_epochs}",
+                    disable=not progress,
+                    leave=False,
+                )
+                for x, y in bar:
+                    ctx = BatchContext(model, x, y, self.threat)
+                    x_adv = ctx.view(self._view())
+                    with torch.no_grad():
+                        ln, la = model(x), model(x_adv)
+                    bar.set_postfix(loss=f"{self.estimator_step(x, x_adv, ln, la, y):.4f}")
+                bar.close()
+        finally:
+            restore_modes(model, modes)
+        self.warmed_up = True
+
+    def after_step(self, ctx: BatchContext) -> None:
+        """With ``estimators: alternating``, a stage-1 estimator step on this batch once the terms are on."""
+        if self.params.estimators != "alternating" or not self.active:
+            return
+        view = self._view()
+        self.estimator_step(ctx.x, ctx.view(view), ctx.logits(None), ctx.logits(view), ctx.y)
 
     def state_dict(self) -> dict[str, Any]:
-        """Both estimators and their optimizer."""
+        """Both estimators, their optimizer, and whether the warm-up is done."""
         nat, adv_est, optimizer = self._estimators()
-        return {"natural": nat.state_dict(), "adversarial": adv_est.state_dict(), "optimizer": optimizer.state_dict()}
+        return {
+            "natural": nat.state_dict(),
+            "adversarial": adv_est.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "warmed_up": torch.tensor(self.warmed_up),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (after :meth:`setup`).
@@ -231,3 +278,5 @@ class MI(Objective):
         nat.load_state_dict(state["natural"])
         adv_est.load_state_dict(state["adversarial"])
         optimizer.load_state_dict(state["optimizer"])
+        # checkpoints written before the two stages have no flag: their estimators get the warm-up
+        self.warmed_up = bool(state.get("warmed_up", False))
