@@ -11,7 +11,7 @@ from harden.attacks.invariance import rotate_shift
 from harden.attacks.invariance_examples import InvarianceExamples, affine_theta, apply_affine
 from harden.attacks.suite import order_attacks
 from harden.policy import ThreatModel
-from harden.testing import synthetic_bundle, synthetic_tensors, tiny_policy
+from harden.testing import TinyCNN, synthetic_bundle, synthetic_tensors, tiny_policy
 from harden.verify import verify
 
 
@@ -154,3 +154,17 @@ def test_n_examples_caps_attacks_outside_the_lp_worst_case(trained):
 def test_n_examples_is_refused_on_cascade_attacks():
     with pytest.raises(harden.PolicyError, match="n_examples only on attacks outside"):
         tiny_policy(verify={"attacks": [{"name": "pgd", "n_examples": 5}]})
+
+
+def test_examples_can_have_their_own_linf_radius_and_score_both_labels():
+    torch.manual_seed(0)
+    x, y = synthetic_tensors(12, seed=4)
+    atk = InvarianceExamples(ThreatModel(norm="l2", eps=0.5), {"angles": 3, "shifts": 1, "eps": 0.35})
+    ex = atk.examples(x, y)
+    dev = (ex.x - x).abs().flatten(1).amax(1)
+    assert float(dev.max()) <= 0.35 + 1e-6  # l_inf 0.35 whatever the threat's norm (float32 rounding)
+    model = TinyCNN(num_classes=3).eval()
+    new, counted = atk.score(model, x, y)
+    kept, counted2 = atk.score_source(model, x, y)
+    assert torch.equal(counted, counted2)
+    assert not bool((new & kept).any())  # t != y: no answer is both

@@ -13,14 +13,17 @@ Invariance and Sensitivity to Adversarial Perturbations", ICML 2020, reconstruct
    images (the policy's training split, or the attacked batch when no pool is known), the image
    ``p`` of a class ``t != y`` nearest in l2 to ``g(x)``.
 2. Align it back: ``x_src = g⁻¹(p)`` (the exact inverse affine map, bilinear resampling).
-3. Move ``x`` toward it as far as the threat model allows: ``x' = Proj_{B(x, eps) ∩ [0,1]}(x_src)``.
+3. Move ``x`` toward it as far as the budget allows: ``x' = Proj_{B(x, eps) ∩ [0,1]}(x_src)``,
+   with ``eps`` the threat model's, or the attack's own l_inf radius ``params.eps`` (Tramèr et
+   al. used 0.3-0.4 on MNIST: a smaller ball rarely holds another digit).
 
-Scoring, as the paper does: the example's label is the *source* class ``t`` (in the paper,
-human labellers confirmed it; harden has no labellers, so ``t`` is the construction's intended
-label: the figure measures agreement with it, and should be read with that in mind, especially
-at small eps where ``x'`` may still look like a ``y``). :meth:`InvarianceExamples.score`
-returns, per example, whether the model answers ``t``; :meth:`InvarianceExamples.examples`
-also gives how often it keeps answering ``y`` (excessive invariance).
+Scoring, as the paper does: the example's label is the *new* class ``t``, the aligned
+neighbour's (in the paper, human labellers confirmed it; harden has no labellers, so ``t`` is
+the construction's intended label: the figure measures agreement with it, and should be read
+with that in mind, especially at small eps where ``x'`` may still look like a ``y``).
+:meth:`InvarianceExamples.score` returns, per example, whether the model answers ``t``;
+:meth:`InvarianceExamples.score_source` whether it keeps answering ``y``, the class of the image
+the example was built from (excessive invariance, if the example is really a ``t``).
 
 The construction does not use the model, so the examples are the same for every model: compare
 models on the same data.
@@ -53,6 +56,8 @@ class InvarianceExamplesParams(AttackParams):
         max_shift: largest shift per axis tried when aligning, pixels.
         shifts: shift grid points per axis.
         pool_size: training images searched for the nearest other-class neighbour.
+        eps: the examples' own l_inf radius around the input (None: the threat model's norm
+            and eps).
     """
 
     max_angle: float = Field(30.0, ge=0, le=180)
@@ -60,6 +65,7 @@ class InvarianceExamplesParams(AttackParams):
     max_shift: float = Field(3.0, ge=0)
     shifts: int = Field(5, ge=1, le=41)
     pool_size: int = Field(2000, ge=2)
+    eps: float | None = Field(None, gt=0, le=1)
 
 
 class LabelChange(NamedTuple):
@@ -67,7 +73,7 @@ class LabelChange(NamedTuple):
 
     Attributes:
         x: the examples, inside the threat model around the inputs.
-        label: the label each example is meant to have (the source neighbour's class).
+        label: the label each example is meant to have: the new class, the aligned neighbour's.
         valid: an example could be built (the pool holds another class).
         distance: l2 distance between the transformed input and its aligned neighbour.
     """
@@ -111,10 +117,12 @@ def _span(m: float, k: int) -> list[float]:
 
 @ATTACKS.register("invariance_examples")
 class InvarianceExamples(Attack):
-    """Label-changing invariance examples, scored against the source label (see the module).
+    """Label-changing invariance examples, scored against the new label (see the module).
 
-    ``__call__`` returns the examples; :meth:`score` says per example whether the model gives
-    the *new* label. Without :meth:`prepare` (or with a pool of one class), the attacked batch
+    ``__call__`` returns the examples inside the policy's threat model (its final projection
+    enforces the threat's norm and eps, whatever ``params.eps``); :meth:`examples`, :meth:`score`
+    and :meth:`score_source` use ``params.eps`` when set. :meth:`score` says per example whether
+    the model gives the *new* label. Without :meth:`prepare` (or with a pool of one class), the attacked batch
     itself is the pool.
 
     Example:
@@ -195,17 +203,19 @@ class InvarianceExamples(Attack):
         return LabelChange(x_src, label, valid, best_d.clamp_min(0).sqrt())
 
     def examples(self, x: torch.Tensor, y: torch.Tensor) -> LabelChange:
-        """The label-changing examples of ``(x, y)``, inside the threat model."""
+        """The label-changing examples of ``(x, y)``, inside the threat model (or ``params.eps``'s l_inf ball)."""
         src = self.sources(x, y)
-        return src._replace(x=project(src.x, x, self.threat.norm, self.threat.eps))
+        eps = self.params.eps
+        norm, radius = ("linf", eps) if eps is not None else (self.threat.norm, self.threat.eps)
+        return src._replace(x=project(src.x, x, norm, radius))
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The examples (the model is not used: the construction is model-independent)."""
         return self.sources(x, y).x
 
     @torch.no_grad()
-    def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per example: the model answers the new label; the example counts (could be built)."""
+    def predictions(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LabelChange]:
+        """The model's answers (eval mode, modes restored) on the examples of ``(x, y)``, and the examples."""
         self._check_inputs(model, x, y)
         ex = self.examples(x, y)
         modes = save_modes(model)
@@ -214,4 +224,14 @@ class InvarianceExamples(Attack):
             pred = model(ex.x).argmax(1)
         finally:
             restore_modes(model, modes)
+        return pred, ex
+
+    def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: the model answers the new label; the example counts (could be built)."""
+        pred, ex = self.predictions(model, x, y)
         return (pred == ex.label) & ex.valid, ex.valid
+
+    def score_source(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: the model still answers ``y``, the source image's class; the example counts."""
+        pred, ex = self.predictions(model, x, y)
+        return (pred == y) & ex.valid, ex.valid
