@@ -12,6 +12,7 @@ Any problem raises :class:`harden.PolicyError` with one line naming the file and
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -480,7 +481,39 @@ class Policy(_Strict):
                 "{msg}",
                 {"path": "objectives", "msg": "expected at least one objective with weight > 0, got all zero"},
             )
+        self._warn_silent_settings()
         return self
+
+    def _warn_silent_settings(self) -> None:
+        """Warn about settings that silently measure nothing.
+
+        ``iwd_at`` training at another patch geometry than the ``iwd`` attack evaluates at, and
+        ``mi`` switching its terms on after the last epoch.
+        """
+
+        def geometry(params: dict[str, Any]) -> tuple[int, int]:
+            # None: the defaults of images up to 32 px (stride 1, 3x3 patches; k >= stride above)
+            stride = params.get("stride") or 1
+            return params.get("patch_size") or max(3, stride), stride
+
+        train = {geometry(o.params) for o in self.objectives if o.name == "iwd_at"}
+        evaluate = {geometry(a.params) for a in self.verify.attacks if a.name == "iwd"}
+        if train and evaluate and train != evaluate:
+            warnings.warn(
+                f"iwd_at trains at (patch_size, stride) {sorted(train)} but the iwd attack evaluates at "
+                f"{sorted(evaluate)}: threat.rho means something for one geometry only; give both the same "
+                "and calibrate rho for it (harden.attacks.iwd.calibrate_rho)",
+                UserWarning,
+                stacklevel=2,
+            )
+        late = [o.params.get("start_epoch", 0) for o in self.objectives if o.name == "mi"]
+        if any(start >= self.train.epochs for start in late):
+            warnings.warn(
+                f"mi's start_epoch {max(late)} is not below train.epochs {self.train.epochs}: its MI terms never "
+                "switch on (the objective is its CE term alone); lower start_epoch",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 # Reading, writing and hashing policies live in policy_io (imported last: it needs Policy).

@@ -1,6 +1,7 @@
 """harden.ot (patch distributions, batched Sinkhorn over POT, IWD) and the IWD attack."""
 
 import math
+import warnings
 
 import numpy as np
 import ot
@@ -9,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from harden.attacks.base import ATTACKS, restore_modes, save_modes
-from harden.attacks.iwd import DEFAULT_RHO, IWDAttack, iwd_perturb
+from harden.attacks.iwd import DEFAULT_RHO, IWDAttack, calibrate_rho, iwd_perturb
 from harden.errors import DataError, PolicyError
 from harden.ot import default_geometry, iwd, patches, self_cost, sinkhorn_cost
 from harden.policy import ThreatModel
-from harden.testing import TinyCNN, TinyMLP, synthetic_tensors
+from harden.testing import TinyCNN, TinyMLP, synthetic_tensors, tiny_policy
 
 F64 = torch.float64
 
@@ -328,3 +329,82 @@ def test_sinkhorn_cost_on_cuda_equals_the_cpu():
     assert gpu.device.type == "cuda"
     # both converge (tol 1e-10) to the same fixed point; the test against POT holds at rel 1e-7 too
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- restarts, geometry, rho
+
+
+def test_restarts_attack_only_the_survivors_from_random_starts_inside_the_cap(trained, monkeypatch):
+    import harden.attacks.iwd as iwd_module
+
+    model, x, y = trained
+    x, y = x[:24], y[:24]
+    calls = []
+    real = iwd_module.iwd_perturb
+
+    def recording(model, x, y, rho, **kwargs):
+        res = real(model, x, y, rho, **kwargs)
+        calls.append((x.clone(), kwargs.get("start"), res.fooled.clone()))
+        return res
+
+    monkeypatch.setattr(iwd_module, "iwd_perturb", recording)
+    torch.manual_seed(0)
+    attack = IWDAttack(ThreatModel(rho=5e-4), {"steps": 3, "restarts": 3, "linf_cap": 0.01, "step_size": 0.05})
+    adv = attack(model, x, y)
+    assert calls[0][1] is None and len(calls) >= 2
+    survivors = x[~calls[0][2]]
+    assert torch.equal(calls[1][0], survivors)  # the second run attacks exactly the examples not fooled
+    start = calls[1][1]
+    assert start is not None and not torch.equal(start, survivors)  # a random start ...
+    assert float((start - survivors).abs().max()) <= 0.01 + 1e-6  # ... inside the l_inf cap (float32)
+    assert float((adv - x).abs().max()) <= 0.01 + 1e-6  # and so is every returned example
+
+
+def test_restarts_only_add_fooled_examples_and_stay_in_budget(trained):
+    model, x, y = trained
+    x, y = x[:32], y[:32]
+    rho = 5e-4
+    torch.manual_seed(0)
+    one = IWDAttack(ThreatModel(rho=rho), {"steps": 4})
+    adv1 = one(model, x, y)
+    torch.manual_seed(0)
+    three = IWDAttack(ThreatModel(rho=rho), {"steps": 4, "restarts": 3})
+    adv3 = three(model, x, y)
+    fooled1 = model(adv1).argmax(1) != y
+    fooled3 = model(adv3).argmax(1) != y
+    assert bool((fooled1 <= fooled3).all())  # a restart never loses an example the first run fooled
+    assert torch.equal(adv3[fooled1], adv1[fooled1])  # ... and keeps the first run's example for it
+    assert torch.all(iwd(x, adv3) <= rho * (1 + three.params.feasibility_tol))
+    assert torch.allclose(three.last_iwd, iwd(x, adv3))
+
+
+def test_training_and_the_attack_share_the_default_geometry():
+    from harden.objectives.iwd_at import IWDATParams
+
+    train, attack = IWDATParams(), IWDAttack(ThreatModel()).params
+    assert (train.patch_size, train.stride) == (attack.patch_size, attack.stride) == (None, None)
+
+
+def test_a_policy_training_and_evaluating_at_two_geometries_warns():
+    objectives = [{"name": "iwd_at", "params": {"steps": 1, "patch_size": 3, "stride": 2}}]
+    same = {"attacks": [{"name": "iwd", "params": {"steps": 1, "patch_size": 3, "stride": 2}}]}
+    other = {"attacks": [{"name": "iwd", "params": {"steps": 1}}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_policy(objectives=objectives, verify=same)
+    with pytest.warns(UserWarning, match="one geometry only"):
+        tiny_policy(objectives=objectives, verify=other)
+    explicit_default = {"attacks": [{"name": "iwd", "params": {"steps": 1, "patch_size": 3, "stride": 1}}]}
+    with warnings.catch_warnings():  # None means 3x3 at stride 1 up to 32 px: the same geometry
+        warnings.simplefilter("error")
+        tiny_policy(objectives=[{"name": "iwd_at", "params": {"steps": 1}}], verify=explicit_default)
+
+
+def test_calibrated_rho_grows_with_the_noise_and_depends_on_the_geometry():
+    x = synthetic_tensors(16, seed=7)[0]
+    small, large = calibrate_rho(x, 0.1, k=3, stride=1), calibrate_rho(x, 0.3, k=3, stride=1)
+    assert 0 < small < large
+    assert calibrate_rho(x, 0.2, k=3, stride=1) != calibrate_rho(x, 0.2, k=4, stride=4)
+    assert calibrate_rho(x, 0.2, k=3, stride=2) == calibrate_rho(x, 0.2, k=3, stride=2)  # seeded
+    with pytest.raises(PolicyError, match="amplitude"):
+        calibrate_rho(x, 0.0)

@@ -20,11 +20,15 @@ included) is scored; per example the attack returns the best iterate with ``IWD 
 misclassified before correctly classified, then higher loss. Feasibility guarantee: the IWD
 of the returned batch is recomputed and any example above ``rho * (1 + feasibility_tol)``
 (Sinkhorn's tolerance can move a value at the boundary slightly) is replaced by ``x`` itself.
-No randomness: the result is a deterministic function of the model and the inputs.
+With ``restarts: 1`` (default) there is no randomness: the result is a deterministic function
+of the model and the inputs. Each further restart starts from ``x`` plus uniform noise of
+amplitude ``step_size`` (torch's global generator, which ``harden.verify`` seeds) and attacks
+only the examples no earlier run fooled: different starts find different, more diverse examples.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,7 +40,7 @@ from harden.attacks.base import ATTACKS, Attack, AttackParams
 from harden.errors import PolicyError
 from harden.ot import DEFAULT_MAX_ITER, DEFAULT_REG, DEFAULT_TOL, iwd, self_cost
 
-__all__ = ["DEFAULT_RHO", "IWDAttack", "IWDParams", "IWDPerturbation", "iwd_perturb"]
+__all__ = ["DEFAULT_RHO", "IWDAttack", "IWDParams", "IWDPerturbation", "calibrate_rho", "iwd_perturb"]
 
 #: IWD budget used when the threat model has no ``rho``: about the IWD of uniform noise of l_inf
 #: amplitude 0.2 on MNIST digits. With the default IWD settings (k=3, stride 1, reg 0.05), noise of
@@ -45,12 +49,45 @@ DEFAULT_RHO = 2e-3
 _BETA_MIN, _BETA_MAX = 1e-3, 1e6
 
 
+def calibrate_rho(
+    x: torch.Tensor,
+    amplitude: float = 0.2,
+    *,
+    k: int | None = None,
+    stride: int | None = None,
+    quantile: float = 0.5,
+    seed: int = 0,
+) -> float:
+    """An IWD budget for one patch geometry: the ``quantile`` of ``IWD(x, x + noise)`` over ``x``.
+
+    ``rho`` has a meaning only for the geometry (patch size ``k``, ``stride``) it was measured
+    with: the same edit moves overlapping and disjoint patch sets differently. This measures it
+    the way :data:`DEFAULT_RHO` was: uniform noise of l_inf ``amplitude`` (clipped to [0, 1]),
+    seeded, on the images ``x`` (use a few hundred training images), at the given geometry;
+    set ``threat.rho`` to the result and give the ``iwd`` attack and ``iwd_at`` that geometry.
+
+    Example:
+        >>> x = torch.rand(8, 1, 12, 12)
+        >>> calibrate_rho(x, 0.1, k=3, stride=2) < calibrate_rho(x, 0.3, k=3, stride=2)
+        True
+    """
+    if not 0 < amplitude <= 1 or not 0 <= quantile <= 1:
+        raise PolicyError(f"expected amplitude in (0, 1] and quantile in [0, 1], got {amplitude}, {quantile}")
+    gen = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1).to(x.device) * amplitude
+    with torch.no_grad():
+        d = iwd(x, (x + noise).clamp(0, 1), k=k, stride=stride, tol=1e-3, max_iter=2000)
+    return float(torch.quantile(d.double().cpu(), quantile))
+
+
 class IWDParams(AttackParams):
-    """Parameters of :class:`IWDAttack` (and keyword arguments of :func:`iwd_perturb`).
+    """Parameters of :class:`IWDAttack` (and, but ``restarts``, keyword arguments of :func:`iwd_perturb`).
 
     Attributes:
         steps: optimisation steps (default 50).
         step_size: per-pixel signed step (default 0.02).
+        restarts: runs; each run after the first starts from ``x`` plus uniform noise of
+            amplitude ``step_size`` and attacks only the examples not fooled yet (default 1).
         beta: initial penalty weight, in CE units per relative budget violation
             ``(IWD - rho) / rho`` (default 1.0).
         beta_up: factor applied to beta after a step whose iterate violates the budget (default 2.0).
@@ -68,6 +105,7 @@ class IWDParams(AttackParams):
 
     steps: int = Field(50, ge=1, le=100_000)
     step_size: float = Field(0.02, gt=0, le=1)
+    restarts: int = Field(1, ge=1, le=1000)
     beta: float = Field(1.0, gt=0)
     beta_up: float = Field(2.0, ge=1)
     beta_down: float = Field(0.9, gt=0, le=1)
@@ -117,6 +155,7 @@ def iwd_perturb(
     tol: float = _DEFAULTS.tol,
     max_iter: int = _DEFAULTS.max_iter,
     max_elems: int | None = _DEFAULTS.max_elems,
+    start: torch.Tensor | None = None,
 ) -> IWDPerturbation:
     """The IWD attack's search (see the module docstring); usable by training objectives.
 
@@ -142,6 +181,7 @@ def iwd_perturb(
         tol: see :class:`IWDParams`.
         max_iter: see :class:`IWDParams`.
         max_elems: see :class:`IWDParams`.
+        start: the first iterate (default ``x``), e.g. a random start in the budget.
 
     Returns:
         :class:`IWDPerturbation` with ``iwd <= rho * (1 + feasibility_tol)`` for every example.
@@ -169,7 +209,12 @@ def iwd_perturb(
     best_mis = torch.zeros(n, dtype=torch.bool, device=x.device)
     best_loss = torch.full((n,), -float("inf"), dtype=x.dtype, device=x.device)
     clean_mis = torch.zeros(n, dtype=torch.bool, device=x.device)
-    x_adv = x.clone()
+    if start is not None:
+        with torch.no_grad():
+            clean_mis = model(x).argmax(1) != y
+    x_adv = x.clone() if start is None else start.detach().clone()
+    if start is not None and linf_cap is not None:
+        x_adv = (x + (x_adv - x).clamp(-linf_cap, linf_cap)).clamp(0.0, 1.0)
     for t in range(steps + 1):
         last = t == steps
         with torch.set_grad_enabled(not last):
@@ -179,7 +224,7 @@ def iwd_perturb(
             d = dist(x_adv)
         with torch.no_grad():
             mis = logits.argmax(1) != y
-            if t == 0:
+            if t == 0 and start is None:
                 clean_mis = mis
             better = (d <= rho) & ((mis & ~best_mis) | ((mis == best_mis) & (ce > best_loss)))
             best[better] = x_adv.detach()[better]
@@ -238,7 +283,20 @@ class IWDAttack(Attack):
         return self.threat.rho if self.threat.rho is not None else DEFAULT_RHO
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Run :func:`iwd_perturb` with this attack's parameters; sets ``last_iwd``."""
-        res = iwd_perturb(model, x, y, self.rho, **self.params.model_dump())
-        self.last_iwd = res.iwd
-        return res.x_adv
+        """Run :func:`iwd_perturb` ``restarts`` times (random starts after the first); sets ``last_iwd``."""
+        kwargs = self.params.model_dump()
+        restarts = kwargs.pop("restarts")
+        res = iwd_perturb(model, x, y, self.rho, **kwargs)
+        x_adv, dist, fooled = res.x_adv.clone(), res.iwd.clone(), res.fooled.clone()
+        for _ in range(1, restarts):
+            todo = (~fooled).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            xs = x[todo]
+            amplitude = min(self.params.step_size, self.params.linf_cap or math.inf)
+            start = (xs + (torch.rand_like(xs) * 2 - 1) * amplitude).clamp(0.0, 1.0)
+            again = iwd_perturb(model, xs, y[todo], self.rho, start=start, **kwargs)
+            won = todo[again.fooled]
+            x_adv[won], dist[won], fooled[won] = again.x_adv[again.fooled], again.iwd[again.fooled], True
+        self.last_iwd = dist
+        return x_adv

@@ -7,9 +7,13 @@ is attacked with the IWD attack (:mod:`harden.attacks.iwd`: maximise CE subject 
 ``clean_weight * CE(f(x), y) + (1 - clean_weight) * L_adv``
 
 with ``L_adv = CE(f(x_iwd), y)`` (``loss: ce``) or the TRADES-style
-``beta * KL(softmax f(x) || softmax f(x_iwd))`` (``loss: kl``). The attack runs in eval mode,
-with fewer steps than the evaluation attack by default (10 instead of 50) and patch stride 2,
-which keeps a training step affordable on a CPU (see ``benchmarks/RESULTS.md``).
+``beta * KL(softmax f(x) || softmax f(x_iwd))`` (``loss: kl``). The attack runs in eval mode on
+the first ``fraction`` of the batch (a quarter by default), with fewer and larger steps than the
+evaluation attack (5 of 0.05 instead of 50 of 0.02). Its patch geometry is the evaluation
+attack's by default (``patch_size``/``stride`` None: 3x3 patches at stride 1 up to 32 px), since
+``rho`` means something for one geometry only: to train at a cheaper geometry (3x3 at stride 2
+keeps the patches overlapping at a quarter of the patches), give the ``iwd`` attack the same one
+and calibrate ``rho`` for it (:func:`harden.attacks.iwd.calibrate_rho`).
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ class IWDATParams(ObjectiveParams):
     fraction: float = Field(0.25, gt=0, le=1)
     steps: int = Field(5, ge=1, le=10_000)
     step_size: float = Field(0.05, gt=0, le=1)
-    patch_size: int | None = Field(4, ge=1)
-    stride: int | None = Field(4, ge=1)
+    patch_size: int | None = Field(None, ge=1)
+    stride: int | None = Field(None, ge=1)
     linf_cap: float | None = Field(None, gt=0, le=1)
     tol: float = Field(1e-2, gt=0, lt=1)
 
