@@ -6,12 +6,22 @@
   estimated with random projections: for ``v ~ N(0, I_C)``, ``E ||vᵀ J||² = ||J||_F²`` exactly
   (unbiased); ``nproj`` projections are averaged (1 by default, as in Hoffman et al. 2019).
   Each projection costs one extra backward pass with ``create_graph=True`` (double backprop).
-- ``M(x)`` is a binary mask of the ``q`` most salient pixels under a *perturbation-based*
-  saliency map: occlusion (Zeiler & Fergus 2014) with square patches of ``patch`` pixels,
-  saliency = drop of the true class's probability when the patch is set to 0. The mask is held
-  constant (no gradient); the input gradient is penalised only *outside* the salient region,
-  which keeps the model's attention on the object (the paper's interpretability claim) while
-  flattening it elsewhere (its robustness claim, aimed at transferred attacks).
+- ``M(x)`` is a binary mask of the most salient pixels under a *perturbation-based* saliency
+  map: occlusion (Zeiler & Fergus 2014) with square patches of ``patch`` pixels (default
+  ``ceil(min(H, W) / 7)``: 49 cells on 28x28), saliency = drop of the true class's logit
+  margin when the patch is set to 0 (probabilities saturate on a confident model). The mask keeps every pixel whose saliency reaches the
+  ``q`` quantile's value, so a cell tied at the threshold is kept whole (never split by pixel
+  order), and never a pixel of saliency <= 0 (occluding it changed nothing).
+  It is held constant (no gradient); the input gradient is penalised only *outside* the salient
+  region, which keeps the model's attention on the object (the paper's interpretability claim)
+  while flattening it elsewhere (its robustness claim, aimed at transferred attacks).
+- Both penalties are computed on a forward of their own in **eval mode**: BatchNorm normalises
+  with its running statistics, so each example's Jacobian and input gradient are its own (in
+  train mode the batch statistics couple the examples and ``d f(x_i) / d x_j`` is not 0).
+- ``selective: match`` (an option, not the paper) replaces the masked term by saliency matching:
+  ``lambda_s || g / ||g|| - s / ||s|| ||^2`` per example, ``g = |∇_x CE|`` summed over channels and
+  ``s`` the occlusion saliency clipped at 0: the input gradient is pulled toward the
+  perturbation-based saliency instead of being cut outside its top region.
 
 Our reconstruction: the paper's saliency method and its weights were not available to us in
 full; the occlusion saliency, the Gaussian projections and every default below are ours and
@@ -21,7 +31,7 @@ are stated in the README.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +39,9 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import restore_modes, save_modes
-from harden.errors import HardenError
 from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams
 
-__all__ = ["JSIGR", "JSIGRParams", "jacobian_frobenius_sq", "occlusion_saliency", "top_q_mask"]
+__all__ = ["JSIGR", "JSIGRParams", "jacobian_frobenius_sq", "occlusion_saliency", "saliency_matching", "top_q_mask"]
 
 
 class JSIGRParams(ObjectiveParams):
@@ -42,11 +51,15 @@ class JSIGRParams(ObjectiveParams):
         lambda_j: weight of the Jacobian term (the loss adds ``lambda_j / 2 * ||J||_F^2``).
         lambda_s: weight of the selective input-gradient term.
         nproj: random projections per batch for the Jacobian estimate.
-        q: fraction of pixels in the salient mask ``M`` (left unpenalised).
-        patch: occlusion patch side in pixels; None means ``ceil(min(H, W) / 4)`` (16 patches).
+        q: fraction of pixels in the salient mask ``M`` (left unpenalised; whole cells at the
+            threshold, never pixels whose occlusion changed nothing).
+        patch: occlusion patch side in pixels; None means ``ceil(min(H, W) / 7)`` (49 cells).
         fraction: share of the batch (its first examples) the two penalties are estimated on,
-            with a forward of their own; 1 uses the shared clean forward of the whole batch. The
-            clean CE always uses the whole batch. Below 1 the penalties cost proportionally less.
+            with an eval-mode forward of their own. The clean CE always uses the whole batch.
+            Below 1 the penalties cost proportionally less.
+        selective: ``mask`` (the paper: the input gradient outside ``M``), ``match`` (the
+            normalised input gradient pulled toward the normalised saliency map; not the paper)
+            or ``none`` (the whole input gradient: plain input-gradient regularisation, a baseline).
     """
 
     lambda_j: float = Field(0.01, ge=0)
@@ -55,6 +68,7 @@ class JSIGRParams(ObjectiveParams):
     q: float = Field(0.2, gt=0, lt=1)
     patch: int | None = Field(None, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
+    selective: Literal["mask", "match", "none"] = "mask"
 
 
 def jacobian_frobenius_sq(
@@ -80,9 +94,19 @@ def jacobian_frobenius_sq(
     return total / nproj
 
 
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{j != y} z_j`` per example."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    return true - logits.scatter(1, y[:, None], float("-inf")).amax(1)
+
+
 @torch.no_grad()
 def occlusion_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: int) -> torch.Tensor:
-    """Occlusion saliency, ``(N, 1, H, W)``: drop of ``p(y|x)`` when each patch is zeroed.
+    """Occlusion saliency, ``(N, 1, H, W)``: drop of the logit margin of ``y`` when each patch is zeroed.
+
+    The margin ``z_y - max_{j != y} z_j`` does not saturate: on a confident model ``p(y|x)``, and
+    even ``log p(y|x)`` in float32, round to 1.0 and 0.0 whatever one patch does (a margin above
+    about 17), while the margin still moves.
 
     Runs the model in eval mode (its modes are restored) without gradients; one forward per
     patch position, batched.
@@ -96,13 +120,13 @@ def occlusion_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch
     modes = save_modes(model)
     model.eval()
     try:
-        base = F.softmax(model(x), 1).gather(1, y[:, None])[:, 0]
+        base = _margin(model(x), y)
         sal = torch.zeros(n, 1, h, w, device=x.device, dtype=x.dtype)
         for top in range(0, h, patch):
             for left in range(0, w, patch):
                 occluded = x.clone()
                 occluded[:, :, top : top + patch, left : left + patch] = 0.0
-                p = F.softmax(model(occluded), 1).gather(1, y[:, None])[:, 0]
+                p = _margin(model(occluded), y)
                 sal[:, :, top : top + patch, left : left + patch] = (base - p).view(n, 1, 1, 1)
     finally:
         restore_modes(model, modes)
@@ -110,18 +134,37 @@ def occlusion_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch
 
 
 def top_q_mask(saliency: torch.Tensor, q: float) -> torch.Tensor:
-    """1 on the ``ceil(q * H * W)`` most salient pixels of each example, 0 elsewhere (ties by order).
+    """1 on every pixel at least as salient as the ``ceil(q * H * W)``-th most salient one, 0 elsewhere.
+
+    Ties at the threshold are all kept (a tied occlusion cell stays whole), so the mask never
+    depends on pixel order. A pixel whose saliency is not above 0 is never salient (occluding it
+    changed nothing, e.g. a black background occluded with black): when fewer than that many
+    pixels are above 0, the mask is those pixels only.
 
     Example:
         >>> s = torch.tensor([[[[0.1, 0.9], [0.5, 0.2]]]])
         >>> top_q_mask(s, 0.5).flatten().tolist()
         [0.0, 1.0, 1.0, 0.0]
+        >>> top_q_mask(torch.tensor([[[[0.3, 0.9], [0.3, 0.3]]]]), 0.5).flatten().tolist()
+        [1.0, 1.0, 1.0, 1.0]
     """
     flat = saliency.flatten(1)
     k = max(1, math.ceil(q * flat.shape[1]))
-    idx = flat.topk(k, dim=1).indices
-    mask = torch.zeros_like(flat).scatter_(1, idx, 1.0)
-    return mask.view_as(saliency)
+    threshold = flat.topk(k, dim=1).values[:, -1:]
+    return ((flat >= threshold) & (flat > 0)).to(flat.dtype).view_as(saliency)
+
+
+def saliency_matching(grad: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """Per example ``|| g / ||g|| - s / ||s|| ||^2``, ``g = |grad|`` summed over channels, ``s = relu(saliency)``.
+
+    Example:
+        >>> g = torch.tensor([[[[0.0, 2.0]]]]); s = torch.tensor([[[[0.0, 1.0]]]])
+        >>> saliency_matching(g, s).tolist()
+        [0.0]
+    """
+    g = grad.abs().sum(1).flatten(1)
+    s = saliency.clamp_min(0).sum(1).flatten(1)
+    return (F.normalize(g, dim=1, eps=1e-12) - F.normalize(s, dim=1, eps=1e-12)).pow(2).sum(1)
 
 
 @OBJECTIVES.register("jsigr")
@@ -132,7 +175,7 @@ class JSIGR(Objective):
         >>> from harden.policy import ThreatModel
         >>> from harden.testing import TinyCNN
         >>> x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
-        >>> ctx = BatchContext(TinyCNN(num_classes=3), x, y, ThreatModel(), clean_input_grad=True)
+        >>> ctx = BatchContext(TinyCNN(num_classes=3), x, y, ThreatModel())
         >>> bool(torch.isfinite(JSIGR({}, ThreatModel()).loss(ctx)))
         True
     """
@@ -140,51 +183,43 @@ class JSIGR(Objective):
     name = "jsigr"
     Params = JSIGRParams
 
-    def __init__(self, params: Any, threat: Any) -> None:
-        super().__init__(params, threat)
-        #: the whole batch's clean input must require grad only when the penalties use it
-        self.needs_input_grad = self.params.fraction == 1.0
-
     def _subset(self, ctx: BatchContext) -> int:
         n = ctx.x.shape[0]
-        return n if self.params.fraction == 1.0 else max(min(2, n), math.ceil(self.params.fraction * n))
+        return n if self.params.fraction == 1.0 else max(1, math.ceil(self.params.fraction * n))
 
-    def mask(self, ctx: BatchContext) -> torch.Tensor:
-        """The constant salient-region mask ``M(x)`` of the penalised examples (once per batch)."""
+    def saliency(self, ctx: BatchContext) -> torch.Tensor:
+        """The occlusion saliency map of the penalised examples (once per batch, no gradient)."""
         p: JSIGRParams = self.params
         m = self._subset(ctx)
         x = ctx.x[:m].detach()
-        patch = p.patch if p.patch is not None else math.ceil(min(x.shape[-2:]) / 4)
+        patch = p.patch if p.patch is not None else math.ceil(min(x.shape[-2:]) / 7)
+        return ctx.memo(("jsigr-saliency", m, patch), lambda: occlusion_saliency(ctx.model, x, ctx.y[:m], patch))
 
-        def compute() -> torch.Tensor:
-            return top_q_mask(occlusion_saliency(ctx.model, x, ctx.y[:m], patch), p.q)
-
-        return ctx.memo(("jsigr-mask", m, patch, p.q), compute)
+    def mask(self, ctx: BatchContext) -> torch.Tensor:
+        """The constant salient-region mask ``M(x)`` of the penalised examples (once per batch)."""
+        m = self._subset(ctx)
+        return ctx.memo(("jsigr-mask", m, self.params.q), lambda: top_q_mask(self.saliency(ctx), self.params.q))
 
     def loss(self, ctx: BatchContext) -> torch.Tensor:
-        """CE + Jacobian term + selective input-gradient term."""
+        """CE + Jacobian term + selective input-gradient term (the penalties on an eval-mode forward)."""
         p: JSIGRParams = self.params
-        logits = ctx.logits(None)
-        ce_each = F.cross_entropy(logits, ctx.y, reduction="none")
-        loss = ce_each.mean()
+        loss = F.cross_entropy(ctx.logits(None), ctx.y)
         if p.lambda_j == 0 and p.lambda_s == 0:
             return loss
         m = self._subset(ctx)
-        if m == ctx.x.shape[0]:
-            if not ctx.x.requires_grad:
-                raise HardenError(
-                    "expected a context with clean_input_grad=True for jsigr (the trainer sets it), got one without"
-                )
-            x_in, out, ce_in = ctx.x, logits, ce_each
-        else:
-            key = ("jsigr-subset", m)
-            x_in = ctx.memo(key, lambda: ctx.x[:m].detach().requires_grad_(True))
-            out = ctx.forward(key, x_in)
-            ce_in = F.cross_entropy(out, ctx.y[:m], reduction="none")
+        key = ("jsigr-penalised", m)
+        x_in = ctx.memo(key, lambda: ctx.x[:m].detach().requires_grad_(True))
+        out = ctx.forward_eval(key, x_in)
         if p.lambda_j > 0:
             loss = loss + p.lambda_j / 2 * jacobian_frobenius_sq(out, x_in, p.nproj).mean()
         if p.lambda_s > 0:
-            (g,) = torch.autograd.grad(ce_in.sum(), x_in, create_graph=True, retain_graph=True)
-            outside = 1.0 - self.mask(ctx)
-            loss = loss + p.lambda_s * (outside * g).pow(2).flatten(1).sum(1).mean()
+            ce_in = F.cross_entropy(out, ctx.y[:m], reduction="sum")
+            (g,) = torch.autograd.grad(ce_in, x_in, create_graph=True, retain_graph=True)
+            if p.selective == "mask":
+                term = ((1.0 - self.mask(ctx)) * g).pow(2).flatten(1).sum(1)
+            elif p.selective == "match":
+                term = saliency_matching(g, self.saliency(ctx))
+            else:  # plain input-gradient regularisation (a baseline)
+                term = g.pow(2).flatten(1).sum(1)
+            loss = loss + p.lambda_s * term.mean()
         return loss
