@@ -34,6 +34,8 @@ class CascadeTally:
         other_right: per label of an attack outside the l_p threat model, the examples it
             scored right.
         other_n: per such label, the examples it was measured on.
+        other_outcomes: per such label, per example in data order: 1 scored right, 0 wrong, -1
+            not measured (beyond the attack's ``n_examples``, or no example could be built).
         check_x: the first ``check_examples`` inputs, as per-batch slices.
         check_y: their labels, as per-batch slices.
         adversarial: up to ``keep_adversarial`` worst-case inputs (CPU, float32): the examples an
@@ -43,6 +45,7 @@ class CascadeTally:
     result: SuiteResult
     other_right: dict[str, int]
     other_n: dict[str, int]
+    other_outcomes: dict[str, list[int]] = field(default_factory=dict)
     check_x: list[torch.Tensor] = field(default_factory=list)
     check_y: list[torch.Tensor] = field(default_factory=list)
     adversarial: torch.Tensor | None = None
@@ -65,6 +68,8 @@ class CascadeTally:
             "seed": policy.seed,
             "other_threats": {k: v / max(self.other_n[k], 1) for k, v in self.other_right.items()},
             "other_counts": self.other_n,
+            "outcomes": {"broken_by": list(result.broken_by), "other": self.other_outcomes},
+            "data_name": policy.data.name,
         }
 
 
@@ -146,6 +151,7 @@ def run_cascade(
     other_labels = suite_labels([a.name for a in other_attacks])
     other_right = dict.fromkeys(other_labels, 0)
     other_n = dict.fromkeys(other_labels, 0)
+    other_outcomes: dict[str, list[int]] = {label: [] for label in other_labels}
     check_x: list[torch.Tensor] = []
     check_y: list[torch.Tensor] = []
     n_check = 0
@@ -167,12 +173,16 @@ def run_cascade(
             else:
                 result.extend(part)
             for label, attack, cap in zip(other_labels, other_attacks, other_caps, strict=True):
-                room = x.shape[0] if cap is None else min(x.shape[0], cap - seen)
-                if room <= 0:
-                    continue
-                right, counted = attack.score(net, x[:room], y[:room])
-                other_right[label] += int(right.sum())
-                other_n[label] += int(counted.sum())
+                room = x.shape[0] if cap is None else max(0, min(x.shape[0], cap - seen))
+                outcome = [-1] * x.shape[0]
+                if room > 0:
+                    right, counted = attack.score(net, x[:room], y[:room])
+                    other_right[label] += int(right.sum())
+                    other_n[label] += int(counted.sum())
+                    outcome[:room] = [
+                        int(r) if c else -1 for r, c in zip(right.tolist(), counted.tolist(), strict=True)
+                    ]
+                other_outcomes[label] += outcome
             if n_check < check_examples:
                 take = check_examples - n_check
                 check_x.append(x[:take])
@@ -187,6 +197,7 @@ def run_cascade(
         result=result,
         other_right=other_right,
         other_n=other_n,
+        other_outcomes=other_outcomes,
         check_x=check_x,
         check_y=check_y,
         adversarial=kept if kept is not None and kept.shape[0] else None,

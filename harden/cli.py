@@ -136,6 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         keep_adversarial=policy.export.parity_examples,
     )
     _say(args, report.summary())
+    from harden.checkpoint import atomic_write
+
+    atomic_write(out / "report.json", json.dumps(report.to_dict(), indent=2).encode())  # harden compare reads it
     cert = certify(
         result.model,
         policy,
@@ -231,6 +234,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harden.checkpoint import atomic_write
+    from harden.compare import compare_runs
+
+    cmp = compare_runs(args.runs)
+    print(cmp.table())
+    if args.json:
+        atomic_write(Path(args.json), json.dumps(cmp.to_dict(), indent=2).encode())
+    if args.plot:
+        atomic_write(Path(args.plot), cmp.plot_png())
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     objs = ", ".join(f"{o.name}*{o.weight:g}" for o in policy.objectives)
@@ -296,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inspect", "re-hash the files a certificate vouches for", cmd_inspect, policy=False, out=False)
     p.add_argument("certificate", metavar="CERTIFICATE", help="certificate.json or the run directory")
     add("check", "validate a policy file (exit 0 when valid, 2 with the reason when not)", cmd_check, out=False)
+    p = add(
+        "compare",
+        "runs side by side: accuracies, McNemar tests on the shared examples, training time",
+        cmd_compare,
+        policy=False,
+        out=False,
+    )
+    p.add_argument("runs", metavar="RUN_DIR", nargs="+", help="run folders (report.json); the first is the baseline")
+    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also plot the accuracies with 95%% Wilson intervals")
     p = add("schema", "print the policy's JSON Schema (for editor completion)", cmd_schema, policy=False, out=False)
     p.add_argument("--markdown", action="store_true", help="print the policy reference in Markdown instead")
     p.add_argument("--certificate", action="store_true", help="print the JSON Schema of certificate.json instead")

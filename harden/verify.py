@@ -54,6 +54,10 @@ class RobustnessReport:
         other_counts: per entry of ``other_threats``, the examples it was measured on.
         eps_curve: ``(eps, accuracy)`` pairs of the eps sweep (eps 0 is clean accuracy).
         checks: sanity-check results by id (``status``, ``detail``, ``raised_if``, ``remedy``).
+        outcomes: per example, in data order (the first ``n`` of the data): ``broken_by``, the
+            attack that first fooled it (``"clean"`` when wrong on clean input, ``""`` when the
+            whole l_p suite left it right), and ``other``, per attack outside the l_p threat
+            model, 1 right / 0 wrong / -1 not measured. ``harden compare`` pairs runs on them.
         adversarial: with ``verify(..., keep_adversarial=k)``, up to ``k`` worst-case inputs of
             the l_p suite (CPU, float32 pixels in [0, 1]): the examples an attack fooled first,
             then attacked examples that survived (their last attack's output), in data order
@@ -75,6 +79,8 @@ class RobustnessReport:
     other_counts: dict[str, int] = field(default_factory=dict)
     eps_curve: list[tuple[float, float]] = field(default_factory=list)
     checks: dict[str, dict[str, str]] = field(default_factory=dict)
+    outcomes: dict[str, Any] = field(default_factory=dict, repr=False)
+    data_name: str = ""
     adversarial: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
