@@ -2,11 +2,11 @@
 (estimator warm-up on the frozen model, then frozen or alternating estimators), and its state."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_mi import dv_reference
 
 import harden
 from harden.objectives import OBJECTIVES, BatchContext, ObjectiveSet, pgd_view
@@ -21,21 +21,6 @@ THREAT = ThreatModel(eps=0.1)
 def _prepare(params, model, x, y):
     objs = ObjectiveSet(model, [(1.0, OBJECTIVES.get("mi")(params, THREAT))], x[:1])
     return objs, objs.context(x, y, THREAT)
-
-
-def _dv(est, u, z):
-    """Per-example Donsker-Varadhan estimates, written out with loops."""
-    g, loc = est.global_features(z), est.local_features(u)
-    n, locations, d = loc.shape
-    out = []
-    for i in range(n):
-        terms = []
-        for p in range(locations):
-            pos = float(g[i] @ loc[i, p]) / math.sqrt(d)
-            neg = sum(math.exp(float(g[i] @ loc[j, p]) / math.sqrt(d)) for j in range(n) if j != i)
-            terms.append(pos - math.log(neg / (n - 1)))
-        out.append(sum(terms) / locations)
-    return torch.tensor(out, dtype=torch.float64)
 
 
 def _cos(a, b):
@@ -63,8 +48,8 @@ def test_model_loss_is_the_papers_formula_on_a_fixed_batch(trained):
         ln, la = model(x), model(x_adv)
         sel = [i for i in range(24) if ln[i].argmax() == y[i] and la[i].argmax() != y[i]]
         assert len(sel) >= 3, len(sel)  # the batch exercises the terms
-        n_nat, n_adv = _dv(obj.natural, x, ln), _dv(obj.natural, x, la)
-        a_adv, a_nat = _dv(obj.adversarial, x_adv - x, la), _dv(obj.adversarial, x_adv - x, ln)
+        n_nat, n_adv = dv_reference(obj.natural, x, ln), dv_reference(obj.natural, x, la)
+        a_adv, a_nat = dv_reference(obj.adversarial, x_adv - x, la), dv_reference(obj.adversarial, x_adv - x, ln)
         lcos_n = abs(1 - _cos(n_nat[sel], n_adv[sel]))
         lcos_a = abs(1 - _cos(a_adv[sel], a_nat[sel]))
         lam_term = float((a_adv[sel] - n_adv[sel]).mean())

@@ -1,11 +1,10 @@
 """harden.objectives.mi_estimator: the per-example Donsker-Varadhan estimate and the stage-1 losses,
 each against a hand-written reference of the formula (float64, loops, no shared code)."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_mi import dv_reference
 
 from harden.objectives.mi_estimator import (
     MIEstimator,
@@ -24,26 +23,11 @@ def estimator(seed=0, chans=1, classes=3, dim=8):
     return MIEstimator(chans, classes, dim).double()
 
 
-def reference_mi(est, u, z):
-    """I_i = mean_p [ s(i,i,p) - log( sum_{j != i} exp s(i,j,p) / (N - 1) ) ], written out."""
-    g, loc = est.global_features(z), est.local_features(u)  # (N, d), (N, P, d)
-    n, p_count, d = loc.shape
-    out = []
-    for i in range(n):
-        per_location = []
-        for p in range(p_count):
-            pos = float(g[i] @ loc[i, p]) / math.sqrt(d)
-            neg = [math.exp(float(g[i] @ loc[j, p]) / math.sqrt(d)) for j in range(n) if j != i]
-            per_location.append(pos - math.log(sum(neg) / (n - 1)))
-        out.append(sum(per_location) / p_count)
-    return torch.tensor(out, dtype=torch.float64)
-
-
 def test_mi_is_the_donsker_varadhan_estimate_per_example():
     est = estimator()
     u, z = torch.rand(5, 1, 8, 8, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(est.mi(u, z), reference_mi(est, u, z), **TOL)
+        torch.testing.assert_close(est.mi(u, z), dv_reference(est, u, z), **TOL)
         assert est.mi(u[:1], z[:1]).tolist() == [0.0]  # no negatives: no estimate
     assert est.local_features(u).shape == (5, 4, 8)  # two stride-2 convolutions: 8x8 -> 2x2 locations
 
@@ -102,7 +86,7 @@ def test_natural_estimator_loss_is_the_authors_stage_1_objective():
     est = estimator(seed=1)
     x, _, ln, la, right, fooled = _batch()
     with torch.no_grad():
-        i_nat, i_adv = reference_mi(est, x, ln), reference_mi(est, x, la)
+        i_nat, i_adv = dv_reference(est, x, ln), dv_reference(est, x, la)
         w, r, n_right = [2, 3, 4, 5], [0, 1], 6
         loss_w = 5 * abs(_cos(i_nat[w], i_adv[w])) - float(i_nat[w].sum()) / n_right
         loss_r = 5 * abs(1 - _cos(i_nat[r], i_adv[r])) - float(i_nat[r].sum()) / n_right
@@ -118,7 +102,7 @@ def test_adversarial_estimator_loss_is_the_authors_stage_1_objective():
     x, x_adv, ln, la, right, fooled = _batch()
     noise = x_adv - x
     with torch.no_grad():
-        i_adv, i_nat = reference_mi(est, noise, la), reference_mi(est, noise, ln)
+        i_adv, i_nat = dv_reference(est, noise, la), dv_reference(est, noise, ln)
         w, r = [2, 3, 4, 5], [0, 1]
         loss_w = 5 * abs(_cos(i_adv[w], i_nat[w])) - float(i_adv[w].mean())
         loss_r = 8 * abs(1 - _cos(i_nat[r], i_adv[r])) + 0.1 * float(i_adv[r].mean())

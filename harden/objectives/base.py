@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+#: a fresh pass over an epoch's training batches ``(x, y)`` on the model's device (see ``begin_epoch``)
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
 class ObjectiveParams(BaseModel):
     """Base of every objective's parameters (unknown keys are refused)."""
 
@@ -316,7 +320,7 @@ class Objective(ABC):
         self,
         epoch: int,
         model: nn.Module,
-        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        batches: Batches,
         progress: bool = False,
     ) -> None:
         """Run before epoch ``epoch`` (0-based) trains, e.g. to train owned networks on the frozen model.
@@ -431,7 +435,7 @@ class ObjectiveSet:
     def begin_epoch(
         self,
         epoch: int,
-        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        batches: Batches,
         progress: bool = False,
     ) -> None:
         """Every objective's pre-epoch hook (see :meth:`Objective.begin_epoch`)."""

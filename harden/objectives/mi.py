@@ -37,7 +37,7 @@ averaged over ranks (:func:`harden.distributed.average_gradients`), so they stay
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -49,7 +49,7 @@ from tqdm import tqdm
 from harden.attacks.base import restore_modes, save_modes
 from harden.distributed import average_gradients, broadcast_parameters
 from harden.errors import CheckpointError, HardenError
-from harden.objectives.base import OBJECTIVES, BatchContext, Objective, ObjectiveParams, View, pgd_view
+from harden.objectives.base import OBJECTIVES, BatchContext, Batches, Objective, ObjectiveParams, View, pgd_view
 from harden.objectives.mi_estimator import (
     MIEstimator,
     adversarial_estimator_loss,
@@ -216,13 +216,7 @@ class MI(Objective):
         optimizer.step()
         return float(loss.detach())
 
-    def begin_epoch(
-        self,
-        epoch: int,
-        model: nn.Module,
-        batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-        progress: bool = False,
-    ) -> None:
+    def begin_epoch(self, epoch: int, model: nn.Module, batches: Batches, progress: bool = False) -> None:
         """Record the epoch; right before ``start_epoch``, warm the estimators up on the frozen model."""
         self.epoch = epoch
         if epoch < self.params.start_epoch or self.warmed_up:  # also after a resume past start_epoch
