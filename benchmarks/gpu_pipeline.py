@@ -188,6 +188,8 @@ def dry_policy(source: Path) -> dict[str, Any]:
     for obj in raw["objectives"]:
         if "steps" in obj.get("params", {}):
             obj["params"]["steps"] = 2
+        if obj["name"] == "mi":  # its estimators' warm-up and terms in the one epoch
+            obj["params"]["start_epoch"] = 0
     small = {
         "pgd": {"steps": 5},
         "apgd_ce": {"steps": 10},
