@@ -131,7 +131,7 @@ def policy_for(name: str, size: dict[str, Any], seed: int = 0, device: str = "cp
     objectives = [dict(o, params=dict(o.get("params", {}))) for o in CONFIGS[name]]
     for o in objectives:
         if o["name"] == "mi":
-            o["params"]["start_epoch"] = min(o["params"].get("start_epoch", 0), size["epochs"] // 2)  # noqa
+            o["params"]["start_epoch"] = min(o["params"].get("start_epoch", 0), size["epochs"] // 2)
     data: dict[str, Any] = {"name": "mnist-5k", "batch_size": size.get("batch_size", 128)}
     if size.get("train_limit"):
         data["train_limit"] = size["train_limit"]
