@@ -214,11 +214,15 @@ class ObjectiveSpec(_Strict):
         name: a registered objective (``ce``, ``pgd_at``, ``trades``, ...).
         weight: its weight in the sum (>= 0).
         params: the objective's own parameters, validated by its ``Params`` model.
+        every: compute the term on every N-th training step only (lazy regularisation, as
+            StyleGAN2 does for its R1 penalty), at its ``weight`` as written: its mean weight per
+            step is ``weight / every``. Cuts the cost of an expensive term N-fold.
     """
 
     name: str
     weight: float = Field(1.0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
+    every: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_params(self) -> ObjectiveSpec:

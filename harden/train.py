@@ -255,8 +255,9 @@ def _fit(
     if num_classes is None:  # user data: labels must index the model's logits
         num_classes = n_logits
 
+    specs = [s for s in policy.objectives if s.weight > 0]
     objectives: list[tuple[float, Objective]] = [
-        (s.weight, OBJECTIVES.get(s.name)(s.params, policy.threat)) for s in policy.objectives if s.weight > 0
+        (s.weight, OBJECTIVES.get(s.name)(s.params, policy.threat)) for s in specs
     ]
     optimizer = _optimizer(net, policy)
     amp_dtype = autocast_dtype(spec.precision, device)
@@ -269,6 +270,7 @@ def _fit(
         forward_model=training_forward(dist.wrap(net), spec.compile),
         autocast_dtype=amp_dtype,
         attack_precision=spec.attack_precision,
+        every=[s.every for s in specs],
     )
     steps_per_epoch = len(_epoch_loader(train, policy, 0, dist))
     if steps_per_epoch == 0:

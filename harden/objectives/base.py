@@ -8,7 +8,7 @@ the model's logits on it, so ``pgd_at + trades + ...`` never attacks or forwards
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -366,9 +366,13 @@ class ObjectiveSet:
             :class:`BatchContext`); None: ``model``.
         autocast_dtype: the training forwards' autocast dtype (None: float32).
         attack_precision: ``fp32`` or ``same`` (see :class:`BatchContext`).
+        every: per objective, compute it on every N-th step only (None: every step). A skipped
+            objective adds a zero to the loss and its :meth:`Objective.after_step` does not run;
+            the count of steps taken is part of :meth:`state_dict`, so a resumed run keeps the phase.
 
     Raises:
-        PolicyError: two objectives ask for different embedding layers.
+        PolicyError: two objectives ask for different embedding layers, or ``every`` does not
+            give one integer >= 1 per objective.
 
     Example:
         >>> from harden.testing import TinyCNN
@@ -388,7 +392,12 @@ class ObjectiveSet:
         forward_model: nn.Module | None = None,
         autocast_dtype: torch.dtype | None = None,
         attack_precision: str = "fp32",
+        every: Sequence[int] | None = None,
     ) -> None:
+        self.every = list(every) if every is not None else [1] * len(weighted)
+        if len(self.every) != len(weighted) or any(int(k) != k or k < 1 for k in self.every):
+            raise PolicyError(f"expected one integer every >= 1 per objective ({len(weighted)}), got {self.every}")
+        self.steps_done = 0
         self.model = model
         self.bn_stats = bn_stats
         self.forward_model = forward_model
@@ -422,15 +431,24 @@ class ObjectiveSet:
         )
 
     def loss(self, ctx: BatchContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The weighted total and each objective's weighted part."""
-        parts = [w * obj.loss(ctx) for w, obj in self.weighted]
+        """The weighted total and each objective's weighted part (zero where skipped this step)."""
+        parts = [
+            w * obj.loss(ctx) if on else ctx.x.new_zeros(())
+            for (w, obj), on in zip(self.weighted, self.active(), strict=True)
+        ]
         total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         return total, parts
 
+    def active(self) -> list[bool]:
+        """Which objectives this step computes (see ``every``)."""
+        return [self.steps_done % k == 0 for k in self.every]
+
     def after_step(self, ctx: BatchContext) -> None:
-        """Every objective's post-step hook."""
-        for _, obj in self.weighted:
-            obj.after_step(ctx)
+        """The post-step hook of every objective computed this step; counts the step."""
+        for (_, obj), on in zip(self.weighted, self.active(), strict=True):
+            if on:
+                obj.after_step(ctx)
+        self.steps_done += 1
 
     def begin_epoch(
         self,
@@ -443,13 +461,16 @@ class ObjectiveSet:
             obj.begin_epoch(epoch, self.model, batches, progress)
 
     def state_dict(self) -> dict[str, Any]:
-        """Each objective's state, keyed by position."""
-        return {str(i): obj.state_dict() for i, (_, obj) in enumerate(self.weighted)}
+        """Each objective's state, keyed by position, and the count of steps taken."""
+        state: dict[str, Any] = {str(i): obj.state_dict() for i, (_, obj) in enumerate(self.weighted)}
+        state["steps_done"] = torch.tensor(self.steps_done)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output (a checkpoint without a step count starts the count at 0)."""
         for i, (_, obj) in enumerate(self.weighted):
             obj.load_state_dict(state.get(str(i), {}))
+        self.steps_done = int(state.get("steps_done", 0))
 
     def close(self) -> None:
         """Remove the embedding hook from the model."""
