@@ -249,3 +249,45 @@ def test_only_the_first_view_moves_bn_running_stats(bn_stats):
 def test_bn_stats_is_validated():
     with pytest.raises(ValueError, match="bn_stats"):
         BatchContext(tiny_model(), *synthetic_tensors(4, num_classes=3), THREAT, bn_stats="sometimes")
+
+
+def test_every_computes_a_lazy_objective_on_every_nth_step_only():
+    model, (x, y) = tiny_model(), synthetic_tensors(8, num_classes=3)
+    eager, lazy = make_objective("ce"), make_objective("trades")
+    calls = {"loss": 0, "after": 0}
+    inner_loss, inner_after = lazy.loss, lazy.after_step
+    lazy.loss = lambda ctx: (calls.__setitem__("loss", calls["loss"] + 1), inner_loss(ctx))[1]
+    lazy.after_step = lambda ctx: (calls.__setitem__("after", calls["after"] + 1), inner_after(ctx))[1]
+    objs = ObjectiveSet(model, [(1.0, eager), (0.5, lazy)], x[:1], every=[1, 3])
+    pattern = []
+    for _ in range(7):
+        ctx = objs.context(x, y, THREAT)
+        total, parts = objs.loss(ctx)
+        pattern.append(bool(parts[1] != 0))
+        if not pattern[-1]:
+            assert float(parts[1]) == 0.0
+            assert torch.equal(total, parts[0])
+        objs.after_step(ctx)
+    objs.close()
+    assert pattern == [True, False, False, True, False, False, True]
+    assert calls == {"loss": 3, "after": 3}
+    assert objs.steps_done == 7
+
+
+def test_every_step_count_survives_state_dict():
+    model, (x, _) = tiny_model(), synthetic_tensors(4, num_classes=3)
+    objs = ObjectiveSet(model, [(1.0, make_objective("ce"))], x[:1], every=[4])
+    objs.steps_done = 5
+    again = ObjectiveSet(model, [(1.0, make_objective("ce"))], x[:1], every=[4])
+    again.load_state_dict(objs.state_dict())
+    assert again.steps_done == 5
+    assert again.active() == [False]
+    again.load_state_dict({"0": {}})  # a checkpoint from before lazy objectives
+    assert again.steps_done == 0
+
+
+@pytest.mark.parametrize("every", [[0], [1, 2], [1.5]])
+def test_every_is_validated(every):
+    model, (x, _) = tiny_model(), synthetic_tensors(4, num_classes=3)
+    with pytest.raises(harden.PolicyError, match="every"):
+        ObjectiveSet(model, [(1.0, make_objective("ce"))], x[:1], every=every)

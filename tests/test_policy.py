@@ -51,7 +51,7 @@ def test_round_trip_through_yaml_is_equal():
 def test_dump_fills_every_default():
     dumped = yaml.safe_load(dump_policy(validate_policy(MINIMAL)))
     assert dumped["threat"] == {"norm": "linf", "eps": 0.3, "rho": None}
-    assert dumped["objectives"] == [{"name": "ce", "weight": 1.0, "params": {"label_smoothing": 0.0}}]
+    assert dumped["objectives"] == [{"name": "ce", "weight": 1.0, "params": {"label_smoothing": 0.0}, "every": 1}]
     assert set(dumped) == set(Policy.model_fields)
 
 
@@ -152,6 +152,7 @@ def test_l2_allows_eps_above_one():
         ("objectives: [{name: ce}]\ntrain: {epochs: 0}\n", "train.epochs", "expected a number >= 1, got 0"),
         ("objectives: [{name: ce, weight: -1}]\n", "objectives.0.weight", "expected a number >= 0"),
         ("objectives: [{name: ce}, {name: pgd-at}]\n", "objectives.1.name", "did you mean 'pgd_at'?"),
+        ("objectives: [{name: ce, every: 0}]\n", "objectives.0.every", "expected a number >= 1, got 0"),
         (
             "objectives: [{name: ce}]\nverify: {attacks: [{name: pgdd}]}\n",
             "verify.attacks.0.name",

@@ -90,6 +90,18 @@ def test_resume_continues_exactly(tmp_path):
     assert sha256_file(resumed.weights) == sha256_file(straight.weights)
 
 
+def test_resume_keeps_the_phase_of_lazy_objectives(tmp_path):
+    # 6 steps an epoch (384 synthetic images, batches of 64): every 4 straddles the epoch boundary
+    train = {"schedule": "constant", "probe_examples": 0}
+    objectives = [{"name": "ce"}, {"name": "trades", "weight": 0.5, "params": {"steps": 2}, "every": 4}]
+    fit(tiny_policy(train={**train, "epochs": 1}, objectives=objectives), tmp_path / "resumed")
+    resumed = fit(tiny_policy(train={**train, "epochs": 2}, objectives=objectives), tmp_path / "resumed", resume=True)
+    straight = fit(tiny_policy(train={**train, "epochs": 2}, objectives=objectives), tmp_path / "straight")
+    assert resumed.resumed_from == 1
+    assert_same_weights(resumed.model, straight.model)
+    assert resumed.history[-1]["loss_1_trades"] == straight.history[-1]["loss_1_trades"]
+
+
 def test_resume_without_checkpoints_starts_from_scratch(tmp_run):
     policy = tiny_policy(objectives=[{"name": "ce"}])
     resumed = fit(policy, tmp_run, resume=True)
