@@ -39,7 +39,7 @@ docs: $(STAMP)
 # Benchmarks never run in `make test`.
 SIZE    ?= small
 DEVICE  ?= cpu
-BENCHES := attacks iwd_cost objectives bn_ablation training certify inference
+BENCHES := attacks iwd_cost objectives bn_ablation training certify inference demo
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP)

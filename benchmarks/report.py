@@ -30,6 +30,7 @@ SECTION = {
     "training": "training",
     "certify": "certify",
     "inference": "inference",
+    "demo": "demo",
 }
 
 
