@@ -485,14 +485,25 @@ class Policy(_Strict):
                 "{msg}",
                 {"path": "objectives", "msg": "expected at least one objective with weight > 0, got all zero"},
             )
+        if all(o.every > 1 for o in self.objectives if o.weight > 0):
+            raise PydanticCustomError(
+                "harden_nested",
+                "{msg}",
+                {
+                    "path": "objectives",
+                    "msg": "expected at least one objective computed on every step (every: 1), got every > 1 on all: "
+                    "a step with no term has no loss to train on",
+                },
+            )
         self._warn_silent_settings()
         return self
 
     def _warn_silent_settings(self) -> None:
         """Warn about settings that silently measure nothing.
 
-        ``iwd_at`` training at another patch geometry than the ``iwd`` attack evaluates at, and
-        ``mi`` switching its terms on after the last epoch.
+        ``iwd_at`` training at another patch geometry than the ``iwd`` attack evaluates at, a lazy
+        first objective under ``bn_stats: first_forward``, and ``mi`` switching its terms on after
+        the last epoch.
         """
 
         def geometry(params: dict[str, Any]) -> tuple[int, int]:
@@ -507,6 +518,15 @@ class Policy(_Strict):
                 f"iwd_at trains at (patch_size, stride) {sorted(train)} but the iwd attack evaluates at "
                 f"{sorted(evaluate)}: threat.rho means something for one geometry only; give both the same "
                 "and calibrate rho for it (harden.attacks.iwd.calibrate_rho)",
+                UserWarning,
+                stacklevel=2,
+            )
+        first = next(o for o in self.objectives if o.weight > 0)
+        if first.every > 1 and self.train.bn_stats == "first_forward":
+            warnings.warn(
+                f"the first objective ({first.name}) has every: {first.every}: with train.bn_stats first_forward, "
+                "BatchNorm's running statistics then come from another objective's view on the steps it skips; "
+                "put an objective computed on every step first",
                 UserWarning,
                 stacklevel=2,
             )

@@ -276,17 +276,18 @@ def test_every_computes_a_lazy_objective_on_every_nth_step_only():
 
 def test_every_step_count_survives_state_dict():
     model, (x, _) = tiny_model(), synthetic_tensors(4, num_classes=3)
-    objs = ObjectiveSet(model, [(1.0, make_objective("ce"))], x[:1], every=[4])
+    pair = [(1.0, make_objective("ce")), (1.0, make_objective("ce"))]
+    objs = ObjectiveSet(model, pair, x[:1], every=[1, 4])
     objs.steps_done = 5
-    again = ObjectiveSet(model, [(1.0, make_objective("ce"))], x[:1], every=[4])
+    again = ObjectiveSet(model, pair, x[:1], every=[1, 4])
     again.load_state_dict(objs.state_dict())
     assert again.steps_done == 5
-    assert again.active() == [False]
+    assert again.active() == [True, False]
     again.load_state_dict({"0": {}})  # a checkpoint from before lazy objectives
     assert again.steps_done == 0
 
 
-@pytest.mark.parametrize("every", [[0], [1, 2], [1.5]])
+@pytest.mark.parametrize("every", [[0], [1, 2], [1.5], [2]])
 def test_every_is_validated(every):
     model, (x, _) = tiny_model(), synthetic_tensors(4, num_classes=3)
     with pytest.raises(harden.PolicyError, match="every"):

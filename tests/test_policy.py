@@ -1,6 +1,7 @@
 """Policy validation: round trips, stable hashes and one-line errors naming file and key path."""
 
 import textwrap
+import warnings
 
 import pydantic
 import pytest
@@ -153,6 +154,7 @@ def test_l2_allows_eps_above_one():
         ("objectives: [{name: ce, weight: -1}]\n", "objectives.0.weight", "expected a number >= 0"),
         ("objectives: [{name: ce}, {name: pgd-at}]\n", "objectives.1.name", "did you mean 'pgd_at'?"),
         ("objectives: [{name: ce, every: 0}]\n", "objectives.0.every", "expected a number >= 1, got 0"),
+        ("objectives: [{name: ce, every: 2}]\n", "objectives", "computed on every step"),
         (
             "objectives: [{name: ce}]\nverify: {attacks: [{name: pgdd}]}\n",
             "verify.attacks.0.name",
@@ -266,3 +268,13 @@ def test_validate_policy_without_source_has_no_file_prefix():
 def test_more_errors_are_counted(tmp_path):
     _, msg = policy_error(tmp_path, "objectives: [{name: ce}]\nbogus: 1\nseed: -1\n")
     assert "(and 1 more)" in msg
+
+
+def test_a_lazy_first_objective_warns_about_batchnorm_statistics():
+    objectives = [{"name": "pgd_at", "every": 2}, {"name": "ce"}]
+    with pytest.warns(UserWarning, match="BatchNorm's running statistics"):
+        tiny_policy(objectives=objectives)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_policy(objectives=objectives, train={"bn_stats": "every_forward"})
+        tiny_policy(objectives=objectives[::-1])

@@ -395,8 +395,11 @@ class ObjectiveSet:
         every: Sequence[int] | None = None,
     ) -> None:
         self.every = list(every) if every is not None else [1] * len(weighted)
-        if len(self.every) != len(weighted) or any(int(k) != k or k < 1 for k in self.every):
-            raise PolicyError(f"expected one integer every >= 1 per objective ({len(weighted)}), got {self.every}")
+        if len(self.every) != len(weighted) or any(int(k) != k or k < 1 for k in self.every) or 1 not in self.every:
+            raise PolicyError(
+                f"expected one integer every >= 1 per objective ({len(weighted)}), at least one of them 1 "
+                f"(a step needs a loss), got {self.every}"
+            )
         self.steps_done = 0
         self.model = model
         self.bn_stats = bn_stats
