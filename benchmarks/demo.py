@@ -52,7 +52,9 @@ GOAL_S = 300.0
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script (``main`` parses it; tests inspect it)."""
-    return base_parser(__doc__, SIZES, "cpu (default) or cuda[:N]: the policies' device")
+    ap = base_parser(__doc__, SIZES, "cpu (default) or cuda[:N]: the policies' device")
+    ap.add_argument("--only", choices=list(POLICIES), default=None, help="run one policy (no comparison)")
+    return ap
 
 
 def policy_file(name: str, size: dict[str, Any], device: str, tmp: Path) -> Path:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
     size = SIZES[args.size]
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in POLICIES:
+        for name in [args.only] if args.only else POLICIES:
             runs[name] = run_demo(policy_file(name, size, args.device, Path(tmp)), Path(tmp) / name)
             print(name, f"{runs[name]['wall_s']:.0f} s", runs[name]["clean"], runs[name]["robust"], flush=True)
     rows = []
@@ -115,7 +117,11 @@ def main(argv: list[str] | None = None) -> Path:
                 r["verdict"],
             ]
         )
-    tests = {m: mcnemar(runs["mixed"]["right"][m], runs["pgd_at"]["right"][m]) for m in ("clean", "robust")}
+    tests = (
+        {m: mcnemar(runs["mixed"]["right"][m], runs["pgd_at"]["right"][m]) for m in ("clean", "robust")}
+        if len(runs) == 2
+        else {}
+    )
     heads = [
         headline(
             f"make demo ({POLICIES[name]}), whole harden run, s",
@@ -130,19 +136,23 @@ def main(argv: list[str] | None = None) -> Path:
     lines = [
         "`harden run POLICY --out DIR --quiet` in a subprocess, as `make demo` runs it"
         + (f" (smoke: {size['epochs']} epoch, {size['n']} verified examples)" if size.get("smoke") else "")
-        + f"; n = {runs['pgd_at']['n']} test examples each, the same ones. Stages in seconds from "
+        + f"; n = {next(iter(runs.values()))['n']} test examples each, the same ones. Stages in seconds from "
         "certificate.json; `rest` = certification (smoothing), the ONNX session's attacks and start-up.",
         "",
         *table(["policy", "demo time", "fit", "verify", "export", "rest", "clean", "robust", "verdict"], rows),
         "",
-        "Mixed against `pgd_at`, the same examples (one seed each; +b/-c: right only in the mixed / only in the "
-        "pgd_at model): " + "; ".join(f"{m} +{b}/-{c}, McNemar p = {p:.2g}" for m, (b, c, p) in tests.items()) + ".",
-        "",
     ]
+    if tests:
+        lines += [
+            "Mixed against `pgd_at`, the same examples (one seed each; +b/-c: right only in the mixed / only in "
+            "the pgd_at model): " + "; ".join(f"{m} +{b}/-{c}, McNemar p = {p:.2g}" for m, (b, c, p) in tests.items()),
+            "",
+        ]
     return write_section(
-        section_name("demo", args.size, args.device),
+        section_name("demo", args.size, args.device, args.only or ""),
         f"The demo end to end ({args.size}, {args.device})",
-        f"python benchmarks/demo.py --size {args.size} --device {args.device}",
+        f"python benchmarks/demo.py --size {args.size} --device {args.device}"
+        + (f" --only {args.only}" if args.only else ""),
         lines,
         {
             "runs": {k: {kk: vv for kk, vv in v.items() if kk != "right"} for k, v in runs.items()},
