@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-POLICY ?= policies/mnist-mixed.yaml
+POLICY ?= policies/mnist-pgd.yaml
 OUT    ?= runs/demo
 
 .PHONY: demo test lint typecheck bench clean venv docs gpu-check
