@@ -80,6 +80,8 @@ def policy_for(
     doc = load_policy(ROOT / "policies" / "mnist-mixed.yaml").model_dump(mode="json")
     if keep is not None:
         doc["objectives"] = [o for o in doc["objectives"] if o["name"] in keep]
+    for o in doc["objectives"]:  # every term on every step, as when the ablation was measured
+        o["every"] = 1
     doc["train"].update({"probe_examples": 0, "bn_stats": bn_stats})
     if "epochs" in size:
         doc["train"]["epochs"] = size["epochs"]

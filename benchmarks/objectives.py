@@ -37,7 +37,7 @@ Sizes (times on 2 cores; every size trains every configuration for every seed):
 - ``small`` (default, smoke scale, ~10 min): TinyCNN (width 32), linf eps 0.1, 2 epochs of 64 on
   the first 2,048 training images, 200 test images (IWD attack on 16), 1 seed. Shows the script
   works; the verdicts need ``medium``.
-- ``medium`` (~1.5 h): TinyCNN (width 32), eps 0.1, 4 epochs of 128 on all 4,000 training images,
+- ``medium`` (~2 h): TinyCNN (width 32), eps 0.1, 4 epochs of 128 on all 4,000 training images,
   all 1,000 test images (IWD attack on 200), 3 seeds.
 - ``full`` (hours; a GPU helps): timm resnet10t, eps 0.3, 5 epochs, 1,000 test images, 3 seeds.
 

@@ -15,7 +15,16 @@ import re
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from harden.errors import (
@@ -214,15 +223,24 @@ class ObjectiveSpec(_Strict):
         name: a registered objective (``ce``, ``pgd_at``, ``trades``, ...).
         weight: its weight in the sum (>= 0).
         params: the objective's own parameters, validated by its ``Params`` model.
-        every: compute the term on every N-th training step only (lazy regularisation, as
-            StyleGAN2 does for its R1 penalty), at its ``weight`` as written: its mean weight per
-            step is ``weight / every``. Cuts the cost of an expensive term N-fold.
+        every: compute the term on every N-th training step only (lazy regularisation), at its
+            ``weight`` as written, so its mean weight per step is ``weight / every`` (StyleGAN2's
+            lazy R1 multiplies by N instead; we do not, to avoid N-fold loss spikes). Cuts the
+            cost of an expensive term N-fold. Left out of the canonical dump when 1, so the hash
+            of a policy that does not use it is what it was before the field existed.
     """
 
     name: str
     weight: float = Field(1.0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
     every: int = Field(1, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("every") == 1:
+            del out["every"]
+        return out
 
     @model_validator(mode="after")
     def _check_params(self) -> ObjectiveSpec:

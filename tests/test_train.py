@@ -102,6 +102,24 @@ def test_resume_keeps_the_phase_of_lazy_objectives(tmp_path):
     assert resumed.history[-1]["loss_1_trades"] == straight.history[-1]["loss_1_trades"]
 
 
+def test_fit_hands_every_to_the_objectives(tmp_run, monkeypatch):
+    seen = []
+
+    class Spy(harden.objectives.ObjectiveSet):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("every"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr("harden.train.ObjectiveSet", Spy)
+    objectives = [
+        {"name": "ce"},
+        {"name": "trades", "weight": 0.0},
+        {"name": "trades", "params": {"steps": 1}, "every": 4},
+    ]
+    fit(tiny_policy(train={"probe_examples": 0}, objectives=objectives), tmp_run)
+    assert seen == [[1, 4]]  # the weight-0 objective is left out, with its every
+
+
 def test_resume_without_checkpoints_starts_from_scratch(tmp_run):
     policy = tiny_policy(objectives=[{"name": "ce"}])
     resumed = fit(policy, tmp_run, resume=True)

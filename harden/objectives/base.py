@@ -372,7 +372,7 @@ class ObjectiveSet:
 
     Raises:
         PolicyError: two objectives ask for different embedding layers, or ``every`` does not
-            give one integer >= 1 per objective.
+            give one integer >= 1 per objective with at least one of them 1.
 
     Example:
         >>> from harden.testing import TinyCNN
@@ -395,7 +395,8 @@ class ObjectiveSet:
         every: Sequence[int] | None = None,
     ) -> None:
         self.every = list(every) if every is not None else [1] * len(weighted)
-        if len(self.every) != len(weighted) or any(int(k) != k or k < 1 for k in self.every) or 1 not in self.every:
+        ints = all(isinstance(k, int) and not isinstance(k, bool) for k in self.every)
+        if len(self.every) != len(weighted) or not ints or min(self.every, default=0) < 1 or 1 not in self.every:
             raise PolicyError(
                 f"expected one integer every >= 1 per objective ({len(weighted)}), at least one of them 1 "
                 f"(a step needs a loss), got {self.every}"
@@ -464,16 +465,25 @@ class ObjectiveSet:
             obj.begin_epoch(epoch, self.model, batches, progress)
 
     def state_dict(self) -> dict[str, Any]:
-        """Each objective's state, keyed by position, and the count of steps taken."""
+        """Each objective's state, keyed by position, and the count of finite steps taken (``steps_done``)."""
         state: dict[str, Any] = {str(i): obj.state_dict() for i, (_, obj) in enumerate(self.weighted)}
         state["steps_done"] = torch.tensor(self.steps_done)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (a checkpoint without a step count starts the count at 0)."""
+        """Restore :meth:`state_dict`'s output (a checkpoint without a step count starts the count at 0).
+
+        Raises:
+            CheckpointError: the step count is not one integer >= 0.
+        """
+        steps = state.get("steps_done", torch.tensor(0))
+        if not (isinstance(steps, torch.Tensor) and steps.numel() == 1 and not steps.is_floating_point()) or (
+            int(steps) < 0
+        ):
+            raise CheckpointError(f"expected the objectives' steps_done to be one integer >= 0, got {steps!r:.80}")
         for i, (_, obj) in enumerate(self.weighted):
             obj.load_state_dict(state.get(str(i), {}))
-        self.steps_done = int(state.get("steps_done", 0))
+        self.steps_done = int(steps)
 
     def close(self) -> None:
         """Remove the embedding hook from the model."""
