@@ -38,7 +38,7 @@ from common import base_parser, headline, section_name, table, timed, write_sect
 import harden
 from harden.attacks import ATTACKS, run_suite
 from harden.data import load_data
-from harden.policy import load_policy
+from harden.policy_io import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 _THREE = [

@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, headline, section_name, table, write_section
 
 from harden.compare import mcnemar
-from harden.policy import load_policy, validate_policy
-from harden.policy_io import dump_policy
+from harden.policy_io import dump_policy, load_policy, validate_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = {"pgd_at": "mnist-pgd", "mixed": "mnist-mixed"}

@@ -67,7 +67,8 @@ from harden.compare import mcnemar
 from harden.data import load_data
 from harden.models import build_model
 from harden.objectives import OBJECTIVES, ObjectiveSet
-from harden.policy import DataSpec, load_policy
+from harden.policy import DataSpec
+from harden.policy_io import load_policy
 from harden.testing import TinyMLP
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,8 +1,10 @@
-"""Bring your own model and data: a plain nn.Module and your own DataLoaders.
+"""Bring your own model and data: a plain nn.Module and a function returning your datasets.
 
-The policy only needs the threat model, the objectives and the training settings; the model and
-the data come from your code. Normalization goes into the model through the policy's
-``model.mean``/``model.std`` so that attacks and the ONNX graph take [0, 1] pixels.
+The policy names the data function (``data.name: package.module:function`` returning
+``(train_dataset, test_dataset)``); the model instance is handed to ``harden.run``.
+Normalization goes into the model through the policy's ``model.mean``/``model.std`` so that
+attacks and the ONNX graph take [0, 1] pixels. (``harden.fit(model, policy, train=loader)`` and
+``harden.verify(model, policy, data)`` are the single steps, for data you hold as loaders.)
 
 Run:  .venv/bin/python examples/custom_model.py
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import harden
 
@@ -44,6 +46,7 @@ def my_data() -> tuple[TensorDataset, TensorDataset]:
 POLICY = {
     "name": "custom",
     "model": {"name": "examples.custom_model:MyNet", "mean": [0.3], "std": [0.4]},
+    "data": {"name": "examples.custom_model:my_data", "batch_size": 64},
     "threat": {"norm": "l2", "eps": 0.5},
     "train": {"epochs": 8, "lr": 0.05},
     "objectives": [{"name": "ce", "weight": 0.5}, {"name": "pgd_at", "weight": 0.5, "params": {"steps": 5}}],
@@ -51,17 +54,17 @@ POLICY = {
         "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 20, "restarts": 2}}],
         "n_examples": 397,
     },
+    "export": {"verify_examples": 64},
 }
 
 
 def main(epochs: int = 8, out: str = "runs/custom") -> harden.RobustnessReport:
     policy = harden.validate_policy({**POLICY, "train": {**POLICY["train"], "epochs": epochs}})
-    train, test = my_data()
     torch.manual_seed(0)
-    result = harden.fit(MyNet(), policy, train=DataLoader(train, batch_size=64, shuffle=True), val=test, run_dir=out)
-    report = harden.verify(result.model, policy, test)
-    print(report.summary())
-    return report
+    result = harden.run(policy, out, model=MyNet())
+    assert result.report is not None
+    print(result.report.summary())
+    return result.report
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Quickstart: harden a small CNN on scikit-learn's digits with TRADES, verify, certify, export.
+"""Quickstart: harden a small CNN on scikit-learn's digits with TRADES: fit, verify, certify, export.
+
+``harden.run`` is the whole job (the same one ``harden run POLICY --out DIR`` runs): the data is
+loaded once; the model is trained, attacked, exported to ONNX, the ONNX session attacked too, and
+the certificate written last.
 
 Run:  .venv/bin/python examples/quickstart.py
 """
@@ -8,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import harden
-from harden.policy import validate_policy
 
 HERE = Path(__file__).resolve().parent
 
@@ -16,20 +19,14 @@ HERE = Path(__file__).resolve().parent
 def main(epochs: int = 10, out: str = "runs/quickstart") -> harden.Certificate:
     policy = harden.load_policy(HERE.parent / "policies" / "digits-trades.yaml")
     if epochs != policy.train.epochs:  # policies are frozen: make a modified copy
-        policy = validate_policy(
+        policy = harden.validate_policy(
             {**policy.model_dump(mode="json"), "train": {**policy.train.model_dump(), "epochs": epochs}}
         )
-    result = harden.fit(None, policy, run_dir=out)
-    report = harden.verify(result.model, policy)
-    print(report.summary())
-    cert = harden.certify(result.model, policy, report=report, history=result.history)
-    exported = harden.export_onnx(
-        result.model, Path(out) / "model.onnx", policy=policy, certificate=cert, input_shape=(1, 8, 8)
-    )
-    cert.onnx_sha256 = exported.sha256
-    cert.save(out)
-    print(f"ONNX parity: max |Δlogit| = {exported.parity_max_abs_diff:.1e}; wrote {out}/certificate.json")
-    return cert
+    result = harden.run(policy, out)
+    assert result.report is not None and result.certificate is not None and result.export is not None
+    print(result.report.summary())
+    print(f"ONNX parity: max |Δlogit| = {result.export.parity_max_abs_diff:.1e}; wrote {result.certificate_path}")
+    return result.certificate
 
 
 if __name__ == "__main__":

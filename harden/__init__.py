@@ -2,18 +2,22 @@
 
 Example:
     >>> import harden
-    >>> policy = harden.load_policy("policies/mnist-pgd.yaml")  # doctest: +SKIP
-    >>> result = harden.fit(None, policy)  # doctest: +SKIP
-    >>> report = harden.verify(result.model, policy)  # doctest: +SKIP
+    >>> result = harden.run("policies/mnist-pgd.yaml", "runs/demo")  # doctest: +SKIP
+    >>> result.certificate.verdict  # doctest: +SKIP
+    'EMPIRICAL'
+
 """
 
+from harden._version import __version__
 from harden.attacks import ATTACKS, Attack
-from harden.certify import Certificate, certify
+from harden.certificate import Certificate
+from harden.certify import certify
 from harden.errors import (
     CheckpointError,
     DataError,
     ExportError,
     HardenError,
+    InputError,
     ModelError,
     PolicyError,
     ThreatModelError,
@@ -22,20 +26,13 @@ from harden.errors import (
 from harden.export import ExportResult, export_onnx
 from harden.models import Normalized, build_model
 from harden.objectives import OBJECTIVES, Objective
-from harden.policy import (
-    Policy,
-    ThreatModel,
-    dump_policy,
-    load_policy,
-    policy_hash,
-    validate_policy,
-)
+from harden.pipeline import RunResult, run
+from harden.policy import Policy, ThreatModel
+from harden.policy_io import dump_policy, load_policy, policy_hash, validate_policy
 from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
 from harden.train import FitResult, fit
 from harden.verify import RobustnessReport, verify
 from harden.verify_onnx import OnnxReport, verify_onnx
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ATTACKS",
@@ -48,6 +45,7 @@ __all__ = [
     "ExportResult",
     "FitResult",
     "HardenError",
+    "InputError",
     "ModelError",
     "Normalized",
     "Objective",
@@ -57,6 +55,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "RobustnessReport",
+    "RunResult",
     "ThreatModel",
     "ThreatModelError",
     "UnknownNameError",
@@ -69,6 +68,7 @@ __all__ = [
     "load_onnx",
     "load_policy",
     "policy_hash",
+    "run",
     "validate_policy",
     "verify",
     "verify_onnx",

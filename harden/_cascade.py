@@ -15,8 +15,9 @@ from harden.attacks import SuiteResult, build_attack, run_suite
 from harden.attacks.base import AttackEnv
 from harden.attacks.suite import order_attacks, suite_labels
 from harden.attacks.transfer import Transfer
-from harden.data import EvalData, check_batch, eval_batches, to_device
+from harden.data import EvalData, check_batch, eval_batches, load_data, to_device
 from harden.errors import DataError
+from harden.surrogate import attach_surrogates
 
 if TYPE_CHECKING:
     from harden.attacks.base import Attack
@@ -82,12 +83,18 @@ def prepared_attacks(
 ) -> tuple[list[Attack], list[Attack], list[int | None]]:
     """Build and prepare the attacks ``specs`` name, in cascade order.
 
+    Attacks that read the training split (the invariance-example pool, a surrogate to train)
+    get ``bundle``; without one, the policy's data is loaded here, once, so every entry point
+    (``harden run``, ``harden.verify(model, policy, data)``) measures them on the same split.
+    Transfer attacks without a surrogate get one from :mod:`harden.surrogate`.
+
     Args:
         specs: the attacks, as the policy lists them.
         policy: gives the threat model (and, to ``prepare``, the data and seed).
-        bundle: the data bundle attacks may prepare from (a transfer surrogate's training data).
+        bundle: the run's data (its train split is the pool and the surrogate's training data);
+            None: the policy's data, loaded only if an attack needs it.
         device: where the attacks run.
-        surrogate: given to transfer attacks before they prepare (so they do not train their own).
+        surrogate: given to transfer attacks before they prepare (so none is trained).
 
     Returns:
         ``(lp_attacks, other_attacks, other_caps)``: the l_p cascade, the attacks outside the
@@ -95,13 +102,22 @@ def prepared_attacks(
     """
     attacks = [build_attack(spec, policy.threat) for spec in specs]
     caps = {id(a): spec.n_examples for a, spec in zip(attacks, specs, strict=True)}
-    env = AttackEnv(policy=policy, bundle=bundle, device=device)
     for attack in attacks:
         if surrogate is not None and isinstance(attack, Transfer):
-            attack.surrogate = surrogate  # prepare() keeps a surrogate it is given
+            attack.surrogate = surrogate
+    if bundle is None and any(a.uses_training_split and not _has_surrogate(a) for a in attacks):
+        bundle = load_data(policy.data)
+    if bundle is not None:
+        attach_surrogates(attacks, policy, bundle, device)
+    env = AttackEnv(policy=policy, bundle=bundle, device=device)
+    for attack in attacks:
         attack.prepare(env)
     lp_attacks, other_attacks = order_attacks(attacks)
     return list(lp_attacks), list(other_attacks), [caps[id(a)] for a in other_attacks]
+
+
+def _has_surrogate(attack: Attack) -> bool:
+    return isinstance(attack, Transfer) and attack.surrogate is not None
 
 
 def run_cascade(

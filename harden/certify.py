@@ -1,210 +1,48 @@
-"""``harden.certify``: the robustness certificate (versioned JSON schema) and its assembly.
+"""``harden.certify``: measure what a certificate needs beyond the attack suite, and assemble it.
 
-The verdict:
-
-- **CERTIFIED**: randomized smoothing ran and its certified accuracy at the policy's l2 radius
-  reaches ``certify.min_certified_accuracy``, and every sanity check passed. The guarantee is
-  about the *smoothed* classifier (the model under Gaussian noise, majority vote).
-- **EMPIRICAL**: robustness measured by the attack suite, not proven.
-- **UNRELIABLE**: a sanity check failed: the measured robustness may come from masked gradients.
+:func:`measure` runs randomized smoothing and the saliency maps; :func:`assemble` builds the
+:class:`~harden.certificate.Certificate` once, from every measurement (the verification report,
+smoothing, the ONNX export and the ONNX session's black-box result when there is one), and
+computes the verdict last. :func:`certify` is both for a model in hand (no export).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import platform
-from importlib import metadata
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from harden.checkpoint import atomic_write, weights_sha256
+from harden.attacks.base import restore_modes, save_modes
+from harden.certificate import Certificate, SaliencyExample, SmoothingSummary, environment
+from harden.checkpoint import weights_sha256
+from harden.checks import onnx_black_box_check
 from harden.data import EvalData, eval_batches, load_data, to_device
-from harden.models import prepare_model
-from harden.policy import Policy, policy_hash
+from harden.models import model_device, prepare_model
+from harden.policy import Policy
+from harden.policy_io import policy_hash
 from harden.smoothing import smooth_certify, wilson_interval
-from harden.verify import RobustnessReport, model_device, verify
+from harden.verify import RobustnessReport, verify
 
-__all__ = [
-    "CERTIFICATE_SCHEMA_VERSION",
-    "Certificate",
-    "SaliencyExample",
-    "SmoothingSummary",
-    "certify",
-    "environment",
-    "saliency_map",
-]
-
-CERTIFICATE_SCHEMA_VERSION = "2.0"
-_PACKAGES = (
-    "torch",
-    "torchvision",
-    "timm",
-    "pot",
-    "onnx",
-    "onnxruntime-gpu",
-    "onnxruntime",
-    "onnxscript",
-    "numpy",
-    "pydantic",
-    "scipy",
-)
+__all__ = ["Certificate", "Measurements", "assemble", "certify", "measure", "saliency_map", "verdict"]
 
 
-def environment() -> dict[str, str]:
-    """Versions of Python, harden and its main dependencies, and the platform."""
-    from harden import __version__
-
-    out = {"python": platform.python_version(), "harden": __version__, "platform": platform.platform()}
-    for pkg in _PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-class SmoothingSummary(BaseModel):
-    """Randomized-smoothing results (Cohen et al. 2019) as stored in the certificate.
+@dataclass
+class Measurements:
+    """What :func:`measure` found beyond the attack suite.
 
     Attributes:
-        sigma, n0, n, alpha: CERTIFY's settings.
-        examples: examples certified; abstentions: how many the smoothed classifier abstained on.
-        radius: the l2 radius the verdict is about (None with an linf threat and no radius set).
-        certified_accuracy: certified accuracy at ``radius``.
-        min_certified_accuracy: what CERTIFIED requires at ``radius``.
-        curve: ``(radius, certified accuracy)`` pairs.
-        labels, predictions, radii: per example (prediction -1 = abstain).
-        seconds: wall time; samples_per_second: noisy forward passes per second.
+        smoothing: randomized-smoothing results (None: ``certify.smoothing`` is off).
+        saliency: saliency maps of the first test images.
+        timings: wall seconds by stage (``smoothing`` when it ran).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    sigma: float
-    n0: int
-    n: int
-    alpha: float
-    examples: int
-    abstentions: int
-    radius: float | None
-    certified_accuracy: float | None
-    min_certified_accuracy: float
-    curve: list[tuple[float, float]]
-    labels: list[int]
-    predictions: list[int]
-    radii: list[float]
-    seconds: float
-    samples_per_second: float
-
-
-class SaliencyExample(BaseModel):
-    """One test image and its input-gradient saliency maps.
-
-    Maps are ``|d CE / dx|``, max over channels, scaled to [0, 1], for the hardened model and,
-    when given, a plainly trained baseline.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    label: int
-    prediction: int
-    image: list[list[list[float]]]
-    maps: dict[str, list[list[float]]]
-
-
-class Certificate(BaseModel):
-    """A robustness certificate; ``certificate.json`` is its JSON form.
-
-    Attributes:
-        schema_version: version of this schema (``harden schema --certificate`` prints it).
-        verdict: CERTIFIED, EMPIRICAL or UNRELIABLE (see the module docs); verdict_reason says why.
-        created: UTC time of assembly (ISO 8601).
-        policy_name: the policy's name; policy_sha256: hash of the canonical policy.
-        weights_sha256: hash of ``model.safetensors``; onnx_sha256: of ``model.onnx`` when exported.
-        threat: the threat model.
-        n: examples attacked; clean_accuracy, robust_accuracy: clean and worst-case accuracy.
-        per_attack: accuracy after each attack of the cascade; broken_by: examples each attack
-            was the first to fool; attacks: the attack specifications.
-        intervals: 95% Wilson interval of every accuracy above (keys ``clean``, ``robust``,
-            the per-attack and other-threat labels).
-        other_threats / other_counts: attacks outside the l_p threat model and their sample counts.
-        eps_curve: ``(eps, accuracy)`` pairs; checks: sanity checks by id.
-        smoothing: randomized-smoothing results, when run.
-        objectives: the training objectives with weights and parameters; epochs: planned epochs.
-        training: per-epoch history (loss and accuracy curves).
-        saliency: saliency maps of a few test images.
-        seed, device, versions, timings: reproducibility facts.
-        export: the ONNX parity figures, when exported.
-        onnx_black_box: the exported ONNX session attacked itself with the gradient-free attacks
-            (``n``, ``clean_accuracy``, ``robust_accuracy``, ``per_attack``, ``intervals``, the
-            ``providers`` that ran, ``seconds``), when ``harden run`` measured it.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: str = CERTIFICATE_SCHEMA_VERSION
-    verdict: Literal["EMPIRICAL", "CERTIFIED", "UNRELIABLE"]
-    verdict_reason: str = ""
-    created: str
-    policy_name: str
-    policy_sha256: str
-    weights_sha256: str
-    onnx_sha256: str | None = None
-    threat: dict[str, Any]
-    n: int = Field(ge=1)
-    clean_accuracy: float = Field(ge=0, le=1)
-    robust_accuracy: float = Field(ge=0, le=1)
-    per_attack: dict[str, float]
-    broken_by: dict[str, int] = Field(default_factory=dict)
-    attacks: list[dict[str, Any]]
-    intervals: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    seed: int
-    device: str
-    versions: dict[str, str]
-    timings: dict[str, float] = Field(default_factory=dict)
-    objectives: list[dict[str, Any]] = Field(default_factory=list)
-    epochs: int | None = None
-    training: list[dict[str, Any]] = Field(default_factory=list)
-    export: dict[str, Any] | None = None
-    onnx_black_box: dict[str, Any] | None = None
-    other_threats: dict[str, float] = Field(default_factory=dict)
-    other_counts: dict[str, int] = Field(default_factory=dict)
-    eps_curve: list[tuple[float, float]] = Field(default_factory=list)
-    checks: dict[str, dict[str, str]] = Field(default_factory=dict)
     smoothing: SmoothingSummary | None = None
-    saliency: list[SaliencyExample] = Field(default_factory=list)
-
-    def save(self, directory: str | Path, formats: tuple[str, ...] = ("json", "md", "html")) -> Path:
-        """Write ``certificate.json`` (and ``.md`` / ``.html``) into ``directory`` atomically.
-
-        Returns:
-            The path of ``certificate.json``.
-        """
-        from harden.report import to_html, to_markdown
-
-        directory = Path(directory)
-        path = directory / "certificate.json"
-        atomic_write(path, self.model_dump_json(indent=2).encode())
-        if "md" in formats:
-            atomic_write(directory / "certificate.md", to_markdown(self).encode())
-        if "html" in formats:
-            atomic_write(directory / "certificate.html", to_html(self).encode())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Certificate:
-        """Read a ``certificate.json``."""
-        return cls.model_validate(json.loads(Path(path).read_text()))
-
-    @classmethod
-    def json_schema(cls) -> dict[str, Any]:
-        """The JSON Schema of ``certificate.json``."""
-        return cls.model_json_schema()
+    saliency: list[SaliencyExample] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def saliency_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -255,8 +93,109 @@ def _saliency(net: nn.Module, baseline: nn.Module | None, x: torch.Tensor, y: to
     ]
 
 
-def _verdict(report: RobustnessReport, smoothing: SmoothingSummary | None) -> tuple[str, str]:
-    failed = [cid for cid, c in report.checks.items() if c["status"] == "FAIL"]
+def _smoothing(net: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy, progress: bool) -> SmoothingSummary:
+    spec = policy.certify
+    res = smooth_certify(
+        net,
+        x[: spec.n_examples],
+        y[: spec.n_examples],
+        sigma=spec.sigma,
+        n0=spec.n0,
+        n=spec.n,
+        alpha=spec.alpha,
+        batch_size=spec.batch_size,
+        radii=spec.radius_grid(),
+        progress=progress,
+    )
+    radius = spec.radius_for(policy.threat)
+    return SmoothingSummary(
+        sigma=res.sigma,
+        n0=res.n0,
+        n=res.n,
+        alpha=res.alpha,
+        examples=res.examples,
+        abstentions=res.abstentions,
+        radius=radius,
+        certified_accuracy=None if radius is None else res.accuracy_at(radius),
+        min_certified_accuracy=spec.min_certified_accuracy,
+        curve=res.curve,
+        labels=res.labels,
+        predictions=res.predictions,
+        radii=[round(r, 6) for r in res.radii],
+        seconds=res.seconds,
+        samples_per_second=res.samples_per_second,
+    )
+
+
+def measure(
+    model: nn.Module,
+    policy: Policy,
+    data: EvalData,
+    *,
+    baseline: nn.Module | None = None,
+    progress: bool = True,
+) -> Measurements:
+    """Randomized smoothing (``policy.certify``) and saliency maps on the first examples of ``data``.
+
+    Seeded with ``policy.seed`` without touching the global RNG; the models are used on their own
+    device and their train/eval modes are restored.
+
+    Args:
+        model: the hardened classifier (taking [0, 1] pixels).
+        policy: gives ``certify`` (smoothing settings, saliency examples) and the seed.
+        data: evaluation data (a DataLoader, a Dataset or an ``(x, y)`` pair).
+        baseline: a plainly trained model whose saliency maps are shown beside the hardened one's.
+        progress: show a progress bar.
+
+    Example:
+        >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
+        >>> m = measure(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(8), progress=False)
+        >>> m.smoothing is None, len(m.saliency) <= 8
+        (True, True)
+    """
+    net = prepare_model(model, policy.model)
+    base = prepare_model(baseline, policy.model) if baseline is not None else None
+    dev, spec, out = model_device(net), policy.certify, Measurements()
+    nets = [m for m in (net, base) if m is not None]
+    modes = [save_modes(m) for m in nets]
+    try:
+        for m in nets:
+            m.eval()
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(policy.seed)
+            want = max(spec.n_examples if spec.smoothing else 0, spec.saliency_examples)
+            if want:
+                x, y = _first(data, want, policy.data.eval_batch_size, dev)
+                if spec.saliency_examples:
+                    k = spec.saliency_examples
+                    out.saliency = _saliency(net, base, x[:k], y[:k])
+                if spec.smoothing:
+                    out.smoothing = _smoothing(net, x, y, policy, progress)
+                    out.timings["smoothing"] = out.smoothing.seconds
+    finally:
+        for m, mode in zip(nets, modes, strict=True):
+            restore_modes(m, mode)
+    return out
+
+
+def verdict(
+    report: RobustnessReport, smoothing: SmoothingSummary | None, checks: dict[str, dict[str, str]]
+) -> tuple[str, str]:
+    """The verdict and its reason, from every measurement (see :mod:`harden.certificate`).
+
+    Args:
+        report: the attack suite's report.
+        smoothing: randomized-smoothing results, if run.
+        checks: every sanity check by id (the suite's and, under ``harden run``, the ONNX one).
+
+    Example:
+        >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
+        >>> from harden.verify import verify
+        >>> r = verify(TinyCNN(num_classes=3), tiny_policy(verify={"checks": False}), synthetic_tensors(8), progress=False)
+        >>> verdict(r, None, {})[0], verdict(r, None, {"onnx_black_box": {"status": "FAIL"}})[0]
+        ('EMPIRICAL', 'UNRELIABLE')
+    """
+    failed = [cid for cid, c in checks.items() if c["status"] == "FAIL"]
     if failed:
         return "UNRELIABLE", f"sanity check(s) failed: {', '.join(failed)}"
     if smoothing is None:
@@ -288,6 +227,86 @@ def _intervals(report: RobustnessReport) -> dict[str, tuple[float, float]]:
     return out
 
 
+def assemble(
+    model: nn.Module,
+    policy: Policy,
+    report: RobustnessReport,
+    measured: Measurements,
+    *,
+    history: list[dict[str, Any]] | None = None,
+    timings: dict[str, float] | None = None,
+    export: dict[str, Any] | None = None,
+    onnx_black_box: dict[str, Any] | None = None,
+) -> Certificate:
+    """Build the certificate once, from every measurement; the verdict is computed last.
+
+    Args:
+        model: the certified model (its weights are hashed).
+        policy: the policy it was trained and verified under.
+        report: the attack suite's report.
+        measured: smoothing and saliency (:func:`measure`).
+        history: the training history.
+        timings: wall seconds by stage (``verify`` defaults to the report's).
+        export: the ONNX export's figures (:meth:`harden.export.ExportResult.to_dict`); its
+            ``sha256`` becomes ``onnx_sha256``.
+        onnx_black_box: the exported session attacked with gradient-free attacks; its per-example
+            ``broken_by`` (key ``outcomes``) is compared with the report's: a session that falls
+            where the PyTorch model held adds the ``onnx_black_box`` check (see
+            :func:`harden.checks.onnx_black_box_check`).
+
+    Example:
+        >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
+        >>> from harden.verify import verify
+        >>> model, policy, data = TinyCNN(num_classes=3), tiny_policy(verify={"checks": False}), synthetic_tensors(16)
+        >>> report = verify(model, policy, data, progress=False)
+        >>> assemble(model, policy, report, Measurements()).verdict
+        'EMPIRICAL'
+    """
+    net = prepare_model(model, policy.model)
+    dev = model_device(net)
+    times = dict(timings or {})
+    times.setdefault("verify", report.seconds)
+    times.update(measured.timings)
+    checks = dict(report.checks)
+    if onnx_black_box is not None:
+        torch_broken = report.outcomes.get("broken_by", []) if report.outcomes else []
+        check = onnx_black_box_check(torch_broken, onnx_black_box.get("outcomes", []))
+        checks[check.id] = check.to_dict()
+    decided, reason = verdict(report, measured.smoothing, checks)
+    return Certificate(
+        verdict=decided,
+        verdict_reason=reason,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        policy_name=policy.name,
+        policy_sha256=policy_hash(policy),
+        weights_sha256=weights_sha256(net),
+        onnx_sha256=export.get("sha256") if export else None,
+        threat=report.threat,
+        n=report.n,
+        clean_accuracy=report.clean_accuracy,
+        robust_accuracy=report.robust_accuracy,
+        per_attack=report.per_attack,
+        broken_by=report.broken_by,
+        attacks=report.attacks,
+        intervals=_intervals(report),
+        seed=policy.seed,
+        device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        versions=environment(),
+        timings=times,
+        objectives=[o.model_dump(mode="json") for o in policy.objectives],
+        epochs=policy.train.epochs,
+        training=list(history or []),
+        export=export,
+        onnx_black_box=onnx_black_box,
+        other_threats=report.other_threats,
+        other_counts=report.other_counts,
+        eps_curve=report.eps_curve,
+        checks=checks,
+        smoothing=measured.smoothing,
+        saliency=measured.saliency,
+    )
+
+
 def certify(
     model: nn.Module,
     policy: Policy,
@@ -301,9 +320,10 @@ def certify(
 ) -> Certificate:
     """Verify ``model`` (unless ``report`` is given), smooth it if asked, assemble its certificate.
 
-    Randomized smoothing (``policy.certify``) and the saliency maps run on the first test
-    examples, seeded with ``policy.seed`` without touching the global RNG; the model is used on
-    its own device and its train/eval modes are restored.
+    For a model in hand; :func:`harden.run` also exports it and attacks the ONNX session before
+    assembling. Randomized smoothing (``policy.certify``) and the saliency maps run on the first
+    test examples, seeded with ``policy.seed`` without touching the global RNG; the model is used
+    on its own device and its train/eval modes are restored.
 
     Args:
         model: the hardened classifier.
@@ -321,95 +341,10 @@ def certify(
         >>> cert.verdict, cert.n
         ('EMPIRICAL', 16)
     """
-    from harden.attacks.base import restore_modes, save_modes
-
     net = prepare_model(model, policy.model)
-    base = prepare_model(baseline, policy.model) if baseline is not None else None
     if data is None:
         data = load_data(policy.data).test
     if report is None:
         report = verify(net, policy, data, history=history, progress=progress)
-    times = dict(timings or {})
-    times.setdefault("verify", report.seconds)
-    dev = model_device(net)
-    spec = policy.certify
-    smoothing = None
-    saliency: list[SaliencyExample] = []
-    nets = [m for m in (net, base) if m is not None]
-    modes = [save_modes(m) for m in nets]
-    try:
-        for m in nets:
-            m.eval()
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(policy.seed)
-            want = max(spec.n_examples if spec.smoothing else 0, spec.saliency_examples)
-            if want:
-                x, y = _first(data, want, policy.data.eval_batch_size, dev)
-                if spec.saliency_examples:
-                    k = spec.saliency_examples
-                    saliency = _saliency(net, base, x[:k], y[:k])
-                if spec.smoothing:
-                    res = smooth_certify(
-                        net,
-                        x[: spec.n_examples],
-                        y[: spec.n_examples],
-                        sigma=spec.sigma,
-                        n0=spec.n0,
-                        n=spec.n,
-                        alpha=spec.alpha,
-                        batch_size=spec.batch_size,
-                        radii=spec.radius_grid(),
-                        progress=progress,
-                    )
-                    radius = spec.radius_for(policy.threat)
-                    smoothing = SmoothingSummary(
-                        sigma=res.sigma,
-                        n0=res.n0,
-                        n=res.n,
-                        alpha=res.alpha,
-                        examples=res.examples,
-                        abstentions=res.abstentions,
-                        radius=radius,
-                        certified_accuracy=None if radius is None else res.accuracy_at(radius),
-                        min_certified_accuracy=spec.min_certified_accuracy,
-                        curve=res.curve,
-                        labels=res.labels,
-                        predictions=res.predictions,
-                        radii=[round(r, 6) for r in res.radii],
-                        seconds=res.seconds,
-                        samples_per_second=res.samples_per_second,
-                    )
-                    times["smoothing"] = res.seconds
-    finally:
-        for m, mode in zip(nets, modes, strict=True):
-            restore_modes(m, mode)
-    verdict, reason = _verdict(report, smoothing)
-    return Certificate(
-        verdict=verdict,
-        verdict_reason=reason,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        policy_name=policy.name,
-        policy_sha256=policy_hash(policy),
-        weights_sha256=weights_sha256(net),
-        threat=report.threat,
-        n=report.n,
-        clean_accuracy=report.clean_accuracy,
-        robust_accuracy=report.robust_accuracy,
-        per_attack=report.per_attack,
-        broken_by=report.broken_by,
-        attacks=report.attacks,
-        intervals=_intervals(report),
-        seed=policy.seed,
-        device=str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        versions=environment(),
-        timings=times,
-        objectives=[o.model_dump(mode="json") for o in policy.objectives],
-        epochs=policy.train.epochs,
-        training=list(history or []),
-        other_threats=report.other_threats,
-        other_counts=report.other_counts,
-        eps_curve=report.eps_curve,
-        checks=report.checks,
-        smoothing=smoothing,
-        saliency=saliency,
-    )
+    measured = measure(net, policy, data, baseline=baseline, progress=progress)
+    return assemble(net, policy, report, measured, history=history, timings=timings)

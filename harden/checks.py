@@ -21,7 +21,7 @@ from harden.attacks.base import restore_modes, save_modes
 from harden.attacks.pgd import PGD
 from harden.policy import ThreatModel
 
-__all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "run_checks"]
+__all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "onnx_black_box_check", "run_checks"]
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
@@ -302,3 +302,45 @@ def run_checks(ctx: CheckContext, ids: Sequence[str] | None = None) -> dict[str,
     finally:
         restore_modes(ctx.model, modes)
     return out
+
+
+ONNX_RAISED_IF = (
+    "examples the PyTorch model held against its whole suite fall on the exported ONNX session to the "
+    "gradient-free attacks (or are misclassified there clean): more than 2% of the compared examples FAIL, any WARN"
+)
+ONNX_REMEDY = (
+    "the shipped model is weaker than the certified one: check the export's parity figures, and add the "
+    "black-box attacks that broke it (square, transfer) to verify.attacks so the worst case includes them"
+)
+
+
+def onnx_black_box_check(torch_broken_by: Sequence[str], onnx_broken_by: Sequence[str]) -> CheckResult:
+    """Compare, example by example, the PyTorch suite's outcomes with the ONNX session's.
+
+    Both lists are per example in data order (``""``: robust, ``"clean"``: wrong when clean, else
+    the attack that fooled it); the first ``min(len)`` examples are compared.
+
+    Args:
+        torch_broken_by: the PyTorch model's worst-case outcomes (``report.outcomes["broken_by"]``).
+        onnx_broken_by: the ONNX session's, under its gradient-free attacks.
+
+    Example:
+        >>> onnx_black_box_check(["", "", "pgd"], ["", "square", "noise"]).status
+        'FAIL'
+        >>> onnx_black_box_check([""] * 100, ["square"] + [""] * 99).status
+        'WARN'
+    """
+    n = min(len(torch_broken_by), len(onnx_broken_by))
+    fell = [i for i in range(n) if torch_broken_by[i] == "" and onnx_broken_by[i] != ""]
+    listed = ", ".join(str(i) for i in fell[:20]) + (" ..." if len(fell) > 20 else "")
+    detail = f"{len(fell)} of {n} examples held on the PyTorch model and fell on the ONNX session"
+    if n == 0:
+        status: Status = "PASS"
+        detail = "no example to compare"
+    elif len(fell) > 0.02 * n:
+        status, detail = "FAIL", f"{detail} (indices {listed})"
+    elif fell:
+        status, detail = "WARN", f"{detail} (indices {listed})"
+    else:
+        status = "PASS"
+    return CheckResult("onnx_black_box", status, detail, ONNX_RAISED_IF, ONNX_REMEDY)

@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ EXIT_USAGE = 2
 
 
 def _policy(path: str) -> Any:
-    from harden.policy import load_policy
+    from harden.policy_io import load_policy
 
     return load_policy(path)
 
@@ -37,14 +36,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, flush=True)
 
 
-def _do_fit(args: argparse.Namespace) -> Any:
-    from harden.train import fit
-
-    policy = _policy(args.policy)
-    out = Path(args.out)
-    result = fit(None, policy, run_dir=out, resume=args.resume, progress=not args.quiet)
-    if result.info.get("rank", 0) != 0:  # under torchrun only rank 0 reports
-        return policy, result
+def _fit_summary(args: argparse.Namespace, policy: Any, result: Any) -> None:
     last = result.history[-1] if result.history else {}
     if result.resumed_from is not None:
         _say(args, f"resumed from the checkpoint of epoch {result.resumed_from}")
@@ -52,7 +44,6 @@ def _do_fit(args: argparse.Namespace) -> Any:
     if "val_clean_acc" in last:
         probe = f", PGD-{policy.train.probe_steps} probe {last['val_pgd_acc']:.2%}" if "val_pgd_acc" in last else ""
         _say(args, f"validation: clean {last['val_clean_acc']:.2%}{probe}")
-    return policy, result
 
 
 def _weights(args: argparse.Namespace) -> Path:
@@ -60,7 +51,12 @@ def _weights(args: argparse.Namespace) -> Path:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    _do_fit(args)
+    from harden.train import fit
+
+    policy = _policy(args.policy)
+    result = fit(None, policy, run_dir=Path(args.out), resume=args.resume, progress=not args.quiet)
+    if result.info.get("rank", 0) == 0:  # under torchrun only rank 0 reports
+        _fit_summary(args, policy, result)
     return 0
 
 
@@ -84,7 +80,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             bundle = load_data(policy.data)
             _say(args, f"no trained weights at {weights}: transfer runs only if the policy has its own surrogate")
-        onnx_report = verify_onnx(clf, policy, bundle.test, torch_model=surrogate, progress=not args.quiet)
+        onnx_report = verify_onnx(
+            clf, policy, bundle.test, bundle=bundle, torch_model=surrogate, progress=not args.quiet
+        )
         atomic_write(Path(args.out) / "report-onnx.json", json.dumps(onnx_report.to_dict(), indent=2).encode())
         _say(args, onnx_report.summary())
         if clf.fallback_reason:
@@ -93,7 +91,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     model, bundle = load_trained(policy, weights)
     sidecar = weights.with_suffix(".json")
     history = json.loads(sidecar.read_text()).get("history", []) if sidecar.is_file() else []
-    report = verify(model, policy, bundle.test, history=history, progress=not args.quiet)
+    report = verify(model, policy, bundle.test, bundle=bundle, history=history, progress=not args.quiet)
     atomic_write(Path(args.out) / "report.json", json.dumps(report.to_dict(), indent=2).encode())
     _say(args, report.summary())
     return 0
@@ -116,100 +114,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harden.certify import certify
-    from harden.data import load_data
-    from harden.export import export_onnx
-    from harden.verify import verify
+    from harden.pipeline import run
 
-    t0 = time.perf_counter()
-    policy, result = _do_fit(args)
-    if result.info.get("rank", 0) != 0:  # under torchrun, rank 0 alone verifies, exports and certifies
+    policy = _policy(args.policy)
+    result = run(policy, args.out, resume=args.resume, progress=not args.quiet)
+    if result.certificate is None:  # under torchrun, rank 0 alone verifies, exports and certifies
         return 0
-    out = Path(args.out)
-    bundle = load_data(policy.data)
-    report = verify(
-        result.model,
-        policy,
-        bundle.test,
-        history=result.history,
-        progress=not args.quiet,
-        keep_adversarial=policy.export.parity_examples,
-    )
-    _say(args, report.summary())
-    from harden.checkpoint import atomic_write
-
-    atomic_write(out / "report.json", json.dumps(report.to_dict(), indent=2).encode())  # harden compare reads it
-    cert = certify(
-        result.model,
-        policy,
-        report=report,
-        history=result.history,
-        timings={"fit": result.seconds, "verify": report.seconds},
-        progress=False,
-    )
-    parity = next(iter(_first_batch(bundle.test, policy.export.parity_examples)))
-    exp = export_onnx(
-        result.model,
-        out / "model.onnx",
-        policy=policy,
-        certificate=cert,
-        parity_inputs=parity,
-        adversarial_inputs=report.adversarial,
-        class_names=bundle.class_names,
-    )
-    cert.onnx_sha256 = exp.sha256
-    cert.export = exp.to_dict()
-    if policy.export.verify_examples:
-        cert.onnx_black_box = _verify_shipped(args, policy, result.model, exp.path, bundle.test)
-    cert.timings["export"] = exp.seconds
-    cert.timings["total"] = time.perf_counter() - t0
-    path = cert.save(out)
-    _say(args, f"wrote {path}, {exp.path} and {result.run_dir / 'checkpoints'}/")
+    _fit_summary(args, policy, result.fit)
+    if result.report is not None:
+        _say(args, result.report.summary())
+    if result.onnx_report is not None:
+        _say(args, "the exported ONNX session, gradient-free attacks:\n" + result.onnx_report.summary())
+    cert, exp = result.certificate, result.export
+    _say(args, f"wrote {result.certificate_path}, {exp.path if exp else '-'} and {result.fit.run_dir / 'checkpoints'}/")
     _say(
         args,
         f"clean accuracy {cert.clean_accuracy:.2%} | robust accuracy {cert.robust_accuracy:.2%} "
         f"({policy.threat.norm}, eps={policy.threat.eps}, n={cert.n}) | verdict {cert.verdict}",
     )
     return 0
-
-
-def _verify_shipped(args: argparse.Namespace, policy: Any, model: Any, onnx_path: Path, test: Any) -> dict[str, Any]:
-    """Attack the exported ONNX session itself (gradient-free attacks) on the first test examples."""
-    import torch
-
-    from harden.data import eval_batches
-    from harden.smoothing import wilson_interval
-    from harden.verify import model_device
-    from harden.verify_onnx import verify_onnx
-
-    n = policy.export.verify_examples
-    xs, ys = zip(*eval_batches(test, policy.data.eval_batch_size, n), strict=True)
-    data = (torch.cat(xs)[:n], torch.cat(ys)[:n])
-    device = "cuda" if model_device(model).type == "cuda" else "cpu"
-    rep = verify_onnx(onnx_path, policy, data, torch_model=model, device=device, progress=not args.quiet)
-    _say(args, "the exported ONNX session, gradient-free attacks:\n" + rep.summary())
-    right = {k: round(v * rep.n) for k, v in rep.per_attack.items()}
-    return {
-        "n": rep.n,
-        "clean_accuracy": rep.clean_accuracy,
-        "robust_accuracy": rep.robust_accuracy,
-        "per_attack": rep.per_attack,
-        "intervals": {
-            "clean": wilson_interval(round(rep.clean_accuracy * rep.n), rep.n),
-            "robust": wilson_interval(round(rep.robust_accuracy * rep.n), rep.n),
-            **{k: wilson_interval(v, rep.n) for k, v in right.items()},
-        },
-        "providers": rep.onnx.get("providers", []),
-        "seconds": rep.seconds,
-    }
-
-
-def _first_batch(dataset: Any, n: int) -> Any:
-    from harden.data import eval_batches
-
-    for x, _ in eval_batches(dataset, n, n):
-        yield x
-        return
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -272,7 +195,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``harden`` command."""
-    from harden import __version__
+    from harden._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="harden", description="Harden image classifiers against adversarial examples."

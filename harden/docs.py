@@ -167,7 +167,7 @@ CERTIFICATE_SCHEMA_PATH = "docs/certificate.schema.json"
 
 def certificate_schema() -> str:
     """The JSON Schema of ``certificate.json`` as published in ``docs/certificate.schema.json``."""
-    from harden.certify import Certificate
+    from harden.certificate import Certificate
 
     return json.dumps(Certificate.json_schema(), indent=2) + "\n"
 

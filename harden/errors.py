@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "ExportError",
     "HardenError",
+    "InputError",
     "ModelError",
     "PolicyError",
     "ThreatModelError",
@@ -64,6 +65,15 @@ class ModelError(HardenError, ValueError):
 
 class ThreatModelError(HardenError, ValueError):
     """An attack was called with inputs that break its threat model (range, shape, dtype)."""
+
+
+class InputError(DataError, ThreatModelError):
+    """Inputs break the pixel contract: float NCHW pixels in [0, 1], finite, non-empty.
+
+    Raised by the one input check, :func:`harden.data.check_pixels`, wherever pixels enter
+    (data batches, attacks, ONNX sessions, export). It is a :class:`DataError` and a
+    :class:`ThreatModelError` (an input outside [0, 1] is both), so either ``except`` catches it.
+    """
 
 
 class CheckpointError(HardenError, RuntimeError):

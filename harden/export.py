@@ -20,13 +20,18 @@ import torch
 from torch import nn
 
 from harden.checkpoint import sha256_file
-from harden.errors import ExportError
+from harden.data import check_pixels
+from harden.errors import ExportError, InputError
 from harden.models import Normalized, prepare_model
+from harden.runtime import build_session
 
 __all__ = ["ExportResult", "export_onnx", "onnx_metadata"]
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
+#: The ``metadata_props`` key naming a converted model's precision (``fp16`` or ``int8``; absent
+#: in a plain export, which is ``fp32``): written by :mod:`harden.quantize`.
+PRECISION_KEY = "precision"
 
 
 @dataclass
@@ -73,9 +78,25 @@ class ExportResult:
 def onnx_metadata(
     model: Normalized, policy: Any = None, certificate: Any = None, class_names: Any = None
 ) -> dict[str, str]:
-    """The ``metadata_props`` harden writes: version, input contract, policy hash, verdict."""
-    from harden import __version__
-    from harden.policy import policy_hash
+    """The ``metadata_props`` harden writes: version, input contract, policy hash, verdict.
+
+    Args:
+        model: the exported model (its mean and std are recorded).
+        policy: adds its hash and threat model.
+        certificate: adds its verdict and accuracies.
+        class_names: adds the class names (JSON).
+
+    Returns:
+        String keys and values, as ONNX ``metadata_props`` hold them.
+
+    Example:
+        >>> from harden.testing import TinyCNN
+        >>> meta = onnx_metadata(Normalized(TinyCNN(), (0.5,), (0.25,)), class_names=("cat", "dog"))
+        >>> meta["input_range"], meta["mean"], meta["std"], meta["class_names"]
+        ('[0, 1]', '[0.5]', '[0.25]', '["cat", "dog"]')
+    """
+    from harden._version import __version__
+    from harden.policy_io import policy_hash
 
     meta = {
         "harden_version": __version__,
@@ -132,14 +153,58 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int | No
     return "torchscript"
 
 
-def _parity(net: nn.Module, sess: Any, x: torch.Tensor) -> tuple[float, float]:
-    """(max abs logit difference, argmax agreement) of onnxruntime against torch on ``x``."""
+def _parity(net: nn.Module, sess: Any, x: torch.Tensor, atol: float, what: str = "") -> tuple[float, float]:
+    """(max abs logit difference, argmax agreement) of onnxruntime against torch on ``x``.
+
+    Raises:
+        ExportError: the difference exceeds ``atol`` or an argmax differs (``what`` names the
+            inputs in the message).
+    """
     with torch.no_grad():
         ref = net(x).numpy()
     got = np.concatenate(
         [sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 32].numpy()})[0] for i in range(0, len(x), 32)]
     )
-    return float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean())
+    diff, agree = float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean())
+    if not diff <= atol or agree < 1.0:
+        raise ExportError(
+            f"expected onnxruntime logits within {atol} of torch with equal argmax{what}, "
+            f"got max abs diff {diff:.3g} and argmax agreement {agree:.2%}"
+        )
+    return diff, agree
+
+
+def _parity_inputs(
+    parity_inputs: torch.Tensor | None, input_shape: tuple[int, int, int] | None, n: int
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The parity test's inputs on the CPU (the given ones, else ``n`` seeded uniform images) and ``(C, H, W)``."""
+    if parity_inputs is not None:
+        parity_inputs = parity_inputs.detach().to("cpu", torch.float32)
+        input_shape = input_shape or tuple(parity_inputs.shape[1:])  # type: ignore[assignment]
+    if input_shape is None or len(input_shape) != 3:
+        raise ExportError(f"expected input_shape as (C, H, W) or parity_inputs, got {input_shape!r}")
+    if parity_inputs is None:
+        gen = torch.Generator().manual_seed(0)
+        parity_inputs = torch.rand(n, *input_shape, generator=gen)
+    return parity_inputs, input_shape
+
+
+def _write_checked(tmp: Path, meta: dict[str, str]) -> Any:
+    """Put ``meta`` into the exported graph at ``tmp``, check it, infer shapes, save it back."""
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.producer_name = "harden"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:
+        raise ExportError(f"expected a valid ONNX graph, got onnx.checker: {exc}") from None
+    onnx.save(proto, str(tmp))
+    return proto
 
 
 def _adversarial_inputs(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -150,10 +215,10 @@ def _adversarial_inputs(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
             f"expected adversarial_inputs as a non-empty (N, {', '.join(map(str, shape))}) tensor, got {got}"
         )
     x = x.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0.0 or float(x.max()) > 1.0:
-        raise ExportError(
-            f"expected adversarial_inputs as pixels in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
-        )
+    try:
+        check_pixels(x, where="adversarial_inputs: ")
+    except InputError as exc:  # the export cannot prove parity on them: an export error
+        raise ExportError(str(exc)) from exc
     return x
 
 
@@ -191,29 +256,20 @@ def export_onnx(
         ExportError: export, ``onnx.checker`` or a parity test (clean or adversarial) failed.
 
     Example:
+        >>> import tempfile
         >>> from harden.testing import TinyCNN
-        >>> r = export_onnx(TinyCNN(num_classes=3), "/tmp/tiny.onnx", input_shape=(1, 8, 8))  # doctest: +SKIP
-        >>> r.parity_max_abs_diff <= 1e-4  # doctest: +SKIP
-        True
+        >>> path = Path(tempfile.mkdtemp()) / "tiny.onnx"
+        >>> r = export_onnx(TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+        >>> r.path == path, r.parity_max_abs_diff <= 1e-4, r.parity_argmax_agreement, r.providers
+        (True, True, 1.0, ['CPUExecutionProvider'])
     """
-    import onnx
-    import onnxruntime as ort
-
     t0 = time.perf_counter()
     path = Path(path)
     net = copy.deepcopy(prepare_model(model, getattr(policy, "model", None))).cpu().eval()
     spec = getattr(policy, "export", None)
     opset = opset if opset is not None else getattr(spec, "opset", None)
-    n_parity = getattr(spec, "parity_examples", 64)
     atol = getattr(spec, "parity_atol", 1e-4)
-    if parity_inputs is not None:
-        parity_inputs = parity_inputs.detach().to("cpu", torch.float32)
-        input_shape = input_shape or tuple(parity_inputs.shape[1:])  # type: ignore[assignment]
-    if input_shape is None or len(input_shape) != 3:
-        raise ExportError(f"expected input_shape as (C, H, W) or parity_inputs, got {input_shape!r}")
-    if parity_inputs is None:
-        gen = torch.Generator().manual_seed(0)
-        parity_inputs = torch.rand(n_parity, *input_shape, generator=gen)
+    parity_inputs, input_shape = _parity_inputs(parity_inputs, input_shape, getattr(spec, "parity_examples", 64))
     if adversarial_inputs is not None:
         adversarial_inputs = _adversarial_inputs(adversarial_inputs, input_shape)
 
@@ -224,49 +280,29 @@ def export_onnx(
     tmp = Path(tmp_dir.name) / path.name
     try:
         exporter = _export(net, parity_inputs[:2].clone(), tmp, opset)
-        proto = onnx.load(str(tmp))
         meta = onnx_metadata(net, policy, certificate, class_names)
-        del proto.metadata_props[:]
-        for k, v in meta.items():
-            proto.metadata_props.add(key=k, value=v)
-        proto.producer_name = "harden"
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-        except Exception as exc:
-            raise ExportError(f"expected a valid ONNX graph, got onnx.checker: {exc}") from None
-        onnx.save(proto, str(tmp))
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        diff, agree = _parity(net, sess, parity_inputs)
-        if not diff <= atol or agree < 1.0:
-            raise ExportError(
-                f"expected onnxruntime logits within {atol} of torch with equal argmax, got max abs diff {diff:.3g} and argmax agreement {agree:.2%}"
-            )
-        adv_diff: float | None = None
-        adv_agree: float | None = None
+        proto = _write_checked(tmp, meta)
+        sess, providers, _ = build_session(tmp, "cpu")
+        diff, agree = _parity(net, sess, parity_inputs, atol)
+        adv_diff = adv_agree = n_adv = None
         if adversarial_inputs is not None:
-            adv_diff, adv_agree = _parity(net, sess, adversarial_inputs)
-            if not adv_diff <= atol or adv_agree < 1.0:
-                raise ExportError(
-                    f"expected onnxruntime logits within {atol} of torch with equal argmax on the {len(adversarial_inputs)} "
-                    f"adversarial inputs, got max abs diff {adv_diff:.3g} and argmax agreement {adv_agree:.2%}"
-                )
+            n_adv = len(adversarial_inputs)
+            adv_diff, adv_agree = _parity(net, sess, adversarial_inputs, atol, f" on the {n_adv} adversarial inputs")
         tmp.replace(path)
     finally:
         tmp_dir.cleanup()
-    opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
     return ExportResult(
         path=path,
         sha256=sha256_file(path),
         exporter=exporter,
-        opset=int(opset_found),
+        opset=int(next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)),
         parity_examples=len(parity_inputs),
         parity_max_abs_diff=diff,
         parity_argmax_agreement=agree,
-        providers=list(sess.get_providers()),
+        providers=providers,
         metadata=meta,
         seconds=time.perf_counter() - t0,
-        parity_adversarial_examples=None if adversarial_inputs is None else len(adversarial_inputs),
+        parity_adversarial_examples=n_adv,
         parity_adversarial_max_abs_diff=adv_diff,
         parity_adversarial_argmax_agreement=adv_agree,
     )

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harden.certify import Certificate
+from harden.certificate import Certificate
 from harden.checkpoint import sha256_file
 from harden.errors import HardenError
-from harden.policy import load_policy, policy_hash
+from harden.policy_io import load_policy, policy_hash
 
 __all__ = ["HashCheck", "inspect_certificate"]
 

@@ -18,15 +18,17 @@ import torch
 from torch import nn
 
 from harden.errors import ModelError, UnknownNameError
-from harden.registry import suggest
+from harden.registry import did_you_mean, suggest
 
 __all__ = [
     "Normalized",
     "build_model",
     "check_model",
     "check_timm_name",
+    "has_state",
     "import_object",
     "load_weights",
+    "model_device",
     "prepare_model",
 ]
 
@@ -86,6 +88,25 @@ class Normalized(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither).
+
+    Example:
+        >>> model_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def has_state(model: nn.Module) -> bool:
+    """Whether the model has a parameter or buffer (so :func:`model_device` reads a real device)."""
+    return any(True for _ in model.parameters()) or any(True for _ in model.buffers())
+
 def _timm_names() -> tuple[str, ...]:
     import timm
 
@@ -104,9 +125,9 @@ def check_timm_name(name: str) -> None:
     names = _timm_names()
     if name in names:
         return
-    hints = suggest(name, names)
-    hint = f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""
-    raise UnknownNameError(f"expected a timm model name, got {name!r}{hint}", name=name, suggestions=hints)
+    raise UnknownNameError(
+        f"expected a timm model name, got {name!r}{did_you_mean(name, names)}", name=name, suggestions=suggest(name, names)
+    )
 
 
 def import_object(spec: str) -> object:

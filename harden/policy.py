@@ -4,6 +4,14 @@ A policy is YAML (read with ``yaml.safe_load``) validated by pydantic v2 with ``
 Every objective and attack validates its own ``params`` with its own pydantic ``Params`` model,
 so third-party plugins get the same checks and error messages as the built-ins.
 
+This module is a pure schema: it imports no registry, model or data module. Names and params
+are checked by the validation step, which hands the registries in through pydantic's
+validation context as a :class:`Catalog` (``harden.policy_io.validate_policy`` does; so do
+``load_policy`` and ``harden.validate_policy``). A spec validated that way carries its
+validated ``Params`` object (:attr:`ObjectiveSpec.checked_params`), so each is validated once
+per run. Built without a catalog (``Policy(...)`` in Python), a policy is checked for
+structure only, and names and params are checked where they are used.
+
 Any problem raises :class:`harden.PolicyError` with one line naming the file and the key path::
 
     policies/bad.yaml: objectives.0.params.beta: expected a number >= 0, got -1.0
@@ -13,14 +21,18 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -32,10 +44,11 @@ from harden.errors import (
     describe_validation_error,
     format_key_path,
 )
-from harden.registry import suggest
+from harden.registry import did_you_mean
 
 __all__ = [
     "AttackSpec",
+    "Catalog",
     "CertifySpec",
     "DataSpec",
     "ExportSpec",
@@ -45,10 +58,6 @@ __all__ = [
     "ThreatModel",
     "TrainSpec",
     "VerifySpec",
-    "dump_policy",
-    "load_policy",
-    "policy_hash",
-    "validate_policy",
 ]
 
 _MODULE_ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -57,6 +66,55 @@ MAX_POLICY_BYTES = 1_000_000
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Lookup(Protocol):
+    """What the schema needs of a registry: ``get(name)`` (raising ``UnknownNameError``) and ``names()``."""
+
+    def get(self, name: str) -> Any:
+        """The entry registered as ``name``."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every registered name."""
+        ...
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The registries a policy's names and params are checked against (the validation context).
+
+    Passed as ``context={"harden": catalog}`` to ``model_validate``; a field whose lookup is
+    None is checked for structure only. :data:`harden.policy_io.CATALOG` is the full one.
+
+    Attributes:
+        objectives: objective classes by name (each with a ``Params`` model).
+        attacks: attack classes by name (each with ``Params``, ``bounded``, ``changes_label``).
+        datasets: dataset loaders by name.
+        check_model: raises ``UnknownNameError`` for an unknown ``timm:`` model name.
+
+    Example:
+        >>> from harden.registry import Registry
+        >>> spec = ObjectiveSpec.model_validate({"name": "x"}, context={"harden": Catalog()})
+        >>> spec.checked_params is None  # nothing to check against: structure only
+        True
+    """
+
+    objectives: Lookup | None = None
+    attacks: Lookup | None = None
+    datasets: Lookup | None = None
+    check_model: Callable[[str], None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every name of a policy can be checked."""
+        return None not in (self.objectives, self.attacks, self.datasets, self.check_model)
+
+
+def _catalog(info: ValidationInfo) -> Catalog:
+    context = info.context if isinstance(info.context, dict) else {}
+    found = context.get("harden")
+    return found if isinstance(found, Catalog) else Catalog()
 
 
 def _nested_params_error(
@@ -70,13 +128,7 @@ def _nested_params_error(
     path = format_key_path(["params", *err["loc"]])  # quotes odd keys: a "\n" key must not break the line
     hint = ""
     if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-        allowed = list(params_model.model_fields)
-        close = suggest(str(err["loc"][0]), allowed)
-        hint = (
-            f"; did you mean {', '.join(repr(c) for c in close)}?"
-            if close
-            else f"; expected one of {', '.join(allowed)}"
-        )
+        hint = did_you_mean(str(err["loc"][0]), list(params_model.model_fields), or_list=True)
     return PydanticCustomError(
         "harden_nested",
         "{msg}",
@@ -84,12 +136,40 @@ def _nested_params_error(
     )
 
 
-def _validate_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> dict[str, Any]:
+def _validate_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> BaseModel:
     try:
-        validated = params_model.model_validate(params)
+        return params_model.model_validate(params)
     except ValidationError as exc:
         raise _nested_params_error(kind, name, exc, params_model) from None
-    return validated.model_dump(mode="json")
+
+
+def _lookup(registry: Lookup, name: str) -> Any:
+    try:
+        return registry.get(name)
+    except UnknownNameError as exc:
+        raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
+
+
+class _NamedSpec(_Strict):
+    """A named, parametrised entry (objective or attack) that carries its validated ``Params``."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    _checked: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def checked_params(self) -> BaseModel | None:
+        """The validated ``Params`` object (None: validated without a catalog; ``params`` is then raw)."""
+        return self._checked
+
+    def params_for_build(self) -> BaseModel | dict[str, Any]:
+        """What to build the entry from: the checked ``Params`` object, else the raw ``params``."""
+        return self._checked if self._checked is not None else self.params
+
+    def _carry(self, kind: str, cls: Any) -> None:
+        validated = _validate_params(kind, self.name, cls.Params, self.params)
+        object.__setattr__(self, "params", validated.model_dump(mode="json"))
+        self._checked = validated
 
 
 class ThreatModel(_Strict):
@@ -148,12 +228,12 @@ class ModelSpec(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _known_model(cls, name: str) -> str:
+    def _known_model(cls, name: str, info: ValidationInfo) -> str:
         if name.startswith("timm:"):
-            from harden.models import check_timm_name
-
+            check = _catalog(info).check_model
             try:
-                check_timm_name(name[5:])
+                if check is not None:
+                    check(name[5:])
             except UnknownNameError as exc:
                 raise ValueError(str(exc)) from None
         elif not _MODULE_ATTR.match(name):
@@ -202,21 +282,21 @@ class DataSpec(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _known_data(cls, name: str) -> str:
+    def _known_data(cls, name: str, info: ValidationInfo) -> str:
         if ":" in name:
             if not _MODULE_ATTR.match(name):
                 raise ValueError(f"expected 'package.module:function', got {name!r}")
             return name
-        from harden.data import DATASETS
-
+        datasets = _catalog(info).datasets
         try:
-            DATASETS.get(name)
+            if datasets is not None:
+                datasets.get(name)
         except UnknownNameError as exc:
             raise ValueError(str(exc)) from None
         return name
 
 
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(_NamedSpec):
     """One weighted term of the training loss.
 
     Attributes:
@@ -243,18 +323,14 @@ class ObjectiveSpec(_Strict):
         return out
 
     @model_validator(mode="after")
-    def _check_params(self) -> ObjectiveSpec:
-        from harden.objectives import OBJECTIVES
-
-        try:
-            cls = OBJECTIVES.get(self.name)
-        except UnknownNameError as exc:
-            raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
-        object.__setattr__(self, "params", _validate_params("objective", self.name, cls.Params, self.params))
+    def _check_params(self, info: ValidationInfo) -> ObjectiveSpec:
+        registry = _catalog(info).objectives
+        if registry is not None:
+            self._carry("objective", _lookup(registry, self.name))
         return self
 
 
-class AttackSpec(_Strict):
+class AttackSpec(_NamedSpec):
     """One attack of the verification suite.
 
     Attributes:
@@ -270,14 +346,12 @@ class AttackSpec(_Strict):
     n_examples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _check_params(self) -> AttackSpec:
-        from harden.attacks import ATTACKS
-
-        try:
-            cls = ATTACKS.get(self.name)
-        except UnknownNameError as exc:
-            raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
-        object.__setattr__(self, "params", _validate_params("attack", self.name, cls.Params, self.params))
+    def _check_params(self, info: ValidationInfo) -> AttackSpec:
+        registry = _catalog(info).attacks
+        if registry is None:
+            return self
+        cls = _lookup(registry, self.name)
+        self._carry("attack", cls)
         if self.n_examples is not None and cls.bounded and not cls.changes_label:
             raise PydanticCustomError(
                 "harden_nested",
@@ -370,7 +444,8 @@ class VerifySpec(_Strict):
 
     preset: Literal["standard", "quick"] | None = None
     attacks: tuple[AttackSpec, ...] = Field(
-        default_factory=lambda: (AttackSpec(name="fgsm"), AttackSpec(name="pgd", params={"steps": 40})),
+        default_factory=lambda: ({"name": "fgsm"}, {"name": "pgd", "params": {"steps": 40}}),
+        validate_default=True,  # with the validation context: the defaults are checked like written ones
     )
     n_examples: int = Field(1000, ge=1)
     eps_sweep: tuple[float, ...] | None = None
@@ -478,25 +553,34 @@ class Policy(_Strict):
         certify: see :class:`CertifySpec`.
 
     Example:
-        >>> p = Policy(objectives=[ObjectiveSpec(name="pgd_at")])
-        >>> p.threat.eps, p.objectives[0].params["steps"]
-        (0.3, 7)
+        >>> from harden.policy_io import validate_policy
+        >>> p = validate_policy({"objectives": [{"name": "pgd_at"}]})
+        >>> p.threat.eps, p.objectives[0].params["steps"], p.checked
+        (0.3, 7, True)
+        >>> Policy(objectives=[ObjectiveSpec(name="pgd_at")]).checked  # structure only
+        False
     """
 
     name: str = Field("harden", min_length=1, max_length=100, pattern=r"^[\w.\-]+$")
     seed: int = Field(0, ge=0, lt=2**32)
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?|mps)$")
-    model: ModelSpec = Field(default_factory=lambda: ModelSpec())
-    data: DataSpec = Field(default_factory=lambda: DataSpec())
-    threat: ThreatModel = Field(default_factory=lambda: ThreatModel())
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec())
+    model: ModelSpec = Field(default_factory=dict, validate_default=True)
+    data: DataSpec = Field(default_factory=dict, validate_default=True)
+    threat: ThreatModel = Field(default_factory=dict, validate_default=True)
+    train: TrainSpec = Field(default_factory=dict, validate_default=True)
     objectives: tuple[ObjectiveSpec, ...] = Field(min_length=1)
-    verify: VerifySpec = Field(default_factory=lambda: VerifySpec())
-    export: ExportSpec = Field(default_factory=lambda: ExportSpec())
-    certify: CertifySpec = Field(default_factory=lambda: CertifySpec())
+    verify: VerifySpec = Field(default_factory=dict, validate_default=True)
+    export: ExportSpec = Field(default_factory=dict, validate_default=True)
+    certify: CertifySpec = Field(default_factory=dict, validate_default=True)
+    _checked: bool = PrivateAttr(default=False)
+
+    @property
+    def checked(self) -> bool:
+        """Whether every name and param was checked against the registries (a complete :class:`Catalog`)."""
+        return self._checked
 
     @model_validator(mode="after")
-    def _some_weight(self) -> Policy:
+    def _some_weight(self, info: ValidationInfo) -> Policy:
         if all(o.weight == 0 for o in self.objectives):
             raise PydanticCustomError(
                 "harden_nested",
@@ -514,6 +598,7 @@ class Policy(_Strict):
                 },
             )
         self._warn_silent_settings()
+        self._checked = _catalog(info).complete
         return self
 
     def _warn_silent_settings(self) -> None:
@@ -558,5 +643,3 @@ class Policy(_Strict):
             )
 
 
-# Reading, writing and hashing policies live in policy_io (imported last: it needs Policy).
-from harden.policy_io import dump_policy, load_policy, policy_hash, validate_policy  # noqa: E402

@@ -1,4 +1,8 @@
-"""Reading, validating, writing and hashing policies (re-exported by :mod:`harden.policy`).
+"""Reading, validating, writing and hashing policies.
+
+:mod:`harden.policy` is the pure schema; this module is the validation step that hands it the
+registries (:data:`CATALOG`, through pydantic's validation context), so every objective and
+attack name is checked and its ``Params`` validated once, here.
 
 YAML is read with a safe loader that also refuses anchors/aliases and duplicate keys; numbers
 must be finite and fit in 64 bits; every problem, whatever the bytes of the file, becomes one
@@ -17,13 +21,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from harden.attacks import ATTACKS
+from harden.data import DATASETS
 from harden.errors import PolicyError, format_key_path, format_validation_error
-from harden.policy import MAX_POLICY_BYTES, ObjectiveSpec, Policy
-from harden.registry import suggest
+from harden.models import check_timm_name
+from harden.objectives import OBJECTIVES
+from harden.policy import MAX_POLICY_BYTES, Catalog, ObjectiveSpec, Policy
+from harden.registry import did_you_mean
 
-__all__ = ["dump_policy", "load_policy", "policy_hash", "validate_policy"]
+__all__ = ["CATALOG", "checked", "dump_policy", "load_policy", "policy_hash", "validate_policy"]
 
 _ = ObjectiveSpec  # used by the doctests
+
+#: Every registry a policy's names are checked against (plugins included, loaded lazily).
+CATALOG = Catalog(objectives=OBJECTIVES, attacks=ATTACKS, datasets=DATASETS, check_model=check_timm_name)
 
 
 def validate_policy(data: Any, source: str | None = None) -> Policy:
@@ -45,7 +56,7 @@ def validate_policy(data: Any, source: str | None = None) -> Policy:
         raise PolicyError(f"{prefix}(top level): expected a mapping of policy keys, got {type(data).__name__}")
     _refuse_insane_numbers(data, prefix)  # before pydantic: e.g. 10**100 where an int is expected
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={"harden": CATALOG})
     except ValidationError as exc:
         raise PolicyError(format_validation_error(exc, source, hint=_unknown_key_hint)) from None
     except RecursionError:
@@ -119,10 +130,7 @@ def _unknown_key_hint(err: dict[str, Any]) -> str:
     allowed = _allowed_keys(tuple(err["loc"]))
     if not allowed:
         return ""
-    close = suggest(str(err["loc"][-1]), allowed)
-    if close:
-        return f"; did you mean {', '.join(repr(c) for c in close)}?"
-    return f"; expected one of {', '.join(allowed)}"
+    return did_you_mean(str(err["loc"][-1]), allowed, or_list=True)
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -200,6 +208,27 @@ def load_policy(path: str | Path) -> Policy:
     return validate_policy(data, source)
 
 
+def checked(policy: Policy) -> Policy:
+    """``policy`` with every name and param checked against the registries.
+
+    A policy built in Python (``Policy(...)``) was checked for structure only; this validates it
+    through :data:`CATALOG` (filling every param default). A checked policy is returned as is.
+
+    Raises:
+        PolicyError: a name or param is invalid.
+
+    Example:
+        >>> raw = Policy(objectives=[ObjectiveSpec(name="pgd_at")])
+        >>> raw.objectives[0].params, checked(raw).objectives[0].params["steps"]
+        ({}, 7)
+    """
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"expected a harden.Policy, got {type(policy).__name__}")
+    if policy.checked:
+        return policy
+    return validate_policy(policy.model_dump(mode="json"), source=f"policy {policy.name!r}")
+
+
 def dump_policy(policy: Policy) -> str:
     """The canonical YAML of a policy (every default filled in, keys in declaration order).
 
@@ -207,7 +236,7 @@ def dump_policy(policy: Policy) -> str:
         >>> "pgd_at" in dump_policy(Policy(objectives=[ObjectiveSpec(name="pgd_at")]))
         True
     """
-    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(checked(policy).model_dump(mode="json"), sort_keys=False)
 
 
 def policy_hash(policy: Policy) -> str:
@@ -215,5 +244,5 @@ def policy_hash(policy: Policy) -> str:
 
     Two files that differ only in comments, key order or spelled-out defaults hash the same.
     """
-    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(checked(policy).model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

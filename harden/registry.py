@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from harden.errors import HardenError, UnknownNameError
 
-__all__ = ["Registry", "suggest"]
+__all__ = ["Registry", "did_you_mean", "suggest"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,29 @@ def suggest(name: str, candidates: list[str] | tuple[str, ...], n: int = 3) -> t
     lowered = {c.lower(): c for c in candidates}
     hits = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.6)
     return tuple(lowered[h] for h in hits)
+
+
+def did_you_mean(name: str, candidates: list[str] | tuple[str, ...], *, or_list: bool = False) -> str:
+    """The one "did you mean" hint: ``"; did you mean 'a', 'b'?"``, or ``""`` without a close match.
+
+    Every error about an unknown name (registries, policy keys, params, layers, models) ends
+    with this hint, so the wording is the same everywhere.
+
+    Args:
+        name: the unknown name.
+        candidates: the names that exist.
+        or_list: without a close match, list the candidates instead (``"; expected one of a, b"``).
+
+    Example:
+        >>> did_you_mean("epoch", ["epochs", "lr"])
+        "; did you mean 'epochs'?"
+        >>> did_you_mean("zzz", ["epochs", "lr"], or_list=True)
+        '; expected one of epochs, lr'
+    """
+    close = suggest(name, candidates)
+    if close:
+        return f"; did you mean {', '.join(repr(c) for c in close)}?"
+    return f"; expected one of {', '.join(candidates)}" if or_list and candidates else ""
 
 
 class Registry(Generic[T]):
@@ -101,9 +124,8 @@ class Registry(Generic[T]):
             pass
         names = self.names()
         hints = suggest(name, names)
-        hint = f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""
         raise UnknownNameError(
-            f"expected one of the registered {self.kind}s ({', '.join(names)}), got {name!r}{hint}",
+            f"expected one of the registered {self.kind}s ({', '.join(names)}), got {name!r}{did_you_mean(name, names)}",
             name=name,
             suggestions=hints,
         )

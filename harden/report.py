@@ -1,4 +1,4 @@
-"""``harden.report``: a :class:`~harden.certify.Certificate` as Markdown and as one HTML page.
+"""``harden.report``: a :class:`~harden.certificate.Certificate` as Markdown and as one HTML page.
 
 Both renderings are built from the same sections (tables and paragraphs), so they say the same
 things; the HTML page adds plots (matplotlib, Agg canvas, PNG inlined as ``data:`` URIs) and the
@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
-    from harden.certify import Certificate, SaliencyExample, SmoothingSummary
+    from harden.certificate import Certificate, SaliencyExample, SmoothingSummary
 
 __all__ = ["to_html", "to_markdown"]
 
@@ -253,7 +253,7 @@ def to_markdown(cert: Certificate) -> str:
         Markdown text: verdict, key figures, then one section per part of the certificate.
 
     Example:
-        >>> from harden.certify import Certificate
+        >>> from harden.certificate import Certificate
         >>> cert = Certificate(verdict="EMPIRICAL", verdict_reason="attack suite only", created="2025-01-01T00:00:00+00:00",
         ...     policy_name="demo", policy_sha256="ab" * 32, weights_sha256="cd" * 32, threat={"norm": "linf", "eps": 0.1},
         ...     n=200, clean_accuracy=0.98, robust_accuracy=0.965, per_attack={"pgd": 0.965},
@@ -392,7 +392,7 @@ def to_html(cert: Certificate) -> str:
         The HTML document.
 
     Example:
-        >>> from harden.certify import Certificate
+        >>> from harden.certificate import Certificate
         >>> cert = Certificate(verdict="EMPIRICAL", verdict_reason="attack suite only", created="2025-01-01T00:00:00+00:00",
         ...     policy_name="demo", policy_sha256="ab" * 32, weights_sha256="cd" * 32, threat={"norm": "linf", "eps": 0.1},
         ...     n=200, clean_accuracy=0.98, robust_accuracy=0.965, per_attack={"pgd": 0.965},

@@ -1,36 +1,29 @@
 """ONNX inference you can trust: know which execution provider runs, feed only valid pixels.
 
 :func:`load_onnx` opens an ONNX classifier exported by :func:`harden.export_onnx` (any graph
-taking float32 NCHW pixels in [0, 1] and returning logits works) in an onnxruntime session and
-reports the providers that *actually* run it. onnxruntime-gpu lists ``CUDAExecutionProvider``
+taking float32 NCHW pixels in [0, 1] and returning logits works) in an onnxruntime session built
+by :func:`build_session` (:mod:`harden.onnx_session`: the one place harden creates sessions), and
+reports the providers that *actually* run it: onnxruntime-gpu lists ``CUDAExecutionProvider``
 even on a machine without a GPU or without the CUDA/cuDNN libraries, and then silently runs on
-the CPU; harden always reads ``session.get_providers()`` after creating the session:
+the CPU.
 
 - ``device="cpu"``: ``CPUExecutionProvider`` only.
 - ``device="cuda"``: ``CUDAExecutionProvider`` (device 0) with the CPU as onnxruntime's fallback
-  for unsupported nodes; :class:`harden.errors.ExportError` with onnxruntime's own reason (its
-  log, captured while the session is created) when CUDA does not run.
+  for unsupported nodes; :class:`harden.errors.ExportError` with onnxruntime's own reason when
+  CUDA does not run.
 - ``device="auto"``: CUDA when onnxruntime lists it and it runs, else the CPU; the reason for a
   fallback is kept in :attr:`OnnxClassifier.fallback_reason`.
 
-TensorRT is opt-in: with the environment variable ``HARDEN_TRT=1`` (and
-``TensorrtExecutionProvider`` available), ``cuda``/``auto`` put it first. TensorRT builds an
-engine per input shape, which takes minutes, so it is off by default.
+TensorRT is opt-in: ``HARDEN_TRT=1`` in the environment (see :mod:`harden.onnx_session`).
 
-:class:`OnnxModule` wraps a session as a gradient-free ``nn.Module`` for harden's black-box
-attacks (``square``, ``noise``, ``transfer``, ``invariance``); see :func:`harden.verify_onnx`.
+Inputs pass the one pixel contract, :func:`harden.data.check_pixels` (float32 NCHW in [0, 1]),
+plus the graph's own channels and size. :class:`OnnxModule` wraps a session as a gradient-free
+``nn.Module`` for harden's black-box attacks (``square``, ``noise``, ``transfer``,
+``invariance``); see :func:`harden.verify_onnx`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
-import re
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,154 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from harden.data import check_pixels as check_pixel_contract
 from harden.errors import DataError, ExportError, ModelError
+from harden.onnx_session import CPU, CUDA, TRT, build_session, providers_for
 
-__all__ = ["OnnxClassifier", "OnnxModule", "load_onnx", "providers_for"]
-
-log = logging.getLogger("harden")
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TRT = "TensorrtExecutionProvider"
-DEVICES = ("auto", "cuda", "cpu")
+__all__ = ["CPU", "CUDA", "TRT", "OnnxClassifier", "OnnxModule", "build_session", "load_onnx", "providers_for"]
 
 Pixels = TypeVar("Pixels", np.ndarray, torch.Tensor)
-
-
-def providers_for(device: str, available: list[str] | None = None, *, trt: bool | None = None) -> list[str]:
-    """The providers harden asks onnxruntime for, in priority order (what runs may differ).
-
-    Args:
-        device: ``auto``, ``cuda`` or ``cpu``.
-        available: ``onnxruntime.get_available_providers()`` (default: asked).
-        trt: put TensorRT first when available (default: the environment has ``HARDEN_TRT=1``).
-
-    Raises:
-        ExportError: an unknown ``device``.
-
-    Example:
-        >>> providers_for("cpu")
-        ['CPUExecutionProvider']
-        >>> providers_for("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], trt=False)
-        ['CUDAExecutionProvider', 'CPUExecutionProvider']
-        >>> providers_for("auto", ["CPUExecutionProvider"])
-        ['CPUExecutionProvider']
-    """
-    if device not in DEVICES:
-        raise ExportError(f"expected device 'auto', 'cuda' or 'cpu', got {device!r}")
-    if available is None:
-        import onnxruntime as ort
-
-        available = list(ort.get_available_providers())
-    if device == "cpu" or (device == "auto" and CUDA not in available):
-        return [CPU]
-    trt = os.environ.get("HARDEN_TRT", "") == "1" if trt is None else trt
-    return ([TRT] if trt and TRT in available else []) + [CUDA, CPU]
-
-
-# ---------------------------------------------------------------- onnxruntime's log, captured
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_STAMP = re.compile(r"^\S+ \S+ \[[A-Z]:onnxruntime:[^\]]*\]\s*")
-_LIB_PATH = re.compile(r"/\S*/(lib[\w.+-]+\.so[\w.]*)")
-_SRC = re.compile(r"/onnxruntime_src/\S+:\d+\s*")
-_RELEVANT = re.compile(r"cuda|cudnn|tensorrt|nvinfer|gpu|EP Error", re.IGNORECASE)
-_FAILURE = re.compile(r"fail|error|require|cannot|not found|no such", re.IGNORECASE)
-
-
-def _reasons(text: str) -> list[str]:
-    """The lines of onnxruntime's log that say why a GPU provider did not start, shortened."""
-    out: list[str] = []
-    python_layer: list[str] = []  # "EP Error ..." from onnxruntime's Python layer: a fallback
-    for raw in text.splitlines():
-        line = _STAMP.sub("", _ANSI.sub("", raw)).strip().strip("*").strip()
-        if "FAIL : " in line:
-            line = line.split("FAIL : ", 1)[1]
-        line = _SRC.sub("", _LIB_PATH.sub(r"\1", line))
-        if not line or not _RELEVANT.search(line) or not _FAILURE.search(line):
-            continue
-        bucket = python_layer if line.startswith("EP Error") else out
-        if line not in bucket:
-            bucket.append(line[:300])
-    return out or python_layer[:1]
-
-
-@contextlib.contextmanager
-def _captured_output() -> Iterator[list[str]]:
-    """Capture stdout/stderr, native ones included, into the yielded list (filled on exit).
-
-    onnxruntime's C++ logger writes provider failures to file descriptor 2 and its Python layer
-    prints "EP Error" to stdout; both are captured so that they can go into an error message
-    instead of the terminal. Only used around session creation.
-    """
-    lines: list[str] = []
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    try:
-        saved = (os.dup(1), os.dup(2))
-    except OSError:  # no usable file descriptors (an embedded interpreter): capture nothing
-        yield lines
-        return
-    py_out = io.StringIO()
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(py_out):
-                yield lines
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            tmp.seek(0)
-            lines.extend(tmp.read().decode(errors="replace").splitlines())
-            lines.extend(py_out.getvalue().splitlines())
-
-
-def _no_cuda_reason(log_lines: list[str], available: list[str]) -> str:
-    """Why CUDA does not run, in one line: onnxruntime's log, else what harden can tell."""
-    import onnxruntime as ort
-
-    if CUDA not in available:
-        return (
-            f"onnxruntime {ort.__version__} has no CUDA provider (available: {available}); "
-            "install onnxruntime-gpu instead of onnxruntime"
-        )
-    parts = _reasons("\n".join(log_lines))
-    if not torch.cuda.is_available():
-        parts.append("torch sees no CUDA device either")
-    if not parts:
-        parts.append("onnxruntime gave no reason")
-    text = "; ".join(parts)
-    return text if len(text) <= 900 else text[:897] + "..."
-
-
-def _session(path: Path, providers: list[str], threads: int | None, tf32: bool = False) -> tuple[Any, list[str]]:
-    """An ``InferenceSession`` and, for GPU providers, onnxruntime's captured log lines.
-
-    The CUDA provider gets ``use_tf32`` from ``tf32``: onnxruntime's default (on) rounds the
-    inputs of float32 convolutions and matrix products to TensorFloat-32 (10-bit mantissa) on
-    Ampere and later GPUs, which moves logits by about 1e-3 of their scale.
-    """
-    import onnxruntime as ort
-
-    entries: list[Any] = [
-        (CUDA, {"device_id": "0", "use_tf32": "1" if tf32 else "0"}) if p == CUDA else p for p in providers
-    ]
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    ctx: contextlib.AbstractContextManager[list[str]] = (
-        _captured_output() if providers != [CPU] else contextlib.nullcontext([])
-    )
-    try:
-        with ctx as lines:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=entries)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"expected an ONNX model onnxruntime can load at {str(path)!r}, got {first}") from None
-    return sess, list(lines)
 
 
 # ---------------------------------------------------------------- the classifier
@@ -208,7 +60,7 @@ def load_onnx(
 
     Raises:
         ExportError: no such file, not a model onnxruntime can load, not one float input and
-            one output, an unknown ``device``, or ``device="cuda"`` and CUDA does not run (the
+            one output, an unknown ``device``, ``threads`` not an integer >= 1, or ``device="cuda"`` and CUDA does not run (the
             message gives onnxruntime's reason, e.g. missing ``libcuda.so.1`` or cuDNN).
 
     Example:
@@ -222,36 +74,8 @@ def load_onnx(
         >>> clf.predict_logits(torch.rand(5, 1, 8, 8)).shape
         torch.Size([5, 3])
     """
-    import onnxruntime as ort
-
-    path = Path(path)
-    if device not in DEVICES:
-        raise ExportError(f"expected device 'auto', 'cuda' or 'cpu', got {device!r}")
-    if not path.is_file():
-        raise ExportError(f"expected an ONNX file at {str(path)!r}, got no such file")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ExportError(f"expected threads as an integer >= 1 or None, got {threads!r}")
-    available = list(ort.get_available_providers())
-    asked = providers_for(device, available)
-    sess, lines = _session(path, asked, threads, tf32)
-    running = list(sess.get_providers())
-    fallback = None
-    if device != "cpu" and CUDA not in running:
-        reason = _no_cuda_reason(lines, available)
-        if device == "cuda":
-            raise ExportError(
-                f"expected onnxruntime to run {path.name} on CUDA (device='cuda'), got only {running} running: "
-                f"{reason}. Use device='cpu' or 'auto', or install the CUDA/cuDNN libraries onnxruntime-gpu needs"
-            )
-        if CUDA in asked:  # listed but not running (when it is not even listed, the CPU is no fallback)
-            fallback = reason
-            log.info("load_onnx: running %s on the CPU (%s)", path.name, reason)
-    elif TRT in asked and TRT not in running:
-        import warnings
-
-        why = "; ".join(_reasons("\n".join(lines))) or "onnxruntime gave no reason"
-        warnings.warn(f"HARDEN_TRT=1 but TensorRT does not run ({why}); running on {running}", RuntimeWarning, 2)
-    return OnnxClassifier(path, sess, fallback_reason=fallback)
+    session, _running, fallback = build_session(path, device, threads, tf32=tf32)
+    return OnnxClassifier(Path(path), session, fallback_reason=fallback)
 
 
 def _static(dim: Any) -> int | None:
@@ -293,7 +117,7 @@ class OnnxClassifier:
         >>> clf.predict(x * 2)
         Traceback (most recent call last):
         ...
-        harden.errors.DataError: expected pixels in [0, 1], got values in [...]; divide by 255 ...
+        harden.errors.InputError: expected pixels in [0, 1], got values in [...]; divide by 255 ...
     """
 
     def __init__(self, path: Path, session: Any, *, fallback_reason: str | None = None) -> None:
@@ -341,45 +165,44 @@ class OnnxClassifier:
     def check_pixels(self, x: np.ndarray | torch.Tensor) -> None:
         """Raise :class:`harden.errors.DataError` unless ``x`` is a batch this model takes.
 
-        That is: a numpy array or torch tensor, float32, NCHW, non-empty, with the graph's
-        channels and size, finite, in [0, 1]; a torch tensor on the CPU or, for a session
-        running on CUDA, on its GPU.
+        That is: a torch tensor on the CPU or, for a session running on CUDA, on its GPU (or a
+        numpy array); then the pixel contract of :func:`harden.data.check_pixels` (float32,
+        non-empty NCHW, finite, in [0, 1]: :class:`harden.errors.InputError`, a ``DataError``);
+        then the graph's channels and size.
+
+        Example:
+            >>> import tempfile, torch, harden
+            >>> from harden.testing import TinyCNN
+            >>> path = tempfile.mkdtemp() + "/tiny.onnx"
+            >>> _ = harden.export_onnx(TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+            >>> load_onnx(path, "cpu").check_pixels(torch.rand(2, 1, 8, 8))
+            >>> load_onnx(path, "cpu").check_pixels(torch.rand(2, 1, 4, 4))
+            Traceback (most recent call last):
+            ...
+            harden.errors.DataError: expected images of shape (C, H, W) = 1x8x8 as in tiny.onnx, got (1, 4, 4)
         """
         if isinstance(x, torch.Tensor):
-            dtype_ok, dtype = x.dtype == torch.float32, str(x.dtype).removeprefix("torch.")
-            on_gpu = x.device.type == "cuda"
-            index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if on_gpu else -1
-            if on_gpu and (self.device != "cuda" or index != self._cuda_id):
-                where = f"cuda:{self._cuda_id}" if self.device == "cuda" else "the CPU"
-                raise DataError(
-                    f"expected a tensor on {where} (where this session runs: {self.providers}), got one on {x.device}; "
-                    "move it yourself (harden never moves tensors between devices)"
-                )
-            if x.device.type not in ("cpu", "cuda"):
-                raise DataError(f"expected a CPU or CUDA tensor, got one on {x.device}")
-        elif isinstance(x, np.ndarray):
-            dtype_ok, dtype = x.dtype == np.float32, str(x.dtype)
-        else:
-            raise DataError(f"expected a numpy array or torch tensor of pixels, got {type(x).__name__}")
-        if not dtype_ok:
-            raise DataError(f"expected float32 pixels, got {dtype} (convert with .astype(np.float32) or .float())")
-        if x.ndim != 4 or x.shape[0] == 0:
-            raise DataError(f"expected a non-empty NCHW batch (4 dims), got shape {tuple(x.shape)}")
+            self._check_device(x)
+        check_pixel_contract(x, float32=True)
         want = tuple(d if d is not None else got for d, got in zip(self._dims, x.shape[1:], strict=True))
         if tuple(x.shape[1:]) != want:
             shape = "x".join("?" if d is None else str(d) for d in self._dims)
             raise DataError(
                 f"expected images of shape (C, H, W) = {shape} as in {self.path.name}, got {tuple(x.shape[1:])}"
             )
-        finite = bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
-        if not finite:
-            raise DataError("expected finite pixels, got NaN or infinity")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
+
+    def _check_device(self, x: torch.Tensor) -> None:
+        """Refuse a tensor where this session does not run (harden never moves tensors)."""
+        on_gpu = x.device.type == "cuda"
+        index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if on_gpu else -1
+        if on_gpu and (self.device != "cuda" or index != self._cuda_id):
+            where = f"cuda:{self._cuda_id}" if self.device == "cuda" else "the CPU"
             raise DataError(
-                f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide by 255 or undo normalization "
-                "(the graph normalizes inside)"
+                f"expected a tensor on {where} (where this session runs: {self.providers}), got one on {x.device}; "
+                "move it yourself (harden never moves tensors between devices)"
             )
+        if x.device.type not in ("cpu", "cuda"):
+            raise DataError(f"expected a CPU or CUDA tensor, got one on {x.device}")
 
     # ------------------------------------------------------------ inference
     def predict_logits(self, x: Pixels, batch_size: int = 256) -> Pixels:

@@ -51,8 +51,9 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
         The bound; 0 when there are no successes.
 
     Example:
-        >>> round(clopper_pearson_lower(100, 100, 0.001), 4)   # alpha ** (1 / n)
-        0.9332
+        >>> p = clopper_pearson_lower(100, 100, 0.001)   # all successes: the bound is alpha ** (1 / n)
+        >>> round(p, 4), abs(p - 0.001 ** (1 / 100)) < 1e-9
+        (0.9333, True)
     """
     if trials < 1 or not 0 <= successes <= trials:
         raise PolicyError(f"expected 0 <= successes <= trials and trials >= 1, got {successes}/{trials}")

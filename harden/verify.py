@@ -15,21 +15,13 @@ from torch import nn
 
 from harden._cascade import prepared_attacks, run_cascade
 from harden.attacks import ATTACKS
-from harden.data import EvalData, eval_batches, load_data, to_device
+from harden.data import DataBundle, EvalData, load_data
 from harden.errors import DataError
-from harden.models import prepare_model
-from harden.policy import Policy, ThreatModel
+from harden.models import model_device, prepare_model
+from harden.policy import Policy
+from harden.probe import accuracy
 
-__all__ = ["RobustnessReport", "accuracy", "clean_and_pgd_accuracy", "clean_and_pgd_counts", "model_device", "verify"]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a parameterless model)."""
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
+__all__ = ["RobustnessReport", "verify"]
 
 
 @dataclass
@@ -116,91 +108,6 @@ class RobustnessReport:
         return "\n".join(lines)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example correctness (bool) of ``model`` on ``(x, y)``."""
-    return model(x).argmax(1) == y
-
-
-def clean_and_pgd_accuracy(
-    model: nn.Module,
-    data: EvalData,
-    threat: ThreatModel,
-    device: torch.device,
-    *,
-    batch_size: int,
-    probe_examples: int,
-    probe_steps: int,
-    seed: int,
-) -> dict[str, float]:
-    """Clean accuracy on all of ``data`` and PGD accuracy on its first ``probe_examples``.
-
-    Used after every training epoch; a PGD accuracy that jumps up while clean accuracy holds is
-    the mark of catastrophic overfitting / gradient masking. The model's modes are restored.
-    """
-    right, total, adv_right, adv_total = clean_and_pgd_counts(
-        model,
-        data,
-        threat,
-        device,
-        batch_size=batch_size,
-        probe_examples=probe_examples,
-        probe_steps=probe_steps,
-        seed=seed,
-    )
-    out = {"val_clean_acc": right / max(total, 1)}
-    if adv_total:
-        out["val_pgd_acc"] = adv_right / adv_total
-    return out
-
-
-def clean_and_pgd_counts(
-    model: nn.Module,
-    data: EvalData,
-    threat: ThreatModel,
-    device: torch.device,
-    *,
-    batch_size: int,
-    probe_examples: int,
-    probe_steps: int,
-    seed: int,
-) -> tuple[int, int, int, int]:
-    """The counts behind :func:`clean_and_pgd_accuracy`: ``(right, total, pgd_right, pgd_total)``.
-
-    Counts add up over shards of the data (distributed training sums them over ranks).
-
-    Example:
-        >>> from harden.testing import TinyMLP
-        >>> data = (torch.rand(6, 1, 8, 8), torch.arange(6) % 2)
-        >>> counts = clean_and_pgd_counts(TinyMLP(num_classes=2), data, ThreatModel(eps=0.1), torch.device("cpu"),
-        ...                               batch_size=4, probe_examples=3, probe_steps=2, seed=0)
-        >>> counts[1], counts[3]
-        (6, 3)
-    """
-    from harden.attacks.base import restore_modes, save_modes
-
-    modes = save_modes(model)
-    model.eval()
-    pgd = ATTACKS.get("pgd")(threat, {"steps": probe_steps})
-    right = total = adv_right = adv_total = 0
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for xb, yb in eval_batches(data, batch_size):
-                x, y = to_device(xb, yb, device)
-                ok = accuracy(model, x, y)
-                right += int(ok.sum())
-                total += x.shape[0]
-                room = probe_examples - adv_total
-                if room > 0:
-                    xs, ys = x[:room], y[:room]
-                    adv_right += int(accuracy(model, pgd(model, xs, ys), ys).sum())
-                    adv_total += xs.shape[0]
-    finally:
-        restore_modes(model, modes)
-    return right, total, adv_right, adv_total
-
-
 def _eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy) -> list[tuple[float, float]]:
     spec = policy.verify
     radii = (
@@ -222,6 +129,7 @@ def verify(
     policy: Policy,
     data: EvalData | None = None,
     *,
+    bundle: DataBundle | None = None,
     history: list[dict[str, Any]] | None = None,
     progress: bool = True,
     keep_adversarial: int = 0,
@@ -238,7 +146,12 @@ def verify(
         model: a classifier taking [0, 1] pixels (wrapped with the policy's mean/std if it is
             not already :class:`harden.models.Normalized`).
         policy: gives the threat model, the attacks and ``verify.n_examples``.
-        data: a DataLoader, a Dataset, or an ``(x, y)`` pair of tensors.
+        data: a DataLoader, a Dataset, or an ``(x, y)`` pair of tensors; None: the test split
+            of ``bundle`` (or of the policy's data).
+        bundle: the policy's data already loaded (:func:`harden.data.load_data`): attacks that
+            read the training split (the ``invariance_examples`` pool, the ``transfer``
+            surrogate) use its train split. None: the policy's data is loaded if one needs it,
+            so a measurement does not depend on who called.
         history: the training history, for the catastrophic-overfitting check.
         progress: show a progress bar.
         keep_adversarial: keep up to this many worst-case adversarial inputs of the l_p suite in
@@ -268,9 +181,8 @@ def verify(
     t0 = time.perf_counter()
     net = prepare_model(model, policy.model)
     device = model_device(net)
-    bundle = None
     if data is None:
-        bundle = load_data(policy.data)
+        bundle = bundle if bundle is not None else load_data(policy.data)
         data = bundle.test
     specs = [*preset_specs(policy.verify.preset), *policy.verify.attacks]
     lp_attacks, other_attacks, other_caps = prepared_attacks(specs, policy, bundle, device)

@@ -32,13 +32,13 @@ from torch import nn
 
 from harden._cascade import prepared_attacks, run_cascade
 from harden.attacks import ATTACKS
-from harden.attacks.suite import preset_specs
-from harden.data import EvalData, load_data
+from harden.attacks.suite import attack_spec, preset_specs
+from harden.data import DataBundle, EvalData, load_data
 from harden.errors import ModelError
-from harden.models import prepare_model
+from harden.models import model_device, prepare_model
 from harden.policy import AttackSpec, Policy
 from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
-from harden.verify import RobustnessReport, model_device
+from harden.verify import RobustnessReport
 
 __all__ = ["DEFAULT_SQUARE_QUERIES", "OnnxReport", "gradient_free_specs", "verify_onnx"]
 
@@ -83,11 +83,11 @@ def gradient_free_specs(policy: Policy, *, with_transfer: bool = False) -> list[
     free = [s for s in specs if not ATTACKS.get(s.name).white_box]
     names = {s.name for s in free}
     if with_transfer and "transfer" not in names:
-        free.append(AttackSpec(name="transfer"))
+        free.append(attack_spec("transfer"))
     if "square" not in names:
-        free.append(AttackSpec(name="square", params={"n_queries": DEFAULT_SQUARE_QUERIES}))
+        free.append(attack_spec("square", {"n_queries": DEFAULT_SQUARE_QUERIES}))
     if "noise" not in names:
-        free.append(AttackSpec(name="noise"))
+        free.append(attack_spec("noise"))
     return sorted(free, key=lambda s: _RANK.get(s.name, len(_RANK)))
 
 
@@ -107,6 +107,7 @@ def verify_onnx(
     policy: Policy,
     data: EvalData | None = None,
     *,
+    bundle: DataBundle | None = None,
     torch_model: nn.Module | None = None,
     device: str = "auto",
     progress: bool = True,
@@ -116,7 +117,10 @@ def verify_onnx(
     Args:
         onnx: the ``.onnx`` file, or a session from :func:`harden.load_onnx`.
         policy: gives the threat model, the attacks, ``verify.n_examples`` and the seed.
-        data: a DataLoader, a Dataset, or an ``(x, y)`` pair (default: the policy's test split).
+        data: a DataLoader, a Dataset, or an ``(x, y)`` pair (default: the test split of
+            ``bundle`` or of the policy's data).
+        bundle: the policy's data already loaded; its train split is the ``invariance_examples``
+            pool and a ``transfer`` surrogate's training data (None: loaded if one needs it).
         torch_model: the PyTorch model the file was exported from: the transfer surrogate. It
             must be on ``classifier.torch_device`` (the CPU unless the session runs on CUDA).
         device: ``auto``, ``cuda`` or ``cpu`` when ``onnx`` is a path (see :func:`load_onnx`).
@@ -142,7 +146,7 @@ def verify_onnx(
         (['transfer', 'square', 'noise'], True, ['CPUExecutionProvider'])
     """
     from harden.checkpoint import sha256_file
-    from harden.policy import policy_hash
+    from harden.policy_io import policy_hash
 
     t0 = time.perf_counter()
     clf = onnx if isinstance(onnx, OnnxClassifier) else load_onnx(onnx, device)
@@ -156,9 +160,8 @@ def verify_onnx(
     net = OnnxModule(clf, batch_size=policy.data.eval_batch_size)
     dev = clf.torch_device
     surrogate = _surrogate(torch_model, policy, dev) if torch_model is not None else None
-    bundle = None
     if data is None:
-        bundle = load_data(policy.data)
+        bundle = bundle if bundle is not None else load_data(policy.data)
         data = bundle.test
     specs = gradient_free_specs(policy, with_transfer=surrogate is not None)
     lp_attacks, other_attacks, other_caps = prepared_attacks(specs, policy, bundle, dev, surrogate)

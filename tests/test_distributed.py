@@ -18,7 +18,7 @@ import torch
 import harden
 from harden.checkpoint import sha256_file
 from harden.distributed import Distributed, distributed_session
-from harden.policy import dump_policy
+from harden.policy_io import dump_policy
 from harden.testing import tiny_policy
 from harden.train import load_trained
 

@@ -22,6 +22,7 @@ import harden
 from harden.attacks import ATTACKS
 from harden.attacks.base import restore_modes, save_modes
 from harden.cli import main
+from harden.errors import InputError
 from harden.models import Normalized
 from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
 
@@ -201,12 +202,24 @@ def test_adversarial_parity_failure_raises_and_leaves_no_file(tmp_path):
         (torch.rand(0, 1, 8, 8), "non-empty"),
         (torch.rand(4, 1, 8, 8) * 2, r"pixels in \[0, 1\]"),
         (np.zeros((4, 1, 8, 8), np.float32), "ndarray"),
+        (torch.full((4, 1, 8, 8), float("nan")), "adversarial_inputs: expected finite pixels"),
     ],
 )
 def test_export_refuses_bad_adversarial_inputs(tmp_path, bad, match):
     with pytest.raises(harden.ExportError, match=match):
         harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "m.onnx", input_shape=(1, 8, 8), adversarial_inputs=bad)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_adversarial_pixels_are_the_one_input_contract(tmp_path):
+    with pytest.raises(harden.ExportError, match=r"^adversarial_inputs: expected pixels in \[0, 1\]") as info:
+        harden.export_onnx(
+            TinyCNN(num_classes=3),
+            tmp_path / "m.onnx",
+            input_shape=(1, 8, 8),
+            adversarial_inputs=-torch.ones(2, 1, 8, 8),
+        )
+    assert isinstance(info.value.__cause__, InputError)  # raised by harden.data.check_pixels
 
 
 def test_run_checks_parity_on_the_suites_adversarial_examples(tmp_path):

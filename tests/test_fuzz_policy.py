@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import harden
-from harden.policy import dump_policy, policy_hash, validate_policy
+from harden.policy_io import dump_policy, policy_hash, validate_policy
 from harden.testing import tiny_policy
 
 #: libyaml's C dumper/loader where the test itself writes and re-reads YAML (harden's own loader is pure Python)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import harden
-from harden.policy import validate_policy
+from harden.policy_io import validate_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 import harden
-from harden.policy import Policy, dump_policy, load_policy, policy_hash, validate_policy
+from harden.policy import Policy
+from harden.policy_io import dump_policy, load_policy, policy_hash, validate_policy
 from harden.testing import tiny_policy
 
 MINIMAL = {"objectives": [{"name": "ce"}]}

@@ -212,6 +212,15 @@ def test_logit_parity_restores_modes(exported):
     assert save_modes(model) == before
 
 
+def test_measuring_names_are_importable_from_quantize_and_onnx_accuracy():
+    import harden.onnx_accuracy as acc
+    import harden.quantize as q
+
+    assert q.measure_converted is acc.measure_converted and q.ConvertedAccuracy is acc.ConvertedAccuracy
+    assert q.onnx_logits is acc.onnx_logits and q.logit_parity is acc.logit_parity
+    assert q.PRECISION_KEY == harden.export.PRECISION_KEY == "precision"
+
+
 # --------------------------------------------------------------------------- benchmark smoke test
 
 

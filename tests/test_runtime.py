@@ -14,7 +14,7 @@ import yaml
 import harden
 from harden.attacks import ATTACKS, run_suite
 from harden.cli import main
-from harden.errors import DataError, ExportError, ModelError
+from harden.errors import DataError, ExportError, InputError, ModelError
 from harden.models import Normalized
 from harden.runtime import CPU, CUDA, TRT, OnnxModule, load_onnx, providers_for
 from harden.testing import synthetic_tensors, tiny_policy
@@ -101,6 +101,15 @@ def test_bad_inputs_are_refused_with_a_clear_message(clf, data, make, phrase):
         clf.predict_logits(make(data[0]))
     assert phrase in str(info.value)
     assert isinstance(info.value, ValueError)  # callers who do not know harden catch it too
+
+
+def test_pixel_errors_are_input_errors(clf, data):
+    with pytest.raises(InputError, match="expected pixels in"):  # from the one check, harden.data.check_pixels
+        clf.predict(data[0] * 2)
+    with pytest.raises(InputError, match="expected float32 pixels, got float16"):
+        clf.check_pixels(data[0].half())
+    with pytest.raises(harden.ThreatModelError, match="non-empty NCHW"):
+        clf.check_pixels(np.zeros((0, 1, 8, 8), np.float32))
 
 
 def test_bad_batch_size(clf, data):

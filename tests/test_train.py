@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import harden
 from harden.checkpoint import sha256_file
 from harden.objectives import OBJECTIVES, Objective
-from harden.policy import validate_policy
+from harden.policy_io import validate_policy
 from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
 from harden.train import MAX_BAD_STEPS
 
@@ -110,7 +110,7 @@ def test_fit_hands_every_to_the_objectives(tmp_run, monkeypatch):
             seen.append(kwargs.get("every"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr("harden.train.ObjectiveSet", Spy)
+    monkeypatch.setattr("harden.fit_setup.ObjectiveSet", Spy)
     objectives = [
         {"name": "ce"},
         {"name": "trades", "weight": 0.0},
@@ -244,3 +244,62 @@ def test_schedules_and_optimizers(tmp_run, train, final_lr):
     assert result.history[-1]["lr"] == pytest.approx(final_lr, abs=1e-9)
     assert result.history[-1]["val_clean_acc"] > 0.5
     assert all(r["skipped_steps"] == 0 for r in result.history)
+
+
+def refuse_load_data(monkeypatch):
+    def refuse(spec):
+        raise AssertionError("load_data was called although a bundle was given")
+
+    monkeypatch.setattr("harden.train.load_data", refuse)
+
+
+def test_fit_with_a_bundle_does_not_load_data_and_trains_the_same(tmp_path, monkeypatch):
+    policy = tiny_policy(train={"epochs": 2})
+    bundle = harden.data.load_data(policy.data)
+    loaded = fit(policy, tmp_path / "loaded")
+    refuse_load_data(monkeypatch)
+    given = fit(policy, tmp_path / "given", bundle=bundle)
+    assert_same_weights(given.model, loaded.model)
+    for a, b in zip(given.history, loaded.history, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    model, same = harden.train.load_trained(policy, given.weights, bundle=bundle)
+    assert same is bundle
+    assert_same_weights(model, given.model)
+
+
+def test_fit_with_a_bundle_and_a_user_model_validates_on_its_test_split(tmp_run, monkeypatch):
+    refuse_load_data(monkeypatch)
+    bundle = harden.testing.synthetic_bundle(n_train=96, n_test=32)
+    policy = tiny_policy(train={"probe_examples": 0}, objectives=[{"name": "ce"}])
+    result = fit(policy, tmp_run, model=TinyCNN(num_classes=3), bundle=bundle)
+    (record,) = result.history
+    assert "val_clean_acc" in record
+
+
+def test_fit_with_a_bundle_checks_labels_against_its_classes(tmp_run):
+    bundle = harden.testing.synthetic_bundle(n_train=64, n_test=16)
+    bundle.train.tensors[1][3] = 5  # the bundle says 3 classes
+    with pytest.raises(harden.DataError, match=r"expected labels in \[0, 2\]"):
+        fit(tiny_policy(objectives=[{"name": "ce"}]), tmp_run, model=TinyCNN(num_classes=6), bundle=bundle)
+
+
+def test_fit_refuses_train_data_and_a_bundle_together(tmp_run):
+    bundle = harden.testing.synthetic_bundle()
+    with pytest.raises(harden.DataError, match="either train= data or bundle="):
+        fit(tiny_policy(), tmp_run, model=TinyCNN(num_classes=3), train=bundle.train, bundle=bundle)
+    assert not tmp_run.exists()
+
+
+def test_fit_builds_each_view_attack_once(tmp_path, monkeypatch):
+    import harden.attacks.suite as suite
+
+    original, built = suite.build_attack, []
+    monkeypatch.setattr(suite, "build_attack", lambda spec, threat: built.append(spec.name) or original(spec, threat))
+    objectives = [{"name": "pgd_at", "params": {"steps": 1}}, {"name": "trades", "weight": 0.5, "params": {"steps": 1}}]
+    counts = []
+    for batch_size in (64, 16):  # 6 and 24 steps an epoch
+        built.clear()
+        policy = tiny_policy(data={"batch_size": batch_size}, train={"probe_examples": 0}, objectives=objectives)
+        fit(policy, tmp_path / str(batch_size))
+        counts.append(len(built))
+    assert counts == [2, 2]  # one per distinct view, however many batches

@@ -332,6 +332,7 @@ class APGDCE(APGD):
 
     name = "apgd_ce"
     Params = APGDParams
+    example_params = {"steps": 5}
 
 
 @ATTACKS.register("apgd_t")
@@ -356,6 +357,7 @@ class APGDT(APGD):
 
     name = "apgd_t"
     Params = APGDTParams
+    example_params = {"steps": 5, "n_target_classes": 2}
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """The targeted DLR loss (:func:`targeted_dlr_loss`)."""

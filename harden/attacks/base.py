@@ -17,7 +17,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from harden.data import check_pixels
 from harden.errors import PolicyError, ThreatModelError
+from harden.models import has_state, model_device
 from harden.policy import ThreatModel
 from harden.registry import Registry
 
@@ -105,14 +107,6 @@ def restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
             m.training = modes[name]
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
-
-
 class Attack(ABC):
     """Base class of every attack.
 
@@ -131,10 +125,15 @@ class Attack(ABC):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = AttackParams
+    #: cheap params for :func:`harden.testing.check_attack` (a few steps, few queries)
+    example_params: ClassVar[dict[str, Any]] = {}
     #: Whether the result is projected onto the threat model's eps ball (else only onto [0, 1]).
     bounded: ClassVar[bool] = True
     #: Whether the attack needs gradients of the model (white-box).
     white_box: ClassVar[bool] = True
+    #: Whether :meth:`prepare` reads the training split (``env.bundle.train``): the verification
+    #: layer then loads the policy's data if the caller did not hand it over.
+    uses_training_split: ClassVar[bool] = False
     #: Whether the attack changes the true label (invariance examples): scored by :meth:`score`
     #: against the new label and reported apart from the l_p worst case.
     changes_label: ClassVar[bool] = False
@@ -186,25 +185,17 @@ class Attack(ABC):
     def _check_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         if not isinstance(model, nn.Module):
             raise ThreatModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-            raise ThreatModelError(f"expected x as float32 pixels, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() != 4 or x.shape[0] == 0:
-            raise ThreatModelError(f"expected x as a non-empty NCHW batch, got shape {tuple(x.shape)}")
+        check_pixels(x, float32=True)
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
             raise ThreatModelError(
                 f"expected y as {x.shape[0]} integer labels, got {getattr(y, 'shape', type(y).__name__)}"
             )
         if y.device != x.device:
             raise ThreatModelError(f"expected x and y on one device, got {x.device} and {y.device}")
-        dev = _model_device(model)
-        if dev is not None and dev != x.device:
+        dev = model_device(model)
+        if has_state(model) and dev != x.device:
             raise ThreatModelError(
                 f"expected the model and x on one device, got {dev} and {x.device}; move them yourself (attacks never move tensors)"
-            )
-        lo, hi = float(x.min()), float(x.max())
-        if not (lo >= -1e-6 and hi <= 1 + 1e-6):
-            raise ThreatModelError(
-                f"expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (normalization belongs inside the model)"
             )
 
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,6 +157,7 @@ class FABTargeted(Attack):
 
     name = "fab_t"
     Params = FABParams
+    example_params = {"steps": 5, "n_target_classes": 2}
 
     def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(threat, params)

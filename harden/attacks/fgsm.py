@@ -28,6 +28,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     Params = AttackParams
+    example_params = {}
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One gradient step of size eps."""

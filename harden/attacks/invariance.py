@@ -70,6 +70,7 @@ class Invariance(Attack):
 
     name = "invariance"
     Params = InvarianceParams
+    example_params = {"angles": 3, "shifts": 3}
     bounded = False
     white_box = False
 

@@ -140,6 +140,7 @@ class InvarianceExamples(Attack):
     bounded = True
     white_box = False
     changes_label = True
+    uses_training_split = True
 
     def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(threat, params)

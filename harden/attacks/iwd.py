@@ -273,6 +273,7 @@ class IWDAttack(Attack):
 
     name = "iwd"
     Params = IWDParams
+    example_params = {"steps": 5}
     bounded = False
 
     last_iwd: torch.Tensor | None = None

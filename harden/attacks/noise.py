@@ -41,6 +41,7 @@ class GaussianNoise(Attack):
 
     name = "noise"
     Params = NoiseParams
+    example_params = {"samples": 3}
     white_box = False
 
     @torch.no_grad()

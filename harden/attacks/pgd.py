@@ -64,6 +64,7 @@ class PGD(Attack):
 
     name = "pgd"
     Params = PGDParams
+    example_params = {"steps": 5}
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Run ``restarts`` PGD runs, each on the examples the previous ones did not fool."""

@@ -172,6 +172,7 @@ class Square(Attack):
 
     name = "square"
     Params = SquareParams
+    example_params = {"n_queries": 40}
     white_box = False
 
     def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:

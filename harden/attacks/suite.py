@@ -9,24 +9,40 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack
-from harden.policy import AttackSpec, ThreatModel
+from harden.policy import AttackSpec, Catalog, ThreatModel
 
-__all__ = ["SuiteResult", "build_attack", "order_attacks", "preset_specs", "run_suite", "suite_labels"]
+__all__ = ["SuiteResult", "attack_spec", "build_attack", "order_attacks", "preset_specs", "run_suite", "suite_labels"]
+
+
+def attack_spec(name: str, params: dict[str, Any] | None = None) -> AttackSpec:
+    """An :class:`AttackSpec` checked against the attack registry (params validated, defaults filled).
+
+    Example:
+        >>> attack_spec("pgd", {"steps": 3}).params["restarts"]
+        1
+    """
+    return AttackSpec.model_validate(
+        {"name": name, "params": dict(params or {})}, context={"harden": Catalog(attacks=ATTACKS)}
+    )
 
 
 def build_attack(spec: AttackSpec, threat: ThreatModel) -> Attack:
     """Instantiate the attack an :class:`AttackSpec` names under ``threat``.
 
+    A spec checked by the policy's validation step hands over its validated ``Params`` (not
+    validated again); an unchecked one is validated here.
+
     Example:
         >>> build_attack(AttackSpec(name="pgd", params={"steps": 3}), ThreatModel(eps=0.1)).params.steps
         3
     """
-    return ATTACKS.get(spec.name)(threat, spec.params)
+    return ATTACKS.get(spec.name)(threat, spec.params_for_build())
 
 
 def suite_labels(names: Sequence[str]) -> list[str]:
@@ -156,15 +172,15 @@ def preset_specs(preset: str | None) -> list[AttackSpec]:
         return []
     if preset == "standard":
         return [
-            AttackSpec(name="apgd_ce", params={"steps": 100}),
-            AttackSpec(name="apgd_t", params={"steps": 100, "n_target_classes": 9}),
-            AttackSpec(name="fab_t", params={"steps": 100, "n_target_classes": 9}),
-            AttackSpec(name="square", params={"n_queries": 5000}),
+            attack_spec("apgd_ce", {"steps": 100}),
+            attack_spec("apgd_t", {"steps": 100, "n_target_classes": 9}),
+            attack_spec("fab_t", {"steps": 100, "n_target_classes": 9}),
+            attack_spec("square", {"n_queries": 5000}),
         ]
     if preset == "quick":
         return [
-            AttackSpec(name="apgd_ce", params={"steps": 20}),
-            AttackSpec(name="apgd_t", params={"steps": 20, "n_target_classes": 3}),
+            attack_spec("apgd_ce", {"steps": 20}),
+            attack_spec("apgd_t", {"steps": 20, "n_target_classes": 3}),
         ]
     raise ValueError(f"expected preset 'standard' or 'quick', got {preset!r}")
 

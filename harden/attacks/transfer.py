@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import tempfile
-from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -15,8 +13,6 @@ from harden.errors import DataError
 
 __all__ = ["Transfer", "TransferParams"]
 
-log = logging.getLogger("harden")
-
 
 class TransferParams(AttackParams):
     """Parameters of :class:`Transfer`.
@@ -25,7 +21,7 @@ class TransferParams(AttackParams):
         model: the surrogate's architecture (``timm:<name>`` or ``module:attr``); None: the
             policy's own model.
         weights: a local ``model.safetensors`` for the surrogate; None: harden trains one with
-            plain cross-entropy (``ce``) on the policy's training data.
+            plain cross-entropy (``ce``) on the policy's training data (:mod:`harden.surrogate`).
         epochs: epochs of that ``ce`` training.
         steps: PGD steps on the surrogate.
         restarts: PGD restarts on the surrogate.
@@ -49,7 +45,7 @@ class Transfer(Attack):
         >>> from harden.policy import ThreatModel
         >>> from harden.testing import TinyCNN
         >>> atk = Transfer(ThreatModel(eps=0.1), {"steps": 3})
-        >>> atk.surrogate = TinyCNN(num_classes=3)  # or let prepare() train one
+        >>> atk.surrogate = TinyCNN(num_classes=3)  # harden.verify builds it from the policy
         >>> x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 2])
         >>> atk(TinyCNN(num_classes=3), x, y).shape
         torch.Size([2, 1, 8, 8])
@@ -57,38 +53,26 @@ class Transfer(Attack):
 
     name = "transfer"
     Params = TransferParams
+    example_params: ClassVar[dict[str, Any]] = {"steps": 2}
     white_box = False
+    uses_training_split = True
 
     surrogate: nn.Module | None = None
 
     def prepare(self, env: AttackEnv) -> None:
-        """Load or train the surrogate once, on ``env.device``."""
-        if self.surrogate is not None:
-            return
-        from harden.models import build_model
-        from harden.policy import validate_policy
-        from harden.train import fit, load_trained
+        """Check the surrogate is there (it is used on its own device and in its own mode).
 
-        p: TransferParams = self.params
-        doc = env.policy.model_dump(mode="json")
-        if p.model is not None:
-            doc["model"] = {"name": p.model, "mean": doc["model"]["mean"], "std": doc["model"]["std"]}
-        doc["objectives"] = [{"name": "ce"}]
-        doc["train"] = {**doc["train"], "epochs": p.epochs, "probe_examples": 0, "keep_checkpoints": 1}
-        doc["name"] = f"{doc['name']}-surrogate"
-        surrogate_policy = validate_policy(doc, source="transfer surrogate")
-        if p.weights is not None:
-            net, _ = load_trained(surrogate_policy, Path(p.weights))
-        else:
-            from harden.data import load_data
+        Attacks never train: :func:`harden.verify` builds the surrogate (:mod:`harden.surrogate`,
+        from the run's data) and sets :attr:`surrogate` before this runs.
 
-            bundle = env.bundle if env.bundle is not None else load_data(env.policy.data)
-            log.info("transfer: training a %d-epoch ce surrogate", p.epochs)
-            with tempfile.TemporaryDirectory(prefix="harden-surrogate-") as tmp, torch.random.fork_rng(devices=[]):
-                torch.manual_seed(env.policy.seed + 1)  # a different init from the target's
-                net = build_model(surrogate_policy.model, bundle.num_classes, bundle.in_chans)
-                net = fit(net, surrogate_policy, train=bundle.train, run_dir=tmp, progress=False).model
-        self.surrogate = net.to(env.device).eval()
+        Raises:
+            DataError: no surrogate was given.
+        """
+        if self.surrogate is None:
+            raise DataError(
+                "expected a surrogate model for the transfer attack, got none; verify through harden.verify or "
+                "harden.run (they build it), or set attack.surrogate = a trained model"
+            )
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD on the surrogate; the target model is only evaluated by the suite."""

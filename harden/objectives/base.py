@@ -1,259 +1,60 @@
-"""The objective contract and the per-batch context that shares adversarial views.
+"""The objective contract and the set of weighted objectives a policy trains on.
 
 An objective declares the perturbed views it needs (:meth:`Objective.views`) and computes its
-loss from a :class:`BatchContext`. The context computes each view once per batch and caches
-the model's logits on it, so ``pgd_at + trades + ...`` never attacks or forwards twice.
+loss from a :class:`BatchContext` (see :mod:`harden.objectives.context`, whose public names are
+re-exported here). The context computes each view once per batch and caches the model's logits
+on it, so ``pgd_at + trades + ...`` never attacks or forwards twice; :class:`ObjectiveSet`
+builds each view's attack once per run.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from harden.errors import CheckpointError, ModelError, PolicyError
+from harden.errors import CheckpointError, PolicyError
+from harden.objectives.context import (
+    ATTACK_PRECISIONS,
+    BN_STATS,
+    BatchContext,
+    Batches,
+    View,
+    build_view_attack,
+    frozen_bn_statistics,
+    pgd_view,
+)
 from harden.objectives.embedding import EmbeddingTap
-from harden.policy import AttackSpec, ThreatModel
+from harden.policy import ThreatModel
 from harden.registry import Registry
+
+if TYPE_CHECKING:
+    from harden.attacks.base import Attack
 
 __all__ = [
     "ATTACK_PRECISIONS",
     "BN_STATS",
     "OBJECTIVES",
     "BatchContext",
+    "Batches",
     "Objective",
     "ObjectiveParams",
     "ObjectiveSet",
     "View",
+    "build_view_attack",
     "frozen_bn_statistics",
     "pgd_view",
 ]
-
-
-#: a fresh pass over an epoch's training batches ``(x, y)`` on the model's device (see ``begin_epoch``)
-Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class ObjectiveParams(BaseModel):
     """Base of every objective's parameters (unknown keys are refused)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class View:
-    """A perturbed view of the batch: an attack (by registry name) with its parameters.
-
-    Two objectives asking for equal views share one computation.
-
-    Example:
-        >>> View.of("pgd", {"steps": 7}) == View.of("pgd", {"steps": 7})
-        True
-    """
-
-    attack: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def of(cls, attack: str, params: Mapping[str, Any] | None = None) -> View:
-        """Build a hashable view from an attack name and a parameter mapping."""
-        return cls(attack, tuple(sorted((params or {}).items())))
-
-
-def pgd_view(steps: int, step_size: float | None = None, random_start: bool = True) -> View:
-    """The PGD view of adversarial training (last iterate), shared by every objective asking it.
-
-    ``pgd_at``, ``mi`` and ``ot_metric`` with equal ``steps`` (and step size) read the same view,
-    so the PGD examples are computed once per batch.
-
-    Example:
-        >>> pgd_view(5) == pgd_view(5), pgd_view(5) == pgd_view(7)
-        (True, False)
-    """
-    return View.of("pgd", {"steps": steps, "step_size": step_size, "random_start": random_start, "select": "last"})
-
-
-BN_STATS = ("first_forward", "every_forward")
-ATTACK_PRECISIONS = ("fp32", "same")
-
-
-@contextmanager
-def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
-    """Train-mode forwards inside leave every BatchNorm's running statistics untouched.
-
-    Normalization still uses the batch's own statistics (train mode); only the running mean,
-    variance and batch counter that eval mode will use are restored afterwards.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(2).train()
-        >>> with frozen_bn_statistics(bn):
-        ...     _ = bn(torch.randn(8, 2) + 5)
-        >>> bn.running_mean.tolist()
-        [0.0, 0.0]
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    # momentum 0 makes the in-place update a no-op (running = 1 * running + 0 * batch) without
-    # touching tensors autograd may have saved; the batch counter is restored afterwards.
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]  # type: ignore[union-attr]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, (momentum, count) in zip(bns, saved, strict=True):
-                m.momentum = momentum
-                m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
-
-
-class BatchContext:
-    """Everything objectives share for one batch: inputs, views, cached logits and embeddings.
-
-    Args:
-        model: the model being trained (in train mode).
-        x: clean pixels in [0, 1].
-        y: labels.
-        threat: the policy's threat model.
-        tap: where embeddings are read (set when an objective needs them).
-        clean_input_grad: make the clean input a leaf that requires grad, so objectives can
-            differentiate the clean logits w.r.t. the input (double backprop).
-        bn_stats: ``first_forward`` (default): only the batch's first training-mode forward
-            (the first objective's input) updates BatchNorm running statistics; the other
-            views (clean, IWD, invariance, noisy ...) are normalised with their own batch
-            statistics but do not move the statistics eval mode uses. ``every_forward``: every
-            forward updates them (the running statistics then describe a mixture of views).
-        forward_model: what the training forwards (:meth:`forward`) call, when not ``model``
-            itself: its ``DistributedDataParallel`` or ``torch.compile`` wrapper. Attacks
-            always run on ``model``, the plain module.
-        autocast_dtype: run the training forwards under ``torch.autocast`` to this dtype
-            (``bfloat16`` / ``float16``); the logits and embeddings they return are float32.
-        attack_precision: ``fp32`` (default): views are computed with autocast disabled;
-            ``same``: under the training forwards' autocast.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        threat: ThreatModel,
-        *,
-        tap: EmbeddingTap | None = None,
-        clean_input_grad: bool = False,
-        bn_stats: str = "first_forward",
-        forward_model: nn.Module | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        attack_precision: str = "fp32",
-    ) -> None:
-        if bn_stats not in BN_STATS:
-            raise PolicyError(f"expected bn_stats in {BN_STATS}, got {bn_stats!r}")
-        if attack_precision not in ATTACK_PRECISIONS:
-            raise PolicyError(f"expected attack_precision in {ATTACK_PRECISIONS}, got {attack_precision!r}")
-        self.model = model
-        self.forward_model = forward_model if forward_model is not None else model
-        self.autocast_dtype = autocast_dtype
-        self.attack_precision = attack_precision
-        self.bn_stats = bn_stats
-        self.x = x.detach().requires_grad_(True) if clean_input_grad else x
-        self.y = y
-        self.threat = threat
-        self.tap = tap
-        self._views: dict[View, torch.Tensor] = {}
-        self._logits: dict[View | None, torch.Tensor] = {}
-        self._embeddings: dict[View | None, torch.Tensor] = {}
-        self._memo: dict[Any, Any] = {}
-        self.view_calls = 0  # attacks actually run (for tests and profiling)
-        self.forward_calls = 0  # training-mode forwards (for tests and profiling)
-
-    def view(self, view: View) -> torch.Tensor:
-        """The perturbed inputs for ``view``, computed on first request (no grad to params)."""
-        if view not in self._views:
-            from harden.attacks.suite import build_attack
-
-            attack = build_attack(AttackSpec(name=view.attack, params=dict(view.params)), self.threat)
-            with self.attack_precision_scope():
-                self._views[view] = attack(self.model, self.x.detach(), self.y)
-            self.view_calls += 1
-        return self._views[view]
-
-    def attack_precision_scope(self) -> AbstractContextManager[None]:
-        """Where attacks run: autocast disabled (``fp32``) or the training autocast (``same``).
-
-        Objectives that run an attack themselves (not through :meth:`view`) enter it too.
-        """
-        from harden.speed import autocast
-
-        dtype = self.autocast_dtype if self.attack_precision == "same" else None
-        return autocast(self.x.device, dtype)
-
-    def forward(self, key: Any, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of ``inputs`` under ``key`` (cached; the embedding is kept when tapped)."""
-        if key not in self._logits:
-            if self.forward_calls and self.bn_stats == "first_forward" and self.model.training:
-                with frozen_bn_statistics(self.model):
-                    logits = self._run(inputs)
-            else:
-                logits = self._run(inputs)
-            self._logits[key] = logits
-            self.forward_calls += 1
-            if self.tap is not None:
-                emb = self.tap.take()
-                self._embeddings[key] = emb.float() if self.autocast_dtype is not None else emb
-        return self._logits[key]
-
-    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            return self.forward_model(inputs)
-        with torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype):
-            out = self.forward_model(inputs)
-        return out.float()
-
-    def forward_eval(self, key: Any, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of ``inputs`` with the model in eval mode, with grad, cached under ``key``.
-
-        BatchNorm then normalises with its running statistics (not updated): every example's
-        logits depend on that example alone, as per-example input gradients and Jacobians
-        assume (in train mode the batch statistics couple the examples). The modes are restored.
-        """
-        if key not in self._logits:
-            saved = {m: m.training for m in self.model.modules()}
-            self.model.eval()
-            try:
-                self._logits[key] = self._run(inputs)
-            finally:
-                for m, mode in saved.items():
-                    m.train(mode)
-            self.forward_calls += 1
-        return self._logits[key]
-
-    def logits(self, view: View | None = None) -> torch.Tensor:
-        """Model logits (with grad) on the clean batch (``None``) or on ``view``, cached."""
-        return self.forward(view, self.x if view is None else self.view(view))
-
-    def embedding(self, key: Any = None) -> torch.Tensor:
-        """The embedding recorded with the logits of ``key`` (a view, None, or a forward key)."""
-        if self.tap is None:
-            raise ModelError(
-                "expected an embedding tap on the context (the trainer sets one when an objective needs it)"
-            )
-        if key not in self._embeddings:
-            if isinstance(key, View) or key is None:
-                self.logits(key)
-            else:
-                raise ModelError(f"expected a forward under {key!r} before reading its embedding")
-        return self._embeddings[key]
-
-    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per batch under ``key`` (share any per-batch result)."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective", entry_point_group="harden.objectives")
@@ -279,6 +80,8 @@ class Objective(ABC):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = ObjectiveParams
+    #: cheap params for :func:`harden.testing.check_objective` (a few attack steps)
+    example_params: ClassVar[dict[str, Any]] = {}
     #: The clean input must require grad (the objective differentiates w.r.t. it).
     needs_input_grad: bool = False
 
@@ -355,7 +158,9 @@ class ObjectiveSet:
     """The weighted objectives of a policy, ready to train ``model``.
 
     Resolves what the mix needs once: the embedding tap (one layer for all objectives), a
-    clean input that requires grad (double backprop), and each objective's :meth:`Objective.setup`.
+    clean input that requires grad (double backprop), each objective's :meth:`Objective.setup`,
+    and the attack of every view the objectives declare (:meth:`attacks`, built on the first
+    batch and shared by every batch's context after it).
 
     Args:
         model: the model to train, on its device.
@@ -378,7 +183,7 @@ class ObjectiveSet:
         >>> from harden.testing import TinyCNN
         >>> model, x, y = TinyCNN(num_classes=3), torch.rand(4, 1, 8, 8), torch.arange(4) % 3
         >>> objs = ObjectiveSet(model, [(1.0, OBJECTIVES.get("ce")({}, ThreatModel()))], x[:1])
-        >>> float(objs.loss(objs.context(x, y, ThreatModel()))[0]) > 0
+        >>> float(objs.loss(objs.context(x, y, ThreatModel()))[0].detach()) > 0
         True
     """
 
@@ -418,9 +223,31 @@ class ObjectiveSet:
         self.clean_input_grad = any(o.needs_input_grad for _, o in weighted)
         for _, obj in weighted:
             obj.setup(model, example)
+        self._attacks: dict[View, Attack] = {}
+        self._attacks_threat: ThreatModel | None = None
+
+    def attacks(self, threat: ThreatModel) -> dict[View, Attack]:
+        """The attack of every view the objectives declare under ``threat``, built once.
+
+        The same dict (and the same attack objects) is returned on every call with an equal
+        threat model; contexts add views no objective declared to it on first use. A different
+        threat model starts a new dict.
+
+        Example:
+            >>> from harden.testing import TinyCNN
+            >>> x, threat = torch.rand(2, 1, 8, 8), ThreatModel(eps=0.1)
+            >>> objs = ObjectiveSet(TinyCNN(num_classes=3), [(1.0, OBJECTIVES.get("pgd_at")({"steps": 2}, threat))], x)
+            >>> list(objs.attacks(threat)) == [pgd_view(2)], objs.attacks(threat) is objs.attacks(threat)
+            (True, True)
+        """
+        if self._attacks_threat is None or (self._attacks_threat is not threat and self._attacks_threat != threat):
+            views = dict.fromkeys(v for _, obj in self.weighted for v in obj.views())  # first-asked order
+            self._attacks = {view: build_view_attack(view, threat) for view in views}
+            self._attacks_threat = threat
+        return self._attacks
 
     def context(self, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> BatchContext:
-        """A fresh per-batch context with what these objectives need."""
+        """A fresh per-batch context with what these objectives need (and the run's attacks)."""
         return BatchContext(
             self.model,
             x,
@@ -432,6 +259,7 @@ class ObjectiveSet:
             forward_model=self.forward_model,
             autocast_dtype=self.autocast_dtype,
             attack_precision=self.attack_precision,
+            attacks=self.attacks(threat),
         )
 
     def loss(self, ctx: BatchContext) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -27,6 +27,7 @@ class CE(Objective):
 
     name = "ce"
     Params = CEParams
+    example_params = {}
 
     def loss(self, ctx: BatchContext) -> torch.Tensor:
         """Clean cross-entropy."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from harden.errors import ModelError, UnknownNameError
-from harden.registry import suggest
+from harden.registry import did_you_mean, suggest
 
 __all__ = ["EmbeddingTap", "classifier_module"]
 
@@ -76,10 +76,11 @@ class EmbeddingTap:
         else:
             modules = dict(net.named_modules())
             if layer not in modules or layer == "":
-                close = suggest(layer, [n for n in modules if n])
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                names = [n for n in modules if n]
                 raise UnknownNameError(
-                    f"expected an embedding layer of {type(net).__name__}, got {layer!r}{hint}", layer, close
+                    f"expected an embedding layer of {type(net).__name__}, got {layer!r}{did_you_mean(layer, names)}",
+                    layer,
+                    suggest(layer, names),
                 )
             module, self.at = modules[layer], "output"
         self.layer = layer

@@ -34,6 +34,7 @@ class GaussianAug(Objective):
 
     name = "gaussian_aug"
     Params = GaussianAugParams
+    example_params = {}
 
     def loss(self, ctx: BatchContext) -> torch.Tensor:
         """Cross-entropy on the noisy batch."""

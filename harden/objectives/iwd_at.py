@@ -75,6 +75,7 @@ class IWDAT(Objective):
 
     name = "iwd_at"
     Params = IWDATParams
+    example_params = {"steps": 2}
 
     def examples(self, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor, tuple[object, ...]]:
         """The IWD examples of the first ``ceil(fraction * N)`` images, their labels, their cache key.

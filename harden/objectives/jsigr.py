@@ -182,6 +182,7 @@ class JSIGR(Objective):
 
     name = "jsigr"
     Params = JSIGRParams
+    example_params = {"patch": 4}
 
     def _subset(self, ctx: BatchContext) -> int:
         n = ctx.x.shape[0]

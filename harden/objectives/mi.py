@@ -127,6 +127,7 @@ class MI(Objective):
 
     name = "mi"
     Params = MIParams
+    example_params = {"steps": 2}
 
     def __init__(self, params: Any, threat: Any) -> None:
         super().__init__(params, threat)

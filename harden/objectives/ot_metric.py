@@ -215,6 +215,7 @@ class OTMetric(Objective):
 
     name = "ot_metric"
     Params = OTMetricParams
+    example_params = {"steps": 2}
 
     def _view(self) -> View:
         return pgd_view(self.params.steps, self.params.step_size)

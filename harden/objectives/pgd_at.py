@@ -35,6 +35,7 @@ class PGDAT(Objective):
 
     name = "pgd_at"
     Params = PGDATParams
+    example_params = {"steps": 2}
 
     def _view(self) -> View:
         p = self.params

@@ -35,6 +35,7 @@ class TRADES(Objective):
 
     name = "trades"
     Params = TRADESParams
+    example_params = {"steps": 2}
 
     def _view(self, eps: float) -> View:
         p = self.params
