@@ -25,11 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 docs: $(STAMP)
 	$(PY) -m harden.docs

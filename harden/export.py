@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harden.batches import check_pixels
 from harden.checkpoint import sha256_file
-from harden.data import check_pixels
 from harden.errors import ExportError, InputError
 from harden.models import Normalized, prepare_model
 from harden.runtime import build_session

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harden.data import check_pixels as check_pixel_contract
+from harden.batches import check_pixels as check_pixel_contract
 from harden.errors import DataError, ExportError, ModelError
 from harden.onnx_session import CPU, CUDA, TRT, build_session, providers_for
 

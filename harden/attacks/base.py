@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from harden.data import check_pixels
+from harden.batches import check_pixels
 from harden.errors import PolicyError, ThreatModelError
 from harden.models import has_state, model_device
 from harden.policy import ThreatModel

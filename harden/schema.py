@@ -1,0 +1,242 @@
+"""The building blocks of the policy schema: the validation context and the named, parametrised entries.
+
+:class:`Catalog` is what the validation step hands in through pydantic's validation context
+(``context={"harden": catalog}``): the registries that names are checked against. This module,
+like :mod:`harden.policy`, imports none of them. :class:`ObjectiveSpec` and :class:`AttackSpec`
+validate their ``params`` with the registered class's own ``Params`` model when the catalog
+holds its registry, and carry the validated object (:attr:`ObjectiveSpec.checked_params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from harden.errors import UnknownNameError, describe_validation_error, format_key_path
+from harden.registry import did_you_mean
+
+__all__ = ["AttackSpec", "Catalog", "Lookup", "ObjectiveSpec", "Strict", "ThreatModel", "catalog_of"]
+
+
+class Strict(BaseModel):
+    """Base of every policy section: unknown keys are refused; frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Lookup(Protocol):
+    """What the schema needs of a registry: ``get(name)`` (raising ``UnknownNameError``) and ``names()``."""
+
+    def get(self, name: str) -> Any:
+        """The entry registered as ``name``."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every registered name."""
+        ...
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The registries a policy's names and params are checked against (the validation context).
+
+    Passed as ``context={"harden": catalog}`` to ``model_validate``; a field whose lookup is
+    None is checked for structure only. :data:`harden.policy_io.CATALOG` is the full one.
+
+    Attributes:
+        objectives: objective classes by name (each with a ``Params`` model).
+        attacks: attack classes by name (each with ``Params``, ``bounded``, ``changes_label``).
+        datasets: dataset loaders by name.
+        check_model: raises ``UnknownNameError`` for an unknown ``timm:`` model name.
+
+    Example:
+        >>> from harden.registry import Registry
+        >>> spec = ObjectiveSpec.model_validate({"name": "x"}, context={"harden": Catalog()})
+        >>> spec.checked_params is None  # nothing to check against: structure only
+        True
+    """
+
+    objectives: Lookup | None = None
+    attacks: Lookup | None = None
+    datasets: Lookup | None = None
+    check_model: Callable[[str], None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every name of a policy can be checked."""
+        return None not in (self.objectives, self.attacks, self.datasets, self.check_model)
+
+
+def catalog_of(info: ValidationInfo) -> Catalog:
+    """The :class:`Catalog` of a validation (an empty one, checking structure only, when none was given)."""
+    context = info.context if isinstance(info.context, dict) else {}
+    found = context.get("harden")
+    return found if isinstance(found, Catalog) else Catalog()
+
+
+def _nested_params_error(
+    kind: str, name: str, exc: ValidationError, params_model: type[BaseModel]
+) -> PydanticCustomError:
+    """Turn a Params model's first error into one that carries the nested key path.
+
+    An unknown parameter gets the close matches among the allowed ones (or the allowed ones).
+    """
+    err = exc.errors()[0]
+    path = format_key_path(["params", *err["loc"]])  # quotes odd keys: a "\n" key must not break the line
+    hint = ""
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+        hint = did_you_mean(str(err["loc"][0]), list(params_model.model_fields), or_list=True)
+    return PydanticCustomError(
+        "harden_nested",
+        "{msg}",
+        {"path": path, "msg": f"{describe_validation_error(err)} (params of {kind} {name!r}){hint}"},
+    )
+
+
+def _validate_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> BaseModel:
+    try:
+        return params_model.model_validate(params)
+    except ValidationError as exc:
+        raise _nested_params_error(kind, name, exc, params_model) from None
+
+
+def _lookup(registry: Lookup, name: str) -> Any:
+    try:
+        return registry.get(name)
+    except UnknownNameError as exc:
+        raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
+
+
+class _NamedSpec(Strict):
+    """A named, parametrised entry (objective or attack) that carries its validated ``Params``."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    _checked: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def checked_params(self) -> BaseModel | None:
+        """The validated ``Params`` object (None: validated without a catalog; ``params`` is then raw)."""
+        return self._checked
+
+    def params_for_build(self) -> BaseModel | dict[str, Any]:
+        """What to build the entry from: the checked ``Params`` object, else the raw ``params``."""
+        return self._checked if self._checked is not None else self.params
+
+    def _carry(self, kind: str, cls: Any) -> None:
+        validated = _validate_params(kind, self.name, cls.Params, self.params)
+        object.__setattr__(self, "params", validated.model_dump(mode="json"))
+        self._checked = validated
+
+
+class ThreatModel(Strict):
+    """The attacker's budget, in pixel space ([0, 1]).
+
+    Attributes:
+        norm: ``linf`` or ``l2``.
+        eps: radius of the perturbation ball (0 < eps <= 1 for linf; for l2, 0 < eps <= 100).
+        rho: IWD budget (internal Wasserstein distance) for the IWD attack and IWD-AT.
+    """
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(0.3, gt=0)
+    rho: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _eps_range(self) -> ThreatModel:
+        if self.norm == "linf" and self.eps > 1:
+            raise PydanticCustomError(
+                "harden_nested",
+                "{msg}",
+                {"path": "eps", "msg": f"expected eps <= 1 for an linf ball on [0, 1] pixels, got {self.eps}"},
+            )
+        if self.norm == "l2" and self.eps > 100:
+            raise PydanticCustomError(
+                "harden_nested",
+                "{msg}",
+                {"path": "eps", "msg": f"expected eps <= 100 for an l2 ball, got {self.eps}"},
+            )
+        return self
+
+
+class ObjectiveSpec(_NamedSpec):
+    """One weighted term of the training loss.
+
+    Attributes:
+        name: a registered objective (``ce``, ``pgd_at``, ``trades``, ...).
+        weight: its weight in the sum (>= 0).
+        params: the objective's own parameters, validated by its ``Params`` model.
+        every: compute the term on every N-th training step only (lazy regularisation), at its
+            ``weight`` as written, so its mean weight per step is ``weight / every`` (StyleGAN2's
+            lazy R1 multiplies by N instead; we do not, to avoid N-fold loss spikes). Cuts the
+            cost of an expensive term N-fold. Left out of the canonical dump when 1, so the hash
+            of a policy that does not use it is what it was before the field existed.
+    """
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    every: int = Field(1, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("every") == 1:
+            del out["every"]
+        return out
+
+    @model_validator(mode="after")
+    def _check_params(self, info: ValidationInfo) -> ObjectiveSpec:
+        registry = catalog_of(info).objectives
+        if registry is not None:
+            self._carry("objective", _lookup(registry, self.name))
+        return self
+
+
+class AttackSpec(_NamedSpec):
+    """One attack of the verification suite.
+
+    Attributes:
+        name: a registered attack (``fgsm``, ``pgd``, ...).
+        params: the attack's own parameters, validated by its ``Params`` model.
+        n_examples: run this attack on the first n verified examples only (None: all). Only for
+            attacks reported outside the l_p worst case (``iwd``, ``invariance``,
+            ``invariance_examples``), whose cost can be far above the cascade's.
+    """
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    n_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_params(self, info: ValidationInfo) -> AttackSpec:
+        registry = catalog_of(info).attacks
+        if registry is None:
+            return self
+        cls = _lookup(registry, self.name)
+        self._carry("attack", cls)
+        if self.n_examples is not None and cls.bounded and not cls.changes_label:
+            raise PydanticCustomError(
+                "harden_nested",
+                "{msg}",
+                {
+                    "path": "n_examples",
+                    "msg": f"expected n_examples only on attacks outside the l_p worst case, got it on {self.name!r} "
+                    "(the cascade's worst case needs every attack on every example; lower verify.n_examples instead)",
+                },
+            )
+        return self
