@@ -189,15 +189,9 @@ def run_cascade(
             else:
                 result.extend(part)
             for label, attack, cap in zip(other_labels, other_attacks, other_caps, strict=True):
-                room = x.shape[0] if cap is None else max(0, min(x.shape[0], cap - seen))
-                outcome = [-1] * x.shape[0]
-                if room > 0:
-                    right, counted = attack.score(net, x[:room], y[:room])
-                    other_right[label] += int(right.sum())
-                    other_n[label] += int(counted.sum())
-                    outcome[:room] = [
-                        int(r) if c else -1 for r, c in zip(right.tolist(), counted.tolist(), strict=True)
-                    ]
+                right, counted, outcome = _score_other(net, attack, x, y, cap, seen)
+                other_right[label] += right
+                other_n[label] += counted
                 other_outcomes[label] += outcome
             if n_check < check_examples:
                 take = check_examples - n_check
@@ -218,6 +212,24 @@ def run_cascade(
         check_y=check_y,
         adversarial=kept if kept is not None and kept.shape[0] else None,
     )
+
+
+def _score_other(
+    net: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, cap: int | None, seen: int
+) -> tuple[int, int, list[int]]:
+    """Score an attack outside the l_p model on this batch, up to its cap of examples.
+
+    Returns:
+        ``(right, counted, outcome)``: examples scored right, examples that counted, and per
+        example 1 right, 0 wrong, -1 not measured (beyond the cap, or no example could be built).
+    """
+    room = x.shape[0] if cap is None else max(0, min(x.shape[0], cap - seen))
+    outcome = [-1] * x.shape[0]
+    if room <= 0:
+        return 0, 0, outcome
+    right, counted = attack.score(net, x[:room], y[:room])
+    outcome[:room] = [int(r) if c else -1 for r, c in zip(right.tolist(), counted.tolist(), strict=True)]
+    return int(right.sum()), int(counted.sum()), outcome
 
 
 def _harvest(part: SuiteResult, k: int, fooled: list[torch.Tensor], survived: list[torch.Tensor]) -> None:

@@ -2,8 +2,9 @@
 
 Both renderings are built from the same sections (tables and paragraphs), so they say the same
 things; the HTML page adds plots (matplotlib, Agg canvas, PNG inlined as ``data:`` URIs) and the
-saliency maps. The HTML page is self-contained: inline CSS, no scripts, fonts or external URLs,
-so it reads offline and can be archived next to ``certificate.json``.
+saliency maps, drawn by :mod:`harden.plots`. The HTML page is self-contained: inline CSS, no
+scripts, fonts or external URLs, so it reads offline and can be archived next to
+``certificate.json``.
 
 Stable element ids in the HTML page: ``verdict``, ``clean-accuracy``, ``robust-accuracy`` and,
 when randomized smoothing ran, ``certified-accuracy``; each section has ``id="section-<slug>"``.
@@ -11,20 +12,15 @@ when randomized smoothing ran, ``certified-accuracy``; each section has ``id="se
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from harden.plots import certificate_plots
 
 if TYPE_CHECKING:
-    from harden.certificate import Certificate, SaliencyExample, SmoothingSummary
+    from harden.certificate import Certificate, SmoothingSummary
 
 __all__ = ["to_html", "to_markdown"]
 
@@ -60,7 +56,7 @@ _Table = tuple[list[str], list[list[str]]]
 
 @dataclass(frozen=True)
 class _Plot:
-    """Where a plot goes (HTML only): the key of :func:`_plots`."""
+    """Where a plot goes (HTML only): the key of :func:`harden.plots.certificate_plots`."""
 
     key: str
 
@@ -278,87 +274,6 @@ def to_markdown(cert: Certificate) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _png(fig: Figure) -> str:
-    """The figure as an inline ``<img>`` (PNG, base64)."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img class="plot" alt="plot" src="data:image/png;base64,{data}">'
-
-
-def _line_plot(points: list[tuple[float, float]], xlabel: str, ylabel: str, title: str) -> str:
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", color="#0969da")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(-2, 102))
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _training_plot(history: list[dict[str, Any]]) -> str:
-    epochs = [float(r.get("epoch", i + 1)) for i, r in enumerate(history)]
-    keys = list(dict.fromkeys(k for r in history for k in r))
-    fig = Figure(figsize=(10, 3.4), layout="constrained")
-    for ax, pick, ylabel in zip(
-        fig.subplots(1, 2), (lambda k: "loss" in k, lambda k: k.endswith("_acc")), ("loss", "accuracy (%)"), strict=True
-    ):
-        for key in filter(pick, keys):
-            pts = [
-                (e, float(r[key])) for e, r in zip(epochs, history, strict=True) if isinstance(r.get(key), int | float)
-            ]
-            scale = 100 if ylabel != "loss" else 1
-            ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], marker="o", label=key)
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"training {ylabel.split()[0]}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _as_image(image: list[list[list[float]]]) -> np.ndarray:
-    arr = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
-    if arr.ndim == 3 and arr.shape[0] == 3:
-        return arr.transpose(1, 2, 0)
-    return arr.mean(0) if arr.ndim == 3 else arr
-
-
-def _saliency_plot(examples: list[SaliencyExample]) -> str:
-    names = list(dict.fromkeys(k for ex in examples for k in ex.maps))
-    cols = 1 + len(names)
-    fig = Figure(figsize=(1.9 * cols, 1.9 * len(examples) + 0.3), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(examples), cols, squeeze=False))
-    for row, ex in zip(axes, examples, strict=True):
-        row[0].imshow(_as_image(ex.image), cmap="gray", vmin=0, vmax=1)
-        row[0].set_title(f"label {ex.label} / pred {ex.prediction}", fontsize=9)
-        for ax, name in zip(row[1:], names, strict=True):
-            if name in ex.maps:
-                ax.imshow(np.asarray(ex.maps[name], dtype=np.float32), cmap="inferno", vmin=0, vmax=1)
-            ax.set_title(name, fontsize=9)
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    return _png(fig)
-
-
-def _plots(cert: Certificate) -> dict[str, str]:
-    """Inline ``<img>`` plots by :class:`_Plot` key."""
-    out: dict[str, str] = {}
-    if cert.eps_curve:
-        eps = [(float(e), float(a)) for e, a in cert.eps_curve]
-        out["eps"] = _line_plot(eps, "eps", "accuracy (%)", f"robust accuracy vs eps ({_threat(cert)})")
-    if cert.smoothing is not None and cert.smoothing.curve:
-        curve = [(float(r), float(a)) for r, a in cert.smoothing.curve]
-        title = f"smoothed classifier, sigma = {cert.smoothing.sigma:g}"
-        out["smoothing"] = _line_plot(curve, "l2 radius", "certified accuracy (%)", title)
-    if cert.training:
-        out["training"] = _training_plot(cert.training)
-    if cert.saliency:
-        out["saliency"] = _saliency_plot(cert.saliency)
-    return out
-
-
 def _html_cell(text: str, header: str) -> str:
     esc = html.escape(text)
     if header == "status" and text in _COLOURS:
@@ -414,7 +329,7 @@ def to_html(cert: Certificate) -> str:
             f'{html.escape(value)}</span></div><div class="sub">{html.escape(detail)}</div></div>'
         )
     parts.append("</div>")
-    plots = _plots(cert)
+    plots = certificate_plots(cert, _threat(cert))
     for sec in _sections(cert):
         parts.append(f'<section id="section-{_slug(sec.title)}"><h2>{html.escape(sec.title)}</h2>')
         for block in sec.blocks:

@@ -220,11 +220,7 @@ def smooth_certify(
         >>> res.predictions, round(res.radii[0], 3)
         ([1, 1], 0.75)
     """
-    for key, value in (("n0", n0), ("n", n), ("batch_size", batch_size)):
-        if value < 1:
-            raise PolicyError(f"expected certify.{key} >= 1, got {value}")
-    if sigma <= 0:
-        raise PolicyError(f"expected certify.sigma > 0, got {sigma}")
+    _check_settings(sigma, n0, n, batch_size)
     t0 = time.perf_counter()
     with torch.no_grad():
         num_classes = int(model(x[:1]).shape[1])
@@ -234,17 +230,9 @@ def smooth_certify(
     bar = tqdm(total=x.shape[0], desc="smoothing", disable=not progress, leave=False, unit="img")
     for start in range(0, x.shape[0], chunk):
         xs = x[start : start + chunk]
-        top = sample_counts(model, xs, n0, sigma, batch_size, num_classes).argmax(1)
-        counts = sample_counts(model, xs, n, sigma, batch_size, num_classes)
-        for i in range(xs.shape[0]):
-            c = int(top[i])
-            p_lower = clopper_pearson_lower(int(counts[i, c]), n, alpha)
-            if p_lower < 0.5:
-                preds.append(ABSTAIN)
-                rads.append(0.0)
-            else:
-                preds.append(c)
-                rads.append(sigma * float(norm.ppf(p_lower)))
+        for pred, radius in _certify_chunk(model, xs, sigma, n0, n, alpha, batch_size, num_classes):
+            preds.append(pred)
+            rads.append(radius)
         bar.update(xs.shape[0])
     bar.close()
     labels = [int(v) for v in y]
@@ -261,3 +249,29 @@ def smooth_certify(
     )
     res.curve = [(float(r), res.accuracy_at(r)) for r in sorted(radii)]
     return res
+
+
+def _check_settings(sigma: float, n0: int, n: int, batch_size: int) -> None:
+    """Refuse sample counts or a batch size below 1 and a noise level that is not positive."""
+    for key, value in (("n0", n0), ("n", n), ("batch_size", batch_size)):
+        if value < 1:
+            raise PolicyError(f"expected certify.{key} >= 1, got {value}")
+    if sigma <= 0:
+        raise PolicyError(f"expected certify.sigma > 0, got {sigma}")
+
+
+def _certify_chunk(
+    model: nn.Module, xs: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, batch_size: int, num_classes: int
+) -> list[tuple[int, float]]:
+    """CERTIFY's ``(prediction, radius)`` per image of ``xs``: top class from ``n0`` samples, its bound from ``n``."""
+    top = sample_counts(model, xs, n0, sigma, batch_size, num_classes).argmax(1)
+    counts = sample_counts(model, xs, n, sigma, batch_size, num_classes)
+    out: list[tuple[int, float]] = []
+    for i in range(xs.shape[0]):
+        c = int(top[i])
+        p_lower = clopper_pearson_lower(int(counts[i, c]), n, alpha)
+        if p_lower < 0.5:
+            out.append((ABSTAIN, 0.0))
+        else:
+            out.append((c, sigma * float(norm.ppf(p_lower))))
+    return out

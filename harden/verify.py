@@ -13,8 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from harden._cascade import prepared_attacks, run_cascade
+from harden._cascade import CascadeTally, prepared_attacks, run_cascade
 from harden.attacks import ATTACKS
+from harden.attacks.base import Attack, restore_modes, save_modes
+from harden.attacks.suite import preset_specs
+from harden.checks import CheckContext, run_checks
 from harden.data import DataBundle, EvalData, load_data
 from harden.errors import DataError
 from harden.models import model_device, prepare_model
@@ -124,6 +127,31 @@ def _eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Polic
     return out
 
 
+def _sanity_checks(
+    net: nn.Module,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    tally: CascadeTally,
+    lp_attacks: list[Attack],
+    policy: Policy,
+    history: list[dict[str, Any]] | None,
+) -> dict[str, dict[str, str]]:
+    """Run the sanity checks on the check examples ``(cx, cy)``, with the cascade's outcomes."""
+    result = tally.result
+    ctx = CheckContext(
+        net,
+        cx,
+        cy,
+        policy.threat,
+        int(net(cx[:1]).shape[1]),
+        steps=policy.verify.check_steps,
+        broken_by=result.broken_by,
+        white_box=[lb for lb, a in zip(result.labels, lp_attacks, strict=True) if a.white_box],
+        history=history or [],
+    )
+    return {k: v.to_dict() for k, v in run_checks(ctx).items()}
+
+
 def verify(
     model: nn.Module,
     policy: Policy,
@@ -172,10 +200,6 @@ def verify(
         >>> kept.adversarial is None or kept.adversarial.shape[1:] == (1, 8, 8)
         True
     """
-    from harden.attacks.base import restore_modes, save_modes
-    from harden.attacks.suite import preset_specs
-    from harden.checks import CheckContext, run_checks
-
     if isinstance(keep_adversarial, bool) or not isinstance(keep_adversarial, int) or keep_adversarial < 0:
         raise DataError(f"expected keep_adversarial as an integer >= 0, got {keep_adversarial!r}")
     t0 = time.perf_counter()
@@ -205,24 +229,9 @@ def verify(
                 check_examples=policy.verify.check_examples,
                 keep_adversarial=keep_adversarial,
             )
-            result = tally.result
             cx, cy = torch.cat(tally.check_x), torch.cat(tally.check_y)
             curve = _eps_curve(net, cx, cy, policy)
-            checks = {}
-            if policy.verify.checks:
-                n_classes = int(net(cx[:1]).shape[1])
-                ctx = CheckContext(
-                    net,
-                    cx,
-                    cy,
-                    policy.threat,
-                    n_classes,
-                    steps=policy.verify.check_steps,
-                    broken_by=result.broken_by,
-                    white_box=[lb for lb, a in zip(result.labels, lp_attacks, strict=True) if a.white_box],
-                    history=history or [],
-                )
-                checks = {k: v.to_dict() for k, v in run_checks(ctx).items()}
+            checks = _sanity_checks(net, cx, cy, tally, lp_attacks, policy, history) if policy.verify.checks else {}
     finally:
         restore_modes(net, modes)
     return RobustnessReport(

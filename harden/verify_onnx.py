@@ -33,10 +33,12 @@ from torch import nn
 from harden._cascade import prepared_attacks, run_cascade
 from harden.attacks import ATTACKS
 from harden.attacks.suite import attack_spec, preset_specs
+from harden.checkpoint import sha256_file
 from harden.data import DataBundle, EvalData, load_data
 from harden.errors import ModelError
 from harden.models import model_device, prepare_model
 from harden.policy import AttackSpec, Policy
+from harden.policy_io import policy_hash
 from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
 from harden.verify import RobustnessReport
 
@@ -102,6 +104,17 @@ def _surrogate(torch_model: nn.Module, policy: Policy, device: torch.device) -> 
     return net
 
 
+def _warn_other_policy(clf: OnnxClassifier, policy: Policy) -> None:
+    """Warn when the file's metadata names another policy than the one it is verified against."""
+    stored = clf.metadata.get("policy_hash")
+    if stored is not None and stored != policy_hash(policy):
+        warnings.warn(
+            f"{clf.path.name} was exported under another policy (hash {stored[:12]}...); verifying it against this one",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def verify_onnx(
     onnx: str | Path | OnnxClassifier,
     policy: Policy,
@@ -145,18 +158,9 @@ def verify_onnx(
         >>> list(r.per_attack), r.robust_accuracy <= r.clean_accuracy, r.onnx["providers"]
         (['transfer', 'square', 'noise'], True, ['CPUExecutionProvider'])
     """
-    from harden.checkpoint import sha256_file
-    from harden.policy_io import policy_hash
-
     t0 = time.perf_counter()
     clf = onnx if isinstance(onnx, OnnxClassifier) else load_onnx(onnx, device)
-    stored = clf.metadata.get("policy_hash")
-    if stored is not None and stored != policy_hash(policy):
-        warnings.warn(
-            f"{clf.path.name} was exported under another policy (hash {stored[:12]}...); verifying it against this one",
-            UserWarning,
-            stacklevel=2,
-        )
+    _warn_other_policy(clf, policy)
     net = OnnxModule(clf, batch_size=policy.data.eval_batch_size)
     dev = clf.torch_device
     surrogate = _surrogate(torch_model, policy, dev) if torch_model is not None else None

@@ -177,6 +177,33 @@ class _State:
             values[f.name] = None if v is None else v[keep]
         return _State(**values)
 
+    def record(self, loss: torch.Tensor, wrong: torch.Tensor) -> None:
+        """Take in the loss and misclassification of the new iterate: first fooling point, increases, best."""
+        self.x_first = torch.where(_bcast(wrong & ~self.fooled, self.x), self.x_adv, self.x_first)
+        self.fooled = self.fooled | wrong
+        self.n_incr = self.n_incr + (loss > self.loss_prev).to(self.n_incr.dtype)
+        self.loss_prev = loss
+        better = loss > self.loss_best
+        self.x_best = torch.where(_bcast(better, self.x), self.x_adv, self.x_best)
+        self.grad_best = torch.where(_bcast(better, self.x), self.grad, self.grad_best)
+        self.loss_best = torch.where(better, loss, self.loss_best)
+
+    def checkpoint(self, window: int, rho: float) -> None:
+        """Halve the step and restart from the best point where conditions (1) or (2) hold."""
+        reduce = (self.n_incr < rho * window) | (~self.reduced_last & (self.loss_best <= self.loss_best_last))
+        self.step = torch.where(reduce, self.step / 2, self.step)
+        self.x_adv = torch.where(_bcast(reduce, self.x), self.x_best, self.x_adv)
+        self.grad = torch.where(_bcast(reduce, self.x), self.grad_best, self.grad)
+        self.loss_prev = torch.where(reduce, self.loss_best, self.loss_prev)
+        self.reduced_last, self.loss_best_last = reduce, self.loss_best
+        self.n_incr = torch.zeros_like(self.n_incr)
+
+    def flush(self, adv: torch.Tensor, fooled: torch.Tensor, loss: torch.Tensor) -> None:
+        """Write the run's results of these examples into the run's ``(adv, fooled, loss)``."""
+        adv[self.idx] = torch.where(_bcast(self.fooled, self.x), self.x_first, self.x_best)
+        fooled[self.idx] = self.fooled
+        loss[self.idx] = self.loss_best
+
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View a per-example ``(N,)`` tensor so that it broadcasts against ``like``."""
@@ -231,6 +258,31 @@ class APGD(Attack):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One APGD run; returns the adversarial points, whether each fooled, and the best loss."""
         p: APGDParams = self.params
+        s = self._start(model, x, y, target)
+        res_adv, res_fooled, res_loss = s.x_adv.clone(), s.fooled.clone(), s.loss_best.clone()
+        checkpoints = apgd_checkpoints(p.steps)
+        last_ckpt = 0
+        for i in range(p.steps):
+            s.x_old, s.x_adv = s.x_adv, self._step(s, MOMENTUM if i > 0 else 1.0)
+            loss, s.grad, wrong = self._forward_backward(model, s.x_adv, s.y, s.target)
+            s.record(loss, wrong)
+            if checkpoints and i + 1 == checkpoints[0]:
+                checkpoints.pop(0)
+                window, last_ckpt = i + 1 - last_ckpt, i + 1
+                s.checkpoint(window, p.rho)
+            elif (i + 1) % COMPACT_EVERY:
+                continue
+            keep = (~s.fooled).nonzero().squeeze(1)  # the only host sync of the loop
+            if keep.numel() < s.idx.numel():
+                s.flush(res_adv, res_fooled, res_loss)
+                if keep.numel() == 0:
+                    return res_adv, res_fooled, res_loss
+                s = s.select(keep)
+        s.flush(res_adv, res_fooled, res_loss)
+        return res_adv, res_fooled, res_loss
+
+    def _start(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> _State:
+        """The state at a random start on the surface of the eps ball (clipped to [0, 1]), step size ``2 eps``."""
         norm, eps = self.threat.norm, self.threat.eps
         n = x.shape[0]
         if norm == "linf":
@@ -242,7 +294,7 @@ class APGD(Attack):
         x_adv = (x + delta).clamp(0.0, 1.0)
         lo, hi = ((x - eps).clamp_min(0.0), (x + eps).clamp_max(1.0)) if norm == "linf" else (None, None)
         loss, grad, wrong = self._forward_backward(model, x_adv, y, target)
-        s = _State(
+        return _State(
             idx=torch.arange(n, device=x.device),
             x=x,
             y=y,
@@ -263,56 +315,16 @@ class APGD(Attack):
             reduced_last=torch.zeros(n, device=x.device, dtype=torch.bool),
             loss_best_last=loss,
         )
-        res_adv, res_fooled, res_loss = x_adv.clone(), wrong.clone(), loss.clone()
 
-        def flush(s: _State) -> None:
-            res_adv[s.idx] = torch.where(_bcast(s.fooled, s.x), s.x_first, s.x_best)
-            res_fooled[s.idx] = s.fooled
-            res_loss[s.idx] = s.loss_best
-
-        checkpoints = apgd_checkpoints(p.steps)
-        last_ckpt = 0
-        for i in range(p.steps):
-            a = MOMENTUM if i > 0 else 1.0
-            step = _bcast(s.step, s.x)
-            if s.lo is not None and s.hi is not None:  # linf
-                z = torch.clamp(s.x_adv + step * s.grad.sign(), s.lo, s.hi)
-                x_new = torch.clamp(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_old), s.lo, s.hi)
-            else:
-                z = project(s.x_adv + step * normalize_grad(s.grad, "l2"), s.x, "l2", eps)
-                x_new = project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_old), s.x, "l2", eps)
-            s.x_old, s.x_adv = s.x_adv, x_new
-            loss, s.grad, wrong = self._forward_backward(model, s.x_adv, s.y, s.target)
-
-            s.x_first = torch.where(_bcast(wrong & ~s.fooled, s.x), s.x_adv, s.x_first)
-            s.fooled = s.fooled | wrong
-            s.n_incr = s.n_incr + (loss > s.loss_prev).to(s.n_incr.dtype)
-            s.loss_prev = loss
-            better = loss > s.loss_best
-            s.x_best = torch.where(_bcast(better, s.x), s.x_adv, s.x_best)
-            s.grad_best = torch.where(_bcast(better, s.x), s.grad, s.grad_best)
-            s.loss_best = torch.where(better, loss, s.loss_best)
-
-            if checkpoints and i + 1 == checkpoints[0]:
-                checkpoints.pop(0)
-                window, last_ckpt = i + 1 - last_ckpt, i + 1
-                reduce = (s.n_incr < p.rho * window) | (~s.reduced_last & (s.loss_best <= s.loss_best_last))
-                s.step = torch.where(reduce, s.step / 2, s.step)
-                s.x_adv = torch.where(_bcast(reduce, s.x), s.x_best, s.x_adv)
-                s.grad = torch.where(_bcast(reduce, s.x), s.grad_best, s.grad)
-                s.loss_prev = torch.where(reduce, s.loss_best, s.loss_prev)
-                s.reduced_last, s.loss_best_last = reduce, s.loss_best
-                s.n_incr = torch.zeros_like(s.n_incr)
-            elif (i + 1) % COMPACT_EVERY:
-                continue
-            keep = (~s.fooled).nonzero().squeeze(1)  # the only host sync of the loop
-            if keep.numel() < s.idx.numel():
-                flush(s)
-                if keep.numel() == 0:
-                    return res_adv, res_fooled, res_loss
-                s = s.select(keep)
-        flush(s)
-        return res_adv, res_fooled, res_loss
+    def _step(self, s: _State, a: float) -> torch.Tensor:
+        """The next iterate: projected ascent ``z``, then momentum ``a`` (projected onto the ball and [0, 1])."""
+        step = _bcast(s.step, s.x)
+        if s.lo is not None and s.hi is not None:  # linf
+            z = torch.clamp(s.x_adv + step * s.grad.sign(), s.lo, s.hi)
+            return torch.clamp(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_old), s.lo, s.hi)
+        eps = self.threat.eps
+        z = project(s.x_adv + step * normalize_grad(s.grad, "l2"), s.x, "l2", eps)
+        return project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_old), s.x, "l2", eps)
 
 
 @ATTACKS.register("apgd_ce")

@@ -29,6 +29,8 @@ only the examples no earlier run fooled: different starts find different, more d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -196,59 +198,138 @@ def iwd_perturb(
     if not rho > 0:
         raise PolicyError(f"expected an IWD budget rho > 0, got {rho}")
     x = x.detach()
-    n = x.shape[0]
-    x_self = self_cost(x, k=patch_size, stride=stride, reg=reg, tol=tol, max_iter=max_iter, max_elems=max_elems)
+    dist = _distance_to(x, k=patch_size, stride=stride, reg=reg, tol=tol, max_iter=max_iter, max_elems=max_elems)
+    settings = _Settings(rho, steps, step_size, beta, beta_up, beta_down, linf_cap)
+    best, clean_mis = _search(model, x, y, dist, start, settings)
+    return _feasible(best, x, clean_mis, dist, rho, feasibility_tol)
+
+
+_Dist = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Settings(NamedTuple):
+    """The search's settings: the budget, the steps (how many, their size), the penalty weights and the cap."""
+
+    rho: float
+    steps: int
+    step_size: float
+    beta: float
+    beta_up: float
+    beta_down: float
+    linf_cap: float | None
+
+
+@dataclass
+class _Best:
+    """Per example, the best feasible iterate so far: its pixels, whether it fools, its loss."""
+
+    x: torch.Tensor
+    mis: torch.Tensor
+    loss: torch.Tensor
+
+    @classmethod
+    def empty(cls, x: torch.Tensor) -> _Best:
+        """Nothing found yet: ``x`` itself, not fooling, loss -inf."""
+        n = x.shape[0]
+        mis = torch.zeros(n, dtype=torch.bool, device=x.device)
+        return cls(x.clone(), mis, torch.full((n,), -float("inf"), dtype=x.dtype, device=x.device))
+
+    def update(self, x_adv: torch.Tensor, mis: torch.Tensor, ce: torch.Tensor, d: torch.Tensor, rho: float) -> None:
+        """Take ``x_adv`` where it is within budget and better: fooling first, then a higher loss."""
+        better = (d <= rho) & ((mis & ~self.mis) | ((mis == self.mis) & (ce > self.loss)))
+        self.x[better] = x_adv.detach()[better]
+        self.mis = torch.where(better, mis, self.mis)
+        self.loss = torch.where(better, ce.detach(), self.loss)
+
+
+def _distance_to(
+    x: torch.Tensor, *, k: int | None, stride: int | None, reg: float, tol: float, max_iter: int, max_elems: int | None
+) -> _Dist:
+    """``z -> IWD(x, z)`` with the given IWD settings, the self-cost of ``x`` computed once."""
+    x_self = self_cost(x, k=k, stride=stride, reg=reg, tol=tol, max_iter=max_iter, max_elems=max_elems)
 
     def dist(z: torch.Tensor) -> torch.Tensor:
-        return iwd(
-            x, z, k=patch_size, stride=stride, reg=reg, tol=tol, max_iter=max_iter, max_elems=max_elems, x_self=x_self
-        )
+        return iwd(x, z, k=k, stride=stride, reg=reg, tol=tol, max_iter=max_iter, max_elems=max_elems, x_self=x_self)
 
-    betas = torch.full((n,), float(beta), dtype=x.dtype, device=x.device)
-    best = x.clone()
-    best_mis = torch.zeros(n, dtype=torch.bool, device=x.device)
-    best_loss = torch.full((n,), -float("inf"), dtype=x.dtype, device=x.device)
-    clean_mis = torch.zeros(n, dtype=torch.bool, device=x.device)
+    return dist
+
+
+def _first_iterate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor | None, linf_cap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first iterate (``x``, or ``start`` within the cap) and, given a start, whether ``x`` is misclassified."""
+    clean_mis = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if start is not None:
         with torch.no_grad():
             clean_mis = model(x).argmax(1) != y
     x_adv = x.clone() if start is None else start.detach().clone()
     if start is not None and linf_cap is not None:
         x_adv = (x + (x_adv - x).clamp(-linf_cap, linf_cap)).clamp(0.0, 1.0)
-    for t in range(steps + 1):
-        last = t == steps
-        with torch.set_grad_enabled(not last):
-            x_adv.requires_grad_(not last)
-            logits = model(x_adv)
-            ce = F.cross_entropy(logits, y, reduction="none")
-            d = dist(x_adv)
+    return x_adv, clean_mis
+
+
+def _evaluate(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, dist: _Dist, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, per-example cross-entropy and IWD of ``x_adv`` (with a graph to ``x_adv`` when ``grad``)."""
+    with torch.set_grad_enabled(grad):
+        x_adv.requires_grad_(grad)
+        logits = model(x_adv)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        d = dist(x_adv)
+    return logits, ce, d
+
+
+def _ascent_step(
+    x: torch.Tensor, x_adv: torch.Tensor, ce: torch.Tensor, d: torch.Tensor, betas: torch.Tensor, s: _Settings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One signed-gradient step on the penalised objective; returns the next iterate and penalty weights."""
+    rho = s.rho
+    loss = ce - betas * torch.relu(d - rho) / rho
+    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+    with torch.no_grad():
+        betas = torch.where(d > rho, betas * s.beta_up, betas * s.beta_down).clamp(_BETA_MIN, _BETA_MAX)
+        x_adv = x_adv.detach() + s.step_size * grad.sign()
+        if s.linf_cap is not None:
+            x_adv = x + (x_adv - x).clamp(-s.linf_cap, s.linf_cap)
+        x_adv = x_adv.clamp(0.0, 1.0)
+    return x_adv, betas
+
+
+def _search(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dist: _Dist, start: torch.Tensor | None, s: _Settings
+) -> tuple[_Best, torch.Tensor]:
+    """Score the first iterate and one after each of ``s.steps`` steps; returns the best and ``x``'s misclassification."""
+    best = _Best.empty(x)
+    x_adv, clean_mis = _first_iterate(model, x, y, start, s.linf_cap)
+    betas = torch.full((x.shape[0],), float(s.beta), dtype=x.dtype, device=x.device)
+    for t in range(s.steps + 1):
+        last = t == s.steps
+        logits, ce, d = _evaluate(model, x_adv, y, dist, not last)
         with torch.no_grad():
             mis = logits.argmax(1) != y
             if t == 0 and start is None:
                 clean_mis = mis
-            better = (d <= rho) & ((mis & ~best_mis) | ((mis == best_mis) & (ce > best_loss)))
-            best[better] = x_adv.detach()[better]
-            best_mis = torch.where(better, mis, best_mis)
-            best_loss = torch.where(better, ce.detach(), best_loss)
+            best.update(x_adv, mis, ce, d, s.rho)
         if last:
             break
-        loss = ce - betas * torch.relu(d - rho) / rho
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-        with torch.no_grad():
-            betas = torch.where(d > rho, betas * beta_up, betas * beta_down).clamp(_BETA_MIN, _BETA_MAX)
-            x_adv = x_adv.detach() + step_size * grad.sign()
-            if linf_cap is not None:
-                x_adv = x + (x_adv - x).clamp(-linf_cap, linf_cap)
-            x_adv = x_adv.clamp(0.0, 1.0)
+        x_adv, betas = _ascent_step(x, x_adv, ce, d, betas, s)
+    return best, clean_mis
+
+
+def _feasible(
+    best: _Best, x: torch.Tensor, clean_mis: torch.Tensor, dist: _Dist, rho: float, feasibility_tol: float
+) -> IWDPerturbation:
+    """The result with its IWD recomputed; an example over ``rho * (1 + feasibility_tol)`` is replaced by ``x``."""
     with torch.no_grad():
-        best_mis = torch.where(best_loss == -float("inf"), clean_mis, best_mis)  # never feasible: x itself
-        final = dist(best)
+        best_mis = torch.where(best.loss == -float("inf"), clean_mis, best.mis)  # never feasible: x itself
+        final = dist(best.x)
         over = final > rho * (1 + feasibility_tol)
         if bool(over.any()):
-            best[over] = x[over]
+            best.x[over] = x[over]
             best_mis = torch.where(over, clean_mis, best_mis)
-            final = dist(best)
-    return IWDPerturbation(best, final, best_mis)
+            final = dist(best.x)
+    return IWDPerturbation(best.x, final, best_mis)
 
 
 @ATTACKS.register("iwd")
