@@ -73,7 +73,8 @@ def _default(field: Any) -> str:
     if field.is_required():
         return "required"
     value = field.default_factory() if field.default_factory is not None else field.default
-    if isinstance(value, BaseModel):
+    section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    if isinstance(value, BaseModel) or (section and value == {}):  # a section validated from its defaults
         return "see below"
     if isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
         return "`" + json.dumps([v.model_dump(mode="json", exclude_defaults=True) for v in value]) + "`"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -122,10 +122,16 @@ def _lookup(registry: Lookup, name: str) -> Any:
 
 
 class _NamedSpec(Strict):
-    """A named, parametrised entry (objective or attack) that carries its validated ``Params``."""
+    """A named, parametrised entry (objective or attack) that carries its validated ``Params``.
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    Subclasses declare the fields (``name`` and ``params`` among them) in the order they are
+    dumped; this base adds only the carried ``Params`` object.
+    """
+
+    if TYPE_CHECKING:
+        name: str
+        params: dict[str, Any]
+
     _checked: BaseModel | None = PrivateAttr(default=None)
 
     @property

@@ -1,11 +1,13 @@
 """Checkpoints: nested state round trips, hash checks, skipping damaged ones, atomic writes."""
 
+import errno
 import json
 import os
 import warnings
 
 import pytest
 import torch
+from helpers_faults import enospc_after
 
 import harden
 from harden.checkpoint import (
@@ -283,3 +285,33 @@ def test_weights_hash_matches_the_written_bytes(tmp_path):
     with torch.no_grad():
         net.head.bias.add_(1)
     assert weights_sha256(net) != sha256_file(tmp_path / "model.safetensors")
+
+
+def test_prune_removes_temp_files_a_killed_write_left(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {})
+    (tmp_path / ".epoch-0002.safetensors.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".epoch-0002.json.xyz.tmp").write_bytes(b"{")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    prune_checkpoints(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001.json", "epoch-0001.safetensors", "notes.tmp"]
+
+
+def test_full_disk_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    atomic_write(target, b"old weights")
+    monkeypatch.setattr(os, "write", enospc_after(0))
+    with pytest.raises(harden.CheckpointError, match=r"got a full disk \(No space left on device\)") as info:
+        atomic_write(target, b"new weights" * 1000)
+    assert "nothing was written" in str(info.value)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_full_disk_when_the_temp_file_cannot_be_created(tmp_path, monkeypatch):
+    def no_inode(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("tempfile.mkstemp", no_inode)
+    with pytest.raises(harden.CheckpointError, match="full disk"):
+        atomic_write(tmp_path / "f.bin", b"x")

@@ -4,7 +4,7 @@ import torch
 import harden
 from harden.checks import CHECKS, CheckContext, run_checks
 from harden.policy import ThreatModel
-from harden.testing import QuantizedInput, SoftmaxHead, TinyCNN, synthetic_tensors, tiny_policy
+from harden.testing import QuantizedInput, SoftmaxHead, TinyCNN, TinyMLP, synthetic_tensors, tiny_policy
 
 
 def _ctx(model, **kw):
@@ -101,3 +101,10 @@ def test_verify_flags_masked_model_unreliable_and_plain_reliable(trained):
     accs = [a for _, a in plain.eps_curve]
     assert plain.eps_curve[0][0] == 0.0
     assert accs[-1] < accs[0]
+
+
+def test_softmax_head_at_temperature_one_fails_the_logits_check():
+    net = SoftmaxHead(TinyMLP(num_classes=3), temperature=1.0)
+    x, y = synthetic_tensors(16)
+    ctx = CheckContext(net, x, y, ThreatModel(eps=0.1), num_classes=3, steps=2)
+    assert run_checks(ctx, ["logits_not_probabilities"])["logits_not_probabilities"].status == "FAIL"

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ import onnx
 import pytest
 import yaml
 
+import harden
 from harden.cli import main
 from harden.testing import tiny_policy
 
@@ -120,3 +123,62 @@ def test_console_script_runs(tmp_path):
     proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert proc.stdout.startswith("harden ")
+
+
+def test_cli_names_a_full_disk_outside_atomic_writes(tmp_path, monkeypatch, capsys):
+    def full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "model.onnx"))
+
+    monkeypatch.setattr("harden.cli.cmd_check", full)
+    assert main(["check", "whatever.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "got a full disk (No space left on device)" in err and "model.onnx" in err
+
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+VALID = "objectives: [{name: ce}]\n"
+
+
+BAD_POLICIES = {
+    "alias-bomb": (BILLION_LAUGHS.encode(), "anchors and aliases are not allowed"),
+    "float-overflow": ((VALID + "train: {weight_decay: 1e999}\n").encode(), "train.weight_decay: expected a finite"),
+    "yaml-inf": ((VALID + "train: {weight_decay: .inf}\n").encode(), "train.weight_decay: expected a finite number"),
+    "yaml-nan": ((VALID + "threat: {eps: .nan}\n").encode(), "threat.eps: expected a finite number, got nan"),
+    "huge-int": ((VALID + f"seed: {10**100}\n").encode(), "seed: expected a number of sane size"),
+    "huge-int-string": ((VALID + f"train: {{epochs: '{10**100}'}}\n").encode(), "train.epochs: expected"),
+    "huge-hex-int": ((VALID + "data: {batch_size: 0x" + "f" * 5000 + "}\n").encode(), "data.batch_size: expected"),
+    "int-beyond-python": ((VALID + "seed: " + "9" * 5000 + "\n").encode(), "expected valid YAML values"),
+    "wrong-type": ((VALID + "train: {epochs: many}\n").encode(), "train.epochs: expected an integer, got 'many'"),
+    "list-for-mapping": ((VALID + "train: [1, 2]\n").encode(), "train: expected a mapping, got a list"),
+    "unknown-key": ((VALID + "train: {epochz: 2}\n").encode(), "train.epochz: unknown key (not allowed here); did "),
+    "unknown-top-key": ((VALID + "zzz: 1\n").encode(), "zzz: unknown key (not allowed here); expected one of name,"),
+    "deep-nesting": ((VALID + "model: {args: " + "[" * 5000 + "]" * 5000 + "}\n").encode(), "nested too deeply"),
+    "not-utf8": (b"objectives: [{name: \xff\xfe}]\n", "expected UTF-8 text"),
+    "bad-date": ((VALID + "name: 2001-13-45\n").encode(), "expected valid YAML values"),
+    "python-tag": (b"!!python/object/apply:os.system ['echo pwned']\n", "expected valid YAML"),
+    "not-a-mapping": (b"- objectives\n", "(top level): expected a mapping of policy keys, got list"),
+    "empty-file": (b"", "(top level): expected a mapping of policy keys, got NoneType"),
+    "syntax-error": (b"objectives: [{name: ce}\n", "expected valid YAML"),
+    "unknown-timm-model": ((VALID + "model: {name: 'timm:resnet10'}\n").encode(), "got 'resnet10'; did you mean"),
+    "unknown-objective": (b"objectives: [{name: pgd-at}]\n", "did you mean 'pgd_at'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_POLICIES))
+def test_bad_policy_is_one_error_line_and_writes_nothing(tmp_path, capsys, case):
+    body, expected = BAD_POLICIES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(body)
+    out = tmp_path / "run"
+    assert main(["fit", str(path), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"harden: error: {path}: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert not out.exists()
+    with pytest.raises(harden.PolicyError):  # the API raises the same, a ValueError too
+        harden.load_policy(path)

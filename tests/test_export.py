@@ -3,9 +3,10 @@
 tests/test_verify_export.py covers TinyCNN and timm resnet10t in train mode, the TorchScript
 fallback and failures; here: the full ONNX contract (named I/O, dynamic batch axis, every
 metadata key, parity, train/eval mode restored) on more architectures, and the adversarial
-parity test.
-"""
+parity test."""
 
+import copy
+import hashlib
 import json
 import warnings
 
@@ -248,3 +249,112 @@ def test_export_of_a_cuda_model_leaves_it_on_cuda_in_its_mode(tmp_path):
     assert all(p.device.type == "cuda" for p in model.parameters()) and model.training
     assert result.parity_max_abs_diff <= 1e-4 and result.parity_adversarial_max_abs_diff <= 1e-4
     assert result.parity_argmax_agreement == 1.0
+
+
+def run_onnx(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"pixels": x.numpy()})[0]
+
+
+def check_export(model, path, shape, num_classes, policy=None):
+    torch.manual_seed(0)
+    before = save_modes(model)
+    result = harden.export_onnx(model, path, policy=policy, input_shape=shape)
+    assert save_modes(model) == before  # the caller's (train) modes are untouched
+    assert result.path == path and path.is_file()
+    assert result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["harden_version"] == harden.__version__
+    assert "mean" in meta and "std" in meta
+    assert result.metadata == meta
+    assert result.parity_max_abs_diff <= 1e-4
+    assert result.parity_argmax_agreement == 1.0
+    assert "CPUExecutionProvider" in result.providers
+    assert result.exporter in ("dynamo", "torchscript")
+    assert result.opset >= 13
+    reference = copy.deepcopy(model).eval()
+    for batch in (1, 7):  # dynamic batch axis
+        x = torch.rand(batch, *shape)
+        got = run_onnx(path, x)
+        assert got.shape == (batch, num_classes)
+        with torch.no_grad():
+            want = reference(x).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    return result, meta
+
+
+def test_export_tinycnn_with_policy(tmp_path):
+    torch.manual_seed(0)
+    model = Normalized(TinyCNN(num_classes=3), (0.5,), (0.25,)).train()
+    policy = tiny_policy()
+    result, meta = check_export(model, tmp_path / "tiny.onnx", (1, 8, 8), 3, policy=policy)
+    assert meta["policy_hash"] == harden.policy_hash(policy)
+    assert json.loads(meta["mean"]) == [0.5]
+    assert json.loads(meta["std"]) == [0.25]
+    assert json.loads(meta["threat_model"])["eps"] == 0.1
+    assert result.parity_examples == policy.export.parity_examples
+    assert model.training and model.model.features[1].training
+
+
+def test_export_timm_resnet10t(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1).train()
+    _result, meta = check_export(model, tmp_path / "resnet.onnx", (1, 16, 16), 10)
+    assert json.loads(meta["mean"]) is None  # no normalization given
+    assert "policy_hash" not in meta
+    assert all(m.training for m in model.modules())
+
+
+def test_export_leaves_only_the_model_file(tmp_path):
+    harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "m.onnx", input_shape=(1, 8, 8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_export_needs_an_input_shape(tmp_path):
+    with pytest.raises(harden.ExportError, match="input_shape"):
+        harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class DataDependentBranch(nn.Module):
+    """Python control flow on a tensor value: torch.export refuses it, tracing freezes one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if float(x.sum()) > 0.0:
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1))
+
+
+class Unexportable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        raise NotImplementedError("this model cannot be traced")
+
+
+def test_export_falls_back_with_a_warning(tmp_path):
+    path = tmp_path / "branch.onnx"
+    with pytest.warns(RuntimeWarning, match="falling back to the TorchScript exporter"):
+        result = harden.export_onnx(DataDependentBranch(), path, input_shape=(1, 2, 2))
+    assert result.exporter == "torchscript"
+    assert result.parity_argmax_agreement == 1.0
+    assert path.is_file()
+
+
+def test_unexportable_model_raises_export_error_and_leaves_no_file(tmp_path):
+    path = tmp_path / "bad.onnx"
+    with (
+        pytest.warns(RuntimeWarning, match="dynamo ONNX export failed"),
+        pytest.raises(harden.ExportError, match="export to ONNX"),
+    ):
+        harden.export_onnx(Unexportable(), path, input_shape=(1, 2, 2))
+    assert not path.exists()
+    assert not list(tmp_path.glob("*.onnx"))

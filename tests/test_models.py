@@ -8,9 +8,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 import harden
-from harden.models import Normalized, build_model, check_timm_name, import_object, load_weights, prepare_model
+from harden.models import (
+    Normalized,
+    build_model,
+    check_model,
+    check_timm_name,
+    import_object,
+    load_weights,
+    prepare_model,
+)
 from harden.policy import ModelSpec
-from harden.testing import TinyCNN, TinyMLP
+from harden.testing import SoftmaxHead, TinyCNN, TinyMLP
 
 HERE = Path(__file__).resolve().parent
 
@@ -238,3 +246,34 @@ def test_model_has_no_side_effects_on_input():
     x0 = x.clone()
     net(x)
     assert torch.equal(x, x0)
+
+
+def test_check_model_names_a_channel_mismatch():
+    with pytest.raises(harden.ModelError) as info:
+        check_model(TinyCNN(num_classes=3, in_chans=3), torch.rand(1, 1, 8, 8))
+    assert "expected a model that accepts the data's images (a batch of shape (1, 1, 8, 8)), got RuntimeError" in str(
+        info.value
+    )
+
+
+def test_check_model_refuses_too_few_logits_and_keeps_modes():
+    net = TinyCNN(num_classes=2).train()
+    with pytest.raises(harden.ModelError, match=r"expected at least 3 \(the data's classes\) logits per image"):
+        check_model(net, torch.rand(1, 1, 8, 8), num_classes=3)
+    assert net.training and all(m.training for m in net.modules())
+
+
+def test_check_model_warns_about_a_softmax_head():
+    net = SoftmaxHead(TinyMLP(num_classes=3), temperature=1.0)
+    with pytest.warns(RuntimeWarning, match="expected logits from the model, got probabilities"):
+        assert check_model(net, torch.rand(2, 1, 8, 8), num_classes=3) == 3
+
+
+def test_unknown_timm_model_suggests_close_names(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("objectives: [{name: ce}]\n" + "model: {name: 'timm:resnet10'}\n")
+    with pytest.raises(harden.PolicyError) as info:
+        harden.load_policy(path)
+    message = str(info.value)
+    assert "model.name: expected a timm model name, got 'resnet10'; did you mean " in message
+    assert "'resnet10t'" in message

@@ -141,6 +141,7 @@ class InvarianceExamples(Attack):
     white_box = False
     changes_label = True
     uses_training_split = True
+    example_params = {"angles": 3, "shifts": 3}
 
     def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         super().__init__(threat, params)

@@ -21,7 +21,7 @@ class TransferParams(AttackParams):
         model: the surrogate's architecture (``timm:<name>`` or ``module:attr``); None: the
             policy's own model.
         weights: a local ``model.safetensors`` for the surrogate; None: harden trains one with
-            plain cross-entropy (``ce``) on the policy's training data (:mod:`harden.surrogate`).
+            plain cross-entropy (``ce``) on the policy's training data (``harden.surrogate``).
         epochs: epochs of that ``ce`` training.
         steps: PGD steps on the surrogate.
         restarts: PGD restarts on the surrogate.
@@ -53,7 +53,7 @@ class Transfer(Attack):
 
     name = "transfer"
     Params = TransferParams
-    example_params: ClassVar[dict[str, Any]] = {"steps": 2}
+    example_params: ClassVar[dict[str, Any]] = {"epochs": 1, "steps": 2}
     white_box = False
     uses_training_split = True
 

@@ -1,18 +1,13 @@
-"""Label-changing invariance examples (Tramèr et al. 2020's construction)."""
+"""harden.attacks.invariance_examples: label-changing invariance examples (Tramèr et al. 2020's construction)."""
 
-import pytest
 import torch
 from torch import nn
 
-import harden
-from harden.attacks import ATTACKS
 from harden.attacks.base import AttackEnv
 from harden.attacks.invariance import rotate_shift
 from harden.attacks.invariance_examples import InvarianceExamples, affine_theta, apply_affine
-from harden.attacks.suite import order_attacks
 from harden.policy import ThreatModel
 from harden.testing import TinyCNN, synthetic_bundle, synthetic_tensors, tiny_policy
-from harden.verify import verify
 
 
 def _digit_like(n: int, seed: int) -> torch.Tensor:
@@ -101,59 +96,6 @@ def test_prepare_takes_the_training_split_as_pool():
     atk = InvarianceExamples(ThreatModel(eps=0.3), {"pool_size": 40})
     atk.prepare(AttackEnv(policy=tiny_policy(), bundle=bundle))
     assert atk.pool is not None and atk.pool[0].shape[0] == 40 and atk.pool[1].dtype == torch.long
-
-
-def test_label_changing_attacks_are_kept_out_of_the_lp_cascade():
-    threat = ThreatModel(eps=0.1)
-    atks = [ATTACKS.get(n)(threat) for n in ("invariance_examples", "pgd", "noise")]
-    lp, other = order_attacks(atks)
-    assert [a.name for a in lp] == ["pgd", "noise"] and [a.name for a in other] == ["invariance_examples"]
-
-
-@pytest.mark.parametrize("name", ["pgd", "invariance"])
-def test_default_score_is_accuracy_on_the_attacked_input(trained, name):
-    x, y = synthetic_tensors(32, seed=4)
-    atk = ATTACKS.get(name)(ThreatModel(eps=0.1), {"angles": 3} if name == "invariance" else {"steps": 3})
-    torch.manual_seed(0)
-    right, counted = atk.score(trained, x, y)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        expect = trained(atk(trained, x, y)).argmax(1) == y
-    assert torch.equal(right, expect) and bool(counted.all())
-
-
-def test_verify_reports_invariance_examples_apart(trained):
-    policy = tiny_policy(
-        verify={
-            "attacks": [{"name": "fgsm"}, {"name": "invariance_examples", "params": {"angles": 3, "shifts": 3}}],
-            "checks": False,
-            "eps_sweep": [],
-        }
-    )
-    report = verify(trained, policy, synthetic_tensors(48, seed=5), progress=False)
-    assert list(report.per_attack) == ["fgsm"]
-    assert 0.0 <= report.other_threats["invariance_examples"] <= 1.0
-    assert report.other_counts["invariance_examples"] == 48
-    assert "agreement with the new label" in report.summary()
-
-
-def test_n_examples_caps_attacks_outside_the_lp_worst_case(trained):
-    policy = tiny_policy(
-        verify={
-            "attacks": [{"name": "fgsm"}, {"name": "invariance", "params": {"angles": 3}, "n_examples": 20}],
-            "checks": False,
-            "eps_sweep": [],
-        },
-        data={"eval_batch_size": 16},
-    )
-    report = verify(trained, policy, synthetic_tensors(48, seed=5), progress=False)
-    assert report.other_counts["invariance"] == 20
-    assert report.n == 48
-
-
-def test_n_examples_is_refused_on_cascade_attacks():
-    with pytest.raises(harden.PolicyError, match="n_examples only on attacks outside"):
-        tiny_policy(verify={"attacks": [{"name": "pgd", "n_examples": 5}]})
 
 
 def test_examples_can_have_their_own_linf_radius_and_score_both_labels():

@@ -1,0 +1,119 @@
+"""harden.attacks.pgd: PGD lowers accuracy, beats FGSM, restarts, steps, the l2 ball, losses and selection."""
+
+import pytest
+import torch
+from torch import nn
+
+from harden.attacks import ATTACKS, lp_norm
+from harden.attacks.base import save_modes
+from harden.policy import ThreatModel
+from harden.testing import TinyCNN, synthetic_tensors
+
+
+def pgd(threat, **params):
+    return ATTACKS.get("pgd")(threat, params)
+
+
+@torch.no_grad()
+def acc(model, x, y):
+    return (model(x).argmax(1) == y).float().mean().item()
+
+
+class Flaky(nn.Module):
+    """TinyCNN that raises on its ``fail_at``-th forward call."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.net = TinyCNN(num_classes=3)
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("boom inside forward")
+        return self.net(x)
+
+
+def test_trained_model_is_accurate(trained_xy):
+    model, x, y = trained_xy
+    assert acc(model, x, y) >= 0.9
+
+
+def test_pgd_lowers_accuracy(trained_xy):
+    model, x, y = trained_xy
+    clean = acc(model, x, y)
+    adv = pgd(ThreatModel(eps=0.1), steps=10)(model, x, y)
+    assert acc(model, adv, y) < clean - 0.2
+
+
+def test_pgd_at_least_as_strong_as_fgsm(trained_xy):
+    model, x, y = trained_xy
+    threat = ThreatModel(eps=0.1)
+    fgsm = acc(model, ATTACKS.get("fgsm")(threat)(model, x, y), y)
+    strong = acc(model, pgd(threat, steps=20)(model, x, y), y)
+    assert fgsm < acc(model, x, y)
+    assert strong <= fgsm
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.6)])
+def test_restarts_never_increase_accuracy(trained_xy, norm, eps):
+    model, x, y = trained_xy
+    threat = ThreatModel(norm=norm, eps=eps)
+    results = []
+    for restarts in (1, 2, 5):
+        torch.manual_seed(3)
+        adv = pgd(threat, steps=3, restarts=restarts)(model, x, y)
+        results.append(acc(model, adv, y))
+    assert results[0] < acc(model, x, y)
+    assert results[2] <= results[1] <= results[0]
+
+
+def test_more_steps_do_not_help_the_model(trained_xy):
+    model, x, y = trained_xy
+    threat = ThreatModel(eps=0.1)
+    torch.manual_seed(1)
+    few = acc(model, pgd(threat, steps=2, random_start=False)(model, x, y), y)
+    torch.manual_seed(1)
+    many = acc(model, pgd(threat, steps=20, random_start=False)(model, x, y), y)
+    assert many <= few
+
+
+def test_pgd_l2_norm_bound_and_effect(trained_xy):
+    model, x, y = trained_xy
+    threat = ThreatModel(norm="l2", eps=1.0)
+    adv = pgd(threat, steps=10)(model, x, y)
+    norms = lp_norm(adv - x, "l2")
+    assert float(norms.max()) <= 1.0 * (1 + 1e-5)
+    assert float(norms.max()) > 0.5  # it uses the budget
+    assert acc(model, adv, y) < acc(model, x, y)
+
+
+def test_pgd_kl_loss_and_last_select(trained_xy):
+    model, x, y = trained_xy
+    threat = ThreatModel(eps=0.1)
+    for params in ({"loss": "kl"}, {"select": "last"}):
+        adv = pgd(threat, steps=3, **params)(model, x, y)
+        assert float((adv - x).abs().max()) <= 0.1 + 1e-6
+        assert not torch.equal(adv, x)
+
+
+def test_misclassified_select_keeps_fooling_iterates(trained_xy):
+    model, x, y = trained_xy
+    threat = ThreatModel(eps=0.1)
+    torch.manual_seed(0)
+    best = acc(model, pgd(threat, steps=5)(model, x, y), y)
+    torch.manual_seed(0)
+    last = acc(model, pgd(threat, steps=5, select="last")(model, x, y), y)
+    assert best <= last
+
+
+def test_pgd_modes_restored_when_forward_raises_mid_attack():
+    model = Flaky(fail_at=2)
+    model.train()
+    model.net.features[1].eval()
+    before = save_modes(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        pgd(ThreatModel(eps=0.1), steps=4)(model, *synthetic_tensors(8))
+    assert model.calls == 2
+    assert save_modes(model) == before

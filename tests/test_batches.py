@@ -1,0 +1,104 @@
+"""harden.batches: the batch check, seeded loaders, eval batches from any data, devices."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import harden
+from harden.batches import check_batch, eval_batches, make_loader, resolve_device, to_device
+from harden.testing import synthetic_tensors
+
+
+def good_batch():
+    return torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+
+
+def test_check_batch_accepts_a_good_batch():
+    x, y = good_batch()
+    assert check_batch(x, y, num_classes=3, in_chans=1) is None
+    assert check_batch(x.double(), y) is None  # float64 pixels are float pixels
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda x, y: (x * 2, y), r"expected pixels in \[0, 1\]"),
+        (lambda x, y: (x - 0.5, y), r"expected pixels in \[0, 1\]"),
+        (lambda x, y: (x.index_fill(0, torch.tensor([1]), float("nan")), y), "finite pixels"),
+        (lambda x, y: (x.index_fill(0, torch.tensor([1]), float("inf")), y), "finite pixels"),
+        (lambda x, y: (x.repeat(1, 3, 1, 1), y), "expected 1 channels"),
+        (lambda x, y: (x[:, 0], y), "4 dims"),
+        (lambda x, y: (x, torch.tensor([0, 1, 3, 0])), r"labels in \[0, 2\]"),
+        (lambda x, y: (x, torch.tensor([0, -1, 2, 0])), r"labels in \[0, 2\]"),
+        (lambda x, y: (x, y[:3]), "one label per image"),
+        (lambda x, y: (x, y.float()), "integer class labels"),
+        (lambda x, y: ((x * 255).to(torch.uint8), y), "expected float pixels, got torch.uint8"),
+        (lambda x, y: ((x * 255).long(), y), "expected float pixels"),
+    ],
+)
+def test_check_batch_rejects(mutate, match):
+    x, y = mutate(*good_batch())
+    with pytest.raises(harden.DataError, match=match):
+        check_batch(x, y, num_classes=3, in_chans=1)
+
+
+def order(loader):
+    return torch.cat([y for _, y in loader]).tolist()
+
+
+def test_make_loader_order_depends_only_on_seed_and_epoch():
+    ds = TensorDataset(torch.rand(50, 1, 2, 2), torch.arange(50))
+    base = order(make_loader(ds, 8, shuffle=True, seed=1, epoch=2))
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert order(make_loader(ds, 8, shuffle=True, seed=1, epoch=2)) == base
+    assert order(make_loader(ds, 8, shuffle=True, seed=1, epoch=3)) != base
+    assert order(make_loader(ds, 8, shuffle=True, seed=2, epoch=2)) != base
+    assert sorted(base) == list(range(50))
+    assert order(make_loader(ds, 8, shuffle=False)) == list(range(50))
+    loader = make_loader(ds, 8, shuffle=True, seed=1, epoch=2)
+    assert len(loader) == math.ceil(50 / 8)  # the last partial batch is kept
+    assert order(loader) == order(loader)  # iterating twice replays the same order
+
+
+def as_lists(batches):
+    return [(x.shape[0], y.tolist()) for x, y in batches]
+
+
+@pytest.mark.parametrize("limit", [None, 1, 7, 10, 100])
+def test_eval_batches_same_for_tuple_dataset_loader(limit):
+    x, y = synthetic_tensors(10)
+    want_n = 10 if limit is None else min(limit, 10)
+    from_tuple = list(eval_batches((x, y), 4, limit))
+    from_ds = list(eval_batches(TensorDataset(x, y), 4, limit))
+    from_loader = list(eval_batches(DataLoader(TensorDataset(x, y), batch_size=4), 999, limit))
+    for batches in (from_tuple, from_ds, from_loader):
+        assert sum(b[0].shape[0] for b in batches) == want_n
+        assert torch.equal(torch.cat([b[0] for b in batches]), x[:want_n])
+        assert torch.equal(torch.cat([b[1] for b in batches]), y[:want_n])
+    assert as_lists(from_tuple) == as_lists(from_ds) == as_lists(from_loader)
+
+
+def test_eval_batches_errors():
+    x, y = synthetic_tensors(4)
+    with pytest.raises(harden.DataError, match="as many labels"):
+        list(eval_batches((x, y[:3]), 2))
+    with pytest.raises(harden.DataError, match="tuple of other things"):
+        list(eval_batches((x, y, y), 2))
+    with pytest.raises(harden.DataError, match="empty"):
+        list(eval_batches((x[:0], y[:0]), 2))
+    with pytest.raises(harden.DataError, match="empty dataset"):
+        list(eval_batches(TensorDataset(x[:0], y[:0]), 2))
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(harden.DataError, match="CUDA"):
+            resolve_device("cuda:0")
+    xb, yb = to_device(
+        torch.rand(2, 1, 2, 2, dtype=torch.float64), torch.tensor([1, 0], dtype=torch.int32), torch.device("cpu")
+    )
+    assert (xb.dtype, yb.dtype) == (torch.float32, torch.int64)

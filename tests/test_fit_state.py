@@ -1,0 +1,313 @@
+"""harden.fit_state: epoch checkpoints (pruning, atomic writes on a full disk) and exact resume.
+
+resume_hash and save_epoch_checkpoint/resume_run are tested directly; the rest through harden.fit
+and ``harden fit --resume`` (damaged checkpoints, SIGKILL then resume).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_faults import enospc_after, flip_last_byte, leftovers, truncate, write_policy
+from helpers_fit import assert_same_weights, fit
+
+import harden
+from harden.checkpoint import list_checkpoints, sha256_file
+from harden.cli import main
+from harden.distributed import Distributed
+from harden.fit_setup import set_up
+from harden.fit_state import resume_hash, resume_run, save_epoch_checkpoint
+from harden.policy_io import policy_hash
+from harden.testing import synthetic_bundle, tiny_policy
+
+
+def test_resume_hash_follows_the_policy_but_not_its_epochs():
+    one = tiny_policy(train={"epochs": 1})
+    assert resume_hash(one) == resume_hash(tiny_policy(train={"epochs": 7}))
+    assert resume_hash(one) == policy_hash(one)  # epochs=1 is what resume_hash hashes
+    assert policy_hash(tiny_policy(train={"epochs": 7})) != policy_hash(one)  # ... while the policy hash moves
+    assert resume_hash(tiny_policy(train={"epochs": 1, "lr": 0.01})) != resume_hash(one)
+    assert resume_hash(tiny_policy(train={"epochs": 1}, threat={"eps": 0.2})) != resume_hash(one)
+    assert resume_hash(tiny_policy(train={"epochs": 1}, objectives=[{"name": "ce"}])) != resume_hash(one)
+
+
+def test_save_epoch_checkpoint_then_resume_run_restores_the_run(tmp_path):
+    b, dist = synthetic_bundle(96, 32), Distributed(torch.device("cpu"))
+    policy = tiny_policy(objectives=[{"name": "ce"}], train={"epochs": 3, "probe_examples": 0, "keep_checkpoints": 1})
+    run = set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run")
+    with torch.no_grad():
+        for p in run.net.parameters():
+            p.add_(0.5)
+    run.history = [{"epoch": 1}, {"epoch": 2}]
+    save_epoch_checkpoint(run, 1, "h1")
+    saved_rng = torch.get_rng_state()
+    save_epoch_checkpoint(run, 2, "h2")
+    assert sorted(p.name for p in run.ckpt_dir.iterdir()) == ["epoch-0002.json", "epoch-0002.safetensors"]
+    info = json.loads((run.ckpt_dir / "epoch-0002.json").read_text())["info"]
+    assert info["policy_hash"] == "h2" and info["resume_hash"] == resume_hash(policy)
+
+    torch.rand(5)  # the global RNG moves on; resume brings it back
+    fresh = set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run")
+    assert (fresh.start_epoch, fresh.resumed_from) == (0, None)
+    assert not torch.equal(fresh.net.model.head.weight, run.net.model.head.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same policy: no warning
+        resume_run(fresh)
+    assert (fresh.start_epoch, fresh.resumed_from) == (2, 2)
+    assert fresh.history == [{"epoch": 1}, {"epoch": 2}]
+    assert_same_weights(fresh.net, run.net)
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+
+
+def test_resume_run_without_a_checkpoint_starts_from_scratch(tmp_path):
+    b = synthetic_bundle(96, 32)
+    run = set_up(
+        None, tiny_policy(objectives=[{"name": "ce"}]), Distributed(torch.device("cpu")), b.train, None, b, tmp_path
+    )
+    resume_run(run)
+    assert (run.start_epoch, run.resumed_from, run.history) == (0, None, [])
+
+
+def test_checkpoints_are_pruned(tmp_run):
+    fit(
+        tiny_policy(train={"epochs": 3, "keep_checkpoints": 1, "probe_examples": 0}, objectives=[{"name": "ce"}]),
+        tmp_run,
+    )
+    assert sorted(p.name for p in (tmp_run / "checkpoints").iterdir()) == ["epoch-0003.json", "epoch-0003.safetensors"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    train = {"schedule": "constant", "probe_examples": 32}  # the lr must not depend on the total epochs
+    first = fit(tiny_policy(train={**train, "epochs": 2}), tmp_path / "resumed")
+    assert first.resumed_from is None
+    resumed = fit(tiny_policy(train={**train, "epochs": 3}), tmp_path / "resumed", resume=True)
+    straight = fit(tiny_policy(train={**train, "epochs": 3}), tmp_path / "straight")
+    assert resumed.resumed_from == 2
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == first.history
+    assert_same_weights(resumed.model, straight.model)
+    for key in ("train_loss", "val_clean_acc", "val_pgd_acc", "lr"):
+        assert resumed.history[-1][key] == straight.history[-1][key]
+    assert sha256_file(resumed.weights) == sha256_file(straight.weights)
+
+
+def test_resume_keeps_the_phase_of_lazy_objectives(tmp_path):
+    # 6 steps an epoch (384 synthetic images, batches of 64): every 4 straddles the epoch boundary
+    train = {"schedule": "constant", "probe_examples": 0}
+    objectives = [{"name": "ce"}, {"name": "trades", "weight": 0.5, "params": {"steps": 2}, "every": 4}]
+    fit(tiny_policy(train={**train, "epochs": 1}, objectives=objectives), tmp_path / "resumed")
+    resumed = fit(tiny_policy(train={**train, "epochs": 2}, objectives=objectives), tmp_path / "resumed", resume=True)
+    straight = fit(tiny_policy(train={**train, "epochs": 2}, objectives=objectives), tmp_path / "straight")
+    assert resumed.resumed_from == 1
+    assert_same_weights(resumed.model, straight.model)
+    assert resumed.history[-1]["loss_1_trades"] == straight.history[-1]["loss_1_trades"]
+
+
+def test_resume_without_checkpoints_starts_from_scratch(tmp_run):
+    policy = tiny_policy(objectives=[{"name": "ce"}])
+    resumed = fit(policy, tmp_run, resume=True)
+    assert resumed.resumed_from is None
+    assert len(resumed.history) == 1
+
+
+def test_resume_skips_a_corrupt_checkpoint(tmp_run):
+    policy = tiny_policy(train={"epochs": 2, "schedule": "constant"}, objectives=[{"name": "ce"}])
+    fit(policy, tmp_run)
+    blob = tmp_run / "checkpoints" / "epoch-0002.safetensors"
+    blob.write_bytes(blob.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="epoch-0002"):
+        again = fit(policy, tmp_run, resume=True)
+    assert again.resumed_from == 1
+    assert [r["epoch"] for r in again.history] == [1, 2]
+
+
+def test_resume_under_an_edited_policy_warns(tmp_run):
+    train = {"epochs": 2, "schedule": "constant", "probe_examples": 0}
+    fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
+    edited = tiny_policy(train={**train, "epochs": 3, "lr": 0.01}, objectives=[{"name": "ce"}])
+    with pytest.warns(RuntimeWarning, match="written under another policy"):
+        again = fit(edited, tmp_run, resume=True)
+    assert again.resumed_from == 2
+    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+
+
+def test_resume_with_another_model_is_a_checkpoint_error(tmp_run):
+    train = {"epochs": 1, "probe_examples": 0}
+    fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
+    wider = tiny_policy(train={**train, "epochs": 2}, objectives=[{"name": "ce"}], model={"args": {"width": 24}})
+    with pytest.raises(
+        harden.CheckpointError, match=r"epoch 1 .* size mismatch .* resume only with the policy that wrote it"
+    ):
+        fit(wider, tmp_run, resume=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def harden_cmd(*args):
+    return [sys.executable, "-m", "harden", *map(str, args)]
+
+
+def env_one_thread():
+    # every run of a comparison uses the same thread count: float reductions must add up alike
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def history_without_times(path):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(path.read_text())["history"]]
+
+
+KILL_POLICIES = {
+    # random PGD starts draw from the global RNG every batch: the RNG state must come back exactly
+    "pgd_at": {"objectives": [{"name": "pgd_at", "params": {"steps": 3}}]},
+    # plus two MI estimator networks and their Adam state
+    "pgd_at+mi": {
+        "objectives": [
+            {"name": "pgd_at", "params": {"steps": 3}},
+            {"name": "mi", "weight": 0.5, "params": {"steps": 3, "ce_weight": 0.0, "dim": 16}},
+        ]
+    },
+}
+
+
+def kill_policy(name):
+    return tiny_policy(
+        **KILL_POLICIES[name],
+        data={"batch_size": 32},
+        train={"epochs": 4, "checkpoint_every": 1, "keep_checkpoints": 2, "probe_examples": 32},
+        verify={"attacks": [{"name": "fgsm"}], "n_examples": 32, "checks": False},
+        export={"parity_examples": 8, "verify_examples": 0},
+    )
+
+
+def run_killed(policy_path, out, after="epoch-0002.json", timeout=300.0):
+    """Start ``harden fit``, SIGKILL it as soon as ``checkpoints/AFTER`` exists; return its epoch."""
+    proc = subprocess.Popen(
+        harden_cmd("fit", policy_path, "--out", out, "-q"),
+        env=env_one_thread(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    marker = out / "checkpoints" / after
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"harden fit ended (rc {proc.returncode}) before {after}: {proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {after} after {timeout} s")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make its epochs slower"
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KILL_POLICIES))
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, name):
+    policy_path = write_policy(tmp_path / "tiny.yaml", kill_policy(name))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(
+        harden_cmd("fit", policy_path, "--out", straight, "-q"), env=env_one_thread(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+    run_killed(policy_path, killed)
+    epochs_left = [p.name for p in list_checkpoints(killed / "checkpoints")]
+    assert "epoch-0002.json" in epochs_left
+    again = subprocess.run(
+        harden_cmd("fit", policy_path, "--out", killed, "--resume", "-q"),
+        env=env_one_thread(),
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (killed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert history_without_times(killed / "model.json") == history_without_times(straight / "model.json")
+    assert leftovers(killed) == []
+
+
+@pytest.mark.slow
+def test_sigkill_then_run_resume_equals_an_uninterrupted_fit(tmp_path):
+    policy_path = write_policy(tmp_path / "tiny.yaml", kill_policy("pgd_at"))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["fit", str(policy_path), "--out", str(straight), "-q"]) == 0
+    run_killed(policy_path, killed)
+    # harden run shares fit's resume; it continues the killed run, then verifies, certifies, exports
+    assert main(["run", str(policy_path), "--out", str(killed), "--resume", "-q"]) == 0
+    assert (killed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert (killed / "certificate.json").is_file() and (killed / "model.onnx").is_file()
+    assert leftovers(killed) == []
+
+
+DAMAGE = {
+    "truncated": (truncate, "truncated or modified"),
+    "one-byte-flipped": (flip_last_byte, "truncated or modified"),
+    "tensor-file-gone": (lambda p: p.unlink(), "readable checkpoint"),
+    "sidecar-garbage": (lambda p: p.with_suffix(".json").write_text("{half a sidecar"), "readable checkpoint"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, capsys, damage):
+    policy = tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}])
+    policy_path = write_policy(tmp_path / "p.yaml", policy)
+    out = tmp_path / "run"
+    assert main(["fit", str(policy_path), "--out", str(out), "-q"]) == 0
+    straight = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").unlink()
+    fn, reason = DAMAGE[damage]
+    fn(out / "checkpoints" / "epoch-0002.safetensors")
+    capsys.readouterr()
+
+    assert main(["fit", str(policy_path), "--out", str(out), "--resume", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "harden: warning: skipping checkpoint epoch-0002.json" in err
+    assert reason in err and "trying epoch-0001.json" in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no source location
+    assert (out / "model.safetensors").read_bytes() == straight  # epoch 2 trained again, the same
+    assert leftovers(out) == []
+
+
+def test_resume_with_every_checkpoint_damaged_starts_over(tmp_path, capsys):
+    policy = tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}])
+    policy_path = write_policy(tmp_path / "p.yaml", policy)
+    out = tmp_path / "run"
+    assert main(["fit", str(policy_path), "--out", str(out), "-q"]) == 0
+    straight = (out / "model.safetensors").read_bytes()
+    for blob in (out / "checkpoints").glob("*.safetensors"):
+        truncate(blob)
+    capsys.readouterr()
+    assert main(["fit", str(policy_path), "--out", str(out), "--resume", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint epoch-0002.json" in err and "skipping checkpoint epoch-0001.json" in err
+    assert "no older checkpoint left" in err
+    assert (out / "model.safetensors").read_bytes() == straight  # seeded: from scratch is the same run
+
+
+def test_full_disk_during_fit_is_one_error_line_and_resumable(tmp_path, monkeypatch, capsys):
+    policy = tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}])
+    policy_path = write_policy(tmp_path / "p.yaml", policy)
+    out = tmp_path / "run"
+    # writes: policy.yaml, epoch-0001.safetensors, then the disk fills during epoch-0001.json
+    monkeypatch.setattr(os, "write", enospc_after(2))
+    assert main(["fit", str(policy_path), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harden: error: expected to write ") and "epoch-0001.json" in err
+    assert "got a full disk (No space left on device)" in err and "--resume" in err
+    assert len(err.splitlines()) == 1
+    assert leftovers(out) == []  # no temp file, and the tensor file went with its sidecar
+    assert list_checkpoints(out / "checkpoints") == []
+    monkeypatch.undo()  # space freed
+    assert main(["fit", str(policy_path), "--out", str(out), "--resume", "-q"]) == 0
+    assert (out / "model.safetensors").is_file()

@@ -1,0 +1,62 @@
+"""harden.testing: the tiny models, data and policies, and the contract harness catching broken plugins."""
+
+import torch
+import torch.nn.functional as F
+
+from harden.testing import (
+    ConstantClassifier,
+    QuantizedInput,
+    SoftmaxHead,
+    TinyCNN,
+    TinyMLP,
+    tiny_policy,
+)
+
+# --------------------------------------------------------------------------- models, data, policies
+
+
+def test_tiny_cnn_exposes_features_and_head_like_timm():
+    net = TinyCNN(num_classes=4, in_chans=3, width=8)
+    x = torch.rand(2, 3, 12, 12)
+    feats = net.forward_features(x)
+    assert feats.shape == (2, net.num_features) == (2, 64)
+    torch.testing.assert_close(net.forward_head(feats), net(x))
+
+
+def test_tiny_mlp_has_no_batch_coupling():
+    net = TinyMLP(num_classes=3).train()
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(net(x)[:2], net(x[:2]))  # no BatchNorm: each row its own
+
+
+def test_constant_classifier_answers_its_label_with_zero_but_existing_gradients():
+    net = ConstantClassifier(num_classes=4, label=3)
+    x = torch.rand(3, 1, 8, 8, requires_grad=True)
+    out = net(x)
+    assert out.argmax(1).tolist() == [3, 3, 3]
+    out.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().max()) == 0.0
+    assert net.anchor.grad is not None and float(net.anchor.grad) == 0.0
+
+
+def test_quantized_input_masks_the_input_gradient():
+    net = QuantizedInput(TinyMLP(num_classes=2), levels=2)
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    F.cross_entropy(net(x), torch.tensor([0, 1])).backward()
+    assert float(x.grad.abs().max()) == 0.0
+    torch.testing.assert_close(net(x), net.model(torch.round(x)))
+
+
+def test_softmax_head_returns_probabilities():
+    out = SoftmaxHead(TinyMLP(num_classes=3), temperature=1.0)(torch.rand(4, 1, 8, 8))
+    torch.testing.assert_close(out.sum(1), torch.ones(4))
+    assert float(out.detach().min()) >= 0.0
+
+
+def test_tiny_policy_merges_sections_and_leaves_the_default_alone():
+    p = tiny_policy(train={"epochs": 3}, threat={"norm": "l2", "eps": 0.5})
+    assert p.train.epochs == 3 and p.train.lr == 0.05  # the rest of the section is kept
+    assert (p.threat.norm, p.threat.eps) == ("l2", 0.5)
+    again = tiny_policy()
+    assert again.train.epochs == 1 and again.threat.norm == "linf"
+    assert tiny_policy(objectives=[{"name": "ce"}]).objectives[0].name == "ce"  # lists are replaced
