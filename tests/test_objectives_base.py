@@ -2,24 +2,11 @@
 
 import pytest
 import torch
+from helpers_objectives import THREAT, make_objective, tiny_model
 
 import harden
-from harden.models import Normalized
 from harden.objectives import OBJECTIVES, ObjectiveSet
-from harden.policy import ThreatModel
 from harden.testing import TinyCNN, synthetic_tensors
-
-THREAT = ThreatModel(norm="linf", eps=0.1, rho=2e-3)
-
-
-def make_objective(name, **params):
-    cls = OBJECTIVES.get(name)
-    return cls({**cls.example_params, **params}, THREAT)
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return Normalized(TinyCNN(num_classes=3)).train()
 
 
 def test_objectives_without_state_refuse_a_foreign_one():

@@ -1,4 +1,7 @@
-"""harden.quantize: float16 and int8 copies of an exported model, parity and re-measured accuracy."""
+"""harden.quantize: float16 and int8 copies of an exported model and their parity.
+
+Re-measuring a converted model's accuracy (measure_converted) is in tests/test_onnx_accuracy.py.
+"""
 
 import importlib.util
 import json
@@ -11,48 +14,15 @@ import torch
 from onnx import TensorProto
 
 import harden
-from harden.attacks import ATTACKS
-from harden.attacks.base import save_modes
-from harden.certify import Certificate
-from harden.models import Normalized
-from harden.quantize import (
-    PRECISION_KEY,
-    ConvertedAccuracy,
-    logit_parity,
-    measure_converted,
-    onnx_logits,
-    onnx_precision,
-    to_fp16,
-    to_int8,
-)
-from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+from harden.quantize import PRECISION_KEY, logit_parity, onnx_logits, onnx_precision, to_fp16, to_int8
+from harden.testing import TinyCNN
 
 ROOT = Path(__file__).resolve().parents[1]
-THREAT = harden.ThreatModel(eps=0.1)
 # observed on this TinyCNN (trained 2 epochs on synthetic data, |logits| < 1): max |logit diff|
 # against float32 torch 8e-5 (fp16) and 6e-3 (int8), argmax agreement 100% on clean and PGD
 # inputs; the bounds leave about an order of magnitude of room
 FP16_ATOL = 1e-3
 INT8_ATOL = 5e-2
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A trained TinyCNN (with normalization) exported with policy and certificate metadata."""
-    root = tmp_path_factory.mktemp("q")
-    policy = tiny_policy(train={"epochs": 2}, objectives=[{"name": "ce"}])
-    torch.manual_seed(0)
-    result = harden.fit(
-        Normalized(TinyCNN(num_classes=3), (0.5,), (0.25,)), policy, run_dir=root / "run", progress=False
-    )
-    model = result.model.eval()
-    cert = Certificate.model_construct(verdict="EMPIRICAL", robust_accuracy=0.5, clean_accuracy=0.9)
-    path = harden.export_onnx(model, root / "model.onnx", policy=policy, certificate=cert, input_shape=(1, 8, 8)).path
-    x, y = synthetic_tensors(96, seed=7)
-    attack = ATTACKS.get("pgd")(THREAT, {"steps": 5})
-    torch.manual_seed(0)
-    x_adv = attack(model, x, y)
-    return model, path, x, y, x_adv
 
 
 def meta_of(path):
@@ -148,68 +118,6 @@ def test_conversions_overwrite_atomically_and_refuse_bad_sources(exported, tmp_p
     with pytest.raises(harden.ExportError, match="readable ONNX"):
         to_int8(tmp_path / "junk.onnx", tmp_path / "x.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "m.onnx"]
-
-
-# --------------------------------------------------------------------------- re-measured accuracy
-
-
-def test_measure_converted_compares_with_the_float32_model(exported, tmp_path):
-    model, src, x, y, x_adv = exported
-    with torch.no_grad():
-        torch_clean = float((model(x).argmax(1) == y).float().mean())
-        torch_adv = float((model(x_adv).argmax(1) == y).float().mean())
-    fp32 = measure_converted(src, x, y, THREAT, adversarial=x_adv)
-    assert isinstance(fp32, ConvertedAccuracy) and fp32.precision == "fp32" and fp32.n == 96
-    assert fp32.clean_accuracy == pytest.approx(torch_clean, abs=1e-9)
-    assert fp32.transfer_accuracy == pytest.approx(torch_adv, abs=1e-9)
-    assert 0.0 <= fp32.noise_accuracy <= 1.0
-    assert json.loads(json.dumps(fp32.to_dict()))["threat"]["eps"] == 0.1
-    for convert, name in ((to_fp16, "fp16"), (to_int8, "int8")):
-        got = measure_converted(convert(src, tmp_path / f"{name}.onnx"), x, y, THREAT, adversarial=x_adv)
-        assert got.precision == name
-        assert abs(got.clean_accuracy - fp32.clean_accuracy) <= 0.05
-        assert abs(got.transfer_accuracy - fp32.transfer_accuracy) <= 0.05
-        assert abs(got.noise_accuracy - fp32.noise_accuracy) <= 0.1
-
-
-def test_measure_converted_is_seeded_and_leaves_global_rng_alone(exported):
-    _model, src, x, y, _ = exported
-    torch.manual_seed(5)
-    state = torch.get_rng_state()
-    a = measure_converted(src, x[:32], y[:32], harden.ThreatModel(eps=0.3), noise_samples=3, seed=1)
-    assert torch.equal(torch.get_rng_state(), state)
-    b = measure_converted(src, x[:32], y[:32], harden.ThreatModel(eps=0.3), noise_samples=3, seed=1)
-    assert a.noise_accuracy == b.noise_accuracy
-    assert a.transfer_accuracy is None
-    none = measure_converted(src, x[:8], y[:8], THREAT, noise_samples=0)
-    assert none.noise_accuracy is None
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"x": torch.rand(0, 1, 8, 8), "y": torch.zeros(0, dtype=torch.long)}, "non-empty"),
-        ({"y": torch.zeros(3, dtype=torch.long)}, "integer labels"),
-        ({"y": torch.zeros(8)}, "integer labels"),
-        ({"adversarial": torch.rand(2, 1, 8, 8)}, "shape of x"),
-        ({"noise_samples": -1}, "noise_samples"),
-        ({"threat": {"eps": 0.1}}, "ThreatModel"),
-        ({"onnx_path": "/nonexistent/m.onnx"}, "no such file"),
-    ],
-)
-def test_measure_converted_refuses_bad_inputs(exported, kwargs, match):
-    _model, src, *_ = exported
-    args = {"onnx_path": src, "x": torch.rand(8, 1, 8, 8), "y": torch.zeros(8, dtype=torch.long), "threat": THREAT}
-    with pytest.raises(harden.ExportError, match=match):
-        measure_converted(**{**args, **kwargs})
-
-
-def test_logit_parity_restores_modes(exported):
-    _model, src, x, *_ = exported
-    model = TinyCNN(num_classes=3).train()
-    before = save_modes(model)
-    logit_parity(src, model, x[:4])
-    assert save_modes(model) == before
 
 
 def test_measuring_names_are_importable_from_quantize_and_onnx_accuracy():

@@ -1,51 +1,20 @@
-"""harden.runtime (load_onnx, OnnxClassifier, OnnxModule) and harden.verify_onnx on tiny models."""
+"""harden.runtime (load_onnx, OnnxClassifier, OnnxModule) on tiny models; verify_onnx is in tests/test_verify_onnx.py."""
 
-import copy
 import doctest
 import importlib
-import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import yaml
 
 import harden
 from harden.attacks import ATTACKS, run_suite
-from harden.cli import main
 from harden.errors import DataError, ExportError, InputError, ModelError
 from harden.models import Normalized
 from harden.runtime import CPU, CUDA, TRT, OnnxModule, load_onnx, providers_for
-from harden.testing import synthetic_tensors, tiny_policy
-from harden.verify_onnx import gradient_free_specs, verify_onnx
 
 THREAT = harden.ThreatModel(norm="linf", eps=0.1)
-
-
-@pytest.fixture(scope="module")
-def onnx_path(trained, tmp_path_factory):
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    harden.export_onnx(trained, path, input_shape=(1, 8, 8))
-    return path
-
-
-@pytest.fixture(scope="module")
-def clf(onnx_path):
-    return load_onnx(onnx_path, "cpu", threads=1)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_tensors(48, seed=3)
-
-
-def _cuda_runs(path) -> bool:
-    try:
-        load_onnx(path, "cuda")
-    except ExportError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- inference
@@ -190,10 +159,9 @@ def test_load_errors(tmp_path, onnx_path):
 
 
 def test_doctests_run():
-    for name in ("harden.runtime", "harden.verify_onnx"):  # harden.verify_onnx is also the function
-        module = importlib.import_module(name)
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.attempted > 0 and result.failed == 0, name
+    module = importlib.import_module("harden.runtime")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ---------------------------------------------------------------- OnnxModule and the attacks
@@ -244,84 +212,6 @@ def test_black_box_attacks_score_the_session_like_the_torch_model(clf, trained, 
     # within float error of a tie could branch, so allow one example, never more.
     diff = (on_torch.robust != on_onnx.robust).sum().item()
     assert diff <= 1, (name, on_torch.robust.sum().item(), on_onnx.robust.sum().item())
-
-
-# ---------------------------------------------------------------- verify_onnx
-def _policy(**verify):
-    spec = {"attacks": [{"name": "square", "params": {"n_queries": 50}}], "n_examples": 40, **verify}
-    return tiny_policy(verify=spec)
-
-
-def test_gradient_free_specs_keep_the_policy_settings():
-    policy = tiny_policy(
-        verify={"attacks": [{"name": "pgd"}, {"name": "noise", "params": {"samples": 3}}, {"name": "square"}]}
-    )
-    specs = gradient_free_specs(policy)
-    assert [s.name for s in specs] == ["square", "noise"]
-    assert specs[0].params["n_queries"] == 5000 and specs[1].params["samples"] == 3
-    standard = gradient_free_specs(tiny_policy(verify={"preset": "standard"}), with_transfer=True)
-    assert [s.name for s in standard] == ["transfer", "square", "noise"]
-
-
-def test_verify_onnx_report(clf, trained, data):
-    report = verify_onnx(clf, _policy(), data, torch_model=trained, progress=False)
-    assert isinstance(report, harden.RobustnessReport)
-    assert report.n == 40
-    assert list(report.per_attack) == ["transfer", "square", "noise"]
-    assert report.robust_accuracy <= min(report.per_attack.values()) + 1e-12
-    assert report.robust_accuracy <= report.clean_accuracy
-    with torch.no_grad():
-        torch_clean = (trained(data[0][:40]).argmax(1) == data[1][:40]).float().mean().item()
-    assert report.clean_accuracy == pytest.approx(torch_clean)  # clean accuracy from the session
-    assert report.onnx["providers"] == [CPU] and report.onnx["path"] == str(clf.path)
-    assert report.checks == {} and report.eps_curve == []
-    assert "CPUExecutionProvider" in report.summary()
-    json.dumps(report.to_dict())
-    again = verify_onnx(clf, _policy(), data, torch_model=trained, progress=False)
-    assert (again.robust_accuracy, again.per_attack) == (report.robust_accuracy, report.per_attack)  # seeded
-
-
-def test_verify_onnx_refuses_a_surrogate_elsewhere(clf, trained, data):
-    with pytest.raises(ModelError, match="expected torch_model on cpu"):
-        verify_onnx(clf, _policy(), data, torch_model=copy.deepcopy(trained).to("meta"), progress=False)
-
-
-def test_verify_onnx_warns_about_another_policy(trained, tmp_path, data):
-    path = tmp_path / "with-policy.onnx"
-    harden.export_onnx(trained, path, policy=tiny_policy(threat={"eps": 0.2}), input_shape=(1, 8, 8))
-    with pytest.warns(UserWarning, match="exported under another policy"):
-        report = verify_onnx(path, _policy(n_examples=8), data, device="cpu", progress=False)
-    assert list(report.per_attack) == ["square", "noise"]  # no torch model: no transfer
-
-
-# ---------------------------------------------------------------- CLI
-def test_cli_verify_onnx_writes_report(tmp_path, capsys):
-    policy = _policy(n_examples=32)
-    policy = policy.model_copy(update={"objectives": tiny_policy(objectives=[{"name": "ce"}]).objectives})
-    policy_file = tmp_path / "p.yaml"
-    policy_file.write_text(yaml.safe_dump(policy.model_dump(mode="json")))
-    out = tmp_path / "run"
-    assert main(["fit", str(policy_file), "--out", str(out), "-q"]) == 0
-    from harden.train import load_trained
-
-    model, _ = load_trained(policy, out / "model.safetensors")
-    harden.export_onnx(model, out / "model.onnx", policy=policy, input_shape=(1, 8, 8))
-    capsys.readouterr()
-    assert main(["verify", str(policy_file), "--out", str(out), "--onnx", str(out / "model.onnx")]) == 0
-    printed = capsys.readouterr().out
-    assert "CPUExecutionProvider" in printed and "robust accuracy" in printed
-    report = json.loads((out / "report-onnx.json").read_text())
-    assert report["n"] == 32 and 0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1
-    assert list(report["per_attack"]) == ["transfer", "square", "noise"]
-    assert report["onnx"]["providers"] == [CPU]
-    assert not (out / "report.json").exists()  # the PyTorch report is another command
-    if not _cuda_runs(out / "model.onnx"):
-        code = main(
-            ["verify", str(policy_file), "--out", str(out), "--onnx", str(out / "model.onnx"), "--onnx-device", "cuda"]
-        )
-        assert code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("harden: error: expected onnxruntime to run model.onnx on CUDA")
 
 
 # ---------------------------------------------------------------- CUDA (pytest -m gpu; skipped without CUDA)
