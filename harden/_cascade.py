@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ def prepared_attacks(
         if surrogate is not None and isinstance(attack, Transfer):
             attack.surrogate = surrogate
     if bundle is None and any(a.uses_training_split and not _has_surrogate(a) for a in attacks):
-        bundle = load_data(policy.data)
+        bundle = _training_split(policy, attacks)
     if bundle is not None:
         attach_surrogates(attacks, policy, bundle, device)
     env = AttackEnv(policy=policy, bundle=bundle, device=device)
@@ -114,6 +115,27 @@ def prepared_attacks(
         attack.prepare(env)
     lp_attacks, other_attacks = order_attacks(attacks)
     return list(lp_attacks), list(other_attacks), [caps[id(a)] for a in other_attacks]
+
+
+def _training_split(policy: Policy, attacks: Sequence[Attack]) -> DataBundle | None:
+    """The policy's data, for attacks that read its training split; None where it cannot be loaded.
+
+    Without it, ``invariance_examples`` falls back to the attacked batch as its pool (with a
+    warning); a transfer surrogate cannot be trained without it (the DataError stands).
+    """
+    try:
+        return load_data(policy.data)
+    except DataError as exc:
+        if any(isinstance(a, Transfer) and a.surrogate is None for a in attacks):
+            raise
+        warnings.warn(
+            f"the policy's data could not be loaded ({exc}): invariance_examples searches the attacked batch "
+            "instead of the training split, so its figure is not comparable with harden run's; pass bundle= "
+            "(harden.data.load_data of the policy's data) to verify",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def _has_surrogate(attack: Attack) -> bool:

@@ -85,7 +85,7 @@ def check_pixels(x: Any, *, float32: bool = False, in_chans: int | None = None, 
         >>> check_pixels(torch.rand(2, 1, 4, 4) * 255)
         Traceback (most recent call last):
         ...
-        harden.errors.InputError: expected pixels in [0, 1], got values in [...]; divide by 255 or undo normalization (normalization belongs inside the model)
+        harden.errors.InputError: expected pixels in [0, 1], got values in [...]; divide by 255 or undo normalization (...)
     """
     if isinstance(x, np.ndarray):
         dtype: Any = x.dtype
@@ -106,19 +106,24 @@ def check_pixels(x: Any, *, float32: bool = False, in_chans: int | None = None, 
         raise InputError(
             f"{where}expected {in_chans} channels to match the model, got {x.shape[1]} (shape {tuple(x.shape)})"
         )
-    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-    finite = torch.isfinite(t)
+    # numpy arrays are read with numpy: any layout (negative strides, big-endian, read-only) works
+    lib: Any = np if isinstance(x, np.ndarray) else torch
+    finite = lib.isfinite(x)
     if not bool(finite.all()):
-        bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+        bad = (
+            [int(i) for i in lib.nonzero((~finite).reshape(x.shape[0], -1).any(1))[0].tolist()]
+            if lib is np
+            else ((~finite).flatten(1).any(1).nonzero().flatten().tolist())
+        )
         raise InputError(
-            f"{where}expected finite pixels, got NaN or infinity in {len(bad)} of {t.shape[0]} images "
+            f"{where}expected finite pixels, got NaN or infinity in {len(bad)} of {x.shape[0]} images "
             f"(first: image {bad[0]}); the contract is float NCHW pixels in [0, 1]"
         )
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = float(x.min()), float(x.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise InputError(
             f"{where}expected pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide by 255 or undo "
-            "normalization (normalization belongs inside the model)"
+            "normalization (mean/std belong inside the model: the policy's model.mean and model.std)"
         )
 
 

@@ -31,7 +31,7 @@ from harden.report import to_html, to_markdown
 
 __all__ = ["CERTIFICATE_SCHEMA_VERSION", "Certificate", "SaliencyExample", "SmoothingSummary", "environment"]
 
-CERTIFICATE_SCHEMA_VERSION = "2.0"
+CERTIFICATE_SCHEMA_VERSION = "2.1"  # 2.1: onnx_black_box.outcomes and the onnx_black_box check
 _PACKAGES = (
     "torch",
     "torchvision",
@@ -72,7 +72,7 @@ class SmoothingSummary(BaseModel):
         seconds: wall time; samples_per_second: noisy forward passes per second.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     sigma: float
     n0: int
@@ -98,7 +98,7 @@ class SaliencyExample(BaseModel):
     when given, a plainly trained baseline.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     label: int
     prediction: int
@@ -131,7 +131,9 @@ class Certificate(BaseModel):
         export: the ONNX parity figures, when exported.
         onnx_black_box: the exported ONNX session attacked itself with the gradient-free attacks
             (``n``, ``clean_accuracy``, ``robust_accuracy``, ``per_attack``, ``intervals``, the
-            ``providers`` that ran, ``seconds``), when ``harden run`` measured it.
+            ``providers`` that ran, ``seconds``, and per example ``outcomes``: ``""`` held, else
+            the attack that fooled it), when ``harden run`` measured it; the ``onnx_black_box``
+            check compares those outcomes with the PyTorch suite's.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

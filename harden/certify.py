@@ -8,6 +8,7 @@ computes the verdict last. :func:`certify` is both for a model in hand (no expor
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from harden.checks import onnx_black_box_check
 from harden.data import EvalData, eval_batches, load_data, to_device
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
-from harden.policy_io import policy_hash
+from harden.policy_io import checked, policy_hash
 from harden.smoothing import smooth_certify, wilson_interval
 from harden.verify import RobustnessReport, verify
 
@@ -295,9 +296,9 @@ def assemble(
         timings=times,
         objectives=[o.model_dump(mode="json") for o in policy.objectives],
         epochs=policy.train.epochs,
-        training=list(history or []),
-        export=export,
-        onnx_black_box=onnx_black_box,
+        training=copy.deepcopy(list(history or [])),
+        export=copy.deepcopy(export),  # the certificate shares nothing with the caller
+        onnx_black_box=copy.deepcopy(onnx_black_box),
         other_threats=report.other_threats,
         other_counts=report.other_counts,
         eps_curve=report.eps_curve,
@@ -341,6 +342,7 @@ def certify(
         >>> cert.verdict, cert.n
         ('EMPIRICAL', 16)
     """
+    policy = checked(policy)
     net = prepare_model(model, policy.model)
     if data is None:
         data = load_data(policy.data).test

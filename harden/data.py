@@ -303,5 +303,5 @@ def _check_first(dataset: Dataset[Any], part: str, name: str, num_classes: int, 
         raise DataError(f"expected {part} images of {name!r} as CHW float tensors, got {type(x).__name__}")
     try:
         check_batch(x.unsqueeze(0), torch.as_tensor(y).reshape(1), num_classes, in_chans)
-    except DataError as exc:
-        raise DataError(f"{name!r} {part} example 0: {exc}") from None
+    except DataError as exc:  # keeps the class: a pixel problem stays an InputError
+        raise type(exc)(f"{name!r} {part} example 0: {exc}") from None

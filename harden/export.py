@@ -23,6 +23,8 @@ from harden.batches import check_pixels
 from harden.checkpoint import sha256_file
 from harden.errors import ExportError, InputError
 from harden.models import Normalized, prepare_model
+from harden.policy import Policy
+from harden.policy_io import checked, policy_hash
 from harden.runtime import build_session
 
 __all__ = ["ExportResult", "export_onnx", "onnx_metadata"]
@@ -96,8 +98,6 @@ def onnx_metadata(
         ('[0, 1]', '[0.5]', '[0.25]', '["cat", "dog"]')
     """
     from harden._version import __version__
-    from harden.policy_io import policy_hash
-
     meta = {
         "harden_version": __version__,
         "input_name": INPUT_NAME,
@@ -117,6 +117,9 @@ def onnx_metadata(
         meta["certificate_verdict"] = str(certificate.verdict)
         meta["robust_accuracy"] = f"{certificate.robust_accuracy:.6f}"
         meta["clean_accuracy"] = f"{certificate.clean_accuracy:.6f}"
+        note = getattr(certificate, "verdict_note", None)
+        if note:
+            meta["certificate_verdict_note"] = str(note)
     return meta
 
 
@@ -265,6 +268,7 @@ def export_onnx(
     """
     t0 = time.perf_counter()
     path = Path(path)
+    policy = checked(policy) if isinstance(policy, Policy) else policy
     net = copy.deepcopy(prepare_model(model, getattr(policy, "model", None))).cpu().eval()
     spec = getattr(policy, "export", None)
     opset = opset if opset is not None else getattr(spec, "opset", None)

@@ -87,8 +87,6 @@ class Normalized(nn.Module):
         return self.model(self.normalize(x))
 
 
-@functools.lru_cache(maxsize=1)
-
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither).
 
@@ -107,6 +105,7 @@ def has_state(model: nn.Module) -> bool:
     """Whether the model has a parameter or buffer (so :func:`model_device` reads a real device)."""
     return any(True for _ in model.parameters()) or any(True for _ in model.buffers())
 
+@functools.lru_cache(maxsize=1)
 def _timm_names() -> tuple[str, ...]:
     import timm
 

@@ -79,6 +79,10 @@ class _Measured:
     verdict: str
     robust_accuracy: float
     clean_accuracy: float
+    verdict_note: str = (
+        "measured before this file's own session was attacked; certificate.json (which holds this file's "
+        "SHA-256) has the final verdict"
+    )
 
 
 def run(

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from typing_extensions import Self
 
 from harden.errors import UnknownNameError
 from harden.schema import AttackSpec, Catalog, ObjectiveSpec, Strict, ThreatModel, catalog_of
@@ -352,8 +354,19 @@ class Policy(Strict):
 
     @property
     def checked(self) -> bool:
-        """Whether every name and param was checked against the registries (a complete :class:`Catalog`)."""
-        return self._checked
+        """Whether every name and param was checked against the registries (a complete :class:`Catalog`).
+
+        A copy with changes (``model_copy(update=...)``) is unchecked again.
+        """
+        specs = (*self.objectives, *self.verify.attacks)
+        return self._checked and all(s.checked_params is not None for s in specs)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with ``update``, unchecked (``harden.policy_io.checked`` checks it again)."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied._checked = False
+        return copied
 
     @model_validator(mode="after")
     def _some_weight(self, info: ValidationInfo) -> Policy:

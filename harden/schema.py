@@ -9,7 +9,7 @@ holds its registry, and carry the validated object (:attr:`ObjectiveSpec.checked
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from typing_extensions import Self
 
 from harden.errors import UnknownNameError, describe_validation_error, format_key_path
 from harden.registry import did_you_mean
@@ -33,9 +34,14 @@ __all__ = ["AttackSpec", "Catalog", "Lookup", "ObjectiveSpec", "Strict", "Threat
 
 
 class Strict(BaseModel):
-    """Base of every policy section: unknown keys are refused; frozen."""
+    """Base of every policy section: unknown keys are refused; frozen.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Instances handed in as values are validated again (``revalidate_instances``), so a spec
+    built in Python and placed in a policy is checked like a written one, and the caller's
+    object is never changed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always")
 
 
 class Lookup(Protocol):
@@ -136,12 +142,27 @@ class _NamedSpec(Strict):
 
     @property
     def checked_params(self) -> BaseModel | None:
-        """The validated ``Params`` object (None: validated without a catalog; ``params`` is then raw)."""
-        return self._checked
+        """The validated ``Params`` object (None: validated without a catalog; ``params`` is then raw).
+
+        Only while it still says what ``params`` says: a copy with other params (``model_copy``)
+        is unchecked again.
+        """
+        checked = self._checked
+        if checked is None or checked.model_dump(mode="json") != self.params:
+            return None
+        return checked
 
     def params_for_build(self) -> BaseModel | dict[str, Any]:
         """What to build the entry from: the checked ``Params`` object, else the raw ``params``."""
-        return self._checked if self._checked is not None else self.params
+        checked = self.checked_params
+        return checked if checked is not None else self.params
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with ``update``, unchecked (its names and params are checked again where used)."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied._checked = None
+        return copied
 
     def _carry(self, kind: str, cls: Any) -> None:
         validated = _validate_params(kind, self.name, cls.Params, self.params)

@@ -30,7 +30,7 @@ from harden.fit_setup import FitRun, TrainData, set_up
 from harden.fit_state import resume_run
 from harden.models import Normalized, build_model
 from harden.policy import Policy
-from harden.policy_io import dump_policy, policy_hash
+from harden.policy_io import checked, dump_policy, policy_hash
 from harden.speed import to_memory_format
 
 __all__ = ["FitResult", "fit", "load_trained", "save_model"]
@@ -137,6 +137,7 @@ def fit(
         >>> [r["epoch"] for r in result.history], result.weights.name
         ([1], 'model.safetensors')
     """
+    policy = checked(policy)  # a policy built in Python is checked as a loaded one is
     with distributed_session(policy.device) as dist:
         device = dist.device
         # seeding inside fork_rng: fit is reproducible and leaves the caller's RNG as it was

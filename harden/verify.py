@@ -22,6 +22,7 @@ from harden.data import DataBundle, EvalData, load_data
 from harden.errors import DataError
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
+from harden.policy_io import checked
 from harden.probe import accuracy
 
 __all__ = ["RobustnessReport", "verify"]
@@ -203,6 +204,7 @@ def verify(
     if isinstance(keep_adversarial, bool) or not isinstance(keep_adversarial, int) or keep_adversarial < 0:
         raise DataError(f"expected keep_adversarial as an integer >= 0, got {keep_adversarial!r}")
     t0 = time.perf_counter()
+    policy = checked(policy)  # a policy built in Python is checked (and its params filled) as a loaded one is
     net = prepare_model(model, policy.model)
     device = model_device(net)
     if data is None:

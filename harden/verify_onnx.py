@@ -38,7 +38,7 @@ from harden.data import DataBundle, EvalData, load_data
 from harden.errors import ModelError
 from harden.models import model_device, prepare_model
 from harden.policy import AttackSpec, Policy
-from harden.policy_io import policy_hash
+from harden.policy_io import checked, policy_hash
 from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
 from harden.verify import RobustnessReport
 
@@ -159,6 +159,7 @@ def verify_onnx(
         (['transfer', 'square', 'noise'], True, ['CPUExecutionProvider'])
     """
     t0 = time.perf_counter()
+    policy = checked(policy)
     clf = onnx if isinstance(onnx, OnnxClassifier) else load_onnx(onnx, device)
     _warn_other_policy(clf, policy)
     net = OnnxModule(clf, batch_size=policy.data.eval_batch_size)

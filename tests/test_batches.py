@@ -102,3 +102,16 @@ def test_devices():
         torch.rand(2, 1, 2, 2, dtype=torch.float64), torch.tensor([1, 0], dtype=torch.int32), torch.device("cpu")
     )
     assert (xb.dtype, yb.dtype) == (torch.float32, torch.int64)
+
+
+def test_check_pixels_reads_any_numpy_layout():
+    import numpy as np
+
+    from harden.batches import check_pixels
+
+    x = np.random.default_rng(0).random((2, 1, 4, 4), dtype=np.float32)
+    check_pixels(np.flip(x, 3), float32=True)  # negative strides
+    check_pixels(x.astype(">f4"), float32=False)  # big-endian
+    ro = x.copy()
+    ro.setflags(write=False)
+    check_pixels(ro, float32=True)  # read-only: no copy warning, no error

@@ -63,3 +63,11 @@ def test_environment_names_python_harden_and_torch():
     env = environment()
     assert {"python", "harden", "platform", "torch"} <= set(env)
     assert all(isinstance(v, str) and v for v in env.values())
+
+
+def test_the_nested_records_are_frozen_too():
+    from harden.certificate import SaliencyExample
+
+    ex = SaliencyExample(label=0, prediction=0, image=[[[0.0]]], maps={})
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        ex.label = 1

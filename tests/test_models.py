@@ -277,3 +277,14 @@ def test_unknown_timm_model_suggests_close_names(tmp_path):
     message = str(info.value)
     assert "model.name: expected a timm model name, got 'resnet10'; did you mean " in message
     assert "'resnet10t'" in message
+
+
+def test_model_device_follows_the_model_when_it_moves():
+    from harden.models import has_state, model_device
+
+    model = torch.nn.Linear(2, 2)
+    assert model_device(model) == torch.device("cpu")
+    model.to("meta")
+    assert model_device(model) == torch.device("meta")  # read afresh on every call, never cached
+    assert has_state(model) and not has_state(torch.nn.ReLU())
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")

@@ -2,9 +2,11 @@ import importlib
 import json
 
 import pytest
+import torch
 
 import harden
 from harden import pipeline
+from harden.attacks.invariance_examples import InvarianceExamples
 from harden.certify import Measurements, assemble
 from harden.data import load_data
 from harden.testing import TinyCNN, tiny_policy
@@ -37,6 +39,14 @@ def ran(tmp_path_factory):
     def refuse(spec):
         raise AssertionError(f"the data was loaded a second time ({spec.name})")
 
+    pools = []
+    original_prepare = InvarianceExamples.prepare
+
+    def spy(self, env):
+        original_prepare(self, env)
+        pools.append((self.pool, env.bundle))
+
+    mp.setattr(InvarianceExamples, "prepare", spy)
     mp.setattr(pipeline, "load_data", counted)
     for module in ("harden.train", "harden.verify", "harden._cascade", "harden.verify_onnx", "harden.certify"):
         mp.setattr(importlib.import_module(module), "load_data", refuse)
@@ -45,11 +55,11 @@ def ran(tmp_path_factory):
         result = harden.run(run_policy(), out, progress=False)
     finally:
         mp.undo()
-    return result, out, calls
+    return result, out, calls, pools
 
 
 def test_run_writes_every_artefact_and_one_certificate(ran):
-    result, out, _ = ran
+    result, out, _, _ = ran
     for name in ("certificate.json", "certificate.md", "certificate.html", "model.onnx", "report.json"):
         assert (out / name).is_file(), name
     cert = result.certificate
@@ -62,12 +72,12 @@ def test_run_writes_every_artefact_and_one_certificate(ran):
 
 
 def test_run_loads_the_data_once(ran):
-    _, _, calls = ran
+    _, _, calls, _ = ran
     assert calls == ["synthetic"]
 
 
 def test_the_onnx_session_result_is_in_the_certificate_and_its_check(ran):
-    result, _, _ = ran
+    result, _, _, _ = ran
     shipped = result.certificate.onnx_black_box
     assert shipped is not None and shipped["n"] == 24 == result.onnx_report.n
     assert len(shipped["outcomes"]) == 24
@@ -80,13 +90,21 @@ def test_the_onnx_session_result_is_in_the_certificate_and_its_check(ran):
 
 
 def test_the_certificate_is_frozen(ran):
-    result, _, _ = ran
+    result, _, _, _ = ran
     with pytest.raises(Exception, match="frozen"):
         result.certificate.verdict = "CERTIFIED"
 
 
+def test_the_invariance_pool_is_the_training_split_of_the_run_bundle(ran):
+    *_, pools = ran
+    (pool, bundle), *_ = pools  # the verify stage's (the ONNX stage prepares its own)
+    xs = torch.stack([bundle.train[i][0] for i in range(40)])
+    assert pool is not None and pool[0].shape[0] == 40
+    assert torch.equal(pool[0], xs)
+
+
 def test_harden_verify_measures_invariance_examples_as_harden_run_does(ran):
-    result, _, _ = ran
+    result, _, _, _ = ran
     policy = run_policy()
     alone = harden.verify(result.model, policy, load_data(policy.data).test, progress=False)
     label = "invariance_examples"
@@ -137,6 +155,6 @@ def test_a_policy_built_in_python_is_checked_before_running(tmp_path):
 
 
 def test_run_result_model_is_the_fitted_one(ran):
-    result, _, _ = ran
+    result, _, _, _ = ran
     assert result.model is result.fit.model
     assert not result.model.training

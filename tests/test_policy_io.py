@@ -6,7 +6,7 @@ import pytest
 import harden
 from harden.attacks import ATTACKS
 from harden.objectives import OBJECTIVES
-from harden.policy import Catalog, ObjectiveSpec, Policy
+from harden.policy import AttackSpec, Catalog, ObjectiveSpec, Policy
 from harden.policy_io import CATALOG, checked, dump_policy, policy_hash, validate_policy
 
 ROOT = Path(harden.__file__).parent
@@ -57,3 +57,35 @@ def test_defaults_are_checked_like_written_sections():
     policy = validate_policy({"objectives": [{"name": "ce"}]})
     assert all(a.checked_params is not None for a in policy.verify.attacks)
     assert policy.verify.attacks[1].params["steps"] == 40 and "restarts" in policy.verify.attacks[1].params
+
+
+def test_a_copy_with_changes_is_unchecked_and_never_builds_stale_params():
+    good = validate_policy({"objectives": [{"name": "pgd_at"}], "verify": {"attacks": [{"name": "pgd"}]}})
+    spec = good.verify.attacks[0].model_copy(update={"params": {"steps": 2}})
+    assert spec.checked_params is None and spec.params_for_build() == {"steps": 2}
+    assert ATTACKS.get("pgd")(good.threat, spec.params_for_build()).params.steps == 2
+    bad = good.model_copy(update={"objectives": (ObjectiveSpec(name="pgd_at", params={"steps": -5}),)})
+    assert not bad.checked
+    with pytest.raises(harden.PolicyError, match="steps"):
+        checked(bad)
+    same = good.model_copy(update={"objectives": (ObjectiveSpec(name="pgd_at"),)})
+    assert policy_hash(same) == policy_hash(good)
+    assert good.model_copy().checked  # a plain copy stays checked
+
+
+def test_a_spec_handed_in_is_checked_and_the_callers_object_left_alone():
+    spec = ObjectiveSpec(name="pgd_at")
+    policy = validate_policy({"objectives": [spec]})
+    assert spec.params == {} and spec.checked_params is None
+    assert policy.objectives[0].params["steps"] == 7 and policy.checked
+
+
+def test_entry_points_check_a_policy_built_in_python():
+    from harden.testing import TinyCNN, synthetic_tensors
+
+    raw = Policy(
+        objectives=[ObjectiveSpec(name="ce")],
+        verify={"attacks": [AttackSpec(name="pgd", params={"steps": 2})], "n_examples": 8, "checks": False},
+    )
+    report = harden.verify(TinyCNN(num_classes=3), raw, synthetic_tensors(8), progress=False)
+    assert report.attacks[0]["params"]["restarts"] == 1  # filled like a loaded policy's

@@ -10,16 +10,16 @@ CPU = torch.device("cpu")
 
 def test_counts_cover_all_data_and_probe_only_the_first_examples():
     model = TinyCNN(num_classes=3).train()
+    model.head.eval()  # mixed modes: every one must come back as it was
     before = save_modes(model)
     data = synthetic_tensors(20)
     right, total, adv_right, adv_total = clean_and_pgd_counts(
         model, data, ThreatModel(eps=0.1), CPU, batch_size=8, probe_examples=11, probe_steps=2, seed=0
     )
+    assert save_modes(model) == before
     assert (total, adv_total) == (20, 11)
     assert right == int(accuracy(model.eval(), *data).sum())
     assert 0 <= adv_right <= adv_total
-    model.train()
-    assert save_modes(model) == before
 
 
 def test_the_probe_is_seeded_and_leaves_the_global_rng_alone():

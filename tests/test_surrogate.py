@@ -81,3 +81,15 @@ def test_prepared_attacks_loads_the_policy_data_only_when_an_attack_needs_it(mon
     assert calls == ["synthetic"]  # a given surrogate needs no data
     prepared_attacks([attack_spec("transfer", {"epochs": 1})], policy, synthetic_bundle(), CPU)
     assert calls == ["synthetic"]  # a given bundle is used as it is
+
+
+def test_without_the_policy_data_invariance_examples_falls_back_to_the_batch_with_a_warning(monkeypatch):
+    def broken(spec):
+        raise harden.DataError("expected data.root, got none")
+
+    monkeypatch.setattr(harden._cascade, "load_data", broken)
+    with pytest.warns(UserWarning, match="searches the attacked batch"):
+        _, other, _ = prepared_attacks([attack_spec("invariance_examples")], tiny_policy(), None, CPU)
+    assert other[0].pool is None
+    with pytest.raises(harden.DataError, match=r"data\.root"):  # a surrogate cannot be trained without it
+        prepared_attacks([attack_spec("transfer")], tiny_policy(), None, CPU)

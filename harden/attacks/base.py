@@ -185,6 +185,8 @@ class Attack(ABC):
     def _check_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         if not isinstance(model, nn.Module):
             raise ThreatModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise ThreatModelError(f"expected x as a torch tensor of pixels, got {type(x).__name__}")
         check_pixels(x, float32=True)
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
             raise ThreatModelError(
