@@ -187,8 +187,7 @@ def run_cascade(
         DataError: no examples, or a batch that does not pass :func:`harden.data.check_batch`.
     """
     other_labels = suite_labels([a.name for a in other_attacks])
-    other_right = dict.fromkeys(other_labels, 0)
-    other_n = dict.fromkeys(other_labels, 0)
+    other_right, other_n = dict.fromkeys(other_labels, 0), dict.fromkeys(other_labels, 0)
     other_outcomes: dict[str, list[int]] = {label: [] for label in other_labels}
     check_x: list[torch.Tensor] = []
     check_y: list[torch.Tensor] = []
@@ -201,11 +200,7 @@ def run_cascade(
         for xb, yb in eval_batches(data, batch_size, limit):
             check_batch(xb, yb, in_chans=in_chans)
             x, y = to_device(xb, yb, device)
-            n_fooled = sum(a.shape[0] for a in fooled_adv)
-            part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep_adversarial)
-            if part.x_adv is not None:
-                _harvest(part, keep_adversarial, fooled_adv, survived_adv)
-                part.x_adv = None  # kept what we need; do not accumulate every batch
+            part = _lp_part(net, x, y, lp_attacks, keep_adversarial, fooled_adv, survived_adv)
             if result is None:
                 result = part
             else:
@@ -234,6 +229,24 @@ def run_cascade(
         check_y=check_y,
         adversarial=kept if kept is not None and kept.shape[0] else None,
     )
+
+
+def _lp_part(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lp_attacks: Sequence[Attack],
+    keep: int,
+    fooled: list[torch.Tensor],
+    survived: list[torch.Tensor],
+) -> SuiteResult:
+    """The l_p cascade on one batch; up to ``keep`` worst-case inputs move into the two lists."""
+    n_fooled = sum(a.shape[0] for a in fooled)
+    part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep)
+    if part.x_adv is not None:
+        _harvest(part, keep, fooled, survived)
+        part.x_adv = None  # kept what we need; do not accumulate every batch
+    return part
 
 
 def _score_other(

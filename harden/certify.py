@@ -344,9 +344,11 @@ def certify(
     """
     policy = checked(policy)
     net = prepare_model(model, policy.model)
-    if data is None:
-        data = load_data(policy.data).test
+    bundle = None
+    if data is None:  # loaded once: its train split serves the attacks that read it
+        bundle = load_data(policy.data)
+        data = bundle.test
     if report is None:
-        report = verify(net, policy, data, history=history, progress=progress)
+        report = verify(net, policy, data, bundle=bundle, history=history, progress=progress)
     measured = measure(net, policy, data, baseline=baseline, progress=progress)
     return assemble(net, policy, report, measured, history=history, timings=timings)

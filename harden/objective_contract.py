@@ -121,64 +121,82 @@ def check_objective(
         base = Normalized(TinyCNN(num_classes=3, in_chans=channels)).train() if model is None else model
         x, y = synthetic_tensors(n, num_classes=3, size=size, channels=channels)
 
-        try:
-            cls({"no_such_param": 1}, threat)
-        except PolicyError as exc:
-            expect("no_such_param" in str(exc), f"{name}: expected the PolicyError to name no_such_param, got {exc}")
-        else:
-            raise AssertionError(f"{name}: expected a PolicyError for an unknown parameter, got none")
+        _check_unknown_params(cls, threat, name)
+        obj, second = _check_one_pass(cls, threat, base, x, y, name)
+        _check_state_round_trip(cls, threat, obj, second, x, name)
 
-        first = copy.deepcopy(base)
-        modes = save_modes(first)
-        obj, ctx, loss, grads = _objective_pass(cls, threat, first, x, y, seed=0)
-        expect(bool(torch.isfinite(loss)), f"{name}: expected a finite loss, got {float(loss)}")
-        expect(float(loss) > 0, f"{name}: expected a loss > 0 on an untrained model, got {float(loss)}")
-        for pname, grad in grads.items():
-            if grad is None:
-                raise AssertionError(f"{name}: expected a gradient to reach every parameter, got none on {pname}")
-            expect(bool(torch.isfinite(grad).all()), f"{name}: expected finite gradients, got NaN or inf on {pname}")
-        expect(
-            any(float(g.abs().sum()) > 0 for g in grads.values() if g is not None),
-            f"{name}: expected a non-zero gradient on the model's parameters, got zeros",
-        )
-        expect(
-            save_modes(first) == modes,
-            f"{name}: expected the model's modes left as they were (train mode), got some changed",
-        )
-        expect(
-            set(ctx._views) == set(obj.views()),
-            f"{name}: expected the views read to be the views declared {sorted(map(str, obj.views()))}, "
-            f"got {sorted(map(str, ctx._views))}",
-        )
-        expect(
-            ctx.view_calls == len(obj.views()),
-            f"{name}: expected each declared view computed once ({len(obj.views())}), got {ctx.view_calls} attacks",
-        )
 
-        second = copy.deepcopy(base)
-        _, _, loss2, grads2 = _objective_pass(cls, threat, second, x, y, seed=0)
-        expect(
-            torch.equal(loss, loss2),
-            f"{name}: expected the same loss under the same torch seed, got {float(loss)} and {float(loss2)}",
-        )
-        expect(
-            all(_same_state(g, grads2[k]) for k, g in grads.items()),
-            f"{name}: expected the same gradients under the same torch seed, got others",
-        )
+def _check_unknown_params(cls: type[Objective], threat: ThreatModel, name: str) -> None:
+    """Unknown parameters raise a PolicyError naming them."""
+    try:
+        cls({"no_such_param": 1}, threat)
+    except PolicyError as exc:
+        expect("no_such_param" in str(exc), f"{name}: expected the PolicyError to name no_such_param, got {exc}")
+    else:
+        raise AssertionError(f"{name}: expected a PolicyError for an unknown parameter, got none")
 
-        state = obj.state_dict()
-        tensors: dict[str, torch.Tensor] = {}
-        try:
-            tree = json.loads(json.dumps(flatten_state(state, "objective", tensors)))
-        except (CheckpointError, TypeError, ValueError) as exc:
-            raise AssertionError(f"{name}: expected a state_dict() a checkpoint can hold, got: {exc}") from exc
-        fresh = cls(dict(cls.example_params), threat)
-        objs = ObjectiveSet(second, [(1.0, fresh)], x[:1])
-        try:
-            fresh.load_state_dict(unflatten_state(tree, tensors))
-        finally:
-            objs.close()
-        expect(
-            _same_state(fresh.state_dict(), state),
-            f"{name}: expected load_state_dict(state_dict()) to restore the state, got another state_dict()",
-        )
+
+def _check_one_pass(
+    cls: type[Objective], threat: ThreatModel, base: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str
+) -> tuple[Objective, nn.Module]:
+    """One training pass: a finite loss and gradients, modes kept, views as declared, seeded; returns the objective and a second copy."""
+    first = copy.deepcopy(base)
+    modes = save_modes(first)
+    obj, ctx, loss, grads = _objective_pass(cls, threat, first, x, y, seed=0)
+    expect(bool(torch.isfinite(loss)), f"{name}: expected a finite loss, got {float(loss)}")
+    expect(float(loss) > 0, f"{name}: expected a loss > 0 on an untrained model, got {float(loss)}")
+    for pname, grad in grads.items():
+        if grad is None:
+            raise AssertionError(f"{name}: expected a gradient to reach every parameter, got none on {pname}")
+        expect(bool(torch.isfinite(grad).all()), f"{name}: expected finite gradients, got NaN or inf on {pname}")
+    expect(
+        any(float(g.abs().sum()) > 0 for g in grads.values() if g is not None),
+        f"{name}: expected a non-zero gradient on the model's parameters, got zeros",
+    )
+    expect(
+        save_modes(first) == modes,
+        f"{name}: expected the model's modes left as they were (train mode), got some changed",
+    )
+    expect(
+        set(ctx._views) == set(obj.views()),
+        f"{name}: expected the views read to be the views declared {sorted(map(str, obj.views()))}, "
+        f"got {sorted(map(str, ctx._views))}",
+    )
+    expect(
+        ctx.view_calls == len(obj.views()),
+        f"{name}: expected each declared view computed once ({len(obj.views())}), got {ctx.view_calls} attacks",
+    )
+
+    second = copy.deepcopy(base)
+    _, _, loss2, grads2 = _objective_pass(cls, threat, second, x, y, seed=0)
+    expect(
+        torch.equal(loss, loss2),
+        f"{name}: expected the same loss under the same torch seed, got {float(loss)} and {float(loss2)}",
+    )
+    expect(
+        all(_same_state(g, grads2[k]) for k, g in grads.items()),
+        f"{name}: expected the same gradients under the same torch seed, got others",
+    )
+    return obj, second
+
+
+def _check_state_round_trip(
+    cls: type[Objective], threat: ThreatModel, obj: Objective, model: nn.Module, x: torch.Tensor, name: str
+) -> None:
+    """``state_dict()`` survives a checkpoint (tensors + JSON) and ``load_state_dict`` restores it."""
+    state = obj.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        tree = json.loads(json.dumps(flatten_state(state, "objective", tensors)))
+    except (CheckpointError, TypeError, ValueError) as exc:
+        raise AssertionError(f"{name}: expected a state_dict() a checkpoint can hold, got: {exc}") from exc
+    fresh = cls(dict(cls.example_params), threat)
+    objs = ObjectiveSet(model, [(1.0, fresh)], x[:1])
+    try:
+        fresh.load_state_dict(unflatten_state(tree, tensors))
+    finally:
+        objs.close()
+    expect(
+        _same_state(fresh.state_dict(), state),
+        f"{name}: expected load_state_dict(state_dict()) to restore the state, got another state_dict()",
+    )

@@ -30,7 +30,17 @@ from typing_extensions import Self
 from harden.errors import UnknownNameError, describe_validation_error, format_key_path
 from harden.registry import did_you_mean
 
-__all__ = ["AttackSpec", "Catalog", "Lookup", "ObjectiveSpec", "Strict", "ThreatModel", "catalog_of"]
+__all__ = [
+    "AttackSpec",
+    "Catalog",
+    "CertifySpec",
+    "ExportSpec",
+    "Lookup",
+    "ObjectiveSpec",
+    "Strict",
+    "ThreatModel",
+    "catalog_of",
+]
 
 
 class Strict(BaseModel):
@@ -267,3 +277,66 @@ class AttackSpec(_NamedSpec):
                 },
             )
         return self
+
+
+class ExportSpec(Strict):
+    """ONNX export settings.
+
+    Attributes:
+        opset: ONNX opset (None: the exporter's default).
+        parity_examples: inputs on which onnxruntime must match torch.
+        parity_atol: largest allowed absolute logit difference.
+        verify_examples: test examples on which ``harden run`` attacks the exported ONNX session
+            itself with the gradient-free attacks (transfer from the PyTorch model, Square,
+            noise); the result goes into the certificate. 0 skips it.
+    """
+
+    opset: int | None = Field(None, ge=13)
+    parity_examples: int = Field(64, ge=1)
+    parity_atol: float = Field(1e-4, gt=0)
+    verify_examples: int = Field(200, ge=0)
+
+
+class CertifySpec(Strict):
+    """Randomized smoothing (Cohen et al. 2019) and what the certificate shows.
+
+    Attributes:
+        smoothing: run CERTIFY on the first ``n_examples`` test examples.
+        sigma: Gaussian noise standard deviation (pixel scale); train with ``gaussian_aug`` at
+            the same sigma for useful radii.
+        n0: noisy samples that pick the top class.
+        n: noisy samples that bound its probability (Clopper-Pearson, level ``1 - alpha``).
+        alpha: failure probability of each certificate.
+        batch_size: noisy images per forward pass.
+        n_examples: test examples to certify.
+        radius: the l2 radius the verdict is about. None: ``threat.eps`` when the threat is l2;
+            with an linf threat and no radius the verdict cannot be CERTIFIED.
+        min_certified_accuracy: CERTIFIED needs at least this certified accuracy at ``radius``
+            (and every sanity check passing).
+        radii: grid of the certified-accuracy curve; None: 0 to 4 sigma in 0.25 sigma steps.
+        saliency_examples: test images whose input-gradient saliency maps the report shows.
+    """
+
+    smoothing: bool = False
+    sigma: float = Field(0.25, gt=0, le=10)
+    n0: int = Field(100, ge=1, le=1_000_000)
+    n: int = Field(1000, ge=1, le=10_000_000)
+    alpha: float = Field(0.001, gt=0, lt=0.5)
+    batch_size: int = Field(256, ge=1)
+    n_examples: int = Field(100, ge=1)
+    radius: float | None = Field(None, gt=0)
+    min_certified_accuracy: float = Field(0.5, gt=0, le=1)
+    radii: tuple[float, ...] | None = None
+    saliency_examples: int = Field(4, ge=0, le=32)
+
+    def radius_for(self, threat: ThreatModel) -> float | None:
+        """The radius the verdict is about (see ``radius``)."""
+        if self.radius is not None:
+            return self.radius
+        return threat.eps if threat.norm == "l2" else None
+
+    def radius_grid(self) -> tuple[float, ...]:
+        """The radii of the certified-accuracy curve."""
+        if self.radii is not None:
+            return tuple(sorted(self.radii))
+        return tuple(round(self.sigma * k / 4, 6) for k in range(17))
