@@ -7,9 +7,10 @@ images); the cross-checks against torchattacks are marked slow.
 import numpy as np
 import pytest
 import torch
+from helpers_attacks import acc, check_box_edge, check_inside_ball_and_box, check_same_seed
 
 import harden
-from harden.attacks.base import ATTACKS, lp_norm, save_modes
+from harden.attacks.base import ATTACKS, lp_norm
 from harden.attacks.fab import FABParams, FABTargeted, project_hyperplane_box
 from harden.policy import ThreatModel
 
@@ -20,11 +21,6 @@ THREATS = pytest.mark.parametrize("threat", [LINF, L2], ids=["linf", "l2"])
 
 def make(threat, **params):
     return FABTargeted(threat, {"steps": 20, **params})
-
-
-@torch.no_grad()
-def acc(model, x, y):
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def test_registered_as_a_white_box_attack_with_the_reference_defaults():
@@ -50,43 +46,16 @@ def test_bad_params_raise(params):
 @THREATS
 @pytest.mark.parametrize("data", ["synthetic_cnn", "digits_cnn"])
 def test_inside_ball_and_box(threat, data, request):
-    model, x, y = request.getfixturevalue(data)
-    x, y = x[:48], y[:48]
-    x0 = x.clone()
-    model.train()
-    model.features[1].eval()
-    modes = save_modes(model)
-    big = ThreatModel(norm=threat.norm, eps=threat.eps * 3)  # large enough to move most examples
-    adv = make(big)(model, x, y)
-    assert save_modes(model) == modes
-    model.eval()
-    assert torch.equal(x, x0)
-    assert adv.shape == x.shape and adv.dtype == x.dtype and not adv.requires_grad
-    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
-    assert float(lp_norm(adv - x, threat.norm).max()) <= big.eps * (1 + 1e-5) + 1e-6
-    assert not torch.equal(adv, x)
-    assert all(p.grad is None for p in model.parameters())
+    check_inside_ball_and_box(make, threat, *request.getfixturevalue(data))
 
 
 def test_inputs_on_the_box_edge(synthetic_cnn):
-    model = synthetic_cnn[0]
-    x = torch.zeros(4, 1, 8, 8)
-    x[2:] = 1.0
-    for threat in (LINF, L2):
-        adv = make(threat)(model, x, torch.tensor([0, 1, 2, 0]))
-        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
-        assert float(lp_norm(adv - x, threat.norm).max()) <= threat.eps * (1 + 1e-5) + 1e-6
+    check_box_edge(make, synthetic_cnn[0], (LINF, L2))
 
 
 @THREATS
 def test_same_result_under_the_same_seed(threat, synthetic_cnn):
-    model, x, y = synthetic_cnn
-    attack = make(threat, restarts=2)
-    torch.manual_seed(3)
-    a = attack(model, x, y)
-    torch.manual_seed(3)
-    b = attack(model, x, y)
-    assert torch.equal(a, b)
+    check_same_seed(make, threat, *synthetic_cnn)
 
 
 def test_projection_is_the_exact_box_constrained_minimum():

@@ -2,37 +2,16 @@
 
 import pytest
 import torch
-from torch import nn
+from helpers_attacks import Flaky, acc
 
 from harden.attacks import ATTACKS, lp_norm
 from harden.attacks.base import save_modes
 from harden.policy import ThreatModel
-from harden.testing import TinyCNN, synthetic_tensors
+from harden.testing import synthetic_tensors
 
 
 def pgd(threat, **params):
     return ATTACKS.get("pgd")(threat, params)
-
-
-@torch.no_grad()
-def acc(model, x, y):
-    return (model(x).argmax(1) == y).float().mean().item()
-
-
-class Flaky(nn.Module):
-    """TinyCNN that raises on its ``fail_at``-th forward call."""
-
-    def __init__(self, fail_at):
-        super().__init__()
-        self.net = TinyCNN(num_classes=3)
-        self.fail_at = fail_at
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("boom inside forward")
-        return self.net(x)
 
 
 def test_trained_model_is_accurate(trained_xy):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
+from helpers_attacks import Flaky, acc
 
 import harden
 from harden.attacks import ATTACKS, build_attack, run_suite
@@ -12,27 +12,6 @@ from harden.attacks.base import restore_modes, save_modes
 from harden.attacks.suite import order_attacks, preset_specs
 from harden.policy import AttackSpec, ThreatModel
 from harden.testing import TinyCNN, synthetic_tensors
-
-
-@torch.no_grad()
-def acc(model, x, y):
-    return (model(x).argmax(1) == y).float().mean().item()
-
-
-class Flaky(nn.Module):
-    """TinyCNN that raises on its ``fail_at``-th forward call."""
-
-    def __init__(self, fail_at):
-        super().__init__()
-        self.net = TinyCNN(num_classes=3)
-        self.fail_at = fail_at
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("boom inside forward")
-        return self.net(x)
 
 
 def suite_attacks(threat, random_start):
