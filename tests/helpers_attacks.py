@@ -59,6 +59,7 @@ def check_inside_ball_and_box(make, threat, model, x, y):
     """At 3x eps: modes restored, x untouched, shape/dtype kept, inside [0, 1] and the ball, moved, no grads."""
     x, y = x[:48], y[:48]
     x0 = x.clone()
+    model.zero_grad(set_to_none=True)  # the fixture is shared: start from no gradients (torchattacks leaves some)
     model.train()
     model.features[1].eval()
     modes = save_modes(model)
