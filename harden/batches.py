@@ -36,6 +36,7 @@ def make_loader(
     """A DataLoader whose order depends only on ``(seed, epoch)``, so a resumed run replays it.
 
     Example:
+        >>> from torch.utils.data import TensorDataset
         >>> ds = TensorDataset(torch.rand(10, 1, 2, 2), torch.arange(10))
         >>> [y.tolist() for _, y in make_loader(ds, 4, shuffle=True, seed=1)] == \
 [y.tolist() for _, y in make_loader(ds, 4, shuffle=True, seed=1)]
