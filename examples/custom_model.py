@@ -54,7 +54,7 @@ POLICY = {
         "attacks": [{"name": "fgsm"}, {"name": "pgd", "params": {"steps": 20, "restarts": 2}}],
         "n_examples": 397,
     },
-    "export": {"verify_examples": 64},
+    "export": {"verify_examples": 32},
 }
 
 

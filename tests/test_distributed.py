@@ -195,13 +195,6 @@ def test_training_shards_partition_the_data_reproducibly():
         ranks[0].train_loader(DataLoader(data, batch_size=2), 2, 0, 0, 0)
 
 
-def test_doctests_run():
-    import doctest
-
-    import harden.distributed
-
-    result = doctest.testmod(harden.distributed, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.gpu

@@ -31,3 +31,14 @@ def test_every_module_has_its_test_file():
         f"harden/{m} -> tests/{expected_test_file(m)}" for m in modules if not (TESTS / expected_test_file(m)).is_file()
     ]
     assert not missing, "modules without their test file:\n" + "\n".join(missing)
+
+
+def test_the_doctested_modules_keep_their_examples():
+    """--doctest-modules runs every module's examples (make test); these modules must keep having some."""
+    import doctest
+    import importlib
+
+    for name in ("harden.distributed", "harden.report", "harden.runtime", "harden.verify_onnx", "harden.pipeline"):
+        module = importlib.import_module(name)
+        examples = sum(len(t.examples) for t in doctest.DocTestFinder().find(module))
+        assert examples > 0, f"{name} has no doctest examples"

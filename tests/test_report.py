@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import doctest
 import io
 import os
 import re
@@ -165,9 +164,6 @@ def test_html_escapes_text(cert):
     assert "s-UNRELIABLE" in parsed.classes["verdict"] and 'class="badge s-FAIL"' in page
 
 
-def test_doctests_run():
-    result = doctest.testmod(harden.report, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_save_writes_all_three(cert, tmp_path):
