@@ -18,7 +18,9 @@ __all__ = [
     "HardenError",
     "InputError",
     "ModelError",
+    "IntegrityError",
     "PolicyError",
+    "RunFolderError",
     "ThreatModelError",
     "UnknownNameError",
     "describe_validation_error",
@@ -78,6 +80,22 @@ class InputError(DataError, ThreatModelError):
 
 class CheckpointError(HardenError, RuntimeError):
     """A checkpoint is missing, truncated, or fails its hash check."""
+
+
+class RunFolderError(HardenError, RuntimeError):
+    """A run folder is in use by another process, holds another run, or cannot be prepared.
+
+    Raised by the run-folder guard before anything is written: a locked ``--out``, a used folder
+    without ``--resume``/``--overwrite``, or checkpoints of another run.
+    """
+
+
+class IntegrityError(HardenError, ValueError):
+    """A certificate, its signature, a key file or an artifact it vouches for is not what it claims.
+
+    Raised for unreadable or malformed certificates and keys and for a signature that does not
+    verify; ``harden inspect`` reports file-level mismatches as failed checks instead.
+    """
 
 
 class ExportError(HardenError, RuntimeError):
