@@ -1,7 +1,27 @@
 """Shared fixtures for harden's tests: one torch thread, a fresh global seed, a run directory, trained tiny models."""
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (tolerances must hold on any x86-64: the header says which one ran)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_report_header(config):
+    """Name the CPU, torch's build and its CPU kernels in the header, so a CI log says where a number came from."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return [f"cpu: {_cpu_name()} ({platform.machine()}, torch CPU kernels: {isa}), torch {torch.__version__}"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,8 +14,10 @@ from harden.errors import (
     ExportError,
     HardenError,
     InputError,
+    IntegrityError,
     ModelError,
     PolicyError,
+    RunFolderError,
     ThreatModelError,
     UnknownNameError,
     describe_validation_error,
@@ -32,6 +34,8 @@ BUILTINS = {
     InputError: ValueError,
     CheckpointError: RuntimeError,
     ExportError: RuntimeError,
+    RunFolderError: RuntimeError,
+    IntegrityError: ValueError,
 }
 
 
