@@ -18,10 +18,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _machine_line() -> str:
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {_cpu_name()} ({platform.machine()}, torch CPU kernels: {isa}), torch {torch.__version__}"
+
+
 def pytest_report_header(config):
     """Name the CPU, torch's build and its CPU kernels in the header, so a CI log says where a number came from."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    return [f"cpu: {_cpu_name()} ({platform.machine()}, torch CPU kernels: {isa}), torch {torch.__version__}"]
+    return [_machine_line()]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The same line at the end: ``make test`` runs ``pytest -q``, which prints no header."""
+    terminalreporter.write_line(_machine_line())
 
 
 def pytest_collection_modifyitems(config, items):
