@@ -11,13 +11,19 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import types
+import typing
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
+from harden.coderef import CODE_REF
+
 __all__ = [
     "BEGIN",
     "CERTIFICATE_SCHEMA_PATH",
+    "CODE_REF_NOTE",
     "END",
     "POLICY_REFERENCE_PATH",
     "certificate_schema",
@@ -32,6 +38,15 @@ END = "<!-- policy-reference:end -->"
 
 #: the page that holds the generated policy reference between BEGIN and END (kept equal by a test)
 POLICY_REFERENCE_PATH = "docs/policy-reference.md"
+
+
+#: what the reference says about fields of type ``CodeRef`` (its first paragraph)
+CODE_REF_NOTE = (
+    "A field of type `CodeRef` may name code, `package.module:attr`, that harden imports and calls (a registered "
+    "name and `timm:<name>` are not code). harden imports code named in a policy file only with your opt-in: "
+    "`--allow-code MODULE` (repeatable) or `--trust-policy-code` on the command line, `allow_code=` in Python "
+    '(`harden.load_policy(path, allow_code=["mypkg"])`); see [security.md](security.md).'
+)
 
 
 def field_docs(cls: type[BaseModel]) -> dict[str, str]:
@@ -62,11 +77,43 @@ def field_docs(cls: type[BaseModel]) -> dict[str, str]:
     return out
 
 
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("NoneType", "None")
-    text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], text)
-    text = re.sub(r"harden\.\w+\.", "", text)
-    return text.replace("|", "\\|")
+def _type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    r"""How the reference shows a field's type: ``X | None`` for optionals, ``CodeRef`` for code references.
+
+    ``metadata`` is the field's (pydantic moves a top-level ``Annotated``'s metadata there). The
+    ``|`` is escaped for a Markdown table cell.
+
+    Example:
+        >>> from typing import Literal, Optional
+        >>> from harden.coderef import CodeRef
+        >>> print(_type_name(Optional[CodeRef]), _type_name(Optional[Literal["a", "b"]]), _type_name(str, [CODE_REF]))
+        CodeRef \| None Literal['a', 'b'] \| None CodeRef
+    """
+    if any(m is CODE_REF for m in metadata):
+        return "CodeRef"
+    return _plain_type_name(annotation).replace("|", "\\|")
+
+
+def _plain_type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return "CodeRef" if any(m is CODE_REF for m in args[1:]) else _plain_type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_plain_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if annotation is type(None) or annotation is None:
+        return "None"
+    if annotation is Ellipsis:
+        return "..."
+    if annotation is Any:
+        return "Any"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_plain_type_name(a) for a in args)}]"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "")
+    return re.sub(r"harden\.[\w.]+\.", "", text)
 
 
 def _default(field: Any) -> str:
@@ -92,7 +139,9 @@ def _table(cls: type[BaseModel], prefix: str) -> list[str]:
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in cls.model_fields.items():
         desc = _md(docs.get(name, ""))
-        rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default(field)} | {desc} |")
+        rows.append(
+            f"| `{prefix}{name}` | {_type_name(field.annotation, field.metadata)} | {_default(field)} | {desc} |"
+        )
     return rows
 
 
@@ -113,7 +162,7 @@ def policy_reference() -> str:
         VerifySpec,
     )
 
-    parts: list[str] = [BEGIN, "", "### Top level", "", *_table(Policy, "")]
+    parts: list[str] = [BEGIN, "", CODE_REF_NOTE, "", "### Top level", "", *_table(Policy, "")]
     for title, cls, prefix in (
         ("model", ModelSpec, "model."),
         ("data", DataSpec, "data."),

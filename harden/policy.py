@@ -10,7 +10,9 @@ validation context as a :class:`Catalog` (``harden.policy_io.validate_policy`` d
 ``load_policy`` and ``harden.validate_policy``). A spec validated that way carries its
 validated ``Params`` object (:attr:`ObjectiveSpec.checked_params`), so each is validated once
 per run. Built without a catalog (``Policy(...)`` in Python), a policy is checked for
-structure only, and names and params are checked where they are used.
+structure only, and names and params are checked where they are used. The ``model`` and ``data``
+sections live in :mod:`harden.sources`, the building blocks in :mod:`harden.schema`; every section
+is importable from here.
 
 Any problem raises :class:`harden.PolicyError` with one line naming the file and the key path::
 
@@ -28,10 +30,21 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from pydantic_core import PydanticCustomError
 from typing_extensions import Self
 
-from harden.errors import UnknownNameError
-from harden.schema import AttackSpec, Catalog, CertifySpec, ExportSpec, ObjectiveSpec, Strict, ThreatModel, catalog_of
+from harden.schema import (
+    HALF_LEVEL,
+    AttackSpec,
+    Catalog,
+    CertifySpec,
+    ExportSpec,
+    ObjectiveSpec,
+    Strict,
+    ThreatModel,
+    catalog_of,
+)
+from harden.sources import TIMM_FILE_ARGS, DataSpec, ModelSpec
 
 __all__ = [
+    "TIMM_FILE_ARGS",
     "AttackSpec",
     "Catalog",
     "CertifySpec",
@@ -45,102 +58,11 @@ __all__ = [
     "VerifySpec",
 ]
 
-_MODULE_ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 MAX_POLICY_BYTES = 1_000_000
 
-
-class ModelSpec(Strict):
-    """Which model to harden.
-
-    Attributes:
-        name: ``timm:<name>`` (e.g. ``timm:resnet10t``) or ``module:attr`` (a class, factory or
-            ``nn.Module`` instance). Ignored when ``harden.fit`` is given an ``nn.Module``.
-        num_classes: output classes; defaults to the data's.
-        in_chans: input channels; defaults to the data's.
-        pretrained_file: local ``.safetensors`` (or weights-only ``.pth``) file with weights to
-            start from; never downloaded.
-        mean: per-channel mean folded into the model (``Normalized``); default: timm's
-            pretrained config when ``pretrained_file`` is set, else no normalization.
-        std: per-channel std, as ``mean``.
-        args: extra keyword arguments for ``timm.create_model`` or the ``module:attr`` factory.
-    """
-
-    name: str = "timm:resnet10t"
-    num_classes: int | None = Field(None, ge=2)
-    in_chans: int | None = Field(None, ge=1)
-    pretrained_file: str | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    args: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, name: str, info: ValidationInfo) -> str:
-        if name.startswith("timm:"):
-            check = catalog_of(info).check_model
-            try:
-                if check is not None:
-                    check(name[5:])
-            except UnknownNameError as exc:
-                raise ValueError(str(exc)) from None
-        elif not _MODULE_ATTR.match(name):
-            raise ValueError(f"expected 'timm:<model name>' or 'package.module:attr', got {name!r}")
-        return name
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, std: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if std is not None and any(s <= 0 for s in std):
-            raise ValueError(f"expected every std > 0, got {list(std)}")
-        return std
-
-    @model_validator(mode="after")
-    def _mean_std_together(self) -> ModelSpec:
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("expected both mean and std, or neither")
-        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
-            raise ValueError(f"expected mean and std of equal length, got {len(self.mean)} and {len(self.std)}")
-        return self
-
-
-class DataSpec(Strict):
-    """Where the data comes from.
-
-    Attributes:
-        name: a registered dataset (``digits``, ``mnist-5k``, ``cifar10``, ``imagefolder``,
-            ``synthetic``) or ``module:function`` returning ``(train_dataset, test_dataset)``.
-        root: local directory for ``cifar10`` / ``imagefolder`` (never downloaded).
-        batch_size: training batch size.
-        eval_batch_size: batch size for evaluation and attacks.
-        train_limit: use only the first N training examples (after the seeded split).
-        test_limit: use only the first N test examples.
-        image_size: resize ``imagefolder`` images to this square size.
-        num_workers: DataLoader worker processes.
-    """
-
-    name: str = "mnist-5k"
-    root: str | None = None
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    train_limit: int | None = Field(None, ge=1)
-    test_limit: int | None = Field(None, ge=1)
-    image_size: int | None = Field(None, ge=4)
-    num_workers: int = Field(0, ge=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known_data(cls, name: str, info: ValidationInfo) -> str:
-        if ":" in name:
-            if not _MODULE_ATTR.match(name):
-                raise ValueError(f"expected 'package.module:function', got {name!r}")
-            return name
-        datasets = catalog_of(info).datasets
-        try:
-            if datasets is not None:
-                datasets.get(name)
-        except UnknownNameError as exc:
-            raise ValueError(str(exc)) from None
-        return name
+#: a policy name: one safe folder name (``runs/<name>``), no ``.``/``..``, no leading ``-``
+_NAME = re.compile(r"\w(?:[\w.\-]*[\w\-])?")
+_DEVICE_NAMES = re.compile(r"(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?")
 
 
 class TrainSpec(Strict):
@@ -186,7 +108,7 @@ class TrainSpec(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
-    milestones: tuple[int, ...] = ()
+    milestones: tuple[int, ...] = Field((), strict=False)
     gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     probe_examples: int = Field(256, ge=0)
@@ -224,9 +146,10 @@ class VerifySpec(Strict):
     attacks: tuple[AttackSpec, ...] = Field(
         default_factory=lambda: ({"name": "fgsm"}, {"name": "pgd", "params": {"steps": 40}}),
         validate_default=True,  # with the validation context: the defaults are checked like written ones
+        strict=False,  # a list is fine (YAML has no tuples); its items stay strict
     )
     n_examples: int = Field(1000, ge=1)
-    eps_sweep: tuple[float, ...] | None = None
+    eps_sweep: tuple[float, ...] | None = Field(None, strict=False)
     checks: bool = True
     check_examples: int = Field(200, ge=8)
     check_steps: int = Field(20, ge=1, le=10_000)
@@ -254,7 +177,8 @@ class Policy(Strict):
     """A complete hardening job.
 
     Attributes:
-        name: a label for runs and reports.
+        name: a label for runs and reports, and the folder ``runs/<name>``: one safe folder name
+            (letters, digits, ``_``, ``-`` and ``.``, starting with a letter, digit or ``_``).
         seed: seeds data order, initialisation and attacks.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available). Nothing moves
             to a GPU unless the policy says so.
@@ -276,14 +200,14 @@ class Policy(Strict):
         False
     """
 
-    name: str = Field("harden", min_length=1, max_length=100, pattern=r"^[\w.\-]+$")
+    name: str = Field("harden", min_length=1, max_length=100)
     seed: int = Field(0, ge=0, lt=2**32)
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?|mps)$")
     model: ModelSpec = Field(default_factory=dict, validate_default=True)
     data: DataSpec = Field(default_factory=dict, validate_default=True)
     threat: ThreatModel = Field(default_factory=dict, validate_default=True)
     train: TrainSpec = Field(default_factory=dict, validate_default=True)
-    objectives: tuple[ObjectiveSpec, ...] = Field(min_length=1)
+    objectives: tuple[ObjectiveSpec, ...] = Field(min_length=1, strict=False)
     verify: VerifySpec = Field(default_factory=dict, validate_default=True)
     export: ExportSpec = Field(default_factory=dict, validate_default=True)
     certify: CertifySpec = Field(default_factory=dict, validate_default=True)
@@ -304,6 +228,17 @@ class Policy(Strict):
         if update:
             copied._checked = False
         return copied
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        if not _NAME.fullmatch(name) or _DEVICE_NAMES.fullmatch(name):
+            raise ValueError(
+                f"expected one safe folder name (runs/<name>: letters, digits, '_', '-' and '.', starting with a "
+                f"letter, digit or '_', not ending with '.', no device name such as 'con'), got {name!r}; "
+                "rename the policy, e.g. name: my-policy"
+            )
+        return name
 
     @model_validator(mode="after")
     def _some_weight(self, info: ValidationInfo) -> Policy:
@@ -330,10 +265,17 @@ class Policy(Strict):
     def _warn_silent_settings(self) -> None:
         """Warn about settings that silently measure nothing.
 
-        ``iwd_at`` training at another patch geometry than the ``iwd`` attack evaluates at, a lazy
-        first objective under ``bn_stats: first_forward``, and ``mi`` switching its terms on after
-        the last epoch.
+        An eps below half a pixel level (a unit mistake), ``iwd_at`` training at another patch
+        geometry than the ``iwd`` attack evaluates at, a lazy first objective under
+        ``bn_stats: first_forward``, and ``mi`` switching its terms on after the last epoch.
         """
+        if self.threat.below_half_level:
+            warnings.warn(
+                f"threat.eps {self.threat.eps:g} is below half a pixel level (0.5/255 ~ {HALF_LEVEL:.5f}): robustness "
+                "at this eps says nothing about 8-bit images; did you mean eps * 255?",
+                UserWarning,
+                stacklevel=2,
+            )
 
         def geometry(params: dict[str, Any]) -> tuple[int, int]:
             # None: the defaults of images up to 32 px (stride 1, 3x3 patches; k >= stride above)

@@ -7,6 +7,17 @@ attack name is checked and its ``Params`` validated once, here.
 YAML is read with a safe loader that also refuses anchors/aliases and duplicate keys; numbers
 must be finite and fit in 64 bits; every problem, whatever the bytes of the file, becomes one
 :class:`harden.PolicyError` line naming the file and the key path.
+
+**Code named in a policy.** A policy file may come from someone else, and ``model.name``,
+``data.name`` and the ``transfer`` attack's ``params.model`` (every field declared
+:data:`harden.coderef.CodeRef`) may name code harden would import and call
+(``package.module:attr``). :func:`load_policy`, the one door from files to policies, refuses a
+file naming code the caller did not allow (``allow_code``; the CLI's ``--allow-code PACKAGE``
+and ``--trust-policy-code``); :func:`code_references` lists what a policy names. A policy built
+in Python (``Policy(...)``, :func:`validate_policy` on your own mapping) is the caller's own
+code and is not restricted. Validation itself never imports what a policy names. The walk and
+the check are :mod:`harden.trust`'s (``BUILTIN_CODE`` and ``CodeReference`` are importable from
+here too).
 """
 
 from __future__ import annotations
@@ -14,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +41,20 @@ from harden.models import check_timm_name
 from harden.objectives import OBJECTIVES
 from harden.policy import MAX_POLICY_BYTES, Catalog, ObjectiveSpec, Policy
 from harden.registry import did_you_mean
+from harden.trust import BUILTIN_CODE, CodeReference, allowed_modules, find_code, refuse_code
 
-__all__ = ["CATALOG", "checked", "dump_policy", "load_policy", "policy_hash", "validate_policy"]
+__all__ = [
+    "BUILTIN_CODE",
+    "CATALOG",
+    "CodeReference",
+    "check_code",
+    "checked",
+    "code_references",
+    "dump_policy",
+    "load_policy",
+    "policy_hash",
+    "validate_policy",
+]
 
 _ = ObjectiveSpec  # used by the doctests
 
@@ -37,15 +62,22 @@ _ = ObjectiveSpec  # used by the doctests
 CATALOG = Catalog(objectives=OBJECTIVES, attacks=ATTACKS, datasets=DATASETS, check_model=check_timm_name)
 
 
-def validate_policy(data: Any, source: str | None = None) -> Policy:
+def validate_policy(data: Any, source: str | None = None, *, allow_code: bool | Sequence[str] = True) -> Policy:
     """Validate a mapping (e.g. parsed YAML) into a :class:`Policy`.
+
+    A mapping built by your own Python code may name your code (``allow_code=True``, the
+    default). For a mapping that comes from outside (a file, a request), pass ``allow_code=False``
+    or the packages you trust, as :func:`load_policy` does; better, let :func:`load_policy` read
+    the file.
 
     Args:
         data: the policy document as Python objects.
         source: file name used in error messages.
+        allow_code: the code the document may name (see :func:`check_code`).
 
     Raises:
-        PolicyError: the document is invalid; the message names ``source`` and the key path.
+        PolicyError: the document is invalid, or names code ``allow_code`` does not allow; the
+            message names ``source`` and the key path.
 
     Example:
         >>> validate_policy({"objectives": [{"name": "ce"}]}).objectives[0].name
@@ -64,7 +96,53 @@ def validate_policy(data: Any, source: str | None = None) -> Policy:
             f"{prefix}(top level): expected a policy of sane depth, got a document nested too deeply"
         ) from None
     _refuse_insane_numbers(policy.model_dump(), prefix)  # after: strings such as "1e999" parse to inf
+    if allow_code is not True:
+        check_code(policy, allow_code, source=source)
     return policy
+
+
+def code_references(policy: Policy) -> list[CodeReference]:
+    """Every code reference of a policy, in document order (``timm:`` models and registered names are not code).
+
+    Walks every field declared :data:`harden.coderef.CodeRef` (alone or in a list, tuple or
+    mapping), the ``Params`` of each objective and attack included (a policy built in Python is
+    checked first, :func:`checked`); see :func:`harden.trust.find_code`.
+
+    Example:
+        >>> policy = validate_policy({"model": {"name": "harden.testing:TinyCNN"}, "objectives": [{"name": "ce"}]})
+        >>> code_references(policy)
+        [CodeReference(path='model.name', ref='harden.testing:TinyCNN')]
+    """
+    return find_code(checked(policy))
+
+
+def check_code(
+    policy: Policy, allow_code: bool | Sequence[str] = False, *, source: str | None = None
+) -> list[CodeReference]:
+    """Refuse a policy naming code ``allow_code`` does not allow; return its code references.
+
+    Args:
+        policy: the policy.
+        allow_code: True allows every reference; False only :data:`BUILTIN_CODE`; module or
+            package names allow the references whose module is one of them or under one
+            (``"mypkg"`` allows ``mypkg.models:Net``, not ``mypkgx:Net``); see
+            :func:`harden.trust.refuse_code`.
+        source: file name used in the message.
+
+    Raises:
+        PolicyError: a malformed ``allow_code``, or the first reference not allowed (one line:
+            the key path, the reference and the remedy).
+
+    Example:
+        >>> policy = validate_policy({"model": {"name": "mypkg.models:Net"}, "objectives": [{"name": "ce"}]})
+        >>> [r.package for r in check_code(policy, ["mypkg"])]
+        ['mypkg']
+        >>> check_code(policy)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        harden.errors.PolicyError: model.name: 'mypkg.models:Net' is code; ...
+    """
+    allowed = allowed_modules(allow_code)  # a bad allow_code first, whatever the policy holds
+    return refuse_code(code_references(policy), allowed, source=source)
 
 
 #: the largest integer a policy may hold (int64): beyond it nothing in harden means anything
@@ -164,17 +242,35 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file.
+# YAML 1.1 (PyYAML) reads ``1e-3`` as the *string* "1e-3" (its floats need a dot); YAML 1.2 and
+# every user read it as a number. Policies use the 1.2 rule, so strict numbers accept it.
+_NoAliasLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_policy(path: str | Path, *, allow_code: bool | Sequence[str] = False) -> Policy:
+    """Read and validate a policy file: the one door from files to policies.
+
+    A policy file may come from someone else: one naming code (``model.name: mypkg:Net``, see
+    :func:`code_references`) loads only when ``allow_code`` allows it. Nothing the policy names
+    is imported here; :func:`harden.run` and the other steps import it later.
 
     Args:
         path: a YAML file.
+        allow_code: True: any code (the CLI's ``--trust-policy-code``); module or package names:
+            code under them (``["mypkg"]``, the CLI's ``--allow-code mypkg``); False: none but
+            :data:`BUILTIN_CODE`.
 
     Returns:
         The validated, frozen :class:`Policy`.
 
     Raises:
-        PolicyError: the file is missing, is not YAML, or is not a valid policy.
+        PolicyError: the file is missing, is not YAML, is not a valid policy, or names code
+            ``allow_code`` does not allow.
 
     Example:
         >>> policy = load_policy("policies/mnist-pgd.yaml")  # doctest: +SKIP
@@ -205,7 +301,8 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{source}: expected a policy of sane depth, got a document nested too deeply") from None
     except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML resolves but Python refuses (2001-13-45)
         raise PolicyError(f"{source}: expected valid YAML values, got {type(exc).__name__}: {exc}") from None
-    return validate_policy(data, source)
+    allowed_modules(allow_code)  # a bad allow_code is the caller's error, whatever the file holds
+    return validate_policy(data, source, allow_code=allow_code)
 
 
 def checked(policy: Policy) -> Policy:

@@ -1,17 +1,27 @@
-"""The building blocks of the policy schema: the validation context and the named, parametrised entries.
+"""The building blocks of the policy schema: strict sections and the named, parametrised entries.
 
-:class:`Catalog` is what the validation step hands in through pydantic's validation context
-(``context={"harden": catalog}``): the registries that names are checked against. This module,
-like :mod:`harden.policy`, imports none of them. :class:`ObjectiveSpec` and :class:`AttackSpec`
-validate their ``params`` with the registered class's own ``Params`` model when the catalog
-holds its registry, and carry the validated object (:attr:`ObjectiveSpec.checked_params`).
+:class:`ObjectiveSpec` and :class:`AttackSpec` validate their ``params`` with the registered
+class's own ``Params`` model when the validation context (a :class:`harden.catalog.Catalog`)
+holds its registry, and carry the validated object (:attr:`ObjectiveSpec.checked_params`). This
+module, like :mod:`harden.policy`, imports no registry.
+
+Values are strict (:class:`Strict`, and every ``Params`` model through the validation step): a
+bool is never a number, a number never a bool, a string never a number; an integer is fine where
+a float is expected. A field that may name importable code is declared
+:data:`harden.coderef.CodeRef`, so :func:`harden.trust.find_code` finds every one (plugins'
+``Params`` included).
+
+``Catalog``, ``Lookup`` and ``catalog_of`` (from :mod:`harden.catalog`) and ``CodeRef``,
+``CODE_REF``, ``MODULE_ATTR``, ``is_code`` and ``is_code_ref`` (from :mod:`harden.coderef`)
+are importable from here too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+import types
+import typing
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,81 +37,44 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import Self
 
+from harden.catalog import Catalog, Lookup, catalog_of
+from harden.coderef import CODE_REF, MODULE_ATTR, CodeRef, is_code, is_code_ref
 from harden.errors import UnknownNameError, describe_validation_error, format_key_path
 from harden.registry import did_you_mean
 
 __all__ = [
+    "CODE_REF",
+    "HALF_LEVEL",
+    "MODULE_ATTR",
     "AttackSpec",
     "Catalog",
     "CertifySpec",
+    "CodeRef",
     "ExportSpec",
     "Lookup",
     "ObjectiveSpec",
     "Strict",
     "ThreatModel",
     "catalog_of",
+    "is_code",
+    "is_code_ref",
 ]
+
+#: half a level of an 8-bit pixel on the [0, 1] scale: an eps below it moves no 8-bit image
+HALF_LEVEL = 0.5 / 255
 
 
 class Strict(BaseModel):
-    """Base of every policy section: unknown keys are refused; frozen.
+    """Base of every policy section: unknown keys are refused; frozen; values strict.
 
     Instances handed in as values are validated again (``revalidate_instances``), so a spec
     built in Python and placed in a policy is checked like a written one, and the caller's
-    object is never changed.
+    object is never changed. Values are strict (pydantic's strict mode): ``eps: true``,
+    ``eps: "0.1"`` and ``checks: 1`` are refused, ``eps: 1`` is fine. A tuple field takes a list
+    (YAML has no tuples): declare it ``Field(..., strict=False)``; its items stay strict.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always")
-
-
-class Lookup(Protocol):
-    """What the schema needs of a registry: ``get(name)`` (raising ``UnknownNameError``) and ``names()``."""
-
-    def get(self, name: str) -> Any:
-        """The entry registered as ``name``."""
-        ...
-
-    def names(self) -> list[str]:
-        """Every registered name."""
-        ...
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """The registries a policy's names and params are checked against (the validation context).
-
-    Passed as ``context={"harden": catalog}`` to ``model_validate``; a field whose lookup is
-    None is checked for structure only. :data:`harden.policy_io.CATALOG` is the full one.
-
-    Attributes:
-        objectives: objective classes by name (each with a ``Params`` model).
-        attacks: attack classes by name (each with ``Params``, ``bounded``, ``changes_label``).
-        datasets: dataset loaders by name.
-        check_model: raises ``UnknownNameError`` for an unknown ``timm:`` model name.
-
-    Example:
-        >>> from harden.registry import Registry
-        >>> spec = ObjectiveSpec.model_validate({"name": "x"}, context={"harden": Catalog()})
-        >>> spec.checked_params is None  # nothing to check against: structure only
-        True
-    """
-
-    objectives: Lookup | None = None
-    attacks: Lookup | None = None
-    datasets: Lookup | None = None
-    check_model: Callable[[str], None] | None = None
-
-    @property
-    def complete(self) -> bool:
-        """Whether every name of a policy can be checked."""
-        return None not in (self.objectives, self.attacks, self.datasets, self.check_model)
-
-
-def catalog_of(info: ValidationInfo) -> Catalog:
-    """The :class:`Catalog` of a validation (an empty one, checking structure only, when none was given)."""
-    context = info.context if isinstance(info.context, dict) else {}
-    found = context.get("harden")
-    return found if isinstance(found, Catalog) else Catalog()
+    model_config = ConfigDict(extra="forbid", frozen=True, revalidate_instances="always", strict=True)
 
 
 def _nested_params_error(
@@ -123,9 +96,24 @@ def _nested_params_error(
     )
 
 
+def _tuple_field(field: Any) -> bool:
+    """Whether a field's annotation is a tuple (or an optional one)."""
+    annotation = field.annotation
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(typing.get_origin(a) is tuple or a is tuple for a in (annotation, *options))
+
+
 def _validate_params(kind: str, name: str, params_model: type[BaseModel], params: dict[str, Any]) -> BaseModel:
+    """Validate ``params`` strictly (as :class:`Strict`), whatever the ``Params`` model's own config.
+
+    A list given for a tuple field becomes a tuple first (YAML has no tuples); its items stay strict.
+    """
+    fields = params_model.model_fields
+    data = {
+        k: tuple(v) if isinstance(v, list) and k in fields and _tuple_field(fields[k]) else v for k, v in params.items()
+    }
     try:
-        return params_model.model_validate(params)
+        return params_model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise _nested_params_error(kind, name, exc, params_model) from None
 
@@ -192,6 +180,19 @@ class ThreatModel(Strict):
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(0.3, gt=0)
     rho: float | None = Field(None, gt=0)
+
+    @property
+    def below_half_level(self) -> bool:
+        """Whether ``eps`` is below half a pixel level (:data:`HALF_LEVEL`): a unit mistake, almost surely.
+
+        One pixel moved by less than half a level rounds back on every 8-bit image (linf and l2
+        alike), so robustness at such an eps says nothing about 8-bit images.
+
+        Example:
+            >>> ThreatModel(eps=8 / 255).below_half_level, ThreatModel(eps=1e-4).below_half_level
+            (False, True)
+        """
+        return self.eps < HALF_LEVEL
 
     @model_validator(mode="after")
     def _eps_range(self) -> ThreatModel:
@@ -326,7 +327,7 @@ class CertifySpec(Strict):
     n_examples: int = Field(100, ge=1)
     radius: float | None = Field(None, gt=0)
     min_certified_accuracy: float = Field(0.5, gt=0, le=1)
-    radii: tuple[float, ...] | None = None
+    radii: tuple[float, ...] | None = Field(None, strict=False)
     saliency_examples: int = Field(4, ge=0, le=32)
 
     def radius_for(self, threat: ThreatModel) -> float | None:

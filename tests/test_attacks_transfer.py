@@ -54,3 +54,22 @@ def test_a_transfer_attack_without_a_surrogate_is_a_clear_error():
         atk.prepare(AttackEnv(policy=tiny_policy()))  # attacks never train one themselves
     with pytest.raises(harden.DataError, match="surrogate"):
         atk(TinyCNN(num_classes=3), x, y)
+
+
+def test_the_surrogate_model_is_a_code_reference(tmp_path):
+    from harden.attacks.transfer import TransferParams
+    from harden.policy_io import code_references, load_policy
+    from harden.coderef import is_code_ref
+
+    assert is_code_ref(TransferParams.model_fields["model"])
+    with pytest.raises(ValueError, match="dotted Python names"):
+        TransferParams(model="os..path:join")
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "objectives: [{name: ce}]\nverify: {attacks: [{name: fgsm}, {name: transfer, params: {model: 'os:system'}}]}\n"
+    )
+    with pytest.raises(harden.PolicyError, match=r"verify\.attacks\.1\.params\.model: 'os:system' is code"):
+        load_policy(path)
+    policy = load_policy(path, allow_code=["os"])
+    assert [r.path for r in code_references(policy)] == ["verify.attacks.1.params.model"]
+    assert TransferParams(model="timm:resnet10t").model == "timm:resnet10t"  # not code: timm builds it

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import harden
-from harden.policy_io import dump_policy, policy_hash, validate_policy
+from harden.policy_io import BUILTIN_CODE, code_references, dump_policy, policy_hash, validate_policy
 from harden.testing import tiny_policy
 
 #: libyaml's C dumper/loader where the test itself writes and re-reads YAML (harden's own loader is pure Python)
@@ -59,6 +59,7 @@ def load(path):
         assert "expected" in message or "unknown key" in message, message
         return None
     assert isinstance(policy, harden.Policy)
+    assert all(ref.ref in BUILTIN_CODE for ref in code_references(policy))  # no code loads without an opt-in
     again = validate_policy(yaml.load(dump_policy(policy), Loader=LOADER))  # the canonical dump loads back the same
     assert policy_hash(again) == policy_hash(policy)
     return policy
@@ -164,3 +165,18 @@ def test_mutation_with_insane_numbers_is_refused(policy_file, bad):
     write_yaml(policy_file, {**BASE, "seed": bad})
     with pytest.raises(harden.PolicyError, match="seed: expected a"):
         harden.load_policy(policy_file)
+
+
+code_names = st.sampled_from(["os:system", "os.path:join", "timm:resnet10t", "digits", "harden.pipeline:run", "a..b:c"])
+
+
+@FUZZ
+@given(name=code_names | st.text(alphabet="ab.:_ ", max_size=12), where=st.sampled_from(["model", "data", "transfer"]))
+def test_code_names_anywhere_load_only_when_allowed(policy_file, name, where):
+    doc = copy.deepcopy(BASE)
+    if where == "transfer":
+        doc["verify"]["attacks"].append({"name": "transfer", "params": {"model": name}})
+    else:
+        doc[where]["name"] = name
+    write_yaml(policy_file, doc)
+    load(policy_file)

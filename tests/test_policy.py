@@ -281,3 +281,89 @@ def test_a_lazy_first_objective_warns_about_batchnorm_statistics():
         warnings.simplefilter("error")
         tiny_policy(objectives=objectives, train={"bn_stats": "every_forward"})
         tiny_policy(objectives=objectives[::-1])
+
+
+# --------------------------------------------------------------------------- strict values, names, timm args
+
+
+@pytest.mark.parametrize(
+    ("body", "key_path", "detail"),
+    [
+        ("threat: {eps: true}\n", "threat.eps", "expected a number, got True"),  # not 1.0
+        ("threat: {eps: '0.1'}\n", "threat.eps", "expected a number, got '0.1'"),
+        ("verify: {checks: 1}\n", "verify.checks", "expected true or false, got 1"),
+        ("train: {epochs: true}\n", "train.epochs", "expected an integer, got True"),
+        ("train: {milestones: [1, true]}\n", "train.milestones.1", "expected an integer, got True"),
+        ("model: {mean: [0.5, '0.5'], std: [1, 1]}\n", "model.mean.1", "expected a number, got '0.5'"),
+        (
+            "objectives: [{name: pgd_at, params: {random_start: 1}}]\n",
+            "objectives.0.params.random_start",
+            "true or false",
+        ),
+        ("objectives: [{name: trades, params: {beta: false}}]\n", "objectives.0.params.beta", "expected a number"),
+        ("verify: {attacks: [{name: pgd, params: {steps: '40'}}]}\n", "verify.attacks.0.params.steps", "an integer"),
+    ],
+)
+def test_values_are_strict(tmp_path, body, key_path, detail):
+    _, msg = policy_error(tmp_path, "objectives: [{name: ce}]\n" + body if "objectives" not in body else body)
+    assert f": {key_path}: " in msg
+    assert detail in msg
+
+
+def test_integers_stay_fine_where_floats_are_expected(tmp_path):
+    policy = load_policy(
+        write(tmp_path, "objectives: [{name: trades, params: {beta: 2}}]\nthreat: {eps: 1}\ntrain: {lr: 1}\n")
+    )
+    assert policy.threat.eps == 1.0 and isinstance(policy.threat.eps, float)
+    assert policy.train.lr == 1.0 and policy.objectives[0].params["beta"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", "", "a/b", "a\\b", "a\x00b", "-rf", ".hidden", "ends.", "con", "NUL.txt", "a b"]
+)
+def test_the_name_is_one_safe_folder_name(name):
+    with pytest.raises(harden.PolicyError, match=r"^name: ") as info:
+        validate_policy({**MINIMAL, "name": name})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["demo", "mnist-pgd", "v1.2", "_x", "a-", "console", "über"])
+def test_ordinary_names_are_fine(name):
+    assert validate_policy({**MINIMAL, "name": name}).name == name
+
+
+def test_a_bad_name_says_what_to_do(tmp_path):
+    _, msg = policy_error(tmp_path, "name: '..'\nobjectives: [{name: ce}]\n")
+    assert ": name: expected one safe folder name" in msg and "got '..'" in msg and msg.endswith("name: my-policy")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path", "cache_dir"],
+)
+def test_timm_args_cannot_load_files(tmp_path, key):
+    value = "true" if key in ("pretrained", "pretrained_strict") else "/tmp/x"
+    _, msg = policy_error(
+        tmp_path, f"objectives: [{{name: ce}}]\nmodel: {{name: 'timm:resnet10t', args: {{{key}: {value}}}}}\n"
+    )
+    assert f": model.args.{key}: expected no timm argument that reads or downloads" in msg
+    assert "model.pretrained_file" in msg
+
+
+def test_timm_args_that_load_nothing_and_factory_args_are_fine():
+    timm_model = validate_policy({**MINIMAL, "model": {"name": "timm:resnet10t", "args": {"drop_rate": 0.1}}}).model
+    assert timm_model.args == {"drop_rate": 0.1}
+    own = validate_policy({**MINIMAL, "model": {"name": "harden.testing:TinyCNN", "args": {"pretrained": True}}}).model
+    assert own.args == {"pretrained": True}  # the user's own factory decides what its args mean
+
+
+def test_an_eps_below_half_a_pixel_level_warns():
+    with pytest.warns(UserWarning, match=r"threat.eps 1e-300 is below half a pixel level \(0.5/255") as record:
+        policy = validate_policy({**MINIMAL, "threat": {"eps": 1e-300}})
+    assert policy.threat.below_half_level and len(record) == 1
+    with pytest.warns(UserWarning, match="below half a pixel level"):
+        validate_policy({**MINIMAL, "threat": {"norm": "l2", "eps": 0.001}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_policy({**MINIMAL, "threat": {"eps": 1 / 255}})
+        validate_policy({**MINIMAL, "threat": {"eps": 0.5 / 255}})

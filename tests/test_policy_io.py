@@ -1,20 +1,40 @@
 import ast
+import importlib
+import os
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import harden
 from harden.attacks import ATTACKS
 from harden.objectives import OBJECTIVES
 from harden.policy import AttackSpec, Catalog, ObjectiveSpec, Policy
-from harden.policy_io import CATALOG, checked, dump_policy, policy_hash, validate_policy
+from harden.policy_io import (
+    BUILTIN_CODE,
+    CATALOG,
+    check_code,
+    checked,
+    code_references,
+    dump_policy,
+    load_policy,
+    policy_hash,
+    validate_policy,
+)
 
 ROOT = Path(harden.__file__).parent
 
 
 @pytest.mark.parametrize(
     ("module", "allowed"),
-    [("policy.py", {"harden.errors", "harden.schema"}), ("schema.py", {"harden.errors", "harden.registry"})],
+    [
+        ("policy.py", {"harden.schema", "harden.sources"}),
+        ("sources.py", {"harden.catalog", "harden.coderef", "harden.errors", "harden.schema"}),
+        ("schema.py", {"harden.catalog", "harden.coderef", "harden.errors", "harden.registry"}),
+        ("catalog.py", set()),
+        ("coderef.py", set()),
+    ],
 )
 def test_the_policy_modules_are_a_pure_schema(module, allowed):
     tree = ast.parse((ROOT / module).read_text())
@@ -89,3 +109,145 @@ def test_entry_points_check_a_policy_built_in_python():
     )
     report = harden.verify(TinyCNN(num_classes=3), raw, synthetic_tensors(8), progress=False)
     assert report.attacks[0]["params"]["restarts"] == 1  # filled like a loaded policy's
+
+
+# --------------------------------------------------------------------------- code named in a policy
+
+
+def _write(tmp_path, doc, name="policy.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _with_model(name, **more):
+    return {"model": {"name": name}, "objectives": [{"name": "ce"}], **more}
+
+
+def test_the_trust_names_are_still_importable_from_here():
+    import harden.policy_io
+    import harden.trust
+
+    assert harden.policy_io.BUILTIN_CODE is harden.trust.BUILTIN_CODE
+    assert harden.policy_io.CodeReference is harden.trust.CodeReference
+    assert {"BUILTIN_CODE", "CodeReference", "check_code", "code_references"} <= set(harden.policy_io.__all__)
+
+
+def test_code_references_check_a_policy_built_in_python_first():
+    from harden.trust import find_code
+
+    raw = Policy(
+        objectives=[ObjectiveSpec(name="ce")],
+        verify={"attacks": [AttackSpec(name="transfer", params={"model": "os:system"})]},
+    )
+    assert find_code(raw) == []  # unchecked: its raw params are not walked
+    assert [r.path for r in code_references(raw)] == ["verify.attacks.0.params.model"]
+    with pytest.raises(harden.PolicyError, match=r"^verify\.attacks\.0\.params\.model: 'os:system' is code"):
+        check_code(raw)
+    with pytest.raises(harden.PolicyError, match="expected allow_code True, False or module names"):
+        check_code(Policy(objectives=[ObjectiveSpec(name="no_such_objective")]), [1])  # type: ignore[list-item]
+
+
+def test_load_policy_refuses_code_unless_allowed(tmp_path):
+    path = _write(tmp_path, _with_model("mypkg.models:Net"))
+    with pytest.raises(harden.PolicyError) as info:
+        load_policy(path)
+    msg = str(info.value)
+    assert msg == (
+        f"{path}: model.name: 'mypkg.models:Net' is code, expected none unless allowed: harden imports code named in "
+        "a policy only when you allow it; pass --allow-code mypkg (or --trust-policy-code), or allow_code=['mypkg'] "
+        "in Python"
+    )
+    for allow in (True, ["mypkg"], ["mypkg.models"], ("other", "mypkg"), "mypkg"):
+        assert load_policy(path, allow_code=allow).model.name == "mypkg.models:Net"
+    for allow in (False, [], ["mypkgx"], ["mypkg.model"], ["mypkg.models.sub"], ["my"]):
+        with pytest.raises(harden.PolicyError, match=r"model\.name: 'mypkg\.models:Net' is code"):
+            load_policy(path, allow_code=allow)
+
+
+def test_a_package_allows_itself_and_below_only(tmp_path):
+    path = _write(tmp_path, _with_model("mypkgx:Net"))
+    with pytest.raises(harden.PolicyError, match="--allow-code mypkgx "):
+        load_policy(path, allow_code=["mypkg"])
+    assert load_policy(path, allow_code=["mypkgx"]).model.name == "mypkgx:Net"
+
+
+def test_every_code_reference_is_checked_not_only_the_model(tmp_path):
+    doc = _with_model(
+        "mypkg:Net", verify={"attacks": [{"name": "fgsm"}, {"name": "transfer", "params": {"model": "os:system"}}]}
+    )
+    path = _write(tmp_path, doc)
+    with pytest.raises(
+        harden.PolicyError, match=r"verify\.attacks\.1\.params\.model: 'os:system' is code.*--allow-code os "
+    ):
+        load_policy(path, allow_code=["mypkg"])
+    data = _write(tmp_path, {"data": {"name": "evil.data:load"}, "objectives": [{"name": "ce"}]}, "data.yaml")
+    with pytest.raises(harden.PolicyError, match=r"data\.name: 'evil\.data:load' is code"):
+        load_policy(data)
+
+
+@pytest.mark.parametrize("allow", [1, None, [1], ["my pkg"], [""], ["pkg:attr"], ["..x"]])
+def test_a_bad_allow_code_is_refused(tmp_path, allow):
+    path = _write(tmp_path, _with_model("timm:resnet10t"))
+    with pytest.raises(harden.PolicyError, match="expected allow_code True, False or module names"):
+        load_policy(path, allow_code=allow)
+
+
+def test_harden_tiny_models_need_no_opt_in(tmp_path):
+    assert "harden.testing:TinyCNN" in BUILTIN_CODE
+    for name in sorted(BUILTIN_CODE):
+        assert load_policy(_write(tmp_path, _with_model(name))).model.name == name
+    with pytest.raises(harden.PolicyError, match="--allow-code harden "):  # the rest of harden is code like any other
+        load_policy(_write(tmp_path, _with_model("harden.pipeline:run")))
+
+
+def test_validate_policy_allows_the_callers_own_code_unless_told_otherwise():
+    doc = _with_model("mypkg:Net")
+    assert validate_policy(doc).model.name == "mypkg:Net"  # a mapping built in Python: the caller's own code
+    with pytest.raises(harden.PolicyError, match=r"^x.yaml: model.name: 'mypkg:Net' is code"):
+        validate_policy(doc, "x.yaml", allow_code=False)
+    assert validate_policy(doc, allow_code=["mypkg"]).model.name == "mypkg:Net"
+
+
+def test_code_named_in_a_policy_file_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    (tmp_path / "h1_evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nNet = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported: list[str] = []
+    ran: list[str] = []
+    real_import = importlib.import_module
+
+    def recording_import(name, *args):
+        imported.append(name)
+        return real_import(name, *args)
+
+    def recording_system(command):
+        ran.append(command)
+        return 0
+
+    monkeypatch.setattr(importlib, "import_module", recording_import)
+    monkeypatch.setattr(os, "system", recording_system)
+    evil = _write(tmp_path, _with_model("h1_evil_module:Net"), "evil.yaml")
+    system = _write(
+        tmp_path, {"model": {"name": "os:system", "args": {"command": "touch x"}}, "objectives": [{"name": "ce"}]}
+    )
+    for path, module in ((evil, "h1_evil_module"), (system, "os")):
+        with pytest.raises(harden.PolicyError, match=f"model.name: '{module}:"):
+            load_policy(path)
+        with pytest.raises(harden.PolicyError, match=f"--allow-code {module} "):
+            validate_policy(yaml.safe_load(path.read_text()), str(path), allow_code=False)
+    policy = load_policy(evil, allow_code=True)  # allowed: it loads, and validation still imports nothing
+    assert policy.model.name == "h1_evil_module:Net" and code_references(policy)[0].package == "h1_evil_module"
+    assert not marker.exists() and "h1_evil_module" not in sys.modules
+    assert not [n for n in imported if n.startswith("h1_evil_module")] and ran == []
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; policies read it as a number, as YAML 1.2 does."""
+    path = tmp_path / "p.yaml"
+    path.write_text("name: e\nobjectives: [{name: ce}]\ntrain: {lr: 1e-3, weight_decay: 5E-4}\nthreat: {eps: 3e-1}\n")
+    policy = load_policy(path)
+    assert (policy.train.lr, policy.train.weight_decay, policy.threat.eps) == (1e-3, 5e-4, 0.3)
+    path.write_text("name: e\nobjectives: [{name: ce}]\ntrain: {lr: 1e999}\n")
+    with pytest.raises(harden.PolicyError, match="train.lr: expected a finite"):
+        load_policy(path)

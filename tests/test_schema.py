@@ -1,9 +1,10 @@
 import pydantic
+import pydantic_core
 import pytest
 
 from harden.attacks import ATTACKS
 from harden.objectives import OBJECTIVES
-from harden.schema import AttackSpec, Catalog, ObjectiveSpec, ThreatModel
+from harden.schema import HALF_LEVEL, AttackSpec, Catalog, CertifySpec, ObjectiveSpec, ThreatModel
 
 
 def test_partial_catalogs_check_only_what_they_hold():
@@ -14,7 +15,6 @@ def test_partial_catalogs_check_only_what_they_hold():
         AttackSpec.model_validate({"name": "nope"}, context=only_attacks)
     unchecked = ObjectiveSpec.model_validate({"name": "nope"}, context=only_attacks)
     assert unchecked.checked_params is None
-
 
 
 def test_a_params_error_names_the_nested_key_and_the_close_match():
@@ -42,3 +42,67 @@ def test_threat_model_bounds():
         ThreatModel(eps=0)
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         ThreatModel().eps = 0.2  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- strict values
+
+
+@pytest.mark.parametrize(
+    ("section", "data", "kind"),
+    [
+        (ThreatModel, {"eps": True}, "float_type"),  # a bool is never a number (lax pydantic made it 1.0)
+        (ThreatModel, {"eps": "0.1"}, "float_type"),  # a string is never a number
+        (ThreatModel, {"rho": False}, "float_type"),
+        (ObjectiveSpec, {"name": "ce", "every": True}, "int_type"),
+        (ObjectiveSpec, {"name": "ce", "every": 2.0}, "int_type"),  # a float is not an integer either
+        (CertifySpec, {"smoothing": 1}, "bool_type"),  # a number is never a bool
+        (CertifySpec, {"smoothing": "yes"}, "bool_type"),
+        (CertifySpec, {"radii": [0.5, True]}, "float_type"),  # the items of a list too
+    ],
+)
+def test_values_are_strict(section, data, kind):
+    with pytest.raises(pydantic.ValidationError) as info:
+        section.model_validate(data)
+    assert info.value.errors()[0]["type"] == kind
+
+
+def test_integers_stay_fine_for_floats_and_lists_for_tuples():
+    assert ThreatModel.model_validate({"eps": 1}).eps == 1.0
+    assert isinstance(ThreatModel.model_validate({"eps": 1}).eps, float)
+    assert CertifySpec.model_validate({"radii": [1, 0.5]}).radii == (1.0, 0.5)
+
+
+def test_params_are_validated_strictly_whatever_their_own_config():
+    from pydantic import BaseModel
+
+    from harden.schema import _validate_params
+
+    class LaxParams(BaseModel):  # a plugin's Params: pydantic's lax default config
+        scale: float = 1.0
+        flag: bool = False
+        sizes: tuple[int, ...] | None = None
+
+    assert LaxParams.model_validate({"scale": True}).scale == 1.0  # what lax validation would let through
+    ok = _validate_params("objective", "x", LaxParams, {"scale": 2, "sizes": [1, 2]})
+    assert ok == LaxParams(scale=2.0, sizes=(1, 2))
+    for bad in ({"scale": True}, {"flag": 1}, {"scale": "2"}, {"sizes": [1, True]}):
+        with pytest.raises(pydantic_core.PydanticCustomError):
+            _validate_params("objective", "x", LaxParams, bad)
+
+
+def test_the_moved_names_are_still_importable_from_here():
+    import harden.catalog
+    import harden.coderef
+    import harden.schema
+
+    for module in (harden.catalog, harden.coderef):
+        for name in module.__all__:
+            assert getattr(harden.schema, name) is getattr(module, name), name
+            assert name in harden.schema.__all__
+
+
+def test_below_half_level():
+    assert HALF_LEVEL == 0.5 / 255
+    assert ThreatModel(eps=1e-300).below_half_level and ThreatModel(norm="l2", eps=1e-3).below_half_level
+    assert not ThreatModel(eps=HALF_LEVEL).below_half_level  # below, strictly
+    assert not ThreatModel(eps=1 / 255).below_half_level and not ThreatModel(norm="l2", eps=0.5).below_half_level

@@ -10,6 +10,7 @@ from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackEnv, AttackParams
 from harden.errors import DataError
+from harden.coderef import CodeRef
 
 __all__ = ["Transfer", "TransferParams"]
 
@@ -18,8 +19,8 @@ class TransferParams(AttackParams):
     """Parameters of :class:`Transfer`.
 
     Attributes:
-        model: the surrogate's architecture (``timm:<name>`` or ``module:attr``); None: the
-            policy's own model.
+        model: the surrogate's architecture (``timm:<name>`` or ``module:attr``: code, loaded from
+            a policy file only where the user allows it); None: the policy's own model.
         weights: a local ``model.safetensors`` for the surrogate; None: harden trains one with
             plain cross-entropy (``ce``) on the policy's training data (``harden.surrogate``).
         epochs: epochs of that ``ce`` training.
@@ -27,7 +28,7 @@ class TransferParams(AttackParams):
         restarts: PGD restarts on the surrogate.
     """
 
-    model: str | None = None
+    model: CodeRef | None = None
     weights: str | None = None
     epochs: int = Field(3, ge=1, le=1000)
     steps: int = Field(20, ge=1, le=10_000)
