@@ -10,28 +10,54 @@ The verdict:
   (or, under ``harden run``, the exported ONNX session fell to black-box attacks the PyTorch
   model's white-box suite did not find).
 
+The rule is :func:`verdict_rule`, a pure function of the certificate's own ``checks`` and
+``smoothing``, so ``harden inspect`` re-applies it to a certificate it reads.
+
 A certificate is assembled once (:func:`harden.certify.assemble`), with every measurement in
 hand, and is frozen: nothing edits it afterwards. It is data only; :mod:`harden.report` renders
-it as Markdown and HTML.
+it as Markdown and HTML. :meth:`Certificate.save` writes the renderings first and
+``certificate.json`` last, holding their hashes (``rendered``) and, given a key, an Ed25519
+signature over :meth:`Certificate.canonical_bytes` (``signature``): ``certificate.json`` is the
+commit marker of a run folder, and everything it vouches for is on disk before it appears.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import platform
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harden._version import __version__
 from harden.checkpoint import atomic_write
+from harden.errors import IntegrityError, format_validation_error
 from harden.report import to_html, to_markdown
+from harden.signing import load_private_key, sign
 
-__all__ = ["CERTIFICATE_SCHEMA_VERSION", "Certificate", "SaliencyExample", "SmoothingSummary", "environment"]
+__all__ = [
+    "CERTIFICATE_SCHEMA_VERSION",
+    "MAX_CERTIFICATE_BYTES",
+    "Certificate",
+    "SaliencyExample",
+    "SmoothingSummary",
+    "environment",
+    "verdict_rule",
+]
 
-CERTIFICATE_SCHEMA_VERSION = "2.1"  # 2.1: onnx_black_box.outcomes and the onnx_black_box check
+# 2.1: onnx_black_box.outcomes and the onnx_black_box check
+# 2.2: rendered (SHA-256 of certificate.md / .html), warnings, signature (Ed25519 over canonical_bytes);
+#      certificate.json is written last
+CERTIFICATE_SCHEMA_VERSION = "2.2"
+#: ``Certificate.load`` refuses larger files (a real one, saliency maps included, is well under 1 MiB).
+MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024
+RENDERINGS = {"md": "certificate.md", "html": "certificate.html"}
+_Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _PACKAGES = (
     "torch",
     "torchvision",
@@ -106,6 +132,59 @@ class SaliencyExample(BaseModel):
     maps: dict[str, list[list[float]]]
 
 
+def verdict_rule(checks: Mapping[str, Any], smoothing: SmoothingSummary | None) -> tuple[str, str]:
+    """The verdict and its reason from a certificate's own data: its checks by id and its smoothing.
+
+    Any check whose ``status`` is ``FAIL`` makes it UNRELIABLE; else CERTIFIED needs smoothing at an
+    l2 radius with certified accuracy reaching ``min_certified_accuracy``; else EMPIRICAL.
+
+    Args:
+        checks: the sanity checks by id (each a mapping with ``status``).
+        smoothing: randomized-smoothing results, if run.
+
+    Example:
+        >>> verdict_rule({}, None)[0], verdict_rule({"x": {"status": "FAIL"}}, None)
+        ('EMPIRICAL', ('UNRELIABLE', 'sanity check(s) failed: x'))
+    """
+    failed = [str(cid) for cid, c in checks.items() if isinstance(c, Mapping) and c.get("status") == "FAIL"]
+    if failed:
+        return "UNRELIABLE", f"sanity check(s) failed: {', '.join(failed)}"
+    if smoothing is None:
+        return "EMPIRICAL", "attack suite only (randomized smoothing not run: certify.smoothing is false)"
+    if smoothing.radius is None:
+        return "EMPIRICAL", "smoothing certifies l2 radii; the threat is linf and certify.radius is not set"
+    acc = smoothing.certified_accuracy or 0.0
+    if acc >= smoothing.min_certified_accuracy:
+        return "CERTIFIED", (
+            f"smoothed classifier (sigma={smoothing.sigma:g}) certified on {acc:.1%} of {smoothing.examples} "
+            f"examples at l2 radius {smoothing.radius:g} (alpha={smoothing.alpha:g})"
+        )
+    return "EMPIRICAL", (
+        f"certified accuracy {acc:.1%} at l2 radius {smoothing.radius:g} is below the required "
+        f"{smoothing.min_certified_accuracy:.0%}"
+    )
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"expected unique keys, got {dup[:60]!r} twice")
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"expected finite numbers, got {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: would serialize as null, unlike what was signed
+        raise ValueError(f"expected finite numbers, got {text[:40]}")
+    return value
+
+
 class Certificate(BaseModel):
     """A robustness certificate; ``certificate.json`` is its JSON form. Frozen once assembled.
 
@@ -134,6 +213,11 @@ class Certificate(BaseModel):
             ``providers`` that ran, ``seconds``, and per example ``outcomes``: ``""`` held, else
             the attack that fooled it), when ``harden run`` measured it; the ``onnx_black_box``
             check compares those outcomes with the PyTorch suite's.
+        rendered: SHA-256 of ``certificate.md`` and ``certificate.html`` as written beside it
+            (keys are the file names; filled by :meth:`save`).
+        warnings: notes a reader must see (rendered at the top of the Markdown and HTML).
+        signature: ``{"algorithm": "ed25519", "key_id", "signature"}`` over :meth:`canonical_bytes`
+            (None: unsigned); see :mod:`harden.signing`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -169,26 +253,126 @@ class Certificate(BaseModel):
     checks: dict[str, dict[str, str]] = Field(default_factory=dict)
     smoothing: SmoothingSummary | None = None
     saliency: list[SaliencyExample] = Field(default_factory=list)
+    rendered: dict[Literal["certificate.md", "certificate.html"], _Sha256] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    signature: dict[str, str] | None = None
 
-    def save(self, directory: str | Path, formats: tuple[str, ...] = ("json", "md", "html")) -> Path:
-        """Write ``certificate.json`` (and ``.md`` / ``.html``) into ``directory`` atomically.
+    def canonical_bytes(self) -> bytes:
+        """The signed form: this certificate's JSON without ``signature``, keys sorted, compact, UTF-8.
+
+        It is computed from the JSON the certificate serializes to (tuples become lists, floats
+        their shortest repr), so a certificate loaded from ``certificate.json`` gives the very bytes
+        that were signed.
+
+        Example:
+            >>> cert = Certificate(verdict="EMPIRICAL", created="2025-01-01T00:00:00+00:00", policy_name="p",
+            ...     policy_sha256="0" * 64, weights_sha256="1" * 64, threat={"eps": 0.1}, n=4, clean_accuracy=0.75,
+            ...     robust_accuracy=0.5, per_attack={}, attacks=[], seed=0, device="cpu", versions={})
+            >>> cert.canonical_bytes()[:40]
+            b'{"attacks":[],"broken_by":{},"checks":{}'
+        """
+        doc = json.loads(self.model_dump_json(exclude={"signature"}))
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def save(
+        self,
+        directory: str | Path,
+        formats: tuple[str, ...] = ("json", "md", "html"),
+        *,
+        signing_key: Any = None,
+    ) -> Path:
+        """Write ``certificate.md`` / ``.html`` (as asked), then ``certificate.json`` last, into ``directory``.
+
+        An existing ``certificate.json`` there is deleted first, and the renderings not asked for
+        too, so a crash midway leaves no certificate rather than a stale one. Each file is written
+        atomically. The JSON written records the renderings' SHA-256 (``rendered``) and, with
+        ``signing_key``, the signature over :meth:`canonical_bytes`; load it back with :meth:`load`
+        (this object, assembled before the files existed, has neither).
+
+        Args:
+            directory: the run folder (created if missing).
+            formats: ``md`` and / or ``html`` renderings to write (``certificate.json`` always is).
+            signing_key: an Ed25519 private key, or the path of its PEM file (None: unsigned).
 
         Returns:
             The path of ``certificate.json``.
+
+        Raises:
+            IntegrityError: the signing key cannot be read.
+            CheckpointError: a file cannot be written (e.g. a full disk).
         """
         directory = Path(directory)
         path = directory / "certificate.json"
-        atomic_write(path, self.model_dump_json(indent=2).encode())
-        if "md" in formats:
-            atomic_write(directory / "certificate.md", to_markdown(self).encode())
-        if "html" in formats:
-            atomic_write(directory / "certificate.html", to_html(self).encode())
+        if isinstance(signing_key, (str, Path)):
+            signing_key = load_private_key(signing_key)
+        directory.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        base = self.model_copy(update={"rendered": {}, "signature": None})
+        rendered: dict[str, str] = {}
+        for fmt, name in RENDERINGS.items():
+            if fmt not in formats:
+                (directory / name).unlink(missing_ok=True)
+                continue
+            data = (to_markdown(base) if fmt == "md" else to_html(base)).encode()
+            atomic_write(directory / name, data)
+            rendered[name] = hashlib.sha256(data).hexdigest()
+        final = Certificate.model_validate({**self.model_dump(), "rendered": rendered, "signature": None})
+        if signing_key is not None:
+            final = Certificate.model_validate(
+                {**final.model_dump(), "signature": sign(signing_key, final.canonical_bytes())}
+            )
+        atomic_write(path, final.model_dump_json(indent=2).encode())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Certificate:
-        """Read a ``certificate.json``."""
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """Read a ``certificate.json`` (or the one in the directory ``path``), treating it as hostile.
+
+        Raises:
+            IntegrityError: one line naming the file: missing or unreadable, over
+                :data:`MAX_CERTIFICATE_BYTES`, not JSON (or NaN / duplicate keys), nested too
+                deeply, or not a valid certificate.
+
+        Example:
+            >>> import tempfile
+            >>> Certificate.load(tempfile.mkdtemp())
+            Traceback (most recent call last):
+            ...
+            harden.errors.IntegrityError: .../certificate.json: expected a readable certificate, got No such file or directory
+        """
+        p = Path(path)
+        if p.is_dir():
+            p = p / "certificate.json"
+        try:
+            with open(p, "rb") as fh:
+                raw = fh.read(MAX_CERTIFICATE_BYTES + 1)
+        except OSError as exc:
+            raise IntegrityError(f"{p}: expected a readable certificate, got {exc.strerror or exc}") from None
+        if len(raw) > MAX_CERTIFICATE_BYTES:
+            raise IntegrityError(
+                f"{p}: expected a certificate under {MAX_CERTIFICATE_BYTES >> 20} MiB, got a larger file"
+            )
+        try:
+            doc = json.loads(
+                raw.decode("utf-8"),
+                object_pairs_hook=_no_duplicate_keys,
+                parse_constant=_no_constant,
+                parse_float=_finite_float,
+            )
+            cert = cls.model_validate(doc)
+            cert.canonical_bytes()  # what inspect verifies must exist (no lone surrogates, no NaN)
+        except RecursionError:
+            raise IntegrityError(
+                f"{p}: expected a certificate of sane depth, got a document nested too deeply"
+            ) from None
+        except UnicodeDecodeError:
+            raise IntegrityError(f"{p}: expected UTF-8 JSON, got undecodable bytes") from None
+        except ValidationError as exc:
+            raise IntegrityError(format_validation_error(exc, str(p))) from None
+        except ValueError as exc:  # JSONDecodeError, the hooks above, huge integers, unserializable text
+            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise IntegrityError(f"{p}: expected a valid certificate (JSON), got {msg}") from None
+        return cert
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from harden.attacks.base import restore_modes, save_modes
-from harden.certificate import Certificate, SaliencyExample, SmoothingSummary, environment
+from harden.batches import predictions
+from harden.certificate import Certificate, SaliencyExample, SmoothingSummary, environment, verdict_rule
 from harden.checkpoint import weights_sha256
 from harden.checks import onnx_black_box_check
 from harden.data import EvalData, eval_batches, load_data, to_device
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
+from harden.schema import HALF_LEVEL
 from harden.policy_io import checked, policy_hash
 from harden.smoothing import smooth_certify, wilson_interval
 from harden.verify import RobustnessReport, verify
@@ -82,7 +84,7 @@ def _saliency(net: nn.Module, baseline: nn.Module | None, x: torch.Tensor, y: to
     if baseline is not None:
         maps["baseline"] = saliency_map(baseline, x, y)
     with torch.no_grad():
-        pred = net(x).argmax(1)
+        pred = predictions(net(x))  # -1: non-finite logits (no class)
     return [
         SaliencyExample(
             label=int(y[i]),
@@ -182,7 +184,10 @@ def measure(
 def verdict(
     report: RobustnessReport, smoothing: SmoothingSummary | None, checks: dict[str, dict[str, str]]
 ) -> tuple[str, str]:
-    """The verdict and its reason, from every measurement (see :mod:`harden.certificate`).
+    """The verdict and its reason, from every measurement: :func:`harden.certificate.verdict_rule`.
+
+    ``report`` is not consulted: the rule reads only what the certificate records (its checks
+    and smoothing), so ``harden inspect`` can re-apply it.
 
     Args:
         report: the attack suite's report.
@@ -196,23 +201,19 @@ def verdict(
         >>> verdict(r, None, {})[0], verdict(r, None, {"onnx_black_box": {"status": "FAIL"}})[0]
         ('EMPIRICAL', 'UNRELIABLE')
     """
-    failed = [cid for cid, c in checks.items() if c["status"] == "FAIL"]
-    if failed:
-        return "UNRELIABLE", f"sanity check(s) failed: {', '.join(failed)}"
-    if smoothing is None:
-        return "EMPIRICAL", "attack suite only (randomized smoothing not run: certify.smoothing is false)"
-    if smoothing.radius is None:
-        return "EMPIRICAL", "smoothing certifies l2 radii; the threat is linf and certify.radius is not set"
-    acc = smoothing.certified_accuracy or 0.0
-    if acc >= smoothing.min_certified_accuracy:
-        return "CERTIFIED", (
-            f"smoothed classifier (sigma={smoothing.sigma:g}) certified on {acc:.1%} of {smoothing.examples} "
-            f"examples at l2 radius {smoothing.radius:g} (alpha={smoothing.alpha:g})"
+    return verdict_rule(checks, smoothing)
+
+
+def _warnings(policy: Policy) -> list[str]:
+    """What a reader of the certificate must see first (an eps no 8-bit image can tell apart, ...)."""
+    out = []
+    if policy.threat.below_half_level:
+        out.append(
+            f"threat eps {policy.threat.eps:g} ({policy.threat.norm}) is below half a pixel level (0.5/255 = "
+            f"{HALF_LEVEL:.5f}): no 8-bit image differs from the clean one by so little, so the robust accuracy "
+            "here says nothing about attacks on real images"
         )
-    return "EMPIRICAL", (
-        f"certified accuracy {acc:.1%} at l2 radius {smoothing.radius:g} is below the required "
-        f"{smoothing.min_certified_accuracy:.0%}"
-    )
+    return out
 
 
 def _intervals(report: RobustnessReport) -> dict[str, tuple[float, float]]:
@@ -303,6 +304,7 @@ def assemble(
         other_counts=report.other_counts,
         eps_curve=report.eps_curve,
         checks=checks,
+        warnings=_warnings(policy),
         smoothing=measured.smoothing,
         saliency=measured.saliency,
     )
@@ -338,6 +340,7 @@ def certify(
 
     Example:
         >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
+        >>> _ = torch.manual_seed(0)  # the untrained model's weights: its checks' outcomes depend on them
         >>> cert = certify(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(16), progress=False)
         >>> cert.verdict, cert.n
         ('EMPIRICAL', 16)

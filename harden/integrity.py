@@ -1,75 +1,385 @@
-"""``harden inspect``: re-hash the files a certificate vouches for.
+"""``harden inspect``: check a certificate against the files beside it, against itself, and its signature.
 
-A certificate records the SHA-256 of the weights (``model.safetensors``), of the exported
-``model.onnx`` and of the canonical policy. :func:`inspect_certificate` recomputes them from the
-files beside ``certificate.json`` and says which do not match: a swapped or tampered model,
-ONNX file or policy.
+:func:`inspect_certificate` returns one :class:`Check` per item; any check that is not ``ok`` means
+the run folder is not what the certificate claims. The items, in order:
+
+- **hashes** (``weights``, ``onnx``, ``policy``, ``markdown``, ``html``): the SHA-256 of
+  ``model.safetensors``, ``model.onnx``, the canonical ``policy.yaml``, ``certificate.md`` and
+  ``certificate.html`` recomputed and compared with the certificate (``*_sha256``, ``rendered``).
+  A recorded file that is missing fails (``MISSING``), so does a file on disk the certificate does
+  not vouch for (``UNRECORDED``: e.g. ``onnx_sha256: null`` beside a ``model.onnx``, or a rendering
+  left by another run). A file neither recorded nor present is fine (``ABSENT``) only where the
+  certificate says none was made: no ONNX file when ``export`` and ``onnx_sha256`` are both null,
+  no rendering the certificate's ``rendered`` omits. The weights and the policy are always recorded.
+- **consistency** (``schema``, ``verdict``, ``accuracy``, ``intervals``, ``broken_by``,
+  ``checks``, ``smoothing``, ``export``): the certificate agrees with itself: the verdict rule
+  (:func:`harden.certificate.verdict_rule`) re-applied gives its verdict and reason; accuracies,
+  Wilson intervals, counts and the smoothing summary fit together.
+- **ONNX metadata** (``onnx_metadata``): ``model.onnx``'s ``metadata_props`` equal what the
+  export stamped (``export.metadata``) and name the certificate's policy hash, threat and
+  accuracies; its verdict, stamped before the ONNX session was attacked, is the final one unless
+  the ``onnx_black_box`` check turned it UNRELIABLE.
+- **signature** (``signature``): with a public key, the Ed25519 signature must be there and verify
+  over :meth:`~harden.certificate.Certificate.canonical_bytes`. Without a key a signature is
+  reported ``UNVERIFIED``: present, *not* checked (``ok``, but it proves nothing).
+
+Without a verified signature these checks catch accidents and clumsy edits only: whoever can write
+the folder can also rewrite every hash in an unsigned certificate.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from harden.certificate import Certificate
+from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, verdict_rule
 from harden.checkpoint import sha256_file
-from harden.errors import HardenError
+from harden.errors import HardenError, IntegrityError
 from harden.policy_io import load_policy, policy_hash
+from harden.signing import key_id, load_public_key, verify_signature
+from harden.smoothing import wilson_interval
 
-__all__ = ["HashCheck", "inspect_certificate"]
+__all__ = ["OK_STATUSES", "Check", "HashCheck", "inspect_certificate"]
+
+#: The statuses of a check that passes; any other (``MISMATCH``, ``MISSING``, ``UNRECORDED``,
+#: ``UNREADABLE``, ``FAIL``, ``INVALID``) fails.
+OK_STATUSES = frozenset({"OK", "ABSENT", "UNSIGNED", "UNVERIFIED"})
+_CHECK_STATUSES = frozenset({"PASS", "WARN", "FAIL"})
+_MAX_ONNX_BYTES = 2**31  # protobuf's limit: a larger model.onnx cannot be a loadable file
 
 
 @dataclass(frozen=True)
-class HashCheck:
-    """One file's integrity check.
+class Check:
+    """One item of ``harden inspect``.
 
     Attributes:
-        item: ``weights``, ``onnx`` or ``policy``.
-        path: the file re-hashed.
-        expected: the hash in the certificate (None: the certificate records none).
-        actual: the recomputed hash (None: the file is missing or unreadable).
-        status: ``OK``, ``MISMATCH``, ``MISSING`` (file absent) or ``UNRECORDED``.
-        detail: why, for people.
+        item: what is checked (``weights``, ``onnx``, ``policy``, ``markdown``, ``html``,
+            ``schema``, ``verdict``, ``accuracy``, ``intervals``, ``broken_by``, ``checks``,
+            ``smoothing``, ``export``, ``onnx_metadata``, ``signature``).
+        status: ``OK``, ``ABSENT``, ``UNSIGNED``, ``UNVERIFIED`` (these pass) or ``MISMATCH``,
+            ``MISSING``, ``UNRECORDED``, ``UNREADABLE``, ``FAIL``, ``INVALID``.
+        detail: why, for people (one line).
+        path: the file concerned (``certificate.json`` for the consistency and signature checks;
+            always set by :func:`inspect_certificate`).
+        expected: the certificate's hash (hash checks) or the trusted key's id (signature).
+        actual: the recomputed hash, or the key id the signature names.
     """
 
     item: str
-    path: Path
-    expected: str | None
-    actual: str | None
     status: str
     detail: str
+    path: Path | None = None
+    expected: str | None = None
+    actual: str | None = None
 
     @property
     def ok(self) -> bool:
-        """True unless the file is missing or differs from what the certificate records."""
-        return self.status in ("OK", "UNRECORDED")
+        """True when the status is one of :data:`OK_STATUSES`."""
+        return self.status in OK_STATUSES
 
 
-def _check(item: str, path: Path, expected: str | None, compute: str | None, error: str = "") -> HashCheck:
+HashCheck = Check  # the name before checks went beyond hashes
+
+
+def _hash(item: str, path: Path, expected: str | None, absent_ok: str, compute: Callable[[Path], str]) -> Check:
+    """A hash check; ``absent_ok`` (non-empty): the certificate says the file was never made."""
+    if not path.exists() and not path.is_symlink():
+        if expected is not None:
+            return Check(item, "MISSING", f"{path.name} not found", path, expected)
+        if absent_ok:
+            return Check(item, "ABSENT", absent_ok, path)
+        return Check(item, "UNRECORDED", "the certificate records no hash for it", path)
+    try:
+        actual = compute(path)
+    except IntegrityError as exc:  # read, but no longer what was hashed (a policy that does not load)
+        return Check(item, "MISMATCH", str(exc), path, expected)
+    except OSError as exc:
+        return Check(item, "UNREADABLE", f"{path.name} cannot be read: {exc.strerror or exc}", path, expected)
     if expected is None:
-        return HashCheck(item, path, None, compute, "UNRECORDED", "the certificate records no hash for it")
-    if compute is None and error:
-        return HashCheck(item, path, expected, None, "MISMATCH", error)
-    if compute is None:
-        return HashCheck(item, path, expected, None, "MISSING", f"{path.name} not found")
-    if compute != expected:
-        return HashCheck(item, path, expected, compute, "MISMATCH", f"{path.name} differs from the certified file")
-    return HashCheck(item, path, expected, compute, "OK", "matches")
+        what = "stale (left by another run) or planted" if absent_ok else "the certificate records no hash for it"
+        msg = f"{path.name} is here but the certificate does not vouch for it: {what}"
+        return Check(item, "UNRECORDED", msg, path, None, actual)
+    if actual != expected:
+        return Check(item, "MISMATCH", f"{path.name} differs from the certified file", path, expected, actual)
+    return Check(item, "OK", "matches", path, expected, actual)
 
 
-def inspect_certificate(path: str | Path) -> tuple[Certificate, list[HashCheck]]:
-    """Load ``certificate.json`` and re-hash the model, ONNX and policy files beside it.
+def _policy_digest(path: Path) -> str:
+    if not path.is_file():
+        raise OSError(f"{path.name} is not a regular file")  # load_policy would name it a bad policy
+    # hashing builds no code: a policy naming user code is hashed like any other
+    kwargs: dict[str, Any] = {"allow_code": True} if "allow_code" in inspect.signature(load_policy).parameters else {}
+    try:
+        return policy_hash(load_policy(path, **kwargs))
+    except HardenError as exc:  # a policy edited into invalidity is tampering too
+        raise IntegrityError(f"policy.yaml no longer loads: {exc}") from None
 
-    The files are ``model.safetensors``, ``model.onnx`` and ``policy.yaml``.
+
+def _hash_checks(cert: Certificate, root: Path) -> list[Check]:
+    no_onnx = (
+        "not exported (export and onnx_sha256 are null)" if cert.export is None and cert.onnx_sha256 is None else ""
+    )
+    out = [
+        _hash("weights", root / "model.safetensors", cert.weights_sha256, "", sha256_file),
+        _hash("onnx", root / "model.onnx", cert.onnx_sha256, no_onnx, sha256_file),
+        _hash("policy", root / "policy.yaml", cert.policy_sha256, "", _policy_digest),
+    ]
+    for item, name in (("markdown", "certificate.md"), ("html", "certificate.html")):
+        recorded = cert.rendered.get(name)  # type: ignore[call-overload]
+        out.append(_hash(item, root / name, recorded, "not rendered (the certificate records no hash)", sha256_file))
+    return out
+
+
+def _verdict_problems(cert: Certificate) -> list[str]:
+    decided, reason = verdict_rule(cert.checks, cert.smoothing)
+    out = []
+    if (decided, reason) != (cert.verdict, cert.verdict_reason):
+        out.append(
+            f"the verdict rule gives {decided} ({reason}), the certificate says {cert.verdict} ({cert.verdict_reason})"
+        )
+    if cert.verdict == "CERTIFIED" and cert.smoothing is None:
+        out.append("CERTIFIED without randomized smoothing")
+    return out
+
+
+def _count(acc: float, n: int) -> int | None:
+    """``acc * n`` when it is a whole number of examples (to float rounding), else None."""
+    k = acc * n
+    return round(k) if math.isfinite(k) and abs(k - round(k)) <= 1e-6 else None
+
+
+def _accuracy_problems(cert: Certificate) -> list[str]:
+    clean, robust, n = cert.clean_accuracy, cert.robust_accuracy, cert.n
+    out = [] if robust <= clean else [f"robust accuracy {robust} exceeds clean accuracy {clean}"]
+    for label, acc in {"clean": clean, "robust": robust, **cert.per_attack}.items():
+        if _count(acc, n) is None:
+            out.append(f"{label} accuracy {acc} is not a count out of n={n}")
+    prev = clean
+    for label, acc in cert.per_attack.items():
+        if not robust <= acc <= clean:
+            out.append(f"accuracy after {label} ({acc}) is outside [robust {robust}, clean {clean}]")
+        if acc > prev:
+            out.append(f"accuracy after {label} ({acc}) rises along the cascade")
+        prev = acc
+    if cert.per_attack and list(cert.per_attack.values())[-1] != robust:
+        out.append(f"the cascade ends at {list(cert.per_attack.values())[-1]}, not the robust accuracy {robust}")
+    for label, acc in cert.other_threats.items():
+        m = cert.other_counts.get(label, n)
+        if not 0 <= acc <= 1 or m < 1 or _count(acc, m) is None:
+            out.append(f"other threat {label}: accuracy {acc} is not a count out of n={m}")
+    return out
+
+
+def _interval_problems(cert: Certificate) -> list[str]:
+    accs = {"clean": (cert.clean_accuracy, cert.n), "robust": (cert.robust_accuracy, cert.n)}
+    accs.update({k: (v, cert.n) for k, v in cert.per_attack.items()})
+    accs.update({k: (v, cert.other_counts.get(k, cert.n)) for k, v in cert.other_threats.items()})
+    out = [f"no interval for {k}" for k in accs if k not in cert.intervals]
+    out += [f"interval {k} has no accuracy" for k in cert.intervals if k not in accs]
+    for key, (acc, m) in accs.items():
+        if key not in cert.intervals:
+            continue
+        lo, hi = cert.intervals[key]
+        k = _count(acc, m)
+        if not lo <= acc <= hi or k is None or m < 1:
+            out.append(f"{key}: interval [{lo}, {hi}] does not hold accuracy {acc}")
+        elif any(abs(a - b) > 1e-9 for a, b in zip((lo, hi), wilson_interval(k, m), strict=True)):
+            out.append(f"{key}: interval [{lo}, {hi}] is not the Wilson interval of {k}/{m}")
+    return out
+
+
+def _broken_by_problems(cert: Certificate) -> list[str]:
+    out = [f"{k}: negative count {v}" for k, v in cert.broken_by.items() if v < 0]
+    out += [f"{k}: not an attack of the cascade" for k in cert.broken_by if k != "clean" and k not in cert.per_attack]
+    clean_k, robust_k = _count(cert.clean_accuracy, cert.n), _count(cert.robust_accuracy, cert.n)
+    if clean_k is None or robust_k is None:
+        return out  # reported by the accuracy check
+    fooled = sum(v for k, v in cert.broken_by.items() if k != "clean")
+    if fooled > clean_k - robust_k:
+        out.append(f"attacks fooled {fooled} examples, more than the {clean_k - robust_k} clean minus robust")
+    if cert.broken_by.get("clean", 0) > cert.n - clean_k:
+        out.append(
+            f"{cert.broken_by['clean']} examples wrong when clean, more than the {cert.n - clean_k} the accuracy allows"
+        )
+    return out
+
+
+def _checks_problems(cert: Certificate) -> list[str]:
+    out = []
+    for cid, c in cert.checks.items():
+        if c.get("status") not in _CHECK_STATUSES:
+            out.append(f"check {cid}: status {c.get('status')!r} is not one of {sorted(_CHECK_STATUSES)}")
+        if c.get("id", cid) != cid:
+            out.append(f"check {cid} is filed under another id ({c.get('id')!r})")
+    if (cert.onnx_black_box is None) != ("onnx_black_box" not in cert.checks):
+        out.append("onnx_black_box results and the onnx_black_box check come together, got one without the other")
+    return out
+
+
+def _smoothing_problems(cert: Certificate) -> list[str]:
+    s = cert.smoothing
+    if s is None:
+        return []
+    out = []
+    if not len(s.labels) == len(s.predictions) == len(s.radii) == s.examples:
+        out.append(
+            f"{s.examples} examples but {len(s.labels)} labels, {len(s.predictions)} predictions, {len(s.radii)} radii"
+        )
+    elif s.abstentions != sum(p == -1 for p in s.predictions):
+        out.append(f"{s.abstentions} abstentions recorded, {sum(p == -1 for p in s.predictions)} in the predictions")
+    elif s.radius is not None and s.examples:
+        # radii are stored rounded to 6 decimals: a radius within 1e-6 of the threshold counts either way
+        right = [r for y, p, r in zip(s.labels, s.predictions, s.radii, strict=True) if p == y and p != -1]
+        lo, hi = (
+            sum(r >= s.radius + 1e-6 for r in right) / s.examples,
+            sum(r >= s.radius - 1e-6 for r in right) / s.examples,
+        )
+        if s.certified_accuracy is None or not lo <= s.certified_accuracy <= hi:
+            out.append(
+                f"certified accuracy {s.certified_accuracy} does not follow from the per-example radii ({lo:g}..{hi:g})"
+            )
+    return out
+
+
+def _export_problems(cert: Certificate) -> list[str]:
+    if cert.export is None:
+        return [] if cert.onnx_sha256 is None else ["onnx_sha256 is recorded without an export record"]
+    out = []
+    if cert.export.get("sha256") != cert.onnx_sha256:
+        out.append(f"export.sha256 {cert.export.get('sha256')!r} differs from onnx_sha256 {cert.onnx_sha256!r}")
+    meta = cert.export.get("metadata")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        out.append("export.metadata is not a mapping of strings")
+    return out
+
+
+def _consistency_checks(cert: Certificate, path: Path) -> list[Check]:
+    version = (
+        []
+        if cert.schema_version == CERTIFICATE_SCHEMA_VERSION
+        else [
+            f"schema {cert.schema_version!r}; this harden checks {CERTIFICATE_SCHEMA_VERSION!r} certificates (re-run with this version)"
+        ]
+    )
+    rules: list[tuple[str, list[str]]] = [
+        ("schema", version),
+        ("verdict", _verdict_problems(cert)),
+        ("accuracy", _accuracy_problems(cert)),
+        ("intervals", _interval_problems(cert)),
+        ("broken_by", _broken_by_problems(cert)),
+        ("checks", _checks_problems(cert)),
+        ("smoothing", _smoothing_problems(cert)),
+        ("export", _export_problems(cert)),
+    ]
+    return [
+        Check(item, "FAIL", "; ".join(problems)[:1000], path) if problems else Check(item, "OK", "consistent", path)
+        for item, problems in rules
+    ]
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file; :class:`IntegrityError` for anything but a loadable model."""
+    if path.stat().st_size >= _MAX_ONNX_BYTES:
+        raise IntegrityError("over 2 GiB: not a loadable ONNX file")
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        pairs = [(str(p.key), str(p.value)) for p in proto.metadata_props]
+    except Exception as exc:  # garbage in: any parser error is a failed check
+        raise IntegrityError(f"not a readable ONNX model ({type(exc).__name__})") from None
+    meta = dict(pairs)
+    if len(meta) != len(pairs):
+        raise IntegrityError("metadata_props repeats a key")
+    return meta
+
+
+def _onnx_metadata_check(cert: Certificate, path: Path) -> Check:
+    if cert.onnx_sha256 is None and not path.exists():
+        return Check("onnx_metadata", "ABSENT", "not exported", path)
+    try:
+        meta = _read_metadata(path)
+    except OSError as exc:
+        return Check("onnx_metadata", "MISSING", f"{path.name} cannot be read: {exc.strerror or exc}", path)
+    except IntegrityError as exc:
+        return Check("onnx_metadata", "FAIL", f"{path.name}: {exc}", path)
+    out = []
+    stamped = cert.export.get("metadata") if cert.export else None
+    if stamped is not None and not isinstance(stamped, dict):
+        out.append("export.metadata is not a mapping")
+    elif stamped is not None and meta != stamped:
+        keys = sorted(k for k in set(meta) | set(stamped) if meta.get(k) != stamped.get(k))
+        out.append(f"differs from the metadata stamped at export in {', '.join(keys)[:300]}")
+    want = {
+        "policy_hash": cert.policy_sha256,
+        "clean_accuracy": f"{cert.clean_accuracy:.6f}",
+        "robust_accuracy": f"{cert.robust_accuracy:.6f}",
+    }
+    out += [f"{k} is {meta.get(k)!r}, the certificate's {v!r}" for k, v in want.items() if meta.get(k) != v]
+    try:
+        threat = json.loads(meta.get("threat_model", "null"))
+    except (ValueError, RecursionError):
+        threat = None
+    if threat != cert.threat:
+        out.append(f"threat_model is {meta.get('threat_model')!r}, the certificate's {cert.threat!r}")
+    stamped_verdict, final = meta.get("certificate_verdict"), cert.verdict
+    before = verdict_rule({k: v for k, v in cert.checks.items() if k != "onnx_black_box"}, cert.smoothing)[0]
+    obb_failed = cert.checks.get("onnx_black_box", {}).get("status") == "FAIL"
+    if stamped_verdict != final and not (final == "UNRELIABLE" and obb_failed and stamped_verdict == before):
+        out.append(
+            f"certificate_verdict is {stamped_verdict!r}, the certificate's {final} (before the ONNX attacks: {before})"
+        )
+    if out:
+        return Check("onnx_metadata", "FAIL", "; ".join(out)[:1000], path)
+    return Check("onnx_metadata", "OK", "matches the certificate", path)
+
+
+def _signature_check(cert: Certificate, path: Path, public_key: Any) -> Check:
+    sig = cert.signature
+    named = str(sig.get("key_id")) if sig else None
+    if public_key is None:
+        if sig is None:
+            return Check("signature", "UNSIGNED", "no signature (nothing vouches for who wrote this certificate)", path)
+        return Check(
+            "signature",
+            "UNVERIFIED",
+            f"signature by key {named} present but NOT verified: no public key given",
+            path,
+            None,
+            named,
+        )
+    trusted = key_id(public_key)
+    if sig is None:
+        return Check(
+            "signature", "MISSING", f"expected a signature by key {trusted}, got an unsigned certificate", path, trusted
+        )
+    try:
+        verify_signature(public_key, cert.canonical_bytes(), sig)
+    except IntegrityError as exc:
+        return Check("signature", "INVALID", str(exc), path, trusted, named)
+    return Check("signature", "OK", f"verified: signed by key {trusted}", path, trusted, named)
+
+
+def inspect_certificate(path: str | Path, *, public_key: Any = None) -> tuple[Certificate, list[Check]]:
+    """Load ``certificate.json`` and check it against the files beside it, itself and ``public_key``.
 
     Args:
         path: a ``certificate.json``, or the directory holding it.
+        public_key: an Ed25519 public key, or the path of its PEM file: the signature must then
+            verify (None: a signature is reported ``UNVERIFIED``).
 
     Returns:
-        The certificate and one :class:`HashCheck` per item.
+        The certificate and the checks, in the order of the module docs; the run folder is sound
+        when every ``check.ok``.
 
     Raises:
-        HardenError: the certificate is missing or not a valid certificate.
+        IntegrityError: the certificate is missing, unreadable or not a valid certificate, or the
+            public key file cannot be read (one line naming the file).
 
     Example:
         >>> import tempfile
@@ -77,32 +387,17 @@ def inspect_certificate(path: str | Path) -> tuple[Certificate, list[HashCheck]]
         >>> from harden import certify
         >>> d = tempfile.mkdtemp()
         >>> _ = certify(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(8), progress=False).save(d)
-        >>> [c.status for c in inspect_certificate(d)[1]]   # no model files written beside it
-        ['MISSING', 'UNRECORDED', 'MISSING']
+        >>> [(c.item, c.status) for c in inspect_certificate(d)[1] if not c.ok]  # no model files beside it
+        [('weights', 'MISSING'), ('policy', 'MISSING')]
     """
     p = Path(path)
     if p.is_dir():
         p = p / "certificate.json"
-    if not p.is_file():
-        raise HardenError(f"expected a certificate.json, got no file at {p}")
-    try:
-        cert = Certificate.load(p)
-    except (ValueError, OSError) as exc:
-        raise HardenError(f"expected a valid certificate in {p}, got: {exc}") from exc
-    root = p.parent
-    weights = root / "model.safetensors"
-    onnx_path = root / "model.onnx"
-    policy_path = root / "policy.yaml"
-    checks = [
-        _check("weights", weights, cert.weights_sha256, sha256_file(weights) if weights.is_file() else None),
-        _check("onnx", onnx_path, cert.onnx_sha256, sha256_file(onnx_path) if onnx_path.is_file() else None),
-    ]
-    policy_digest, error = None, ""
-    if policy_path.is_file():
-        try:
-            policy_digest = policy_hash(load_policy(policy_path))
-        except HardenError as exc:  # a policy edited into invalidity is tampering too
-            error = f"policy.yaml no longer loads: {exc}"
-            policy_digest = None
-    checks.append(_check("policy", policy_path, cert.policy_sha256, policy_digest, error))
+    if isinstance(public_key, (str, Path)):
+        public_key = load_public_key(public_key)
+    cert = Certificate.load(p)
+    checks = _hash_checks(cert, p.parent)
+    checks += _consistency_checks(cert, p)
+    checks.append(_onnx_metadata_check(cert, p.parent / "model.onnx"))
+    checks.append(_signature_check(cert, p, public_key))
     return cert, checks

@@ -6,8 +6,10 @@ saliency maps, drawn by :mod:`harden.plots`. The HTML page is self-contained: in
 scripts, fonts or external URLs, so it reads offline and can be archived next to
 ``certificate.json``.
 
-Stable element ids in the HTML page: ``verdict``, ``clean-accuracy``, ``robust-accuracy`` and,
-when randomized smoothing ran, ``certified-accuracy``; each section has ``id="section-<slug>"``.
+The certificate's ``warnings`` (notes a reader must see) come first in both, right under the
+title. Stable element ids in the HTML page: ``warnings`` (when there are any), ``verdict``,
+``clean-accuracy``, ``robust-accuracy`` and, when randomized smoothing ran,
+``certified-accuracy``; each section has ``id="section-<slug>"``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ td.nowrap{white-space:nowrap;word-break:normal}
 .card{border:1px solid #d0d7de;border-radius:8px;padding:10px 16px;min-width:180px}
 .card .value{font-size:1.8em;font-weight:700}.card .sub{color:#59636e;font-size:.85em}
 img.plot{max-width:100%;height:auto;display:block;margin:.6em 0}
+.warnings{border:2px solid #cf222e;background:#ffebe9;color:#82071e;border-radius:8px;padding:8px 16px;margin:.6em 0 1em}
+.warnings ul{margin:.3em 0;padding-left:1.2em}
 """ + "".join(f".s-{k}{{color:{fg};background:{bg}}}" for k, (fg, bg) in _COLOURS.items())
 
 _Table = tuple[list[str], list[list[str]]]
@@ -261,6 +265,10 @@ def to_markdown(cert: Certificate) -> str:
         (True, True)
     """
     lines = [f"# Robustness certificate: {cert.policy_name}", ""]
+    if cert.warnings:
+        lines += ["> **Warnings**", ">"]
+        lines += [f"> - {_md_cell(w)}" for w in cert.warnings]
+        lines.append("")
     lines += [f"**{cert.verdict}**: {cert.verdict_reason or _DASH}", ""]
     lines += [f"- {title}: **{value}** ({detail})" for _, title, value, detail in _headline(cert)]
     lines.append("")
@@ -317,8 +325,13 @@ def to_html(cert: Certificate) -> str:
         (True, True, False)
     """
     title = f"Robustness certificate: {cert.policy_name}"
-    parts = [
-        f"<h1>{html.escape(title)}</h1>",
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if cert.warnings:
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in cert.warnings)
+        parts.append(
+            f'<div class="warnings" id="warnings" role="alert"><strong>Warnings</strong><ul>{items}</ul></div>'
+        )
+    parts += [
         f'<p class="verdict">Verdict: <span id="verdict" class="badge s-{cert.verdict}">{html.escape(cert.verdict)}</span></p>',
         f'<p class="reason" id="verdict-reason">{html.escape(cert.verdict_reason or _DASH)}</p>',
         '<div class="cards">',

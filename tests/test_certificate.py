@@ -1,9 +1,15 @@
+import hashlib
 import json
 
 import pydantic
 import pytest
+import torch
 
-from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, environment
+import harden.certificate as certificate_module
+from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, SmoothingSummary, environment, verdict_rule
+from harden.errors import CheckpointError, IntegrityError
+from harden.report import to_html, to_markdown
+from harden.signing import generate_keypair, load_private_key, load_public_key, verify_signature
 
 
 def tiny_cert(**updates):
@@ -35,17 +41,178 @@ def test_a_certificate_cannot_be_edited_after_assembly():
         cert.onnx_sha256 = "2" * 64
 
 
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_save_and_load_round_trip(tmp_path):
-    cert = tiny_cert()
+    cert = tiny_cert(warnings=["eps below half a pixel level"])
     path = cert.save(tmp_path)
     assert path == tmp_path / "certificate.json"
     assert {p.name for p in tmp_path.iterdir()} == {"certificate.json", "certificate.md", "certificate.html"}
-    assert Certificate.load(path) == cert
-    assert json.loads(path.read_text())["schema_version"] == CERTIFICATE_SCHEMA_VERSION
-    only_json = tmp_path / "j"
-    only_json.mkdir()
-    cert.save(only_json, formats=("json",))
-    assert [p.name for p in only_json.iterdir()] == ["certificate.json"]
+    loaded = Certificate.load(path)
+    assert loaded.rendered == {n: _sha(tmp_path / n) for n in ("certificate.md", "certificate.html")}
+    assert loaded.signature is None
+    assert loaded.model_copy(update={"rendered": {}}) == cert
+    assert Certificate.load(tmp_path) == loaded  # a directory means its certificate.json
+    assert json.loads(path.read_text())["schema_version"] == CERTIFICATE_SCHEMA_VERSION == "2.2"
+    assert path.read_text().startswith('{\n  "')  # human-readable: indented
+    # the renderings do not depend on rendered / signature: the loaded certificate renders the same files
+    assert (tmp_path / "certificate.md").read_text() == to_markdown(loaded) == to_markdown(cert)
+    assert (tmp_path / "certificate.html").read_text() == to_html(loaded)
+    # a JSON-only save removes the renderings of an earlier save: they would describe another certificate
+    cert.save(tmp_path, formats=("json",))
+    assert [p.name for p in tmp_path.iterdir()] == ["certificate.json"]
+    assert Certificate.load(tmp_path).rendered == {}
+
+
+def test_certificate_json_is_written_last_and_deleted_first(tmp_path, monkeypatch):
+    tiny_cert().save(tmp_path)
+    order = []
+    real = certificate_module.atomic_write
+
+    def recording(path, data):
+        order.append((path.name, (tmp_path / "certificate.json").exists()))
+        real(path, data)
+
+    monkeypatch.setattr(certificate_module, "atomic_write", recording)
+    tiny_cert(verdict_reason="second").save(tmp_path)
+    # the old certificate.json is gone before the first rendering is written; the new one comes last
+    assert order == [("certificate.md", False), ("certificate.html", False), ("certificate.json", False)]
+
+    def crash_on_html(path, data):
+        if path.name == "certificate.html":
+            raise CheckpointError("simulated crash")
+        real(path, data)
+
+    monkeypatch.setattr(certificate_module, "atomic_write", crash_on_html)
+    with pytest.raises(CheckpointError, match="simulated"):
+        tiny_cert(verdict_reason="third").save(tmp_path)
+    # a crash midway leaves no certificate (never the old one beside new renderings)
+    assert not (tmp_path / "certificate.json").exists()
+    with pytest.raises(IntegrityError, match=r"certificate\.json: expected a readable certificate"):
+        Certificate.load(tmp_path)
+    assert "third" not in (tmp_path / "certificate.html").read_text()  # the stale page, vouched for by nothing
+
+
+@pytest.fixture(scope="module")
+def real_cert():
+    """A certificate from certify (intervals as tuples, floats of every kind, saliency maps, smoothing)."""
+    import harden
+    from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+
+    policy = tiny_policy(
+        threat={"norm": "l2", "eps": 0.5},
+        verify={"checks": False, "eps_sweep": [0.1, 0.3]},
+        certify={"smoothing": True, "n_examples": 4, "n0": 8, "n": 32, "saliency_examples": 2},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cert = harden.certify(TinyCNN(num_classes=3), policy, synthetic_tensors(16), progress=False)
+    return cert.model_copy(update={"warnings": ["eps below half a pixel level", "ünïcode ✓"]})
+
+
+def test_canonical_bytes_round_trip_and_signature(real_cert, tmp_path):
+    assert real_cert.smoothing is not None and real_cert.saliency and real_cert.intervals
+    generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+    path = real_cert.save(tmp_path / "run", signing_key=load_private_key(tmp_path / "k"))
+    loaded = Certificate.load(path)
+    sig = loaded.signature
+    assert sig is not None and sig["algorithm"] == "ed25519"
+    canon = loaded.canonical_bytes()
+    # sorted keys, compact, UTF-8, no signature; and the same bytes after another save / load
+    doc = json.loads(canon)
+    assert "signature" not in doc and list(doc) == sorted(doc) and b", " not in canon[:200]
+    assert "ünïcode ✓".encode() in canon
+    assert canon == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert loaded.model_copy(update={"signature": None}).canonical_bytes() == canon
+    assert Certificate.model_validate_json(path.read_text()).canonical_bytes() == canon
+    verify_signature(load_public_key(tmp_path / "k.pub"), canon, sig)
+    # the in-memory certificate with the same rendered hashes has the very bytes that were signed
+    assert real_cert.model_copy(update={"rendered": loaded.rendered}).canonical_bytes() == canon
+    # a key given as a path signs the same way (Ed25519 is deterministic)
+    again = Certificate.load(real_cert.save(tmp_path / "run2", signing_key=tmp_path / "k"))
+    assert again.signature == sig
+
+
+def test_save_refuses_a_bad_signing_key(tmp_path):
+    (tmp_path / "k").write_text("not a key")
+    with pytest.raises(IntegrityError, match="PEM private key"):
+        tiny_cert().save(tmp_path / "run", signing_key=tmp_path / "k")
+    assert not (tmp_path / "run" / "certificate.json").exists()
+
+
+def _load_error(path):
+    with pytest.raises(IntegrityError) as exc:
+        Certificate.load(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_load_turns_every_failure_into_one_line(tmp_path, monkeypatch):
+    good = json.loads(tiny_cert().model_dump_json())
+    cases = {
+        "missing.json": None,
+        "not-json.json": b"{not json",
+        "deep.json": b"[" * 100_000 + b"]" * 100_000,
+        "deep-object.json": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        "binary.json": b"\xff\xfe\x00",
+        "schema.json": json.dumps({**good, "robust_accuracy": 1.5}).encode(),
+        "extra.json": json.dumps({**good, "surprise": 1}).encode(),
+        "nan.json": json.dumps(good).replace('"robust_accuracy": 0.5', '"robust_accuracy": NaN').encode(),
+        "dup.json": json.dumps(good)
+        .replace('"verdict": "EMPIRICAL"', '"verdict": "CERTIFIED", "verdict": "EMPIRICAL"')
+        .encode(),
+        "huge-float.json": json.dumps({**good, "timings": {"fit": 1.0}}).replace("1.0", "1e400").encode(),
+        "rendered.json": json.dumps({**good, "rendered": {"../../etc/passwd": "0" * 64}}).encode(),
+        "list.json": b"[]",
+    }
+    words = {
+        "missing.json": "expected a readable certificate",
+        "not-json.json": "expected a valid certificate (JSON)",
+        "deep.json": "nested too deeply",
+        "deep-object.json": "nested too deeply",
+        "binary.json": "UTF-8",
+        "schema.json": "robust_accuracy: expected a number <= 1",
+        "extra.json": "surprise: unknown key",
+        "nan.json": "finite numbers, got NaN",
+        "dup.json": "expected unique keys, got 'verdict' twice",
+        "huge-float.json": "finite numbers, got 1e400",
+        "rendered.json": "rendered",
+        "list.json": "expected a mapping",
+    }
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        msg = _load_error(tmp_path / name)
+        assert words[name] in msg, (name, msg)
+    monkeypatch.setattr(certificate_module, "MAX_CERTIFICATE_BYTES", 100)
+    (tmp_path / "big.json").write_text(json.dumps(good))
+    assert "MiB" in _load_error(tmp_path / "big.json")
+
+
+def test_verdict_rule_is_the_documented_rule():
+    def smoothing(**kw):
+        base = {
+            "sigma": 0.25, "n0": 8, "n": 32, "alpha": 0.001, "examples": 4, "abstentions": 0, "radius": 0.5,
+            "certified_accuracy": 0.5, "min_certified_accuracy": 0.5, "curve": [], "labels": [], "predictions": [],
+            "radii": [], "seconds": 1.0, "samples_per_second": 1.0,
+        }  # fmt: skip
+        return SmoothingSummary(**{**base, **kw})
+
+    passed = {"a": {"status": "PASS"}, "b": {"status": "WARN"}}
+    assert verdict_rule(passed, None)[0] == "EMPIRICAL"
+    assert verdict_rule(passed, smoothing()) == (
+        "CERTIFIED",
+        "smoothed classifier (sigma=0.25) certified on 50.0% of 4 examples at l2 radius 0.5 (alpha=0.001)",
+    )
+    assert verdict_rule(passed, smoothing(certified_accuracy=0.25))[0] == "EMPIRICAL"
+    assert verdict_rule(passed, smoothing(certified_accuracy=None))[0] == "EMPIRICAL"
+    assert "certify.radius is not set" in verdict_rule(passed, smoothing(radius=None))[1]
+    failed = {**passed, "c": {"status": "FAIL"}, "d": {"status": "FAIL"}}
+    assert verdict_rule(failed, smoothing()) == ("UNRELIABLE", "sanity check(s) failed: c, d")
+    assert verdict_rule({"odd": {"detail": "no status"}, "x": "not a mapping"}, None)[0] == "EMPIRICAL"
 
 
 def test_schema_refuses_unknown_keys_and_impossible_accuracies():

@@ -90,7 +90,7 @@ def test_certificate_contents_and_round_trip(tmp_path):
     assert lo <= cert.robust_accuracy <= hi
     assert set(cert.intervals) >= {"clean", "robust", *cert.per_attack}
     path = cert.save(tmp_path)
-    assert Certificate.load(path) == cert
+    assert Certificate.load(path).model_copy(update={"rendered": {}}) == cert
     for name in ("certificate.json", "certificate.md", "certificate.html"):
         assert (tmp_path / name).is_file(), name
 
@@ -139,7 +139,7 @@ def test_certify_hashes_the_fitted_weights(fitted, tmp_path):
     assert "torch" in cert.versions
     path = cert.save(tmp_path / "out")
     assert path == tmp_path / "out" / "certificate.json"
-    assert Certificate.load(path) == cert
+    assert Certificate.load(path).model_copy(update={"rendered": {}}) == cert
     assert "verdict" in Certificate.json_schema()["properties"]
 
 
@@ -162,3 +162,15 @@ def test_certificate_refuses_unknown_fields(tmp_path):
     (tmp_path / "certificate.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="surprise"):
         Certificate.load(tmp_path / "certificate.json")
+
+
+def test_an_eps_below_half_a_pixel_level_is_marked_in_the_certificate():
+    with pytest.warns(UserWarning, match="below half a pixel level"):  # at validation, as in harden check
+        tiny = tiny_policy(threat={"norm": "linf", "eps": 1e-300}, verify={"checks": False})
+    cert = harden.certify(TinyCNN(num_classes=3), tiny, synthetic_tensors(8), progress=False)
+    assert len(cert.warnings) == 1 and "below half a pixel level" in cert.warnings[0]
+    normal = harden.certify(
+        TinyCNN(num_classes=3), tiny_policy(verify={"checks": False}), synthetic_tensors(8), progress=False
+    )
+    assert normal.warnings == []
+    assert Certificate.model_validate(cert.model_dump()).warnings == cert.warnings

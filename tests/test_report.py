@@ -164,13 +164,29 @@ def test_html_escapes_text(cert):
     assert "s-UNRELIABLE" in parsed.classes["verdict"] and 'class="badge s-FAIL"' in page
 
 
-
-
 def test_save_writes_all_three(cert, tmp_path):
     path = cert.save(tmp_path)
-    assert Certificate.load(path) == cert
-    assert (tmp_path / "certificate.md").read_text() == to_markdown(cert)
-    assert (tmp_path / "certificate.html").read_text() == to_html(cert)
+    loaded = Certificate.load(path)
+    assert loaded.model_copy(update={"rendered": {}}) == cert
+    assert (tmp_path / "certificate.md").read_text() == to_markdown(cert) == to_markdown(loaded)
+    assert (tmp_path / "certificate.html").read_text() == to_html(cert) == to_html(loaded)
+    assert set(loaded.rendered) == {"certificate.md", "certificate.html"}
+
+
+def test_warnings_come_first_in_both_renderings(cert):
+    evil = "<b>eps</b> below half a pixel level | see docs"
+    warned = cert.model_copy(update={"warnings": ["first note", evil]})
+    md = to_markdown(warned).splitlines()
+    assert md[0].startswith("# Robustness certificate")
+    head = md[: md.index(next(line for line in md if line.startswith(f"**{cert.verdict}**")))]
+    assert "> **Warnings**" in head and "> - first note" in head
+    assert "> - <b>eps</b> below half a pixel level \\| see docs" in head  # a table-safe cell, one line
+    page = to_html(warned)
+    parsed = _parse(page)
+    assert parsed.text["warnings"].startswith("Warnings") and "first note" in parsed.text["warnings"]
+    assert page.index('id="warnings"') < page.index('id="verdict"')
+    assert "<b>eps</b>" not in page and "&lt;b&gt;eps&lt;/b&gt;" in page
+    assert 'id="warnings"' not in to_html(cert) and "Warnings" not in to_markdown(cert)
 
 
 def _browser() -> str:
