@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/harden run $(POLICY) --out $(OUT)
+	$(VENV)/bin/harden run $(POLICY) --out $(OUT) --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks

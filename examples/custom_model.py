@@ -61,7 +61,7 @@ POLICY = {
 def main(epochs: int = 8, out: str = "runs/custom") -> harden.RobustnessReport:
     policy = harden.validate_policy({**POLICY, "train": {**POLICY["train"], "epochs": epochs}})
     torch.manual_seed(0)
-    result = harden.run(policy, out, model=MyNet())
+    result = harden.run(policy, out, model=MyNet(), overwrite=True)  # a rerun replaces the last one
     assert result.report is not None
     print(result.report.summary())
     return result.report

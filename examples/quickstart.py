@@ -22,7 +22,7 @@ def main(epochs: int = 10, out: str = "runs/quickstart") -> harden.Certificate:
         policy = harden.validate_policy(
             {**policy.model_dump(mode="json"), "train": {**policy.train.model_dump(), "epochs": epochs}}
         )
-    result = harden.run(policy, out)
+    result = harden.run(policy, out, overwrite=True)  # a rerun replaces the last one (resume=True continues it)
     assert result.report is not None and result.certificate is not None and result.export is not None
     print(result.report.summary())
     print(f"ONNX parity: max |Δlogit| = {result.export.parity_max_abs_diff:.1e}; wrote {result.certificate_path}")

@@ -1,9 +1,15 @@
 """Checkpoints: safetensors for every tensor, a JSON sidecar for everything else.
 
 A checkpoint ``epoch-0003`` is two files, each written atomically (temp file, fsync, rename):
-``epoch-0003.safetensors`` then ``epoch-0003.json``. The sidecar holds the SHA-256 of the
-tensor file, so a truncated or tampered checkpoint is detected and skipped. Nothing is ever
-unpickled: nested state (optimizer, scheduler, RNG) is split into tensors and JSON.
+``epoch-0003.safetensors`` then ``epoch-0003.json``. The sidecar's ``sha256`` is one digest over
+both: the tensor file's bytes followed by the canonical JSON (sorted keys, compact) of the sidecar
+without that field (which records the tensor file's ``size``, so the boundary is fixed). A
+truncated or tampered tensor file, and any edit of the sidecar (epoch, lr, history, validation
+accuracy, run id...), is detected and the checkpoint skipped. Nothing is ever unpickled: nested
+state (optimizer, scheduler, RNG) is split into tensors and JSON.
+
+Every file harden writes through :func:`atomic_write` gets mode ``0o666 & ~umask``, as ``open()``
+would give it (see :func:`file_mode`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from harden.errors import CheckpointError
 
 __all__ = [
     "atomic_write",
+    "file_mode",
     "flatten_state",
     "list_checkpoints",
     "load_checkpoint",
@@ -37,11 +44,47 @@ __all__ = [
     "weights_sha256",
 ]
 
-FORMAT_VERSION = 1
+#: 2: the sidecar's ``sha256`` covers the sidecar too (and it records ``size``); info has run_id
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
 #: temp files of an interrupted :func:`atomic_write` of a checkpoint (e.g. after SIGKILL)
 _TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
 _DISK_FULL = frozenset(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux), else the umask at import."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _umask_at_import() -> int:
+    """The umask when harden was imported (os.umask must set it to read it: once, at import)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return old & 0o777
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def file_mode() -> int:
+    """The mode of a new file, as ``open()`` creates it: ``0o666 & ~umask``.
+
+    The umask is read from ``/proc/self/status`` where there is one (thread-safe, follows later
+    changes), else the umask at import.
+
+    Example:
+        >>> file_mode() & 0o200  # the owner can write (unless the umask forbids it)
+        128
+    """
+    return 0o666 & ~_read_umask()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -79,7 +122,8 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
     The bytes go to a temp file beside ``path`` (``os.write`` until all are written, then
-    ``fsync``), which is renamed over ``path``; the directory is fsynced too.
+    ``fsync``), which gets mode :func:`file_mode` (not ``mkstemp``'s 0600) and is renamed over
+    ``path``; the directory is fsynced too.
 
     Raises:
         CheckpointError: the write failed (e.g. a full disk, named as such); no temp or partial
@@ -101,6 +145,10 @@ def atomic_write(path: str | Path, data: bytes) -> None:
                 if written <= 0:  # pragma: no cover - os.write raises rather than write nothing
                     raise OSError(errno.EIO, "write made no progress")
                 view = view[written:]
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, file_mode())
+            else:  # pragma: no cover - Windows before Python 3.13
+                os.chmod(tmp, file_mode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -171,6 +219,8 @@ def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_checkpoint(directory: str | Path, epoch: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
     """Write checkpoint ``epoch`` (tensor file, then sidecar) into ``directory``.
 
+    The sidecar's ``sha256`` covers the tensor file and the sidecar itself (see the module docstring).
+
     Args:
         directory: where checkpoints live.
         epoch: the number of completed epochs.
@@ -190,17 +240,30 @@ def save_checkpoint(directory: str | Path, epoch: int, state: dict[str, Any], in
         "format": FORMAT_VERSION,
         "epoch": epoch,
         "file": f"{stem}.safetensors",
-        "sha256": hashlib.sha256(blob).hexdigest(),
+        "size": len(blob),
         "state": tree,
         "info": info,
     }
     path = directory / f"{stem}.json"
     try:
-        atomic_write(path, json.dumps(sidecar, indent=1).encode())
+        body = json.loads(json.dumps(sidecar))  # the digest covers what a reader will parse
+        atomic_write(path, json.dumps({**body, "sha256": _digest(blob, body)}, indent=1).encode())
     except BaseException:  # a tensor file without its sidecar is never loaded: do not leave it behind
         (directory / f"{stem}.safetensors").unlink(missing_ok=True)
         raise
     return path
+
+
+def _canonical(meta: dict[str, Any]) -> bytes:
+    """The sidecar as canonical JSON (sorted keys, compact), without its ``sha256``."""
+    return json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(blob: bytes, meta: dict[str, Any]) -> str:
+    """SHA-256 of the tensor file's bytes followed by the sidecar's canonical JSON."""
+    h = hashlib.sha256(blob)
+    h.update(_canonical(meta))
+    return h.hexdigest()
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -216,11 +279,14 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
     """Read and verify one checkpoint; returns ``(epoch, state, info)``.
 
     Raises:
-        CheckpointError: a file is missing, truncated, or fails its SHA-256.
+        CheckpointError: a file is missing, truncated, or fails its SHA-256 (which covers the
+            tensor file and the sidecar: any edit of either).
     """
     sidecar = Path(sidecar)
     try:
         meta = json.loads(sidecar.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
         name = meta["file"]
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"file {name!r} is not a plain file name next to the sidecar")
@@ -231,17 +297,24 @@ def load_checkpoint(sidecar: str | Path) -> tuple[int, dict[str, Any], dict[str,
         raise CheckpointError(
             f"expected checkpoint format {FORMAT_VERSION} in {str(sidecar)!r}, got {meta.get('format')!r}"
         )
-    digest = hashlib.sha256(blob).hexdigest()
+    try:
+        digest = _digest(blob, meta)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"expected a readable checkpoint at {str(sidecar)!r}, got {exc}") from None
     if digest != meta.get("sha256"):
         raise CheckpointError(
-            f"expected SHA-256 {meta.get('sha256')} for {meta['file']!r}, got {digest} (truncated or modified)"
+            f"expected SHA-256 {str(meta.get('sha256'))[:64]} for {name!r} and {sidecar.name!r}, got {digest} "
+            "(truncated or modified)"
         )
     try:
         tensors = st_load(blob)
     except Exception as exc:
         raise CheckpointError(f"expected a valid safetensors file {meta['file']!r}, got {exc}") from None
-    try:  # the sidecar itself is not hashed: a damaged tree must be a CheckpointError too
-        return int(meta["epoch"]), unflatten_state(meta["state"], tensors), meta.get("info", {})
+    try:  # hashed, yet written by a possibly buggy writer: a damaged tree is a CheckpointError too
+        info = meta.get("info", {})
+        if not isinstance(info, dict):
+            raise TypeError(f"info is a {type(info).__name__}, not an object")
+        return int(meta["epoch"]), unflatten_state(meta["state"], tensors), info
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         what = f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"expected a valid state tree in {str(sidecar)!r}, got {what}") from None

@@ -2,12 +2,18 @@
 
 The graph takes ``pixels`` (float32 NCHW in [0, 1]) and returns ``logits``. Export runs on a
 CPU copy of the model, so the caller's model is neither moved nor switched to eval mode.
+
+The file is built in a private temp folder beside the target (``.<name>.<random>``, e.g.
+``.model.onnx.k3j2x9_a``), fsynced, given mode ``0o666 & ~umask`` like every file harden writes,
+and renamed into place (the folder fsynced too); the temp folder is removed whatever happens (a
+killed export's is removed when :class:`harden.runfolder.RunFolder` next opens the run folder).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from harden.batches import check_pixels
-from harden.checkpoint import sha256_file
+from harden.checkpoint import file_mode, sha256_file
 from harden.errors import ExportError, InputError
 from harden.models import Normalized, prepare_model
 from harden.policy import Policy
@@ -98,6 +104,7 @@ def onnx_metadata(
         ('[0, 1]', '[0.5]', '[0.25]', '["cat", "dog"]')
     """
     from harden._version import __version__
+
     meta = {
         "harden_version": __version__,
         "input_name": INPUT_NAME,
@@ -210,6 +217,28 @@ def _write_checked(tmp: Path, meta: dict[str, str]) -> Any:
     return proto
 
 
+def _commit(tmp: Path, path: Path) -> None:
+    """Move the finished file at ``tmp`` to ``path`` durably: mode, fsync, rename, fsync of the folder."""
+    try:
+        os.chmod(tmp, file_mode())
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ExportError(f"expected to write {str(path)!r}, got {exc.strerror or exc}; nothing was written") from None
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - some filesystems (and Windows) refuse a folder fsync
+        pass
+
+
 def _adversarial_inputs(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """``x`` as CPU float32, after checking it is a non-empty NCHW batch of ``shape`` in [0, 1]."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape) or x.shape[0] == 0:
@@ -292,7 +321,7 @@ def export_onnx(
         if adversarial_inputs is not None:
             n_adv = len(adversarial_inputs)
             adv_diff, adv_agree = _parity(net, sess, adversarial_inputs, atol, f" on the {n_adv} adversarial inputs")
-        tmp.replace(path)
+        _commit(tmp, path)
     finally:
         tmp_dir.cleanup()
     return ExportResult(

@@ -55,6 +55,8 @@ class FitRun:
         steps_per_epoch: optimizer steps an epoch (this rank's share).
         run_dir: where checkpoints and weights go.
         progress: show progress bars (rank 0 only).
+        run_id: the run folder's run id (:class:`harden.runfolder.RunFolder`), kept in every
+            checkpoint; a resume refuses checkpoints of another run ("": no run folder).
         history: one record per finished epoch.
         start_epoch: the first epoch to train (0-based; later when resumed).
         resumed_from: the checkpoint epoch training resumed from (None: from scratch).
@@ -76,6 +78,7 @@ class FitRun:
     steps_per_epoch: int
     run_dir: Path
     progress: bool = False
+    run_id: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     resumed_from: int | None = None

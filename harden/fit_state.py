@@ -2,13 +2,15 @@
 
 A checkpoint keeps the model, optimizer, scheduler, objectives' state (with their step count),
 the RNG states and the fp16 gradient scaler, so a resumed run continues exactly as an
-uninterrupted one would. Files are written atomically by :mod:`harden.checkpoint`.
+uninterrupted one would. Its ``info`` names the run (``run_id`` of the run folder), the full policy
+hash (``policy_sha256``) and the :func:`resume_hash`; a resume refuses a checkpoint of another run
+or of another policy (``train.epochs`` aside). Files are written atomically, and hashed together
+with their sidecar, by :mod:`harden.checkpoint`.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,7 +66,12 @@ def save_epoch_checkpoint(run: FitRun, epoch: int, p_hash: str) -> None:
         },
         **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {}),
     }
-    info = {"history": run.history, "policy_hash": p_hash, "resume_hash": resume_hash(run.policy)}
+    info = {
+        "history": run.history,
+        "run_id": run.run_id,
+        "policy_sha256": p_hash,
+        "resume_hash": resume_hash(run.policy),
+    }
     save_checkpoint(run.ckpt_dir, epoch, state, info)
     prune_checkpoints(run.ckpt_dir, run.policy.train.keep_checkpoints)
 
@@ -74,10 +81,12 @@ def resume_run(run: FitRun) -> None:
 
     Sets ``run.start_epoch``, ``run.history`` and ``run.resumed_from`` and restores the model,
     optimizer, scheduler, objectives, scaler and RNG states. Under ``torchrun`` every rank must
-    find the same checkpoint.
+    find the same checkpoint; an error on one rank is raised on every rank (none waits forever).
 
     Raises:
-        CheckpointError: the checkpoint does not fit the run's model, objectives or optimizer.
+        CheckpointError: the checkpoint belongs to another run (its ``run_id`` is not
+            ``run.run_id``), was written under another policy (:func:`resume_hash`), or does not
+            fit the run's model, objectives or optimizer.
         HardenError: the ranks resumed from different epochs.
 
     Example:
@@ -94,34 +103,58 @@ def resume_run(run: FitRun) -> None:
         (1, 1)
     """
     found = load_latest(run.ckpt_dir)
-    start_epoch = 0
+    start_epoch, error = 0, None
     if found is None:
         log.warning("resume requested but no intact checkpoint in %s; starting from scratch", run.ckpt_dir)
     else:
-        start_epoch, state, info = found
-        _load_state(run, start_epoch, state)
-        stored = info.get("resume_hash")
-        now = resume_hash(run.policy)
-        if stored and stored != now:
-            warnings.warn(
-                f"the checkpoint in {run.ckpt_dir} was written under another policy (other than train.epochs; "
-                f"hash {str(stored)[:12]}..., now {now[:12]}...); resuming with the current one",
-                RuntimeWarning,
-                stacklevel=4,  # resume_run < _fit < fit < the caller of fit
-            )
-        torch.set_rng_state(state["rng"]["torch"])
-        device = run.dist.device
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        run.history = list(info.get("history", []))
-        run.start_epoch = run.resumed_from = start_epoch
-        log.info("resumed from epoch %d", start_epoch)
+        try:
+            start_epoch = _restore(run, *found)
+        except HardenError as exc:
+            start_epoch, error = 0, exc
     dist = run.dist
-    if dist.enabled and dist.all_sum([start_epoch])[0] != start_epoch * dist.world_size:
+    if not dist.enabled:
+        if error is not None:
+            raise error
+        return
+    failed, total = dist.all_sum([float(error is not None), float(start_epoch)])
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(
+            f"expected every rank to resume from {str(run.ckpt_dir)!r}, got a failure on another rank (see its message)"
+        )
+    if total != start_epoch * dist.world_size:
         raise HardenError(
             f"expected every rank to resume from the same checkpoint, got epoch {start_epoch} on rank {dist.rank} "
             f"and others elsewhere; put {str(run.run_dir)!r} on a filesystem every node shares"
         )
+
+
+def _restore(run: FitRun, epoch: int, state: dict[str, Any], info: dict[str, Any]) -> int:
+    """Check that a verified checkpoint is this run's, under this policy, and load it into ``run``."""
+    where = f"the checkpoint of epoch {epoch} in {str(run.ckpt_dir)!r}"
+    stored_id = info.get("run_id")
+    if stored_id != run.run_id:
+        raise CheckpointError(
+            f"expected {where} to belong to this folder's run {run.run_id or '(none)'}, got run "
+            f"{str(stored_id)[:40]!r}: start over with --overwrite, or use another --out"
+        )
+    stored, now = info.get("resume_hash"), resume_hash(run.policy)
+    if stored != now:
+        raise CheckpointError(
+            f"expected {where} to be written under this policy (train.epochs aside; resume hash {now[:12]}...), "
+            f"got resume hash {str(stored)[:12]}...: resume with the policy that wrote it (the folder's "
+            "policy.yaml), or start over with --overwrite"
+        )
+    _load_state(run, epoch, state)
+    torch.set_rng_state(state["rng"]["torch"])
+    device = run.dist.device
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    run.history = list(info.get("history", []))
+    run.start_epoch = run.resumed_from = epoch
+    log.info("resumed from epoch %d", epoch)
+    return epoch
 
 
 def _load_state(run: FitRun, epoch: int, state: dict[str, Any]) -> None:

@@ -10,7 +10,16 @@ One run, in order, with the data loaded once and handed to every stage:
 5. :func:`harden.export_onnx` to ``out/model.onnx`` with its parity tests;
 6. the exported ONNX session attacked with the gradient-free attacks (``export.verify_examples``);
 7. the certificate assembled once from every measurement, the verdict computed last
-   (:func:`harden.certify.assemble`), and written as ``certificate.json`` / ``.md`` / ``.html``.
+   (:func:`harden.certify.assemble`), and written as ``certificate.md`` / ``.html`` and then
+   ``certificate.json``, the last file a run writes.
+
+The run folder is opened once (:class:`harden.runfolder.RunFolder`) and held for the whole run:
+one writer at a time, and a fresh run into a used folder is refused unless ``overwrite=True``
+(``resume=True`` continues its run). The final artifacts are written in this order:
+``model.safetensors`` (fit), ``report.json``, ``model.onnx``, then ``certificate.json`` last, as
+the run's commit marker: **a folder whose ``certificate.json`` is missing is an unfinished run**
+(its ``model.onnx``, if any, is not vouched for by anything; a resume deletes it and writes it
+again).
 
 The CLI's ``harden run`` and the examples call :func:`run` and do nothing else.
 """
@@ -20,11 +29,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from harden.certificate import Certificate
@@ -35,7 +46,9 @@ from harden.errors import DataError
 from harden.export import ExportResult, export_onnx
 from harden.models import model_device
 from harden.policy import Policy
-from harden.policy_io import checked, load_policy
+from harden.policy_io import checked, load_policy, policy_hash
+from harden.runfolder import RunFolder
+from harden.signing import load_private_key
 from harden.smoothing import wilson_interval
 from harden.train import FitResult, fit
 from harden.verify import RobustnessReport, verify
@@ -91,6 +104,9 @@ def run(
     *,
     model: nn.Module | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    sign_key: Ed25519PrivateKey | str | Path | None = None,
+    allow_code: bool | Sequence[str] = False,
     progress: bool = True,
 ) -> RunResult:
     """Fit, verify, certify and export a model under ``policy``; write everything into ``out``.
@@ -99,13 +115,24 @@ def run(
         policy: a :class:`~harden.policy.Policy` or the path of a policy YAML file.
         out: the run directory (created if missing).
         model: the model to harden (None: built from ``policy.model``).
-        resume: continue training from the newest intact checkpoint in ``out``.
+        resume: continue the run in ``out`` from its newest intact checkpoint (its final
+            artifacts are deleted and written again).
+        overwrite: replace a previous run in ``out`` (harden's artifacts only; a fresh run into
+            a used folder is refused without it).
+        sign_key: an Ed25519 private key, or the path of its PEM file, to sign the certificate
+            with (None: unsigned); see :meth:`harden.certificate.Certificate.save`. A key file
+            is read before anything else runs, so a bad one fails at once.
+        allow_code: when ``policy`` is a file: the code it may name (``True``: any; module or
+            package names: those and their submodules; ``False``: none but harden's tiny test
+            models). See :func:`harden.policy_io.load_policy`.
         progress: show progress bars.
 
     Returns:
         A :class:`RunResult`.
 
     Raises:
+        RunFolderError: ``out`` is held by another process, or used and neither ``resume`` nor
+            ``overwrite`` is given.
         HardenError: a bad policy, data, model or checkpoint, or a failed export (one line each).
 
     Example:
@@ -117,10 +144,24 @@ def run(
         ('EMPIRICAL', True)
     """
     t0 = time.perf_counter()
-    policy = checked(load_policy(policy) if isinstance(policy, (str, Path)) else policy)
-    out = Path(out)
+    policy = checked(load_policy(policy, allow_code=allow_code) if isinstance(policy, (str, Path)) else policy)
+    key = load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
+    with RunFolder.open(out, resume=resume, overwrite=overwrite, policy_hash=policy_hash(policy)) as folder:
+        return _run(policy, folder, model, key, progress, t0)
+
+
+def _run(
+    policy: Policy,
+    folder: RunFolder,
+    model: nn.Module | None,
+    sign_key: Ed25519PrivateKey | None,
+    progress: bool,
+    t0: float,
+) -> RunResult:
+    """The stages of :func:`run` in the opened run folder; ``certificate.json`` is written last."""
+    out = folder.path
     bundle = load_data(policy.data)
-    trained = fit(model, policy, bundle=bundle, run_dir=out, resume=resume, progress=progress)
+    trained = fit(model, policy, bundle=bundle, run_dir=folder, resume=folder.resume, progress=progress)
     if trained.info.get("rank", 0) != 0:  # under torchrun, rank 0 alone verifies, exports and certifies
         return RunResult(out=out, fit=trained)
     net = trained.model
@@ -156,9 +197,12 @@ def run(
             UserWarning,
             stacklevel=2,
         )
-    path = cert.save(out)
+    path = cert.save(
+        out, signing_key=sign_key
+    )  # certificate.md / .html, then certificate.json: the last write of the run
+    saved = Certificate.load(path)  # as written (with what save adds: the rendered files' hashes)
     return RunResult(
-        out=out, fit=trained, report=report, export=exp, onnx_report=shipped, certificate=cert, certificate_path=path
+        out=out, fit=trained, report=report, export=exp, onnx_report=shipped, certificate=saved, certificate_path=path
     )
 
 

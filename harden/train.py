@@ -2,6 +2,9 @@
 
 Each epoch ends with clean and PGD validation accuracy and a checkpoint (safetensors + JSON
 sidecar, atomic). ``resume=True`` continues from the newest intact checkpoint of ``run_dir``.
+The run folder is held through :class:`harden.runfolder.RunFolder` (one writer, one run: a fresh
+fit into a used folder needs ``overwrite=True``); :func:`harden.run` opens it once and hands it
+over as ``run_dir``.
 The stages live in :mod:`harden.fit_setup` (model, objectives, optimizer), :mod:`harden.fit_loop`
 (the epochs and their probe) and :mod:`harden.fit_state` (checkpoints, resume); this module
 resolves the data, runs the stages in order and writes ``policy.yaml`` and ``model.safetensors``.
@@ -12,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from torch import nn
 from harden.checkpoint import atomic_write, state_bytes
 from harden.data import DataBundle, load_data
 from harden.distributed import Distributed, distributed_session
-from harden.errors import CheckpointError, DataError
+from harden.errors import CheckpointError, DataError, HardenError, RunFolderError
 from harden.fit_loop import MAX_BAD_STEPS as MAX_BAD_STEPS  # still importable from harden.train
 from harden.fit_loop import end_epoch, train_epoch
 from harden.fit_setup import FitRun, TrainData, set_up
@@ -31,6 +35,7 @@ from harden.fit_state import resume_run
 from harden.models import Normalized, build_model
 from harden.policy import Policy
 from harden.policy_io import checked, dump_policy, policy_hash
+from harden.runfolder import RunFolder
 from harden.speed import to_memory_format
 
 __all__ = ["FitResult", "fit", "load_trained", "save_model"]
@@ -90,8 +95,9 @@ def fit(
     val: TrainData | None = None,
     *,
     bundle: DataBundle | None = None,
-    run_dir: str | Path | None = None,
+    run_dir: str | Path | RunFolder | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
@@ -110,8 +116,14 @@ def fit(
             its test split validates (unless ``val`` is given), its classes and channels build the
             model and check every batch, and ``load_data`` is not called. Give either ``train``
             or ``bundle``, not both.
-        run_dir: where checkpoints go; default ``runs/<policy.name>``.
-        resume: continue from the newest intact checkpoint in ``run_dir``.
+        run_dir: where checkpoints go; default ``runs/<policy.name>``. A path is opened (locked,
+            checked) with :meth:`harden.runfolder.RunFolder.open` for this call; a
+            :class:`~harden.runfolder.RunFolder` already opened (e.g. by :func:`harden.run`) is
+            used as it is, and stays open.
+        resume: continue from the newest intact checkpoint in ``run_dir`` (checkpoints of another
+            run or policy are refused).
+        overwrite: replace the artifacts of a previous run in ``run_dir`` (a fresh fit into a used
+            folder is refused without it).
         progress: show a progress bar.
         on_epoch_end: called with each epoch's history record.
 
@@ -121,6 +133,9 @@ def fit(
     Raises:
         DataError: both ``train`` and ``bundle`` given, ``model`` is None with ``train`` data,
             or the data is empty or malformed.
+        RunFolderError: ``run_dir`` is held by another process, or used and neither ``resume``
+            nor ``overwrite`` is given.
+        CheckpointError: ``resume`` found a checkpoint of another run or policy.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls ``fit`` and trains one
     ``DistributedDataParallel`` replica on its shard of the data; only rank 0 writes files and
@@ -141,8 +156,47 @@ def fit(
     with distributed_session(policy.device) as dist:
         device = dist.device
         # seeding inside fork_rng: fit is reproducible and leaves the caller's RNG as it was
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return _fit(model, policy, train, val, bundle, dist, run_dir, resume, progress, on_epoch_end)
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            _run_folder(run_dir, policy, dist, resume, overwrite) as folder,
+        ):
+            return _fit(model, policy, train, val, bundle, dist, folder, resume, progress, on_epoch_end)
+
+
+@contextmanager
+def _run_folder(
+    run_dir: str | Path | RunFolder | None, policy: Policy, dist: Distributed, resume: bool, overwrite: bool
+) -> Iterator[RunFolder]:
+    """The run folder for one fit: the caller's opened one, else opened here (rank 0 writes) and closed after.
+
+    Rank 0 opens it first; every rank learns whether that worked (one collective), so no rank
+    waits for a rank 0 that failed. The other ranks then open a reader.
+    """
+    if isinstance(run_dir, RunFolder):
+        if run_dir.resume != resume or overwrite:
+            raise RunFolderError(
+                f"expected resume={run_dir.resume} and overwrite=False with the run folder opened for "
+                f"{str(run_dir.path)!r}, got resume={resume} and overwrite={overwrite}; they are set when it is opened"
+            )
+        dist.barrier()  # rank 0 opened it before fit: its run.json is there for the other ranks
+        yield run_dir
+        return
+    path = Path(run_dir) if run_dir is not None else Path("runs") / policy.name
+    folder: RunFolder | None = None
+    error: HardenError | None = None
+    if dist.is_main:
+        try:
+            folder = RunFolder.open(path, resume=resume, overwrite=overwrite, policy_hash=policy_hash(policy), rank=0)
+        except HardenError as exc:
+            error = exc
+    if dist.any(error is not None):
+        if error is not None:
+            raise error
+        raise RunFolderError(
+            f"expected rank 0 to open the run folder {str(path)!r}, got an error there (see its message)"
+        )
+    with folder if folder is not None else RunFolder.open(path, resume=resume, rank=dist.rank) as opened:
+        yield opened
 
 
 def _resolve_data(
@@ -170,16 +224,17 @@ def _fit(
     val: TrainData | None,
     bundle: DataBundle | None,
     dist: Distributed,
-    run_dir: str | Path | None,
+    folder: RunFolder,
     resume: bool,
     progress: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
 ) -> FitResult:
     """Run the stages in order: data, set-up, resume, the epochs (train, probe, checkpoint), finish."""
     t_start = time.perf_counter()
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / policy.name
+    run_dir = folder.path
     data, val, bundle = _resolve_data(policy, train, val, bundle)
     run = set_up(model, policy, dist, data, val, bundle, run_dir, progress and dist.is_main)
+    run.run_id = folder.run_id  # rank 0 has written run.json: every rank passed the open above
     if resume:
         resume_run(run)
     p_hash = policy_hash(policy)

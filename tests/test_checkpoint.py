@@ -1,8 +1,10 @@
 """Checkpoints: nested state round trips, hash checks, skipping damaged ones, atomic writes."""
 
 import errno
+import hashlib
 import json
 import os
+import stat
 import warnings
 
 import pytest
@@ -134,7 +136,12 @@ def test_save_load_round_trip(tmp_path):
     assert sidecar == tmp_path / "ck" / "epoch-0003.json"
     assert (tmp_path / "ck" / "epoch-0003.safetensors").is_file()
     meta = json.loads(sidecar.read_text())
-    assert meta["sha256"] == sha256_file(tmp_path / "ck" / "epoch-0003.safetensors")
+    blob = (tmp_path / "ck" / "epoch-0003.safetensors").read_bytes()
+    assert meta["format"] == 2 and meta["size"] == len(blob)
+    # one digest over the tensor file's bytes and the canonical sidecar without its sha256
+    canonical = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    assert meta["sha256"] == hashlib.sha256(blob + canonical.encode()).hexdigest()
+    assert meta["sha256"] != sha256_file(tmp_path / "ck" / "epoch-0003.safetensors")
     epoch, back, back_info = load_checkpoint(sidecar)
     assert epoch == 3
     assert back_info == info
@@ -182,6 +189,8 @@ def test_one_modified_byte_is_detected(tmp_path):
         lambda meta: json.dumps({**meta, "file": "../elsewhere.safetensors"}),
         lambda meta: json.dumps({**meta, "state": {"__dict__": {"w": {"__tensor__": "s.nope"}}}}),
         lambda meta: json.dumps({k: v for k, v in meta.items() if k != "epoch"}),
+        lambda meta: json.dumps([meta]),
+        lambda meta: "[" * 100_000 + "]" * 100_000,
     ],
 )
 def test_damaged_sidecar_is_a_checkpoint_error(tmp_path, damage):
@@ -189,6 +198,48 @@ def test_damaged_sidecar_is_a_checkpoint_error(tmp_path, damage):
     sidecar = tmp_path / "epoch-0001.json"
     sidecar.write_text(damage(json.loads(sidecar.read_text())))
     with pytest.raises(harden.CheckpointError):
+        load_checkpoint(sidecar)
+
+
+SIDECAR_EDITS = {
+    "epoch": lambda m: m.update(epoch=m["epoch"] + 1),
+    "lr": lambda m: m["info"]["history"][0].update(lr=0.5),
+    "val_clean_acc": lambda m: m["info"]["history"][0].update(val_clean_acc=1.0),
+    "run_id": lambda m: m["info"].update(run_id="ab" * 16),
+    "resume_hash": lambda m: m["info"].update(resume_hash="0" * 64),
+    "new info key": lambda m: m["info"].update(note="x"),
+    "state tree": lambda m: m["state"]["__dict__"].update(extra=1),
+    "size": lambda m: m.update(size=m["size"] - 1),
+    "float spelling": lambda m: m["info"]["history"][0].update(lr=0.10000000000000002),
+}
+
+
+@pytest.mark.parametrize("edit", list(SIDECAR_EDITS))
+def test_any_edit_of_the_sidecar_is_rejected(tmp_path, edit):
+    info = {"history": [{"epoch": 1, "lr": 0.1, "val_clean_acc": 0.5}], "run_id": "cd" * 16, "resume_hash": "r"}
+    sidecar = save_checkpoint(tmp_path, 1, {"w": torch.zeros(3)}, info)
+    assert load_checkpoint(sidecar)[2] == info
+    meta = json.loads(sidecar.read_text())
+    SIDECAR_EDITS[edit](meta)
+    sidecar.write_text(json.dumps(meta, indent=1))  # the tensor file is untouched
+    with pytest.raises(harden.CheckpointError, match="truncated or modified"):
+        load_checkpoint(sidecar)
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint epoch-0001.json"):
+        assert load_latest(tmp_path) is None
+
+
+def test_reformatting_the_sidecar_keeps_it_valid(tmp_path):
+    sidecar = save_checkpoint(tmp_path, 1, {"w": torch.zeros(3)}, {"history": [{"lr": 0.1}]})
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(reversed(list(meta.items())))))  # other key order, no indent
+    assert load_checkpoint(sidecar)[2] == {"history": [{"lr": 0.1}]}
+
+
+def test_a_format_1_checkpoint_is_refused(tmp_path):
+    sidecar = save_checkpoint(tmp_path, 1, {"w": torch.zeros(3)}, {})
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(harden.CheckpointError, match=r"expected checkpoint format 2 .* got 1"):
         load_checkpoint(sidecar)
 
 
@@ -315,3 +366,18 @@ def test_full_disk_when_the_temp_file_cannot_be_created(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.mkstemp", no_inode)
     with pytest.raises(harden.CheckpointError, match="full disk"):
         atomic_write(tmp_path / "f.bin", b"x")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_mode_open_would_give_them(tmp_path, umask, mode):
+    old = os.umask(umask)  # read from /proc/self/status on each write: follows the change
+    try:
+        atomic_write(tmp_path / "a.bin", b"x")
+        save_checkpoint(tmp_path / "ck", 1, {"w": torch.zeros(1)}, {})
+        with open(tmp_path / "plain.bin", "wb"):  # what open() gives, for comparison
+            pass
+    finally:
+        os.umask(old)
+    files = [tmp_path / "a.bin", *(tmp_path / "ck").iterdir()]
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in files] == [oct(mode)] * 3
+    assert stat.S_IMODE((tmp_path / "plain.bin").stat().st_mode) == mode

@@ -8,6 +8,8 @@ parity test."""
 import copy
 import hashlib
 import json
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -20,6 +22,7 @@ import yaml
 from torch import nn
 
 import harden
+import harden.export as export_module
 from harden.attacks import ATTACKS
 from harden.attacks.base import restore_modes, save_modes
 from harden.cli import main
@@ -358,3 +361,36 @@ def test_unexportable_model_raises_export_error_and_leaves_no_file(tmp_path):
         harden.export_onnx(Unexportable(), path, input_shape=(1, 2, 2))
     assert not path.exists()
     assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.parametrize("failure", [harden.ExportError("parity"), KeyboardInterrupt()])
+def test_a_failure_inside_export_leaves_no_temp_folder(tmp_path, monkeypatch, failure):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(export_module, "build_session", fail)  # after the graph is in the temp folder
+    with pytest.raises(type(failure)):
+        harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "model.onnx", input_shape=(1, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_the_onnx_file_is_fsynced_and_gets_the_mode_of_every_harden_file(tmp_path, monkeypatch, umask, mode):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    old = os.umask(umask)
+    try:
+        harden.export_onnx(TinyCNN(num_classes=3), tmp_path / "model.onnx", input_shape=(1, 8, 8))
+    finally:
+        os.umask(old)
+    monkeypatch.undo()
+    assert stat.S_IMODE((tmp_path / "model.onnx").stat().st_mode) == mode
+    if os.path.exists("/proc/self/fd"):  # the file in its temp folder, then the target's folder
+        assert len(synced) == 2 and synced[0].endswith("/model.onnx") and synced[0] != str(tmp_path / "model.onnx")
+        assert synced[1] == str(tmp_path)

@@ -79,9 +79,12 @@ def test_always_nan_loss_aborts_across_epochs(tmp_run, nan_objective):
 def test_nan_in_a_later_batch_stops_training_with_nothing_half_written(tmp_path, capsys, user_module):
     policy = tiny_policy(data={"name": "faulty:nan_pixel", "batch_size": 16}, objectives=[{"name": "ce"}])
     out = tmp_path / "run"
-    assert main(["fit", str(write_policy(tmp_path / "p.yaml", policy)), "--out", str(out), "-q"]) == 2
-    assert "expected finite pixels, got NaN or infinity" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["policy.yaml"]  # complete; no checkpoint, no temp
+    path = write_policy(tmp_path / "p.yaml", policy)
+    assert main(["fit", str(path), "--out", str(out), "--allow-code", "faulty", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harden: error: expected finite pixels, got NaN or infinity"), err
+    # nothing resumable was written: the run folder this fit created is gone again (no run.json, no temp)
+    assert not out.exists()
 
 
 def test_train_epoch_skips_bad_steps_and_aborts_at_max_bad_steps(tmp_path, nan_objective):

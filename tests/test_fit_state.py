@@ -25,7 +25,7 @@ from harden.distributed import Distributed
 from harden.fit_setup import set_up
 from harden.fit_state import resume_hash, resume_run, save_epoch_checkpoint
 from harden.policy_io import policy_hash
-from harden.testing import synthetic_bundle, tiny_policy
+from harden.testing import TinyCNN, synthetic_bundle, tiny_policy
 
 
 def test_resume_hash_follows_the_policy_but_not_its_epochs():
@@ -51,7 +51,8 @@ def test_save_epoch_checkpoint_then_resume_run_restores_the_run(tmp_path):
     save_epoch_checkpoint(run, 2, "h2")
     assert sorted(p.name for p in run.ckpt_dir.iterdir()) == ["epoch-0002.json", "epoch-0002.safetensors"]
     info = json.loads((run.ckpt_dir / "epoch-0002.json").read_text())["info"]
-    assert info["policy_hash"] == "h2" and info["resume_hash"] == resume_hash(policy)
+    assert info["policy_sha256"] == "h2" and info["resume_hash"] == resume_hash(policy)
+    assert info["run_id"] == run.run_id == ""  # set_up alone: no run folder
 
     torch.rand(5)  # the global RNG moves on; resume brings it back
     fresh = set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run")
@@ -128,24 +129,73 @@ def test_resume_skips_a_corrupt_checkpoint(tmp_run):
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 
-def test_resume_under_an_edited_policy_warns(tmp_run):
+def test_resume_can_train_longer(tmp_run):
     train = {"epochs": 2, "schedule": "constant", "probe_examples": 0}
     fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
-    edited = tiny_policy(train={**train, "epochs": 3, "lr": 0.01}, objectives=[{"name": "ce"}])
-    with pytest.warns(RuntimeWarning, match="written under another policy"):
-        again = fit(edited, tmp_run, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fit(tiny_policy(train={**train, "epochs": 3}, objectives=[{"name": "ce"}]), tmp_run, resume=True)
     assert again.resumed_from == 2
     assert [r["epoch"] for r in again.history] == [1, 2, 3]
 
 
+def test_resume_under_an_edited_policy_is_refused(tmp_run):
+    train = {"epochs": 2, "schedule": "constant", "probe_examples": 0}
+    fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
+    before = sorted(p.name for p in (tmp_run / "checkpoints").iterdir())
+    edited = tiny_policy(train={**train, "epochs": 3, "lr": 0.01}, objectives=[{"name": "ce"}])
+    with pytest.raises(harden.CheckpointError) as info:
+        fit(edited, tmp_run, resume=True)
+    msg = str(info.value)
+    assert msg.startswith("expected the checkpoint of epoch 2 in ") and "to be written under this policy" in msg
+    assert msg.endswith(
+        "resume with the policy that wrote it (the folder's policy.yaml), or start over with --overwrite"
+    )
+    assert "\n" not in msg
+    assert sorted(p.name for p in (tmp_run / "checkpoints").iterdir()) == before  # nothing changed
+    assert not (tmp_run / "model.safetensors").exists()  # deleted by the resume: it was the old run's
+
+
+def test_resume_refuses_the_checkpoints_of_another_run(tmp_path):
+    policy = tiny_policy(train={"epochs": 1, "probe_examples": 0}, objectives=[{"name": "ce"}])
+    fit(policy, tmp_path / "a")
+    fit(policy, tmp_path / "b")
+    # another run's checkpoints (valid, same policy) copied into b: today's "adopt them" bug
+    for p in (tmp_path / "b" / "checkpoints").iterdir():
+        p.unlink()
+    for p in (tmp_path / "a" / "checkpoints").iterdir():
+        (tmp_path / "b" / "checkpoints" / p.name).write_bytes(p.read_bytes())
+    run_a = json.loads((tmp_path / "a" / "run.json").read_text())["run_id"]
+    run_b = json.loads((tmp_path / "b" / "run.json").read_text())["run_id"]
+    assert run_a != run_b
+    with pytest.raises(harden.CheckpointError, match=rf"belong to this folder's run {run_b}, got run '{run_a}'"):
+        fit(policy, tmp_path / "b", resume=True)
+
+
+def test_a_forged_sidecar_never_reaches_model_json(tmp_run):
+    policy = tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}])
+    first = fit(policy, tmp_run)
+    sidecar = tmp_run / "checkpoints" / "epoch-0002.json"
+    meta = json.loads(sidecar.read_text())
+    assert meta["info"]["history"][-1]["val_clean_acc"] != 1.0
+    meta["info"]["history"][-1]["val_clean_acc"] = 1.0  # a forged accuracy
+    sidecar.write_text(json.dumps(meta, indent=1))
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint epoch-0002.json: .*truncated or modified"):
+        again = fit(policy, tmp_run, resume=True)
+    assert again.resumed_from == 1  # epoch 2 trained again, from the intact epoch 1
+    stored = json.loads((tmp_run / "model.json").read_text())["history"]
+    assert stored[-1]["val_clean_acc"] == first.history[-1]["val_clean_acc"] != 1.0
+
+
 def test_resume_with_another_model_is_a_checkpoint_error(tmp_run):
     train = {"epochs": 1, "probe_examples": 0}
-    fit(tiny_policy(train=train, objectives=[{"name": "ce"}]), tmp_run)
-    wider = tiny_policy(train={**train, "epochs": 2}, objectives=[{"name": "ce"}], model={"args": {"width": 24}})
-    with pytest.raises(
+    policy = tiny_policy(train=train, objectives=[{"name": "ce"}])
+    fit(policy, tmp_run, model=TinyCNN(num_classes=3))
+    with pytest.raises(  # the same policy, a user's model of another width
         harden.CheckpointError, match=r"epoch 1 .* size mismatch .* resume only with the policy that wrote it"
     ):
-        fit(wider, tmp_run, resume=True)
+        wider = TinyCNN(num_classes=3, width=24)
+        fit(tiny_policy(train={**train, "epochs": 2}, objectives=[{"name": "ce"}]), tmp_run, model=wider, resume=True)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,15 +349,17 @@ def test_full_disk_during_fit_is_one_error_line_and_resumable(tmp_path, monkeypa
     policy = tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}])
     policy_path = write_policy(tmp_path / "p.yaml", policy)
     out = tmp_path / "run"
-    # writes: policy.yaml, epoch-0001.safetensors, then the disk fills during epoch-0001.json
-    monkeypatch.setattr(os, "write", enospc_after(2))
+    # writes: the lock file, run.json, policy.yaml, epoch-0001.safetensors, then the disk fills
+    # during epoch-0001.json
+    monkeypatch.setattr(os, "write", enospc_after(4))
     assert main(["fit", str(policy_path), "--out", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("harden: error: expected to write ") and "epoch-0001.json" in err
     assert "got a full disk (No space left on device)" in err and "--resume" in err
     assert len(err.splitlines()) == 1
-    assert leftovers(out) == []  # no temp file, and the tensor file went with its sidecar
-    assert list_checkpoints(out / "checkpoints") == []
+    # no temp file, the tensor file went with its sidecar, and with nothing to resume from, the run
+    # folder this fit created (run.json, policy.yaml) is gone again
+    assert not out.exists()
     monkeypatch.undo()  # space freed
     assert main(["fit", str(policy_path), "--out", str(out), "--resume", "-q"]) == 0
     assert (out / "model.safetensors").is_file()

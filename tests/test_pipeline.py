@@ -1,5 +1,6 @@
 import importlib
 import json
+import os
 
 import pytest
 import torch
@@ -158,3 +159,52 @@ def test_run_result_model_is_the_fitted_one(ran):
     result, _, _, _ = ran
     assert result.model is result.fit.model
     assert not result.model.training
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused(ran):
+    _, out, _, _ = ran
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(harden.RunFolderError, match=r"expected an unused run folder .*: use --resume"):
+        harden.run(run_policy(), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def quick_policy():
+    return tiny_policy(
+        train={"probe_examples": 0},
+        objectives=[{"name": "ce"}],
+        verify={"attacks": [{"name": "fgsm"}], "n_examples": 16, "checks": False, "eps_sweep": []},
+        export={"parity_examples": 8, "verify_examples": 0},
+    )
+
+
+def test_resume_and_overwrite_and_certificate_json_written_last(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = harden.run(quick_policy(), out, progress=False)
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "notes.txt").write_text("mine")
+
+    replaced = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        replaced.append(os.path.relpath(dst, out))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    again = harden.run(quick_policy(), out, resume=True, progress=False)
+    monkeypatch.undo()
+    assert again.fit.resumed_from == 1 and again.fit.history == first.fit.history
+    assert json.loads((out / "run.json").read_text())["run_id"] == run_id
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert again.certificate.onnx_sha256 == again.export.sha256
+    order = [p for p in replaced if not p.startswith("checkpoints")]
+    assert order[-1] == "certificate.json", order  # the commit marker, last
+    assert order.index("model.safetensors") < order.index("report.json") < order.index("model.onnx")
+    assert order.index("model.onnx") < order.index("certificate.md") < order.index("certificate.json")
+
+    fresh = harden.run(quick_policy(), out, overwrite=True, progress=False)
+    assert json.loads((out / "run.json").read_text())["run_id"] != run_id
+    assert fresh.fit.resumed_from is None and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".harden.lock").exists() and not list(out.glob(".*.tmp"))

@@ -117,11 +117,11 @@ BAD_DATA = {
     ),
     "label-out-of-range": (
         {"data": {"name": "faulty:label_out_of_range"}},
-        "test example 0: expected labels in [0, 2], got values in [9, 9]",
+        "test split: expected labels in [0, 2], got 1 outside it",
     ),
     "negative-label": (
         {"data": {"name": "faulty:negative_label"}},
-        "expected labels in [0, 1], got values in [-1, -1]",
+        "expected labels in [0, 1], got ",
     ),
     "empty-dataset": ({"data": {"name": "faulty:empty_train"}}, "expected non-empty train and test datasets"),
     "missing-root": (
@@ -137,8 +137,41 @@ def test_bad_data_is_one_error_line_and_writes_nothing(tmp_path, capsys, user_mo
     updates, expected = BAD_DATA[case]
     path = write_policy(tmp_path / "p.yaml", tiny_policy(**updates, objectives=[{"name": "ce"}]))
     out = tmp_path / "run"
-    assert main(["fit", str(path), "--out", str(out), "-q"]) == 2
+    assert main(["fit", str(path), "--out", str(out), "--allow-code", "faulty", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("harden: error: ") and err.count("\n") == 1, err
     assert expected in err, err
-    assert not out.exists()  # found before anything was trained or written
+    assert not out.exists()  # found before anything was trained; the run folder opened for it is gone again
+
+
+def test_a_fresh_fit_into_a_used_folder_is_refused_and_overwrite_replaces_it(tmp_run):
+    policy = tiny_policy(train={"probe_examples": 0}, objectives=[{"name": "ce"}])
+    first = fit(policy, tmp_run)
+    run_id = json.loads((tmp_run / "run.json").read_text())["run_id"]
+    (tmp_run / "notes.txt").write_text("mine")
+    before = (tmp_run / "model.safetensors").read_bytes()
+    with pytest.raises(harden.RunFolderError, match=r"expected an unused run folder .* --overwrite to replace it"):
+        fit(policy, tmp_run)
+    assert (tmp_run / "model.safetensors").read_bytes() == before  # refused before anything was written
+    again = fit(policy, tmp_run, overwrite=True)
+    assert json.loads((tmp_run / "run.json").read_text())["run_id"] != run_id
+    assert (tmp_run / "notes.txt").read_text() == "mine"
+    assert again.resumed_from is None and sha256_file(again.weights) == sha256_file(first.weights)  # seeded
+    info = json.loads((tmp_run / "checkpoints" / "epoch-0001.json").read_text())["info"]
+    assert info["run_id"] == json.loads((tmp_run / "run.json").read_text())["run_id"]
+    assert info["policy_sha256"] == harden.policy_hash(policy)
+
+
+def test_fit_uses_an_opened_run_folder_without_locking_it_again(tmp_run):
+    from harden.runfolder import RunFolder
+
+    policy = tiny_policy(train={"probe_examples": 0}, objectives=[{"name": "ce"}])
+    with RunFolder.open(tmp_run, policy_hash=harden.policy_hash(policy)) as folder:
+        result = fit(policy, folder)
+        assert result.run_dir == tmp_run
+        assert (tmp_run / ".harden.lock").exists()  # still held: fit did not close the caller's folder
+        with pytest.raises(harden.RunFolderError, match="no other harden process"):
+            fit(policy, tmp_run, overwrite=True)  # a path: fit opens it, and finds it held
+        with pytest.raises(harden.RunFolderError, match="they are set when it is opened"):
+            fit(policy, folder, resume=True)
+    assert not (tmp_run / ".harden.lock").exists()

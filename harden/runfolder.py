@@ -1,0 +1,404 @@
+"""The run-folder guard: one run folder, one run, one writer.
+
+:meth:`RunFolder.open` prepares a run folder (``--out``) before a run writes into it, and holds it
+until :meth:`RunFolder.close` (or the end of its ``with`` block):
+
+- **One writer.** An exclusive, non-blocking lock on ``.harden.lock`` in the folder (``fcntl.flock``;
+  ``msvcrt.locking`` where ``fcntl`` is missing). A second process gets a :class:`RunFolderError`
+  naming the holder's pid. The lock is released on close, also after an exception or
+  ``KeyboardInterrupt``; the OS releases it when the process is killed. The lock file is removed on
+  close (a stale one left by a killed process is simply locked again).
+- **One run.** A fresh run (``resume=False``) into a *used* folder, one holding any of
+  :data:`ARTIFACTS`, is refused unless ``overwrite=True``, which deletes exactly those artifacts
+  (other files are never touched). ``run.json`` (written atomically when a run starts) holds the
+  run's ``run_id`` (uuid4 hex), the full policy hash, the creation time and the harden version; a
+  resume keeps the run id (checkpoints carry it, and a resume refuses another run's). Resuming a
+  folder with checkpoints but without ``run.json`` (made by an older harden) is refused.
+- **Crash leftovers**, deleted when a writer opens the folder (it holds the lock, so no writer is
+  active): the temp files of :func:`harden.checkpoint.atomic_write` for harden's own files
+  (``.<artifact>.<8 random>.tmp`` in the folder, ``.epoch-NNNN.<ext>.<8 random>.tmp`` in
+  ``checkpoints/``) and the export's temp folders (``.model.onnx.<8 random>``). On resume, the
+  final artifacts of the interrupted run, which the run writes again, are deleted too
+  (:data:`OUTPUTS`, in this order): ``certificate.json`` (the run's commit marker, written last),
+  ``certificate.md``, ``certificate.html``, ``model.onnx`` (valid only with its certificate),
+  ``report-onnx.json``, ``report.json``, ``model.json``, ``model.safetensors``. Kept on resume:
+  ``checkpoints/``, ``run.json`` (unchanged: it records how the run started) and ``policy.yaml``.
+- **A failed start leaves nothing.** When a run that this open started (a new ``run.json``) ends with
+  an exception before anything resumable exists (no checkpoint sidecar, no ``model.safetensors``),
+  harden's :data:`ARTIFACTS` are removed again (e.g. ``run.json``, ``policy.yaml``), and the folder
+  too when this open created it and it is left empty. Other files are never deleted.
+
+Under ``torchrun`` only rank 0 writes: other ranks open a *reader* that neither locks nor writes and
+reads the run id from ``run.json`` when first asked (after rank 0 has written it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from harden._version import __version__
+from harden.checkpoint import atomic_write
+from harden.errors import RunFolderError
+
+__all__ = ["ARTIFACTS", "LOCK_NAME", "OUTPUTS", "RunFolder", "process_rank", "used_artifacts"]
+
+#: the files (and the ``checkpoints`` folder) a run writes into its folder: what makes a folder used
+ARTIFACTS: tuple[str, ...] = (
+    "checkpoints",
+    "run.json",
+    "policy.yaml",
+    "model.safetensors",
+    "model.json",
+    "report.json",
+    "report-onnx.json",
+    "model.onnx",
+    "certificate.md",
+    "certificate.html",
+    "certificate.json",
+)
+#: the final artifacts a resumed run writes again, deleted when it opens the folder (commit marker first)
+OUTPUTS: tuple[str, ...] = (
+    "certificate.json",
+    "certificate.md",
+    "certificate.html",
+    "model.onnx",
+    "report-onnx.json",
+    "report.json",
+    "model.json",
+    "model.safetensors",
+)
+LOCK_NAME = ".harden.lock"
+RUN_JSON = "run.json"
+_MAX_SMALL_FILE = 1 << 20  # run.json and the lock file are tiny: never read more than this
+_RANDOM = r"[a-z0-9_]{8}"  # the random part of tempfile's names
+_TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(a) for a in ARTIFACTS) + r")\." + _RANDOM + r"\.tmp$")
+_CKPT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\." + _RANDOM + r"\.tmp$")
+_EXPORT_TEMP = re.compile(r"^\.model\.onnx\." + _RANDOM + "$")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def process_rank() -> int:
+    """This process's rank in a ``torchrun`` job before :func:`harden.fit` joins it (0 when alone).
+
+    The initialised process group's rank, else ``RANK`` when ``WORLD_SIZE`` > 1, else 0.
+
+    Example:
+        >>> process_rank()
+        0
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return int(tdist.get_rank())
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get("RANK", "0")) if world > 1 else 0
+    except ValueError:  # harden.distributed refuses these with its own message
+        return 0
+
+
+def used_artifacts(path: str | Path) -> list[str]:
+    """The names of :data:`ARTIFACTS` present in ``path`` (a link counts; nothing is followed).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "notes.txt").write_text("mine"), (d / "model.json").write_text("{}")
+        >>> used_artifacts(d)
+        ['model.json']
+    """
+    path = Path(path)
+    return [name for name in ARTIFACTS if os.path.lexists(path / name)]
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not its target) or a folder tree; a missing path is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _read_small_json(path: Path) -> Any:
+    """A small JSON document (None: missing); anything else is a :class:`ValueError`."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_SMALL_FILE + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) > _MAX_SMALL_FILE:
+        raise ValueError(f"more than {_MAX_SMALL_FILE} bytes")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+class _Lock:
+    """An exclusive, non-blocking OS lock on ``folder/.harden.lock``, holding this process's pid."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        for _ in range(20):  # the file may be removed by its last holder between open and lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if not _try_lock(fd):
+                os.close(fd)
+                raise self._busy(folder)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                break
+            _unlock(fd)
+            os.close(fd)
+        else:  # pragma: no cover - another process keeps replacing the lock file
+            raise RunFolderError(f"expected to lock {str(self.path)!r}, got a lock file replaced again and again")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, json.dumps(info).encode())
+
+    def _busy(self, folder: Path) -> RunFolderError:
+        try:
+            info = _read_small_json(self.path)
+            holder = f"pid {int(info['pid'])}, started {str(info['started'])[:40]}"
+        except (ValueError, TypeError, KeyError, OSError):
+            holder = "pid unknown"
+        return RunFolderError(
+            f"expected no other harden process writing to {str(folder)!r}, got one ({holder}): "
+            "wait for it, or use another --out"
+        )
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it), then unlock."""
+        if sys.platform != "win32":
+            self.path.unlink(missing_ok=True)
+        _unlock(self.fd)
+        os.close(self.fd)
+        if sys.platform == "win32":  # pragma: no cover - Windows cannot remove an open file
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+
+
+if sys.platform == "win32":  # pragma: no cover - Windows: a byte-range lock on the lock file
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        """Take the exclusive lock without waiting; False when another process holds it."""
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        """Take the exclusive lock without waiting; False when another process holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class RunFolder:
+    """A run folder opened for one run (see the module docstring); a context manager.
+
+    Attributes:
+        path: the folder.
+        resume: the run continues the folder's run (its checkpoints).
+        writer: this process writes (rank 0): it holds the lock.
+    """
+
+    def __init__(self, path: Path, resume: bool, writer: bool) -> None:
+        self.path = path
+        self.resume = resume
+        self.writer = writer
+        self._run_id: str | None = None
+        self._lock: _Lock | None = None
+        self._started = False  # this open wrote a new run.json
+        self._created = False  # this open created the folder
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        policy_hash: str = "",
+        rank: int | None = None,
+    ) -> RunFolder:
+        """Lock and prepare ``path`` for a run (rank 0), or open a reader (other ranks).
+
+        Args:
+            path: the run folder (created if missing).
+            resume: continue the folder's run (keep its run id and checkpoints).
+            overwrite: delete harden's artifacts of a previous run first (not with ``resume``).
+            policy_hash: the full policy hash, recorded in ``run.json``.
+            rank: this process's rank (None: :func:`process_rank`); only rank 0 locks and writes.
+
+        Raises:
+            RunFolderError: another process holds the folder, a fresh run into a used folder
+                without ``overwrite``, a resume of a folder without ``run.json`` but with
+                checkpoints, an unreadable ``run.json``, or ``path`` is not a folder.
+
+        Example:
+            >>> import tempfile
+            >>> d = Path(tempfile.mkdtemp()) / "run"
+            >>> with RunFolder.open(d, policy_hash="abc") as folder:
+            ...     len(folder.run_id), sorted(p.name for p in d.iterdir())
+            (32, ['.harden.lock', 'run.json'])
+            >>> _ = (d / "model.json").write_text("{}")
+            >>> RunFolder.open(d)
+            Traceback (most recent call last):
+            ...
+            harden.errors.RunFolderError: expected an unused run folder ..., got one holding model.json, run.json: ...
+        """
+        path = Path(path)
+        if resume and overwrite:
+            raise RunFolderError("expected resume or overwrite, got both; choose one")
+        if (process_rank() if rank is None else rank) != 0:
+            return cls(path, resume, writer=False)
+        folder = cls(path, resume, writer=True)
+        if os.path.lexists(path) and not path.is_dir():
+            raise RunFolderError(f"expected a folder at {str(path)!r}, got a file; use another --out")
+        folder._created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(
+                f"expected to create the run folder {str(path)!r}, got {exc.strerror or exc}"
+            ) from None
+        folder._lock = _Lock(path)
+        try:
+            folder._prepare(overwrite, policy_hash)
+        except BaseException:
+            folder._release()
+            raise
+        return folder
+
+    def _prepare(self, overwrite: bool, policy_hash: str) -> None:
+        """Clean crash leftovers, check or clear the folder, and read or write ``run.json``."""
+        path = self.path
+        _clean_leftovers(path)
+        used = used_artifacts(path)
+        if overwrite:
+            for name in sorted(used, key=lambda n: n != "certificate.json"):  # the commit marker first
+                _remove(path / name)
+        elif not self.resume and used:
+            raise RunFolderError(
+                f"expected an unused run folder {str(path)!r}, got one holding {', '.join(sorted(used))}: "
+                "use --resume to continue its run, --overwrite to replace it, or another --out"
+            )
+        record = None if overwrite else self._read_run_json()
+        if self.resume:
+            if record is None and any((path / "checkpoints").glob("epoch-*.json")):
+                raise RunFolderError(
+                    f"expected {str(path / RUN_JSON)!r} beside the checkpoints to resume, got none (a folder of an "
+                    "older harden): rerun without --resume into another --out, or with --overwrite"
+                )
+            for name in OUTPUTS:  # rewritten by the resumed run; certificate.json first
+                _remove(path / name)
+        if record is None:
+            record = {
+                "run_id": uuid.uuid4().hex,
+                "policy_sha256": policy_hash,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "harden_version": __version__,
+            }
+            atomic_write(path / RUN_JSON, json.dumps(record, indent=1).encode())
+            self._started = True
+        self._run_id = record["run_id"]
+
+    def _read_run_json(self) -> dict[str, Any] | None:
+        """``run.json`` checked (None: missing)."""
+        where = self.path / RUN_JSON
+        try:
+            record = _read_small_json(where)
+            if record is None:
+                return None
+            if not isinstance(record, dict) or not _RUN_ID.match(str(record.get("run_id", ""))):
+                raise ValueError("no run_id of 32 hex digits")
+        except (OSError, ValueError) as exc:
+            raise RunFolderError(
+                f"expected a valid {str(where)!r}, got {exc}; rerun with --overwrite, or use another --out"
+            ) from None
+        return record
+
+    @property
+    def run_id(self) -> str:
+        """The run's id from ``run.json`` ("" for a reader that finds none)."""
+        if self._run_id is None:
+            record = self._read_run_json()
+            self._run_id = "" if record is None else str(record["run_id"])
+        return self._run_id
+
+    def close(self, failed: bool = False) -> None:
+        """Release the folder; ``failed``: roll back a run this open started that left nothing resumable."""
+        if not self.writer or self._lock is None:
+            return
+        try:
+            if failed and self._started and not self._resumable():
+                for name in ARTIFACTS:
+                    _remove(self.path / name)
+        finally:
+            self._release()
+        if failed and self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only when empty
+
+    def _resumable(self) -> bool:
+        return os.path.lexists(self.path / "model.safetensors") or any((self.path / "checkpoints").glob("epoch-*.json"))
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(failed=exc_type is not None)
+
+    def __repr__(self) -> str:
+        role = "writer" if self.writer else "reader"
+        return f"RunFolder({str(self.path)!r}, {role}, resume={self.resume})"
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Delete the temp files of interrupted atomic writes and the export's temp folders."""
+    for entry in path.iterdir():
+        if _TEMP_FILE.match(entry.name) and not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        elif _EXPORT_TEMP.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        for entry in checkpoints.iterdir():
+            if _CKPT_TEMP.match(entry.name) and not entry.is_dir():
+                entry.unlink(missing_ok=True)
