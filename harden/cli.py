@@ -25,10 +25,17 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
-def _policy(path: str) -> Any:
+def _allowed_code(args: argparse.Namespace) -> bool | list[str]:
+    """The opt-in for code a policy names: ``--trust-policy-code`` (all) or the ``--allow-code`` modules."""
+    if getattr(args, "trust_policy_code", False):
+        return True
+    return list(getattr(args, "allow_code", None) or [])
+
+
+def _policy(args: argparse.Namespace) -> Any:
     from harden.policy_io import load_policy
 
-    return load_policy(path)
+    return load_policy(args.policy, allow_code=_allowed_code(args))
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -40,7 +47,11 @@ def _fit_summary(args: argparse.Namespace, policy: Any, result: Any) -> None:
     last = result.history[-1] if result.history else {}
     if result.resumed_from is not None:
         _say(args, f"resumed from the checkpoint of epoch {result.resumed_from}")
-    _say(args, f"trained {policy.train.epochs} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
+    trained = policy.train.epochs - (result.resumed_from or 0)
+    if trained > 0:
+        _say(args, f"trained {trained} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
+    else:
+        _say(args, f"trained no epoch: the checkpoint already holds all {policy.train.epochs} -> {result.weights}")
     if "val_clean_acc" in last:
         probe = f", PGD-{policy.train.probe_steps} probe {last['val_pgd_acc']:.2%}" if "val_pgd_acc" in last else ""
         _say(args, f"validation: clean {last['val_clean_acc']:.2%}{probe}")
@@ -53,8 +64,10 @@ def _weights(args: argparse.Namespace) -> Path:
 def cmd_fit(args: argparse.Namespace) -> int:
     from harden.train import fit
 
-    policy = _policy(args.policy)
-    result = fit(None, policy, run_dir=Path(args.out), resume=args.resume, progress=not args.quiet)
+    policy = _policy(args)
+    result = fit(
+        None, policy, run_dir=Path(args.out), resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
+    )
     if result.info.get("rank", 0) == 0:  # under torchrun only rank 0 reports
         _fit_summary(args, policy, result)
     return 0
@@ -65,7 +78,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from harden.train import load_trained
     from harden.verify import verify
 
-    policy = _policy(args.policy)
+    policy = _policy(args)
     weights = _weights(args)
     if args.onnx:  # the session itself, gradient-free attacks; the weights (if any) are the transfer surrogate
         from harden.data import load_data
@@ -101,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from harden.export import export_onnx
     from harden.train import load_trained
 
-    policy = _policy(args.policy)
+    policy = _policy(args)
     model, bundle = load_trained(policy, _weights(args))
     onnx_path = Path(args.onnx) if args.onnx else Path(args.out) / "model.onnx"
     res = export_onnx(model, onnx_path, policy=policy, input_shape=bundle.image_shape, class_names=bundle.class_names)
@@ -116,8 +129,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from harden.pipeline import run
 
-    policy = _policy(args.policy)
-    result = run(policy, args.out, resume=args.resume, progress=not args.quiet)
+    policy = _policy(args)
+    result = run(
+        policy,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        sign_key=args.sign_key,
+        progress=not args.quiet,
+    )
     if result.certificate is None:  # under torchrun, rank 0 alone verifies, exports and certifies
         return 0
     _fit_summary(args, policy, result.fit)
@@ -138,22 +158,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from harden.integrity import inspect_certificate
 
-    cert, checks = inspect_certificate(args.certificate)
+    cert, checks = inspect_certificate(args.certificate, public_key=args.public_key)
     print(f"certificate {args.certificate}: {cert.verdict} ({cert.verdict_reason or 'no reason recorded'})")
     print(f"  policy {cert.policy_name}, created {cert.created}, threat {cert.threat}")
     print(f"  clean {cert.clean_accuracy:.2%}, robust {cert.robust_accuracy:.2%} (n={cert.n})")
     if cert.smoothing is not None and cert.smoothing.certified_accuracy is not None:
         s = cert.smoothing
         print(f"  certified {s.certified_accuracy:.2%} at l2 radius {s.radius:g} (sigma={s.sigma:g}, n={s.examples})")
-    print(f"  {'item':<8} {'status':<10} {'file':<22} sha256")
+    for note in cert.warnings:
+        print(f"  warning: {note}")
+    print(f"  {'check':<14} {'status':<11} {'file':<18} detail")
     for c in checks:
-        digest = (c.actual or c.expected or "-")[:16]
-        print(f"  {c.item:<8} {c.status:<10} {c.path.name:<22} {digest}  {c.detail}")
+        name = c.path.name if c.path is not None else "-"
+        shown = c.actual or c.expected
+        digest = f" (sha256 {shown[:16]})" if c.item in _HASHED and shown else ""
+        print(f"  {c.item:<14} {c.status:<11} {name:<18} {c.detail}{digest}")
     bad = [c for c in checks if not c.ok]
     if bad:
-        names = ", ".join(f"{c.path.name} ({c.status.lower()})" for c in bad)
-        print(f"harden: error: integrity check failed: {names}", file=sys.stderr)
+        names = ", ".join(f"{c.item} ({c.status.lower()})" for c in bad)
+        print(f"harden: error: inspect failed: {names}", file=sys.stderr)
         return 1
+    return 0
+
+
+_HASHED = frozenset({"weights", "onnx", "policy", "markdown", "html"})
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from harden.signing import generate_keypair, key_id
+
+    private = Path(args.key)
+    public = Path(args.public) if args.public else private.with_suffix(".pub")
+    ident = key_id(generate_keypair(private, public))
+    print(f"wrote {private} (private: keep it secret, mode 0600) and {public} (public; key id {ident})")
+    print(f"sign: harden run POLICY --sign-key {private}; check: harden inspect RUN_DIR --public-key {public}")
     return 0
 
 
@@ -171,9 +209,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    policy = _policy(args.policy)
+    from harden.policy_io import check_code, code_references, load_policy
+    from harden.trust import BUILTIN_CODE
+
+    policy = load_policy(args.policy, allow_code=True)  # validation only: nothing is imported
+    refs = code_references(policy)
+    for ref in refs:
+        note = " (harden's built-in tiny model)" if ref.ref in BUILTIN_CODE else ""
+        print(f"{args.policy}: {ref.path} imports code: {ref.ref!r}{note}")
+    check_code(policy, _allowed_code(args), source=args.policy)  # one line and exit 2 when not allowed
     objs = ", ".join(f"{o.name}*{o.weight:g}" for o in policy.objectives)
-    print(f"{args.policy}: ok ({policy.name}: {objs}; {policy.threat.norm} eps={policy.threat.eps})")
+    code = f"; imports code from {len(refs)} place(s), allowed" if refs else "; names no code"
+    print(f"{args.policy}: ok ({policy.name}: {objs}; {policy.threat.norm} eps={policy.threat.eps}{code})")
     return 0
 
 
@@ -207,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if policy:
             p.add_argument("policy", metavar="POLICY", help="policy YAML file")
+            code = p.add_mutually_exclusive_group()
+            code.add_argument(
+                "--allow-code",
+                action="append",
+                metavar="MODULE",
+                help="let the policy import code from MODULE or its submodules (repeatable); without it, a "
+                "policy that names code (module:attr) is refused",
+            )
+            code.add_argument(
+                "--trust-policy-code",
+                action="store_true",
+                help="let the policy import any code it names (only for policies you wrote or checked)",
+            )
         if out:
             p.add_argument("--out", default="runs/harden", help="run directory (default: runs/harden)")
             p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
@@ -218,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("fit", "train a model on the policy", cmd_fit),
     ):
         p = add(name, help_, fn)
-        p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+        again.add_argument(
+            "--overwrite", action="store_true", help="replace the run in a used --out (deletes only harden's own files)"
+        )
+        if name == "run":
+            p.add_argument("--sign-key", metavar="KEY", help="sign certificate.json with this Ed25519 private key")
     p = add("verify", "attack a trained model with the policy's suite", cmd_verify)
     p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
     p.add_argument(
@@ -234,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="output file (default: OUT/model.onnx)")
     p = add("inspect", "re-hash the files a certificate vouches for", cmd_inspect, policy=False, out=False)
     p.add_argument("certificate", metavar="CERTIFICATE", help="certificate.json or the run directory")
+    p.add_argument("--public-key", metavar="KEY", help="require a signature by this Ed25519 public key (harden keygen)")
+    p = add("keygen", "make an Ed25519 key pair for signing certificates", cmd_keygen, policy=False, out=False)
+    p.add_argument("--key", default="harden-signing.key", help="private key file (default: harden-signing.key)")
+    p.add_argument("--public", help="public key file (default: the private key's name with .pub)")
     add("check", "validate a policy file (exit 0 when valid, 2 with the reason when not)", cmd_check, out=False)
     p = add(
         "compare",
