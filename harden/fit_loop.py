@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from harden.batches import unwrap_worker_errors
 from harden.data import check_batch, to_device
 from harden.distributed import Distributed
 from harden.errors import HardenError
@@ -37,7 +38,7 @@ MAX_BAD_STEPS = 10
 def _device_batches(run: FitRun, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Epoch ``epoch``'s batches, checked, on the run's device, in the training memory format."""
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]] = epoch_loader(run.train, run.policy, epoch, run.dist)
-    for xb, yb in loader:
+    for xb, yb in unwrap_worker_errors(loader):  # a worker's one-line DataError stays one line
         check_batch(xb, yb, run.num_classes, run.in_chans)
         x, y = to_device(xb, yb, run.dist.device)
         if run.policy.train.channels_last:

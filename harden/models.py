@@ -2,6 +2,7 @@
 
 Every model harden trains, attacks or exports is a :class:`Normalized` wrapper, so attacks,
 checks and the ONNX graph all take pixels in [0, 1] and the mean/std live in the weights.
+Pretrained weights files are read by :mod:`harden.weights` (:func:`load_weights`, re-exported here).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import importlib
 import inspect
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from harden.errors import ModelError, UnknownNameError
 from harden.registry import did_you_mean, suggest
+from harden.weights import load_weights
 
 __all__ = [
     "Normalized",
@@ -105,6 +106,7 @@ def has_state(model: nn.Module) -> bool:
     """Whether the model has a parameter or buffer (so :func:`model_device` reads a real device)."""
     return any(True for _ in model.parameters()) or any(True for _ in model.buffers())
 
+
 @functools.lru_cache(maxsize=1)
 def _timm_names() -> tuple[str, ...]:
     import timm
@@ -125,7 +127,9 @@ def check_timm_name(name: str) -> None:
     if name in names:
         return
     raise UnknownNameError(
-        f"expected a timm model name, got {name!r}{did_you_mean(name, names)}", name=name, suggestions=suggest(name, names)
+        f"expected a timm model name, got {name!r}{did_you_mean(name, names)}",
+        name=name,
+        suggestions=suggest(name, names),
     )
 
 
@@ -148,43 +152,6 @@ def import_object(spec: str) -> object:
             raise ModelError(f"expected {module_name!r} to define {attr!r} (from {spec!r}), got no attribute {part!r}")
         obj = getattr(obj, part)
     return obj
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into ``model`` (never downloads, never unpickles).
-
-    ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``. A classifier head whose shape differs is skipped (so
-    ImageNet weights can start a 10-class model); any other mismatch raises.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"expected a local weights file, got {str(path)!r} which does not exist")
-    state: Any
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"expected a weights-only checkpoint at {str(path)!r}, got {exc}") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelError(f"expected a state dict of tensors in {str(path)!r}, got {type(state).__name__}")
-    own = model.state_dict()
-    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    missing = sorted(k for k in own if k not in keep and k not in skipped)
-    head_like = all(any(t in k for t in ("head", "fc", "classifier")) for k in skipped + missing)
-    if (skipped or missing) and not head_like:
-        raise ModelError(
-            f"expected weights matching the model in {str(path)!r}, got {len(missing)} missing and "
-            f"{len(skipped)} mis-shaped tensors (first: {(missing + skipped)[0]!r})"
-        )
-    model.load_state_dict(keep, strict=False)
 
 
 def _factory_args(factory: object, num_classes: int, in_chans: int, args: dict[str, object]) -> dict[str, object]:
@@ -335,7 +302,7 @@ def check_model(model: nn.Module, example: torch.Tensor, num_classes: int | None
         raise ModelError(f"expected logits of shape ({shape[0]}, classes) from the model, got {got}")
     classes = int(out.shape[1])
     if classes < max(2, num_classes or 0):  # fewer logits than classes: labels out of the model's range
-        want = f"at least {num_classes} (the data's classes)" if num_classes is not None else "at least 2"
+        want = f"at least {num_classes} (the data's classes)" if (num_classes or 0) >= 2 else "at least 2"
         raise ModelError(f"expected {want} logits per image from the model, got {classes}")
     sums = out.float().sum(1)
     if bool((out >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harden.batches import predictions
 from harden.errors import ExportError
 from harden.export import INPUT_NAME, OUTPUT_NAME, PRECISION_KEY
 from harden.policy import ThreatModel
@@ -91,7 +92,7 @@ def logit_parity(onnx_path: str | Path, model: nn.Module, x: torch.Tensor) -> tu
     finally:
         restore_modes(model, modes)
     got = onnx_logits(onnx_path, x)
-    return float((got - ref).abs().max()), float((got.argmax(1) == ref.argmax(1)).float().mean())
+    return float((got - ref).abs().max()), float((predictions(got) == predictions(ref)).float().mean())
 
 
 class _OrtModule(nn.Module):
@@ -212,7 +213,7 @@ def measure_converted(
     y = y.detach().cpu()
 
     def acc(inputs: torch.Tensor) -> float:
-        return float((_run(sess, inputs, batch_size).argmax(1) == y).float().mean())
+        return float((predictions(_run(sess, inputs, batch_size)) == y).float().mean())  # NaN rows: wrong
 
     clean = acc(x)
     transfer = acc(adversarial) if adversarial is not None else None

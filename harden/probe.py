@@ -12,6 +12,7 @@ from torch import nn
 
 from harden.attacks.base import restore_modes, save_modes
 from harden.attacks.pgd import PGD
+from harden.batches import predictions
 from harden.data import EvalData, eval_batches, to_device
 from harden.policy import ThreatModel
 
@@ -20,8 +21,8 @@ __all__ = ["accuracy", "clean_and_pgd_accuracy", "clean_and_pgd_counts"]
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example correctness (bool) of ``model`` on ``(x, y)``."""
-    return model(x).argmax(1) == y
+    """Per-example correctness (bool) of ``model`` on ``(x, y)``; non-finite logits are wrong."""
+    return predictions(model(x)) == y
 
 
 def clean_and_pgd_accuracy(

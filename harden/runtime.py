@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from harden.batches import check_pixels as check_pixel_contract
+from harden.batches import predictions
 from harden.errors import DataError, ExportError, ModelError
 from harden.onnx_session import CPU, CUDA, TRT, build_session, providers_for
 
@@ -234,8 +235,14 @@ class OnnxClassifier:
         return self._run_host(np.ascontiguousarray(x), batch_size)
 
     def predict(self, x: Pixels, batch_size: int = 256) -> Pixels:
-        """Predicted class per image (int64), of the type of ``x``; see :meth:`predict_logits`."""
-        return self.predict_logits(x, batch_size).argmax(1)
+        """Predicted class per image (int64), of the type of ``x``; see :meth:`predict_logits`.
+
+        A row of logits with a NaN or infinity has no class: -1 (see :func:`harden.batches.predictions`).
+        """
+        logits = self.predict_logits(x, batch_size)
+        if isinstance(logits, torch.Tensor):
+            return predictions(logits)
+        return predictions(torch.from_numpy(logits)).numpy()
 
     def _run_host(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """Host arrays: plain ``session.run`` on the CPU, IO binding on CUDA."""

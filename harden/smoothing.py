@@ -23,6 +23,7 @@ from scipy.stats import beta, norm
 from torch import nn
 from tqdm.auto import tqdm
 
+from harden.batches import predictions
 from harden.errors import PolicyError
 
 __all__ = [
@@ -94,7 +95,8 @@ def sample_counts(
     copies of several images share one forward pass when ``n < batch_size``.
 
     Returns:
-        A ``(len(x), num_classes)`` int64 tensor of counts (each row sums to ``n``).
+        A ``(len(x), num_classes)`` int64 tensor of counts. Each row sums to ``n`` less the noisy
+        copies whose logits hold a NaN or infinity: those vote for no class.
     """
     counts = torch.zeros(x.shape[0], num_classes, dtype=torch.long, device=x.device)
     per_image = max(1, min(n, batch_size))
@@ -107,8 +109,8 @@ def sample_counts(
             m = min(left, per_image)
             batch = xs.repeat_interleave(m, dim=0)
             noisy = batch + sigma * torch.randn_like(batch)
-            pred = model(noisy).argmax(1).view(k, m)
-            counts[start : start + k] += nn.functional.one_hot(pred, num_classes).sum(1)
+            pred = predictions(model(noisy)).view(k, m)  # -1: non-finite logits, no vote
+            counts[start : start + k] += nn.functional.one_hot(pred + 1, num_classes + 1)[..., 1:].sum(1)
             left -= m
     return counts
 

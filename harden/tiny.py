@@ -32,8 +32,9 @@ def expect(condition: bool, message: str) -> None:
 class TinyCNN(nn.Module):
     """A two-conv classifier for small images (any size >= 4 px).
 
-    It exposes ``forward_features`` / ``forward_head`` like timm models, so objectives that need
-    an embedding work on it unchanged.
+    It exposes ``forward_features`` / ``forward_head`` / ``get_classifier`` like timm models, so
+    objectives that need an embedding work on it unchanged, and a weights file saved with another
+    class count loads into it with the classifier skipped (:func:`harden.weights.load_weights`).
 
     Example:
         >>> TinyCNN(num_classes=3, in_chans=1)(torch.rand(2, 1, 8, 8)).shape
@@ -53,6 +54,10 @@ class TinyCNN(nn.Module):
         )
         self.num_features = 8 * width
         self.head = nn.Linear(self.num_features, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        """The final layer (``head``), as timm names it: a weights file of another class count skips it."""
+        return self.head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate embedding."""
@@ -83,6 +88,10 @@ class TinyMLP(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
+
+    def get_classifier(self) -> nn.Module:
+        """The final layer, as timm names it: a weights file of another class count skips it."""
+        return self.net[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""

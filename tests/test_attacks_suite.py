@@ -144,3 +144,83 @@ def test_presets_name_known_attacks():
     assert preset_specs(None) == []
     with pytest.raises(ValueError, match="preset"):
         preset_specs("fast")
+
+
+class NaNOffItsInputs(torch.nn.Module):
+    """Class 0 (logits [1, 0]) on the inputs it knows, all-NaN logits on any other: argmax says 0 everywhere."""
+
+    def __init__(self, known):
+        super().__init__()
+        self.known = known
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        seen = (x.flatten(1)[:, None, :] == self.known.flatten(1)[None]).all(2).any(1)
+        out = torch.tensor([1.0, 0.0]).repeat(x.shape[0], 1) + 0 * self.dummy
+        return torch.where(seen[:, None], out, torch.full_like(out, float("nan")))
+
+
+def test_non_finite_logits_are_wrong_when_clean_and_broken_when_attacked():
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)  # the all-NaN row's argmax is class 0: y
+    model = NaNOffItsInputs(x[1:])  # NaN on x[0]; class 0 on x[1:], NaN on every noisy copy
+    assert model(x).argmax(1).tolist() == [0, 0, 0, 0]
+    noise = ATTACKS.get("noise")(ThreatModel(eps=0.1), {"samples": 2})
+    result = run_suite(model, x, y, [noise])
+    assert result.clean_correct.tolist() == [False, True, True, True]
+    assert result.broken_by == ["clean", "noise", "noise", "noise"]
+    assert not bool(result.robust.any())
+    right, counted = noise.score(model, x, y)  # the attack base's scoring agrees
+    assert not bool(right.any()) and bool(counted.all())
+
+
+class NaNAboveMean(torch.nn.Module):
+    """Class 0 by a margin of ``10 - mean(x)``; NaN logits, and NaN gradients, once ``mean(x)`` passes ``limit``.
+
+    ``log(limit - mean)`` is added to both logits: below the limit it moves neither the prediction
+    nor the cross-entropy; beyond it, it is NaN. ``argmax`` of a NaN row is 0, the label here.
+    """
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1)
+        z = 10.0 - self.w * m
+        return torch.stack([z, torch.zeros_like(z)], 1) + torch.log(self.limit - m)[:, None]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "norm"),
+    [
+        ("pgd", {"steps": 10}, "linf"),  # torch.sign(NaN) is 0: linf PGD stops in the NaN region by itself
+        ("pgd", {"steps": 10}, "l2"),  # l2 steps divide by the gradient's norm: a NaN gradient makes NaN pixels
+        ("pgd", {"steps": 10, "random_start": False}, "l2"),
+        ("apgd_ce", {"steps": 10}, "linf"),
+        ("apgd_ce", {"steps": 10}, "l2"),
+    ],
+)
+def test_an_attack_that_drives_the_logits_to_nan_breaks_the_example_and_does_not_raise(name, params, norm):
+    torch.manual_seed(0)
+    means = torch.tensor([0.3, 0.7, 0.8]).view(3, 1, 1, 1)
+    x = means + (torch.rand(3, 1, 8, 8) - 0.5) * 0.1  # |noise| <= 0.05: every pixel stays 0.1 inside [0, 1]
+    x = x - x.flatten(1).mean(1).view(3, 1, 1, 1) + means  # exact means
+    y = torch.zeros(3, dtype=torch.long)
+    # The mean of x moves at most 0.1 in the ball (linf 0.1, or l2 0.8 = 0.1 * sqrt(64 pixels)). Limit 0.74: mean 0.3
+    # never reaches it, mean 0.7 can (NaN logits), mean 0.8 is NaN clean. PGD's steps (0.025 on the mean) from 0.7
+    # pass 0.74 at 0.75 rather than stop on the limit (log 0: -inf logits with a finite gradient).
+    model = NaNAboveMean(0.74)
+    assert model(x).argmax(1).tolist() == [0, 0, 0]  # argmax would call every example right
+    eps = 0.1 if norm == "linf" else 0.8
+    attack = build_attack(AttackSpec(name=name, params=params), ThreatModel(norm=norm, eps=eps))
+    result = run_suite(model, x, y, [attack], keep_adversarial=True)
+    assert result.clean_correct.tolist() == [True, True, False]
+    assert result.broken_by == ["", name, "clean"]
+    assert bool(torch.isfinite(result.x_adv).all())
+    assert float(result.x_adv[1].mean()) > 0.74  # the point it returns is past the limit: NaN logits
+    delta = (result.x_adv - x).flatten(1)
+    assert float(delta.abs().amax() if norm == "linf" else delta.norm(dim=1).max()) <= eps * (1 + 1e-5)
+    right, counted = attack.score(model, x[:2], y[:2])
+    assert right.tolist() == [True, False] and bool(counted.all())

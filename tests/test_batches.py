@@ -115,3 +115,96 @@ def test_check_pixels_reads_any_numpy_layout():
     ro = x.copy()
     ro.setflags(write=False)
     check_pixels(ro, float32=True)  # read-only: no copy warning, no error
+
+
+def test_predictions_give_minus_one_for_any_non_finite_row():
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [[0.1, 2.0, 0.0], [nan, 0.0, 0.0], [0.0, nan, 5.0], [inf, 0.0, 0.0], [0.0, -inf, 1.0], [3.0, 1.0, 2.0]]
+    )
+    pred = harden.batches.predictions(logits)
+    assert pred.dtype == torch.int64
+    assert pred.tolist() == [1, -1, -1, -1, -1, 0]  # argmax gives 0, 1, 1, 0, 2, 0: the NaN's index or class 0
+    assert not bool((pred == torch.tensor([1, 0, 1, 0, 2, 0]))[1:5].any())  # never the label argmax would give
+    assert harden.batches.predictions(torch.tensor([[1, 4, 2]])).tolist() == [1]  # integer logits are finite
+    with pytest.raises(
+        harden.ModelError, match=r"expected logits of shape \(N, classes\) from the model, got shape \(3,\)"
+    ):
+        harden.batches.predictions(torch.zeros(3))
+
+
+def test_check_pixels_counts_non_finite_values_and_names_the_first():
+    x = torch.rand(3, 1, 4, 4)
+    x[2, 0, 1, 3] = float("nan")
+    x[2, 0, 3, 0] = float("inf")
+    for batch in (x, x.numpy()):
+        with pytest.raises(harden.InputError) as info:
+            harden.batches.check_pixels(batch)
+        assert str(info.value) == (
+            "expected finite pixels, got NaN or infinity in 2 values (1 of 3 images), first at index (2, 0, 1, 3); "
+            "the contract is float NCHW pixels in [0, 1]"
+        )
+        assert "nan" not in str(info.value)
+    x[2, 0, 3, 0] = 0.5
+    with pytest.raises(harden.InputError, match=r"got NaN or infinity in 1 value \(1 of 3 images\), first at index"):
+        harden.batches.check_pixels(x)
+
+
+def test_check_labels_names_the_first_bad_index_and_is_vectorised():
+    y = torch.randint(0, 10, (60_000,))
+    y[41_234] = 10
+    y[50_000] = -3
+    with pytest.raises(
+        harden.DataError,
+        match=r"test split: expected labels in \[0, 9\], got 2 outside it \(values in \[-3, 10\]\), first 10 at index 41234",
+    ):
+        harden.batches.check_labels(y, 10, where="test split: ")
+    with pytest.raises(harden.DataError, match=r"expected integer class labels, got torch\.float32"):
+        harden.batches.check_labels(y.float(), 10)
+    with pytest.raises(harden.DataError, match=r"expected integer class labels, got torch\.bool"):
+        harden.batches.check_labels(y > 0, 10)
+
+
+class FailsAt(torch.utils.data.Dataset):
+    """Eight 2x2 images; loading index ``bad`` raises ``error(message)``."""
+
+    def __init__(self, bad, error, message):
+        self.bad, self.error, self.message = bad, error, message
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise self.error(self.message)
+        return torch.zeros(1, 2, 2), 0
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            harden.DataError,
+            "expected an image file PIL can read, got 'train/dog/1.png' (OSError: truncated); replace it",
+        ),
+        (harden.InputError, "expected pixels in [0, 1], got values in [0, 255]; divide by 255"),
+    ],
+)
+def test_a_harden_error_in_a_loader_worker_comes_out_as_the_one_line_it_was(error, message):
+    dataset = FailsAt(5, error, message)
+    with pytest.raises(error) as info:
+        list(harden.batches.make_loader(dataset, 2, shuffle=False, num_workers=2))
+    assert type(info.value) is error and str(info.value) == message
+    user_loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)  # a user's loader, evaluated
+    with pytest.raises(error) as info:
+        list(harden.batches.eval_batches(user_loader, 3))
+    assert type(info.value) is error and str(info.value) == message
+
+
+def test_other_errors_in_a_loader_worker_and_errors_without_workers_pass_unchanged():
+    with pytest.raises(KeyError) as info:  # not harden's: torch's message, traceback and all
+        list(harden.batches.make_loader(FailsAt(1, KeyError, "k"), 2, shuffle=False, num_workers=1))
+    assert "Caught KeyError in DataLoader worker process 0" in str(info.value) and "\n" in str(info.value)
+    with pytest.raises(harden.DataError) as info:
+        list(harden.batches.make_loader(FailsAt(1, harden.DataError, "Caught DataError in me"), 2, shuffle=False))
+    assert str(info.value) == "Caught DataError in me"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import harden
-from harden.data import DataBundle, load_data
+from harden.data import DataBundle, load_data, make_loader
 from harden.policy import DataSpec
 from harden.testing import synthetic_tensors, tiny_policy
 
@@ -188,3 +188,75 @@ def test_local_roots_with_broken_contents(tmp_path):
         (tmp_path / "folders" / split).mkdir(parents=True)
     with pytest.raises(harden.DataError, match="expected class folders of images"):
         load_data(tiny_policy(data={"name": "imagefolder", "root": str(tmp_path / "folders")}).data)
+
+
+@pytest.mark.parametrize(
+    ("function", "match"),
+    [
+        (
+            "bad_test_label",
+            r"'helpers_data:bad_test_label' test split: expected labels in \[0, 2\], got 1 outside it .*first 3 at index 7",
+        ),
+        ("negative_label_no_array", r"test split: expected labels in \[0, 2\], got 1 outside it .*first -1 at index 4"),
+        ("float_labels", r"train split: expected integer class labels, got torch.float32"),
+        ("one_class", r"expected at least 2 classes in 'helpers_data:one_class', got 1"),
+    ],
+)
+def test_every_label_of_every_split_is_checked_when_the_data_loads(helpers_on_path, function, match):
+    with pytest.raises(harden.DataError, match=match) as info:
+        load_data(DataSpec(name=f"helpers_data:{function}"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_test_limit_leaves_out_the_bad_label_it_cuts(helpers_on_path):
+    assert len(load_data(DataSpec(name="helpers_data:bad_test_label", test_limit=7)).test) == 7
+
+
+def test_labels_are_checked_from_the_label_array_without_loading_images(helpers_on_path):
+    import helpers_data
+
+    b = load_data(DataSpec(name="helpers_data:counting_targets"))
+    assert (len(b.train), len(b.test), b.num_classes) == (60, 20, 3)
+    # train example 0 for the image shape, then example 0 of each split for the pixel contract: 3 of 80
+    assert helpers_data.CountingTargets.loads == 3
+
+
+def test_mixed_image_sizes_are_one_line_naming_the_index(helpers_on_path):
+    match = r"train image of .* shaped \(1, 8, 8\) like example 0, got \(1, 9, 9\) at index 5; resize"
+    with pytest.raises(harden.DataError, match=match) as info:  # no label array: the label pass meets it
+        load_data(DataSpec(name="helpers_data:mixed_sizes"))
+    assert "\n" not in str(info.value)
+    b = load_data(DataSpec(name="helpers_data:mixed_sizes_with_targets"))  # labels from targets: no image read
+    with pytest.raises(harden.DataError, match=match) as info:
+        list(make_loader(b.train, 4, shuffle=False))  # not a collate error: the image is refused as it loads
+    assert "\n" not in str(info.value)
+    with pytest.raises(harden.DataError, match=f"^expected every {match}") as info:
+        list(make_loader(b.train, 4, shuffle=False, num_workers=2))
+    assert "\n" not in str(info.value)
+
+
+def test_a_corrupt_png_in_an_imagefolder_is_one_line_naming_the_file(tmp_path):
+    make_image_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    b = load_data(DataSpec(name="imagefolder", root=str(tmp_path), image_size=8))
+    for workers in (0, 2):  # from a worker process too: the one line, not torch's traceback
+        with pytest.raises(harden.DataError, match=r"^expected an image file PIL can read") as info:
+            list(make_loader(b.train, 2, shuffle=False, num_workers=workers))
+        assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    first = tmp_path / "train" / "cat" / "0.png"
+    first.write_bytes(b"not a png")
+    with pytest.raises(harden.DataError, match="expected an image file PIL can read") as info:
+        load_data(DataSpec(name="imagefolder", root=str(tmp_path), image_size=8))  # example 0 is read at load
+    assert str(first) in str(info.value)
+
+
+def test_imagefolder_labels_come_from_its_targets(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    make_image_folder(tmp_path)
+    loads = []
+    original = datasets.ImageFolder.__getitem__
+    monkeypatch.setattr(datasets.ImageFolder, "__getitem__", lambda self, i: loads.append(i) or original(self, i))
+    load_data(DataSpec(name="imagefolder", root=str(tmp_path), image_size=8))
+    assert loads == [0, 0]  # example 0 of train and of test (the pixel contract): labels need no image

@@ -14,7 +14,6 @@ from harden.models import (
     check_model,
     check_timm_name,
     import_object,
-    load_weights,
     prepare_model,
 )
 from harden.policy import ModelSpec
@@ -149,66 +148,6 @@ def test_prepare_model_wraps_once():
         prepare_model(lambda x: x)
 
 
-def test_load_weights_safetensors_round_trip(tmp_path):
-    src = TinyCNN(num_classes=3)
-    path = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    dst = TinyCNN(num_classes=3)
-    assert not torch.equal(dst.head.weight, src.head.weight)
-    load_weights(dst, path)
-    for key, value in src.state_dict().items():
-        assert torch.equal(dst.state_dict()[key], value), key
-
-
-def test_load_weights_weights_only_pth(tmp_path):
-    src = TinyCNN(num_classes=3)
-    path = tmp_path / "w.pth"
-    torch.save({"state_dict": src.state_dict()}, path)
-    dst = TinyCNN(num_classes=3)
-    load_weights(dst, path)
-    assert torch.equal(dst.features[0].weight, src.features[0].weight)
-
-
-def test_load_weights_refuses_pickled_objects(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": TinyMLP(num_classes=2)}, path)  # a pickled module, not just tensors
-    with pytest.raises(harden.ModelError, match="weights-only"):
-        load_weights(TinyMLP(num_classes=2), path)
-
-
-def test_load_weights_skips_a_differently_shaped_head(tmp_path):
-    src = TinyCNN(num_classes=5)
-    path = tmp_path / "w.safetensors"
-    save_file(src.state_dict(), str(path))
-    dst = TinyCNN(num_classes=3)
-    head_before = dst.head.weight.clone()
-    load_weights(dst, path)
-    assert torch.equal(dst.head.weight, head_before)
-    assert torch.equal(dst.features[0].weight, src.features[0].weight)
-
-
-def test_load_weights_mis_shaped_body_raises(tmp_path):
-    state = TinyCNN(num_classes=3).state_dict()
-    state["features.0.weight"] = torch.zeros(16, 1, 5, 5)
-    path = tmp_path / "w.safetensors"
-    save_file(state, str(path))
-    dst = TinyCNN(num_classes=3)
-    before = {k: v.clone() for k, v in dst.state_dict().items()}
-    with pytest.raises(harden.ModelError, match=r"1 mis-shaped.*features\.0\.weight"):
-        load_weights(dst, path)
-    for key, value in before.items():
-        assert torch.equal(dst.state_dict()[key], value), key  # nothing was half-loaded
-
-
-def test_load_weights_missing_body_tensor_raises(tmp_path):
-    state = TinyCNN(num_classes=3).state_dict()
-    del state["features.3.bias"]
-    path = tmp_path / "w.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(harden.ModelError, match="1 missing"):
-        load_weights(TinyCNN(num_classes=3), path)
-
-
 def test_missing_pretrained_file_raises(tmp_path):
     missing = tmp_path / "nope.safetensors"
     spec = ModelSpec(name="harden.testing:TinyCNN", pretrained_file=str(missing))
@@ -288,3 +227,20 @@ def test_model_device_follows_the_model_when_it_moves():
     assert model_device(model) == torch.device("meta")  # read afresh on every call, never cached
     assert has_state(model) and not has_state(torch.nn.ReLU())
     assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+def test_build_model_starts_a_timm_model_of_fewer_classes_from_a_file_and_says_so(tmp_path):
+    src = build_model(ModelSpec(name="timm:resnet10t"), num_classes=10, in_chans=1)
+    path = tmp_path / "resnet.safetensors"
+    save_file(src.model.state_dict(), str(path))
+    with pytest.warns(
+        UserWarning, match=r"skipped the classifier fc\.bias, fc\.weight \(shape differs: 10 → 3 classes\)"
+    ):
+        net = build_model(ModelSpec(name="timm:resnet10t", pretrained_file=str(path)), num_classes=3, in_chans=1)
+    assert torch.equal(net.model.conv1[0].weight, src.model.conv1[0].weight)
+    assert net.model.fc.weight.shape == (3, src.model.fc.weight.shape[1])
+
+
+def test_check_model_asks_one_class_data_for_two_logits_not_one():
+    with pytest.raises(harden.ModelError, match=r"expected at least 2 logits per image from the model, got 1$"):
+        check_model(TinyCNN(num_classes=1), torch.rand(2, 1, 8, 8), num_classes=1)

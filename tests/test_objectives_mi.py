@@ -65,6 +65,14 @@ def test_selection_uses_the_argmax_of_the_logits_per_example():
     assert right.tolist() == [True, True, False] and fooled.tolist() == [True, False, True]
 
 
+def test_selection_counts_non_finite_logits_as_wrong_and_as_fooled():
+    nan, inf = float("nan"), float("inf")
+    ln = torch.tensor([[nan, 0.0], [3.0, 0.0], [inf, 0.0], [3.0, 0.0]])
+    la = torch.tensor([[3.0, 0.0], [nan, nan], [0.0, 1.0], [3.0, -inf]])
+    right, fooled = selection(ln, la, torch.tensor([0, 0, 0, 0]))  # argmax of each NaN or inf row: 0, the label
+    assert right.tolist() == [False, True, False, True] and fooled.tolist() == [False, True, True, True]
+
+
 def test_the_model_loss_never_trains_the_estimators():
     torch.manual_seed(0)
     model, (x, y) = TinyCNN(num_classes=3), synthetic_tensors(16)

@@ -5,6 +5,7 @@ import json
 import onnx
 import pytest
 import torch
+from helpers_data import nan_above_half
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -125,3 +126,15 @@ def test_logit_parity_restores_modes(exported):
     before = save_modes(model)
     logit_parity(src, model, x[:4])
     assert save_modes(model) == before
+
+
+def test_non_finite_onnx_logits_are_scored_wrong(tmp_path):
+    path = nan_above_half(tmp_path / "nan.onnx")
+    x = torch.cat([torch.full((3, 1, 8, 8), 0.25), torch.full((5, 1, 8, 8), 0.75)])
+    y = torch.zeros(8, dtype=torch.long)  # argmax of the NaN rows is 0: the label
+    logits = onnx_logits(path, x)
+    assert bool(torch.isnan(logits[3:]).all()) and bool(torch.isfinite(logits[:3]).all())
+    acc = measure_converted(path, x, y, harden.ThreatModel(eps=0.1), adversarial=x.flip(0), noise_samples=2)
+    assert acc.clean_accuracy == 3 / 8
+    assert acc.transfer_accuracy == 3 / 8
+    assert acc.noise_accuracy == 3 / 8  # noise of 0.1 keeps each mean on its side of 0.5

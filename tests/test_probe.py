@@ -35,7 +35,24 @@ def test_the_probe_is_seeded_and_leaves_the_global_rng_alone():
 
 def test_no_probe_examples_gives_clean_accuracy_only():
     out = clean_and_pgd_accuracy(
-        TinyCNN(num_classes=3), synthetic_tensors(8), ThreatModel(eps=0.1), CPU,
-        batch_size=4, probe_examples=0, probe_steps=2, seed=0,
+        TinyCNN(num_classes=3),
+        synthetic_tensors(8),
+        ThreatModel(eps=0.1),
+        CPU,
+        batch_size=4,
+        probe_examples=0,
+        probe_steps=2,
+        seed=0,
     )
     assert set(out) == {"val_clean_acc"} and 0.0 <= out["val_clean_acc"] <= 1.0
+
+
+def test_accuracy_scores_non_finite_logits_wrong():
+    class HalfNaN(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3)
+            out[::2] = float("nan")  # argmax of an all-NaN row is 0: the label below
+            return out
+
+    right = accuracy(HalfNaN(), torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    assert right.tolist() == [False, True, False, True]

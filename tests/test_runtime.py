@@ -1,6 +1,5 @@
 """harden.runtime (load_onnx, OnnxClassifier, OnnxModule) on tiny models; verify_onnx is in tests/test_verify_onnx.py."""
 
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -156,8 +155,6 @@ def test_load_errors(tmp_path, onnx_path):
         load_onnx(onnx_path, "cpu", threads=0)
 
 
-
-
 # ---------------------------------------------------------------- OnnxModule and the attacks
 def test_onnx_module_refuses_gradients(clf, data):
     net = OnnxModule(clf)
@@ -249,3 +246,14 @@ def test_tf32_is_opt_in_on_cuda(onnx_path, data):
     clf = load_onnx(onnx_path, "cuda", tf32=True)
     assert clf.session.get_provider_options()[CUDA]["use_tf32"] == "1"
     assert clf.predict_logits(data[0].cuda()).shape == (48, 3)
+
+
+def test_predict_gives_minus_one_for_non_finite_logits(tmp_path):
+    from helpers_data import nan_above_half
+
+    clf = load_onnx(nan_above_half(tmp_path / "nan.onnx"), "cpu")
+    x = torch.cat([torch.full((2, 1, 8, 8), 0.25), torch.full((3, 1, 8, 8), 0.75)])
+    assert clf.predict_logits(x).argmax(1).tolist() == [0, 0, 0, 0, 0]  # the NaN rows' argmax: class 0
+    assert clf.predict(x).tolist() == [0, 0, -1, -1, -1]
+    pred_np = clf.predict(x.numpy())
+    assert isinstance(pred_np, np.ndarray) and pred_np.dtype == np.int64 and pred_np.tolist() == [0, 0, -1, -1, -1]

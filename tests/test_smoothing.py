@@ -167,3 +167,24 @@ def test_smooth_certify_refuses_bad_settings(key, value):
     kwargs = {"sigma": 0.25, "n0": 5, "n": 5, "batch_size": 8, key: value}
     with pytest.raises(harden.PolicyError, match=key):
         smooth_certify(ConstantClassifier(3, 0), *synthetic_tensors(2), progress=False, **kwargs)
+
+
+class NaNWhereBright(torch.nn.Module):
+    """Logits [0, 1] (class 1) where the mean pixel is below 0.5, all-NaN (argmax: class 0) above."""
+
+    def forward(self, x):
+        out = torch.tensor([0.0, 1.0]).repeat(x.shape[0], 1)
+        bright = x.flatten(1).mean(1) > 0.5
+        return torch.where(bright[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_non_finite_logits_cast_no_vote():
+    torch.manual_seed(0)
+    x = torch.cat([torch.full((1, 1, 8, 8), 0.1), torch.full((1, 1, 8, 8), 0.9)])
+    # sigma 0.01 on 64 pixels moves the mean by 0.00125 per standard deviation: never across 0.5
+    counts = sample_counts(NaNWhereBright(), x, 20, 0.01, 8, 2)
+    assert counts.tolist() == [[0, 20], [0, 0]]
+    res = smooth_certify(
+        NaNWhereBright(), x, torch.tensor([1, 0]), sigma=0.01, n0=10, n=20, alpha=0.001, batch_size=8, progress=False
+    )
+    assert res.predictions == [1, ABSTAIN] and res.radii[1] == 0.0

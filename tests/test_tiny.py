@@ -1,5 +1,6 @@
 """harden.testing: the tiny models, data and policies, and the contract harness catching broken plugins."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,10 +24,33 @@ def test_tiny_cnn_exposes_features_and_head_like_timm():
     torch.testing.assert_close(net.forward_head(feats), net(x))
 
 
+@pytest.mark.parametrize(("make", "head"), [(TinyCNN, "head"), (TinyMLP, "net.3")])
+def test_a_tiny_weights_file_of_another_class_count_loads_with_the_classifier_skipped(tmp_path, make, head):
+    from safetensors.torch import save_file
+
+    from harden.weights import load_weights
+
+    src, dst = make(num_classes=5), make(num_classes=3)
+    assert dst.get_classifier() is dst.get_submodule(head)
+    path = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    fresh = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith(f"{head}.")}
+    with pytest.warns(
+        UserWarning, match=rf"skipped the classifier {head}\.bias, {head}\.weight \(shape differs: 5 → 3"
+    ):
+        load_weights(dst, path)
+    for key, value in dst.state_dict().items():
+        assert torch.equal(value, fresh[key] if key in fresh else src.state_dict()[key]), key
+    assert len(fresh) == 2 and dst(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+
+
 def test_tiny_mlp_has_no_batch_coupling():
     net = TinyMLP(num_classes=3).train()
     x = torch.rand(5, 1, 8, 8)
-    torch.testing.assert_close(net(x)[:2], net(x[:2]))  # no BatchNorm: each row its own
+    # no BatchNorm: each row its own. Same batch shape, other rows changed, so the same kernels run and
+    # the first two rows must match exactly (a batch of 2 would take another GEMM path: ~1e-8 apart)
+    other = torch.cat([x[:2], torch.rand(3, 1, 8, 8)])
+    torch.testing.assert_close(net(x)[:2], net(other)[:2], rtol=0, atol=0)
 
 
 def test_constant_classifier_answers_its_label_with_zero_but_existing_gradients():

@@ -47,6 +47,7 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackParams, normalize_grad, project
+from harden.batches import predictions
 
 __all__ = [
     "APGD",
@@ -228,7 +229,7 @@ class APGD(Attack):
         p: APGDParams = self.params
         with torch.no_grad():
             clean_logits = model(x)
-        fooled = clean_logits.argmax(1) != y
+        fooled = predictions(clean_logits) != y  # NaN logits: no answer, nothing to attack
         out = x.clone()
         best_loss = torch.full(y.shape, float("-inf"), device=x.device)
         for target in self._targets(clean_logits):
@@ -251,7 +252,7 @@ class APGD(Attack):
         logits = model(xg)
         loss = self.loss(logits, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), xg)
-        return loss.detach(), grad.detach(), logits.detach().argmax(1) != y
+        return loss.detach(), grad.detach(), predictions(logits.detach()) != y
 
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from harden.batches import check_pixels
+from harden.batches import check_pixels, predictions
 from harden.errors import PolicyError, ThreatModelError
 from harden.models import has_state, model_device
 from harden.policy import ThreatModel
@@ -204,14 +204,15 @@ class Attack(ABC):
         """Per example: the model is right on the attacked input; the example counts.
 
         The default attacks ``(x, y)`` and compares the prediction with ``y`` (every example
-        counts); label-changing attacks compare with the label they create instead.
+        counts); label-changing attacks compare with the label they create instead. Logits with
+        a NaN or infinity are no answer (:func:`harden.batches.predictions`): scored wrong.
         """
         x_adv = self(model, x, y)
         modes = save_modes(model)
         model.eval()
         try:
             with torch.no_grad():
-                right = model(x_adv).argmax(1) == y
+                right = predictions(model(x_adv)) == y  # a non-finite row (-1) is never right
         finally:
             restore_modes(model, modes)
         return right, torch.ones_like(right)

@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackParams
+from harden.batches import predictions
 
 __all__ = ["Invariance", "InvarianceParams", "rotate_shift"]
 
@@ -99,7 +100,7 @@ class Invariance(Attack):
             if idx.numel() == 0:
                 break
             cand = rotate_shift(x[idx], angle, dx, dy)
-            fooled = model(cand).argmax(1) != y[idx]
+            fooled = predictions(model(cand)) != y[idx]  # non-finite logits fool it too
             out[idx[fooled]] = cand[fooled]
             todo[idx[fooled]] = False
         return out

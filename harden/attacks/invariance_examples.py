@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackEnv, AttackParams, project, restore_modes, save_modes
+from harden.batches import predictions as predicted_classes
 from harden.errors import DataError
 from harden.policy import ThreatModel
 
@@ -223,7 +224,7 @@ class InvarianceExamples(Attack):
         modes = save_modes(model)
         model.eval()
         try:
-            pred = model(ex.x).argmax(1)
+            pred = predicted_classes(model(ex.x))  # -1 (never a label) for non-finite logits
         finally:
             restore_modes(model, modes)
         return pred, ex

@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackParams
+from harden.batches import predictions
 from harden.errors import PolicyError
 from harden.ot import DEFAULT_MAX_ITER, DEFAULT_REG, DEFAULT_TOL, iwd, self_cost
 
@@ -261,7 +262,7 @@ def _first_iterate(
     clean_mis = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if start is not None:
         with torch.no_grad():
-            clean_mis = model(x).argmax(1) != y
+            clean_mis = predictions(model(x)) != y
     x_adv = x.clone() if start is None else start.detach().clone()
     if start is not None and linf_cap is not None:
         x_adv = (x + (x_adv - x).clamp(-linf_cap, linf_cap)).clamp(0.0, 1.0)
@@ -307,7 +308,7 @@ def _search(
         last = t == s.steps
         logits, ce, d = _evaluate(model, x_adv, y, dist, not last)
         with torch.no_grad():
-            mis = logits.argmax(1) != y
+            mis = predictions(logits) != y
             if t == 0 and start is None:
                 clean_mis = mis
             best.update(x_adv, mis, ce, d, s.rho)

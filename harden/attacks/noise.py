@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackParams, project
+from harden.batches import predictions
 
 __all__ = ["GaussianNoise", "NoiseParams"]
 
@@ -62,6 +63,6 @@ class GaussianNoise(Attack):
                 noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * eps
             cand = project(x[idx] + noise, x[idx], norm, eps)
             out[idx] = cand
-            fooled = model(cand).argmax(1) != y[idx]
+            fooled = predictions(model(cand)) != y[idx]  # non-finite logits fool it too
             todo[idx[fooled]] = False
         return out

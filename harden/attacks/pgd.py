@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackParams, input_grad, normalize_grad, project
+from harden.batches import predictions
 
 __all__ = ["PGD", "PGDParams", "random_start"]
 
@@ -103,14 +104,14 @@ class PGD(Attack):
         for _ in range(p.steps):
             logits, grad = input_grad(model, x_adv, loss_fn)
             if keep_best:
-                newly = (logits.argmax(1) != y) & ~fooled
+                newly = (predictions(logits) != y) & ~fooled  # NaN logits: fooled, kept
                 best[newly] = x_adv[newly]
                 fooled |= newly
             x_adv = project(x_adv + alpha * normalize_grad(grad, norm), x, norm, eps)
         if not keep_best:
             return x_adv, fooled
         with torch.no_grad():
-            newly = (model(x_adv).argmax(1) != y) & ~fooled
+            newly = (predictions(model(x_adv)) != y) & ~fooled
         fooled |= newly
         best[~fooled | newly] = x_adv[~fooled | newly]
         return best, fooled

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack
+from harden.batches import predictions
 from harden.policy import AttackSpec, Catalog, ThreatModel
 
 __all__ = ["SuiteResult", "attack_spec", "build_attack", "order_attacks", "preset_specs", "run_suite", "suite_labels"]
@@ -103,7 +104,7 @@ class SuiteResult:
 
 @torch.no_grad()
 def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(1)
+    return predictions(model(x))  # -1 for non-finite logits: wrong when clean, broken when attacked
 
 
 def run_suite(

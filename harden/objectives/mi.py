@@ -47,6 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 from harden.attacks.base import restore_modes, save_modes
+from harden.batches import predictions
 from harden.distributed import average_gradients, broadcast_parameters
 from harden.errors import CheckpointError, HardenError
 from harden.objectives.base import OBJECTIVES, BatchContext, Batches, Objective, ObjectiveParams, View, pgd_view
@@ -100,7 +101,10 @@ class MIParams(ObjectiveParams):
 
 
 def selection(ln: torch.Tensor, la: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(right, fooled)``: argmax of the clean logits is ``y``; argmax of the adversarial ones is not.
+    """``(right, fooled)``: the clean prediction is ``y``; the adversarial one is not.
+
+    Predictions are :func:`harden.batches.predictions`: a row of logits with a NaN or infinity is
+    no answer, so it is never right and, adversarial, always fooled.
 
     Example:
         >>> right, fooled = selection(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 3.0], [0.0, 1.0]]),
@@ -108,7 +112,7 @@ def selection(ln: torch.Tensor, la: torch.Tensor, y: torch.Tensor) -> tuple[torc
         >>> right.tolist(), fooled.tolist()
         ([True, False], [True, True])
     """
-    return ln.argmax(1) == y, la.argmax(1) != y
+    return predictions(ln) == y, predictions(la) != y
 
 
 @OBJECTIVES.register("mi")
