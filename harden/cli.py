@@ -73,7 +73,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _verify(args: argparse.Namespace) -> int:
     from harden.checkpoint import atomic_write
     from harden.train import load_trained
     from harden.verify import verify
@@ -110,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace) -> int:
     from harden.export import export_onnx
     from harden.train import load_trained
 
@@ -124,6 +124,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{res.parity_max_abs_diff:.2e} on {res.parity_examples} inputs, argmax agreement {res.parity_argmax_agreement:.0%}",
     )
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from harden.runfolder import hold
+
+    with hold(args.out):  # no run writes into the folder while this step adds its report
+        return _verify(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from harden.runfolder import hold
+
+    with hold(args.out):
+        return _export(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

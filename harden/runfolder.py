@@ -39,8 +39,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -50,8 +48,9 @@ from typing import Any
 from harden._version import __version__
 from harden.checkpoint import atomic_write
 from harden.errors import RunFolderError
+from harden.folderlock import LOCK_NAME, FolderLock, hold, read_small_json
 
-__all__ = ["ARTIFACTS", "LOCK_NAME", "OUTPUTS", "RunFolder", "process_rank", "used_artifacts"]
+__all__ = ["ARTIFACTS", "LOCK_NAME", "OUTPUTS", "RunFolder", "hold", "process_rank", "used_artifacts"]
 
 #: the files (and the ``checkpoints`` folder) a run writes into its folder: what makes a folder used
 ARTIFACTS: tuple[str, ...] = (
@@ -78,9 +77,7 @@ OUTPUTS: tuple[str, ...] = (
     "model.json",
     "model.safetensors",
 )
-LOCK_NAME = ".harden.lock"
 RUN_JSON = "run.json"
-_MAX_SMALL_FILE = 1 << 20  # run.json and the lock file are tiny: never read more than this
 _RANDOM = r"[a-z0-9_]{8}"  # the random part of tempfile's names
 _TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(a) for a in ARTIFACTS) + r")\." + _RANDOM + r"\.tmp$")
 _CKPT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\." + _RANDOM + r"\.tmp$")
@@ -130,98 +127,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _read_small_json(path: Path) -> Any:
-    """A small JSON document (None: missing); anything else is a :class:`ValueError`."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(_MAX_SMALL_FILE + 1)
-    except FileNotFoundError:
-        return None
-    if len(raw) > _MAX_SMALL_FILE:
-        raise ValueError(f"more than {_MAX_SMALL_FILE} bytes")
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-class _Lock:
-    """An exclusive, non-blocking OS lock on ``folder/.harden.lock``, holding this process's pid."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_NAME
-        for _ in range(20):  # the file may be removed by its last holder between open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            if not _try_lock(fd):
-                os.close(fd)
-                raise self._busy(folder)
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                break
-            _unlock(fd)
-            os.close(fd)
-        else:  # pragma: no cover - another process keeps replacing the lock file
-            raise RunFolderError(f"expected to lock {str(self.path)!r}, got a lock file replaced again and again")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, json.dumps(info).encode())
-
-    def _busy(self, folder: Path) -> RunFolderError:
-        try:
-            info = _read_small_json(self.path)
-            holder = f"pid {int(info['pid'])}, started {str(info['started'])[:40]}"
-        except (ValueError, TypeError, KeyError, OSError):
-            holder = "pid unknown"
-        return RunFolderError(
-            f"expected no other harden process writing to {str(folder)!r}, got one ({holder}): "
-            "wait for it, or use another --out"
-        )
-
-    def release(self) -> None:
-        """Remove the lock file (while still holding it), then unlock."""
-        if sys.platform != "win32":
-            self.path.unlink(missing_ok=True)
-        _unlock(self.fd)
-        os.close(self.fd)
-        if sys.platform == "win32":  # pragma: no cover - Windows cannot remove an open file
-            with contextlib.suppress(OSError):
-                self.path.unlink(missing_ok=True)
-
-
-if sys.platform == "win32":  # pragma: no cover - Windows: a byte-range lock on the lock file
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        """Take the exclusive lock without waiting; False when another process holds it."""
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
-else:
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        """Take the exclusive lock without waiting; False when another process holds it."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
 class RunFolder:
     """A run folder opened for one run (see the module docstring); a context manager.
 
@@ -236,7 +141,7 @@ class RunFolder:
         self.resume = resume
         self.writer = writer
         self._run_id: str | None = None
-        self._lock: _Lock | None = None
+        self._lock: FolderLock | None = None
         self._started = False  # this open wrote a new run.json
         self._created = False  # this open created the folder
 
@@ -291,7 +196,7 @@ class RunFolder:
             raise RunFolderError(
                 f"expected to create the run folder {str(path)!r}, got {exc.strerror or exc}"
             ) from None
-        folder._lock = _Lock(path)
+        folder._lock = FolderLock(path)
         try:
             folder._prepare(overwrite, policy_hash)
         except BaseException:
@@ -336,7 +241,7 @@ class RunFolder:
         """``run.json`` checked (None: missing)."""
         where = self.path / RUN_JSON
         try:
-            record = _read_small_json(where)
+            record = read_small_json(where)
             if record is None:
                 return None
             if not isinstance(record, dict) or not _RUN_ID.match(str(record.get("run_id", ""))):

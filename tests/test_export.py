@@ -394,3 +394,30 @@ def test_the_onnx_file_is_fsynced_and_gets_the_mode_of_every_harden_file(tmp_pat
     if os.path.exists("/proc/self/fd"):  # the file in its temp folder, then the target's folder
         assert len(synced) == 2 and synced[0].endswith("/model.onnx") and synced[0] != str(tmp_path / "model.onnx")
         assert synced[1] == str(tmp_path)
+
+
+class _Shifted:
+    """A stand-in onnxruntime session: torch's logits plus a fixed offset per class."""
+
+    def __init__(self, net, offset):
+        self.net, self.offset = net, offset
+
+    def run(self, names, feeds):
+        x = torch.from_numpy(next(iter(feeds.values())))
+        with torch.no_grad():
+            return [self.net(x).numpy() + self.offset]
+
+
+def test_parity_forgives_a_swapped_near_tie_and_nothing_else():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        net[1].bias.zero_()
+    x = torch.tensor([[0.5, 0.5 + 1e-5, 0, 0], [0.9, 0.1, 0, 0]]).view(2, 1, 2, 2)  # row 0: a near tie
+    swap = np.array([2e-5, 0.0], dtype=np.float32)  # within atol, flips row 0's argmax only
+    diff, agree = export_module._parity(net, _Shifted(net, swap), x, atol=1e-4)
+    assert diff <= 1e-4 and agree == 0.5
+    # within atol only near ties can swap; an offset that swaps the decided row 1 exceeds atol
+    far = np.array([0.0, 0.9], dtype=np.float32)
+    with pytest.raises(harden.ExportError, match="argmax agreement 50.00%"):
+        export_module._parity(net, _Shifted(net, far), x, atol=0.3)
