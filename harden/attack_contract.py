@@ -5,6 +5,7 @@ A plugin's own tests call it on its class: ``check_attack(MyAttack)``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +45,19 @@ _VIOLATIONS: tuple[tuple[str, Callable[[torch.Tensor, torch.Tensor], tuple[Any, 
 )
 
 
+
+
+def _ball_limit(norm: str, eps: float, d: int) -> float:
+    """Largest float32 distance a correct attack's output may show from a ball of radius ``eps``.
+
+    linf: one rounding of ``x + delta`` (|x| <= 1) adds at most ``2**-24`` (1e-6 covers it). l2, for
+    ``d`` pixels per example: the norm's relative error is at most ``d * 2**-24`` for any summation
+    order (at least 1e-5 is allowed), and rounding ``x + delta`` adds at most ``2**-24`` per pixel,
+    ``sqrt(d) * 2**-24`` in l2 (at least 1e-6 is allowed; 2.3e-5 for a 224x224x3 image).
+    """
+    if norm == "linf":
+        return eps + 1e-6
+    return eps * (1 + max(1e-5, d * 2**-24)) + max(1e-6, math.sqrt(d) * 2**-24)
 
 
 def _no_grads(model: nn.Module) -> bool:
@@ -123,8 +137,7 @@ def _check_attack_output(attack: Attack, where: str, device: torch.device) -> No
     expect(lo >= 0.0 and hi <= 1.0, f"{where}: expected pixels in [0, 1], got values in [{lo}, {hi}]")
     if type(attack).bounded:
         dist = float(lp_norm(adv - x, threat.norm).max())
-        # linf: one float32 rounding of x + delta (|x| <= 1) adds at most 2**-24
-        limit = threat.eps + 1e-6 if threat.norm == "linf" else threat.eps * (1 + 1e-5) + 1e-6
+        limit = _ball_limit(threat.norm, threat.eps, x[0].numel())
         expect(
             dist <= limit,
             f"{where}: expected the output inside the {threat.norm} ball of radius {threat.eps}, "
@@ -142,7 +155,7 @@ def _check_attack_output(attack: Attack, where: str, device: torch.device) -> No
     if type(attack).bounded:
         dist = float(lp_norm(adv - edge, threat.norm).max())
         expect(
-            dist <= threat.eps * (1 + 1e-5) + 1e-6,
+            dist <= _ball_limit(threat.norm, threat.eps, edge[0].numel()),
             f"{where}: expected inputs on the box's edge to stay inside the eps ball, got a distance of {dist:.9g}",
         )
 

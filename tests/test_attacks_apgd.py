@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchattacks
+from helpers_attacks import assert_not_weaker
 from torch import nn
 
 import harden
@@ -14,7 +15,7 @@ from harden.attacks.pgd import PGD
 from harden.policy import ThreatModel
 from harden.testing import TinyCNN, TinyMLP, synthetic_tensors
 
-N_TEST = 240  # > 200 examples, so that one point of accuracy is 2.4 examples
+N_TEST = 240  # strength comparisons use an exact McNemar test on these examples (helpers_attacks)
 THREATS = {"linf": ThreatModel(norm="linf", eps=0.05), "l2": ThreatModel(norm="l2", eps=0.5)}
 ATTACK_CLASSES = {"apgd_ce": APGDCE, "apgd_t": APGDT}
 
@@ -58,7 +59,7 @@ def run(name, threat, model, x, y, seed=0, **params):
     return ATTACKS.get(name)(threat, params)(model, x, y)
 
 
-def torchattacks_acc(name, threat, model, x, y, steps, num_classes):
+def torchattacks_adv(name, threat, model, x, y, steps, num_classes):
     norm = {"linf": "Linf", "l2": "L2"}[threat.norm]
     if name == "apgd_ce":
         attack = torchattacks.APGD(model, norm=norm, eps=threat.eps, steps=steps, n_restarts=1, seed=0, loss="ce")
@@ -66,7 +67,9 @@ def torchattacks_acc(name, threat, model, x, y, steps, num_classes):
         attack = torchattacks.APGDT(
             model, norm=norm, eps=threat.eps, steps=steps, n_restarts=1, seed=0, n_classes=num_classes
         )
-    return acc(model, attack(x, y), y)
+    adv = attack(x, y)
+    model.zero_grad(set_to_none=True)  # torchattacks may leave gradients on the shared model
+    return adv
 
 
 # --------------------------------------------------------------------------- registry, params, pieces
@@ -139,11 +142,16 @@ def test_apgd_t_targets_are_the_runner_up_classes_capped():
 @pytest.mark.parametrize("model_name", ["cnn", "mlp"])
 def test_inside_ball_and_box_and_clean_errors_untouched(models, model_name, name, norm):
     model, threat = models[model_name], THREATS[norm]
+    if (model_name, norm) == ("mlp", "linf"):
+        # at eps 0.05 only a few of 64 examples fall (2 here): too few to be sure of one; 3x eps
+        threat = ThreatModel(norm="linf", eps=3 * threat.eps)
     x, y = data(n=64)
     params = {"steps": 10, **({"n_target_classes": 2} if name == "apgd_t" else {})}
     adv = run(name, threat, model, x, y, **params)
     assert adv.shape == x.shape and adv.dtype == x.dtype
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    # d = 64. l2: each norm's relative error <= d*u = 64 * 6e-8 = 3.8e-6 (< 1e-5); fl(x + delta) adds
+    # <= u per pixel, sqrt(d)*u = 4.8e-7 in l2 (< 1e-6); linf: one rounding <= u
     assert float(lp_norm(adv - x, norm).max()) <= threat.eps * (1 + 1e-5) + 1e-6
     with torch.no_grad():
         wrong_clean = model(x).argmax(1) != y
@@ -197,10 +205,10 @@ def test_apgd_ce_at_least_as_strong_as_pgd10(models, norm):
     x, y = data()
     pgd = ATTACKS.get("pgd")(threat, {"steps": 10})
     torch.manual_seed(0)
-    pgd_acc = acc(model, pgd(model, x, y), y)
-    apgd_acc = acc(model, run("apgd_ce", threat, model, x, y), y)
-    assert apgd_acc * N_TEST <= pgd_acc * N_TEST + 1
-    assert apgd_acc < acc(model, x, y)
+    pgd_adv = pgd(model, x, y)
+    apgd_adv = run("apgd_ce", threat, model, x, y)
+    assert_not_weaker(model, apgd_adv, pgd_adv, y)
+    assert acc(model, apgd_adv, y) < acc(model, x, y)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -210,7 +218,7 @@ def test_apgd_t_lowers_accuracy_with_three_and_two_classes(models, norm):
     for model, num_classes in [(models["cnn3"], 3), (models["mlp2"], 2)]:
         x, y = data(num_classes=num_classes, n=96)
         adv = run("apgd_t", threat, model, x, y, steps=20)
-        assert float(lp_norm(adv - x, norm).max()) <= threat.eps * (1 + 1e-5) + 1e-6
+        assert float(lp_norm(adv - x, norm).max()) <= threat.eps * (1 + 1e-5) + 1e-6  # as above, d = 64
         assert acc(model, adv, y) < acc(model, x, y)
 
 
@@ -219,10 +227,9 @@ def test_apgd_t_lowers_accuracy_with_three_and_two_classes(models, norm):
 def test_at_least_as_strong_as_torchattacks_mlp(models, name, norm):
     model, threat = models["mlp"], THREATS[norm]
     x, y = data()
-    ours = acc(model, run(name, threat, model, x, y, steps=100), y)
-    theirs = torchattacks_acc(name, threat, model, x, y, steps=100, num_classes=5)
-    assert ours <= theirs + 0.01
-    assert ours < acc(model, x, y)
+    ours = run(name, threat, model, x, y, steps=100)
+    assert_not_weaker(model, ours, torchattacks_adv(name, threat, model, x, y, steps=100, num_classes=5), y)
+    assert acc(model, ours, y) < acc(model, x, y)
 
 
 @pytest.mark.slow
@@ -231,10 +238,8 @@ def test_at_least_as_strong_as_torchattacks_mlp(models, name, norm):
 def test_at_least_as_strong_as_torchattacks_and_pgd10_cnn(models, name, norm):
     model, threat = models["cnn"], THREATS[norm]
     x, y = data()
-    ours = acc(model, run(name, threat, model, x, y, steps=100), y)
-    theirs = torchattacks_acc(name, threat, model, x, y, steps=100, num_classes=5)
-    assert ours <= theirs + 0.01
+    ours = run(name, threat, model, x, y, steps=100)
+    assert_not_weaker(model, ours, torchattacks_adv(name, threat, model, x, y, steps=100, num_classes=5), y)
     torch.manual_seed(0)
-    pgd_acc = acc(model, PGD(threat, {"steps": 10})(model, x, y), y)
-    assert ours * N_TEST <= pgd_acc * N_TEST + 1
-    assert ours < acc(model, x, y)
+    assert_not_weaker(model, ours, PGD(threat, {"steps": 10})(model, x, y), y)
+    assert acc(model, ours, y) < acc(model, x, y)

@@ -65,7 +65,8 @@ def test_linf_cap_and_tiny_budget(trained_xy):
     assert (adv - x).abs().max() <= 0.05 + 1e-6
     attack = IWDAttack(ThreatModel(rho=1e-9), {"steps": 3})
     adv = attack(model, x, y)
-    assert torch.all(iwd(x, adv) <= 1e-9 * 1.01)
+    # no 0.02 step fits in 1e-9, so adv is x; the three OT terms of IWD(x, x) are then one computation
+    assert torch.equal(adv, x) and torch.all(iwd(x, adv) == 0)
 
 
 def test_attack_restores_modes_and_leaves_params_alone(trained_xy):
@@ -144,19 +145,26 @@ def test_restarts_attack_only_the_survivors_from_random_starts_inside_the_cap(tr
 def test_restarts_only_add_fooled_examples_and_stay_in_budget(trained_xy):
     model, x, y = trained_xy
     x, y = x[:32], y[:32]
-    rho = 5e-4
+    # one 8x8 image (36 patches) per Sinkhorn chunk: POT stops a chunk on the max over its images, so
+    # with one image per chunk an example's IWD does not depend on which other rows share its batch,
+    # and the IWD of a restart's winner (found on a sub-batch) equals a recompute on the whole batch
+    params = {"steps": 6, "max_elems": 36 * 36}
+    rho = 1e-3
     torch.manual_seed(0)
-    one = IWDAttack(ThreatModel(rho=rho), {"steps": 4})
+    one = IWDAttack(ThreatModel(rho=rho), params)
     adv1 = one(model, x, y)
     torch.manual_seed(0)
-    three = IWDAttack(ThreatModel(rho=rho), {"steps": 4, "restarts": 3})
+    three = IWDAttack(ThreatModel(rho=rho), {**params, "restarts": 3})
     adv3 = three(model, x, y)
-    fooled1 = model(adv1).argmax(1) != y
-    fooled3 = model(adv3).argmax(1) != y
+    with torch.no_grad():
+        fooled1 = model(adv1).argmax(1) != y
+        fooled3 = model(adv3).argmax(1) != y
+    assert int(fooled3.sum()) > int(fooled1.sum())  # a restart wins something, so the checks below bite
     assert bool((fooled1 <= fooled3).all())  # a restart never loses an example the first run fooled
     assert torch.equal(adv3[fooled1], adv1[fooled1])  # ... and keeps the first run's example for it
-    assert torch.all(iwd(x, adv3) <= rho * (1 + three.params.feasibility_tol))
-    assert torch.allclose(three.last_iwd, iwd(x, adv3))
+    d = iwd(x, adv3, max_elems=36 * 36)
+    assert torch.equal(three.last_iwd, d)
+    assert torch.all(d <= rho * (1 + three.params.feasibility_tol))
 
 
 def test_training_and_the_attack_share_the_default_geometry():

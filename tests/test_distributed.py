@@ -128,15 +128,17 @@ def test_two_processes_train_one_model_and_rank0_writes_everything_once(tmp_path
     }
     assert set(names) == expected and set(names.values()) == {1}
     found = {os.path.relpath(p, run) for p in run.rglob("*") if p.is_file()}
-    assert found == expected
+    assert found == expected | {"run.json"}  # the run id, written when rank 0 opened the folder
     assert not list(tmp_path.rglob("*.tmp"))
 
     # the summed validation accuracy is the accuracy on the whole test split
     model, bundle = load_trained(policy, run / "model.safetensors")
     x, y = bundle.test.tensors
+    # the ranks evaluate strided shards (rank::2, one batch each): forward the same shapes, so the same
+    # computation, and the count is exact (one 192-row forward could flip a near-tie)
     with torch.no_grad():
-        acc = int((model(x).argmax(1) == y).sum()) / len(y)  # exact: a float32 mean rounds to 2**-24
-    assert acc == pytest.approx(r0["history"][-1]["val_clean_acc"], abs=1e-9)
+        right = sum(int((model(x[r::2]).argmax(1) == y[r::2]).sum()) for r in (0, 1))
+    assert right / len(y) == r0["history"][-1]["val_clean_acc"]
 
 
 def test_cli_under_torchrun(tmp_path):

@@ -19,7 +19,8 @@ def test_quickstart_example_runs(tmp_path):
     assert (tmp_path / "qs" / "certificate.json").is_file()
     assert (tmp_path / "qs" / "model.onnx").is_file()
     assert cert.onnx_sha256 is not None
-    assert cert.clean_accuracy > 0.5  # 10 classes: well above chance after 2 epochs
+    # a "learned" bar, not a tolerance: 10 classes, n ~ 360: P(> 0.5 right | chance 0.1) < 1e-60
+    assert cert.clean_accuracy > 0.5
     assert cert.robust_accuracy <= cert.clean_accuracy
 
 
@@ -29,6 +30,6 @@ def test_custom_model_example_runs(tmp_path):
 
     report = main(epochs=2, out=str(tmp_path / "custom"))
     assert report.n == 397
-    assert report.clean_accuracy > 0.5
+    assert report.clean_accuracy > 0.5  # 10 classes, n = 397: a "learned" bar far above chance (~0.16)
     assert report.robust_accuracy <= report.clean_accuracy
     assert "examples.custom_model" in sys.modules

@@ -115,6 +115,7 @@ def test_each_selective_term_adds_its_own_gradient(selective):
 
     with_term, without = grads(1.0), grads(0.0)  # the same clean CE in both: the difference is the term
     assert all(torch.isfinite(g).all() for g in with_term)
+    # without the term the grads would differ by rounding only: <= ~10 u max|g| ~ 6e-8 (|g| <= 0.1)
     assert all(float((a - b).abs().max()) > 1e-6 for a, b in zip(with_term, without, strict=True))
 
 
@@ -167,9 +168,12 @@ def test_jacobian_estimate_matches_the_exact_frobenius_norm():
     exact = torch.stack([torch.autograd.functional.jacobian(lambda z: net(z[None])[0], xi).pow(2).sum() for xi in x])
     xr = x.clone().requires_grad_(True)
     logits = net(xr)
-    est = torch.stack([jacobian_frobenius_sq(logits, xr, 1, create_graph=False) for _ in range(3000)]).mean(0)
-    rel = (est / exact - 1).abs()
-    assert float(rel.max()) < 0.05, (est, exact)
+    s = torch.stack([jacobian_frobenius_sq(logits, xr, 1, create_graph=False) for _ in range(3000)])
+    est = s.mean(0)
+    # unbiased Hutchinson estimate: the mean of 3000 draws is ~normal around the exact value with standard
+    # error std / sqrt(3000); 4 standard errors is a two-sided 6e-5 bound (seeded: the CPU RNG is
+    # platform-independent)
+    assert ((est - exact).abs() <= 4 * s.std(0) / 3000**0.5).all(), (est, exact)
 
 
 def test_jacobian_estimate_is_differentiable_in_the_parameters():

@@ -70,6 +70,7 @@ def test_an_anchors_own_invariance_example_is_never_its_negative():
     owner = torch.tensor([0, 0, 5])
     with_own = float(angular_triplet(anchor, positive, e_pert, torch.tensor([0]), y_pert, 0.05))
     without = float(angular_triplet(anchor, positive, e_pert, torch.tensor([0]), y_pert, 0.05, owner))
+    # float32: value ~ 1.05 (ulp 1.2e-7); 1 - cos of a near-parallel pair carries <= ~3u abs: <= 5e-7 < 1.05e-6
     assert with_own == pytest.approx(0.05 + 1 - float(1 - F.cosine_similarity(anchor, own)), rel=1e-6)
     assert without == pytest.approx(0.0)  # relu(0.05 + 1 - 2): the other example is the negative
 

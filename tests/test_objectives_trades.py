@@ -21,7 +21,7 @@ def test_trades_kl_term_is_non_negative():
     x, y = synthetic_tensors(8)
     ce = F.cross_entropy(model(x), y)
     trades = make_objective("trades", beta=6.0).loss(BatchContext(model, x, y, THREAT))
-    assert trades >= ce - 1e-6
+    assert trades >= ce - 1e-6  # KL >= 0; float32 CE ~ 1.1 and an 8-row KL round to <= ~2e-7
 
 
 def test_trades_reads_one_kl_pgd_view():

@@ -18,11 +18,24 @@ from harden.quantize import PRECISION_KEY, logit_parity, onnx_logits, onnx_preci
 from harden.testing import TinyCNN
 
 ROOT = Path(__file__).resolve().parents[1]
-# observed on this TinyCNN (trained 2 epochs on synthetic data, |logits| < 1): max |logit diff|
-# against float32 torch 8e-5 (fp16) and 6e-3 (int8), argmax agreement 100% on clean and PGD
-# inputs; the bounds leave about an order of magnitude of room
-FP16_ATOL = 1e-3
+# int8: a measured level, not yet derived (max |logit diff| 6e-3 on this TinyCNN, |logits| < 1). A
+# derivation would propagate half a quantisation step per tensor (weights max|W|/127, uint8
+# activations range/255) through an |W|-forward of the model.
 INT8_ATOL = 5e-2
+
+
+def fp16_tol(ref):
+    """fp16 parity bound: 3 layers, each rounding weights, input and output to fp16 (u16 = 2^-11):
+    about 9 * u16 * S = 4.4e-3 * S < 1e-2 * S, with S ~ max(1, max |logit|) the logit scale."""
+    return 1e-2 * max(1.0, float(ref.abs().max()))
+
+
+@torch.no_grad()
+def undecided(model, x, tol):
+    """Rows whose top-2 float32 logit gap is <= 2 * tol: only those may change argmax when every logit
+    moves by at most tol (so argmax agreement >= 1 - undecided / n follows from diff <= tol)."""
+    top2 = model(x).topk(2, dim=1).values
+    return int((top2[:, 0] - top2[:, 1] <= 2 * tol).sum())
 
 
 def meta_of(path):
@@ -61,8 +74,10 @@ def test_fp16_runs_on_cpu_with_a_dynamic_batch_and_a_looser_parity(exported, tmp
         assert onnx_logits(out, x[:batch]).shape == (batch, 3)
     diff, agree = logit_parity(out, model, x)
     adv_diff, adv_agree = logit_parity(out, model, x_adv)
-    assert 0 < diff <= FP16_ATOL and agree >= 0.97
-    assert adv_diff <= FP16_ATOL and adv_agree >= 0.95
+    with torch.no_grad():
+        tol, adv_tol = fp16_tol(model(x)), fp16_tol(model(x_adv))
+    assert 0 < diff <= tol and agree >= 1 - undecided(model, x, tol) / len(x)
+    assert adv_diff <= adv_tol and adv_agree >= 1 - undecided(model, x_adv, adv_tol) / len(x_adv)
 
 
 # --------------------------------------------------------------------------- int8
@@ -84,7 +99,7 @@ def test_int8_is_valid_integer_graph_with_metadata(exported, tmp_path, weight_ty
     for batch in (1, 7):
         assert onnx_logits(out, x[:batch]).shape == (batch, 3)
     diff, agree = logit_parity(out, model, x)
-    assert 0 < diff <= INT8_ATOL and agree >= 0.95
+    assert 0 < diff <= INT8_ATOL and agree >= 1 - undecided(model, x, INT8_ATOL) / len(x)
 
 
 def test_int8_without_pre_processing_warns_and_still_quantizes(exported, tmp_path, monkeypatch):

@@ -23,6 +23,17 @@ adversarial example of norm <= eps is found: it is returned; examples not broken
 misclassified already) are returned unchanged. With ``early_stop`` (default) an example stops
 being attacked as soon as such a point is found, which leaves robust accuracy unchanged but
 returns the first adversarial example within eps instead of the smallest one found in all steps.
+
+Every success is re-checked once on the full batch before returning: the runs decide
+"adversarial" on shrinking sub-batches, and FAB stops right at the decision boundary, where
+float32 logits of the same point can differ between batch shapes by more than the point's logit
+gap. An example whose returned point (after the threat model's projection, exactly what the
+caller gets) is not misclassified by a forward on the whole batch is returned unchanged and
+counted as not broken, so ``last_norms`` agrees with ``model(attack(model, x, y))`` run on the
+same batch. Only such boundary ties are affected.
+
+The attack also runs in float64 (through :meth:`FABTargeted.perturb`, bypassing the float32
+pixel contract of ``__call__``): its norms then stay float64.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from harden.attacks.base import ATTACKS, Attack, AttackParams, input_grad, lp_norm
+from harden.attacks.base import ATTACKS, Attack, AttackParams, input_grad, lp_norm, project
+from harden.batches import predictions
 from harden.policy import ThreatModel
 
 __all__ = ["FABParams", "FABTargeted", "project_hyperplane_box"]
@@ -142,7 +154,9 @@ class FABTargeted(Attack):
     """Targeted FAB (FAB-T), minimal-norm white-box attack, evaluated at the threat model's eps.
 
     After a call, ``last_norms`` holds, per example, the norm of the adversarial example returned
-    (0 for examples misclassified already, ``inf`` where none was found within eps).
+    (0 for examples misclassified already, ``inf`` where none was found within eps). A finite norm
+    means the returned example is misclassified by a forward of the whole returned batch (the
+    same computation as ``model(attack(model, x, y))``), see the module docstring.
 
     Example:
         >>> from harden.policy import ThreatModel
@@ -170,10 +184,10 @@ class FABTargeted(Attack):
         eps = self.threat.eps
         with torch.no_grad():
             logits = model(x)
-        robust = logits.argmax(dim=1) == y
+        robust = predictions(logits) == y  # non-finite logits: already wrong
         ranked = logits.argsort(dim=1, descending=True)
         out = x.clone()
-        norms = torch.where(robust, float("inf"), 0.0)
+        norms = torch.where(robust, float("inf"), 0.0).to(x.dtype)
         for rank in range(1, min(p.n_target_classes, logits.shape[1] - 1) + 1):
             for restart in range(p.restarts):
                 idx = robust.nonzero().squeeze(1)
@@ -184,6 +198,11 @@ class FABTargeted(Attack):
                 out[idx[ok]] = adv[ok]
                 norms[idx[ok]] = found[ok]
                 robust[idx[ok]] = False
+        with torch.no_grad():  # re-check on the whole batch what __call__ will return (see module doc)
+            fooled = predictions(model(project(out, x, self.threat.norm, eps))) != y
+        lost = torch.isfinite(norms) & (norms > 0) & ~fooled
+        out[lost] = x[lost]
+        norms[lost] = float("inf")
         self.last_norms = norms.cpu()
         return out
 
@@ -202,7 +221,7 @@ class FABTargeted(Attack):
         else:
             x1 = x0.clone()
         best = x0.clone()
-        best_norm = torch.full((n,), float("inf"), device=x0.device)
+        best_norm = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)
         # compact working copies of the examples still attacked
         act = torch.arange(n, device=x0.device)
         xa, ya, ta = x0, y, target
@@ -223,7 +242,7 @@ class FABTargeted(Attack):
                 n_orig = lp_norm(d_orig, norm).clamp_min(1e-8)
                 alpha = (n_cur / (n_cur + n_orig)).clamp(0.0, p.alpha_max).view(view)
                 x1 = ((1 - alpha) * (x1 + p.eta * d_cur) + alpha * (xa + p.eta * d_orig)).clamp(0.0, 1.0)
-                is_adv = model(x1).argmax(dim=1) != ya
+                is_adv = predictions(model(x1)) != ya
                 dist = lp_norm(x1 - xa, norm)
                 better = is_adv & (dist < best_norm[act])
                 best[act[better]] = x1[better]

@@ -157,7 +157,11 @@ class Square(Attack):
     """Square Attack: query-efficient score-based black-box attack (linf and l2).
 
     After a call, ``last_query_counts`` holds the queries spent on each example (0 for examples
-    misclassified already) and ``last_queries`` their mean.
+    misclassified already), ``last_queries`` their mean, and ``last_margins`` the margin loss
+    ``f_y - max_{k != y} f_k`` of each returned example as the attack measured it (negative:
+    fooled). Those margins come from the queries, which run on subsets of the rows; a forward of
+    the whole returned batch can differ from them by float rounding, which matters only for
+    examples stopped right below 0.
 
     Example:
         >>> from harden.policy import ThreatModel
@@ -181,6 +185,8 @@ class Square(Attack):
         self.last_query_counts: torch.Tensor = torch.zeros(0, dtype=torch.long)
         #: mean of ``last_query_counts`` (0.0 before the first call)
         self.last_queries: float = 0.0
+        #: margin of each returned example as measured by its last accepted query (CPU tensor)
+        self.last_margins: torch.Tensor = torch.zeros(0)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Run ``restarts`` searches, each on the examples the previous ones did not fool."""
@@ -199,6 +205,7 @@ class Square(Attack):
                 best[todo[better]] = adv[better]
                 best_margin[todo[better]] = m[better]
         self.last_query_counts = queries.cpu()
+        self.last_margins = best_margin.cpu()
         self.last_queries = float(queries.float().mean())
         return best
 
