@@ -25,8 +25,8 @@ from harden.checks import onnx_black_box_check
 from harden.data import EvalData, eval_batches, load_data, to_device
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
-from harden.schema import HALF_LEVEL
 from harden.policy_io import checked, policy_hash
+from harden.schema import HALF_LEVEL
 from harden.smoothing import smooth_certify, wilson_interval
 from harden.verify import RobustnessReport, verify
 

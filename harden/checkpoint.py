@@ -34,6 +34,7 @@ __all__ = [
     "atomic_write",
     "file_mode",
     "flatten_state",
+    "fsync_dir",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest",
@@ -158,13 +159,23 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise _write_failure(path, exc) from None
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a folder's entries to disk (after a rename into it); a no-op where the OS refuses.
+
+    Example:
+        >>> import tempfile
+        >>> fsync_dir(tempfile.mkdtemp())
+    """
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+    except OSError:  # pragma: no cover - some filesystems (and Windows) refuse a folder fsync
         pass
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from harden.batches import check_pixels, predictions
-from harden.checkpoint import file_mode, sha256_file
+from harden.checkpoint import file_mode, fsync_dir, sha256_file
 from harden.errors import ExportError, InputError
 from harden.models import Normalized, prepare_model
 from harden.policy import Policy
@@ -235,14 +235,7 @@ def _commit(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise ExportError(f"expected to write {str(path)!r}, got {exc.strerror or exc}; nothing was written") from None
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems (and Windows) refuse a folder fsync
-        pass
+    fsync_dir(path.parent)
 
 
 def _adversarial_inputs(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

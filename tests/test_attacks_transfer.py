@@ -58,8 +58,8 @@ def test_a_transfer_attack_without_a_surrogate_is_a_clear_error():
 
 def test_the_surrogate_model_is_a_code_reference(tmp_path):
     from harden.attacks.transfer import TransferParams
-    from harden.policy_io import code_references, load_policy
     from harden.coderef import is_code_ref
+    from harden.policy_io import code_references, load_policy
 
     assert is_code_ref(TransferParams.model_fields["model"])
     with pytest.raises(ValueError, match="dotted Python names"):

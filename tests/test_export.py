@@ -419,5 +419,5 @@ def test_parity_forgives_a_swapped_near_tie_and_nothing_else():
     assert diff <= 1e-4 and agree == 0.5
     # within atol only near ties can swap; an offset that swaps the decided row 1 exceeds atol
     far = np.array([0.0, 0.9], dtype=np.float32)
-    with pytest.raises(harden.ExportError, match="argmax agreement 50.00%"):
+    with pytest.raises(harden.ExportError, match=r"argmax agreement 50\.00%"):
         export_module._parity(net, _Shifted(net, far), x, atol=0.3)

@@ -249,5 +249,5 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     policy = load_policy(path)
     assert (policy.train.lr, policy.train.weight_decay, policy.threat.eps) == (1e-3, 5e-4, 0.3)
     path.write_text("name: e\nobjectives: [{name: ce}]\ntrain: {lr: 1e999}\n")
-    with pytest.raises(harden.PolicyError, match="train.lr: expected a finite"):
+    with pytest.raises(harden.PolicyError, match=r"train\.lr: expected a finite"):
         load_policy(path)

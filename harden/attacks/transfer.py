@@ -9,8 +9,8 @@ from pydantic import Field
 from torch import nn
 
 from harden.attacks.base import ATTACKS, Attack, AttackEnv, AttackParams
-from harden.errors import DataError
 from harden.coderef import CodeRef
+from harden.errors import DataError
 
 __all__ = ["Transfer", "TransferParams"]
 
