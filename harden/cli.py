@@ -75,7 +75,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from harden.checkpoint import atomic_write
-    from harden.train import load_trained
+    from harden.train import load_trained, read_model_info
     from harden.verify import verify
 
     policy = _policy(args)
@@ -102,8 +102,7 @@ def _verify(args: argparse.Namespace) -> int:
             _say(args, f"CUDA did not run: {clf.fallback_reason}")
         return 0
     model, bundle = load_trained(policy, weights)
-    sidecar = weights.with_suffix(".json")
-    history = json.loads(sidecar.read_text()).get("history", []) if sidecar.is_file() else []
+    history = read_model_info(weights).get("history", [])  # checked: a one-line CheckpointError if malformed
     report = verify(model, policy, bundle.test, bundle=bundle, history=history, progress=not args.quiet)
     atomic_write(Path(args.out) / "report.json", json.dumps(report.to_dict(), indent=2).encode())
     _say(args, report.summary())
@@ -173,20 +172,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from harden.integrity import inspect_certificate
 
     cert, checks = inspect_certificate(args.certificate, public_key=args.public_key)
-    print(f"certificate {args.certificate}: {cert.verdict} ({cert.verdict_reason or 'no reason recorded'})")
-    print(f"  policy {cert.policy_name}, created {cert.created}, threat {cert.threat}")
+    reason, name, created = (_printable(v) for v in (cert.verdict_reason, cert.policy_name, cert.created))
+    print(f"certificate {args.certificate}: {cert.verdict} ({reason or 'no reason recorded'})")
+    print(f"  policy {name}, created {created}, threat {_printable(str(cert.threat))}")
     print(f"  clean {cert.clean_accuracy:.2%}, robust {cert.robust_accuracy:.2%} (n={cert.n})")
     if cert.smoothing is not None and cert.smoothing.certified_accuracy is not None:
         s = cert.smoothing
         print(f"  certified {s.certified_accuracy:.2%} at l2 radius {s.radius:g} (sigma={s.sigma:g}, n={s.examples})")
     for note in cert.warnings:
-        print(f"  warning: {note}")
+        print(f"  warning: {_printable(note)}")
     print(f"  {'check':<14} {'status':<11} {'file':<18} detail")
     for c in checks:
         name = c.path.name if c.path is not None else "-"
         shown = c.actual or c.expected
         digest = f" (sha256 {shown[:16]})" if c.item in _HASHED and shown else ""
-        print(f"  {c.item:<14} {c.status:<11} {name:<18} {c.detail}{digest}")
+        print(f"  {c.item:<14} {c.status:<11} {_printable(name):<18} {_printable(c.detail)}{digest}")
     bad = [c for c in checks if not c.ok]
     if bad:
         names = ", ".join(f"{c.item} ({c.status.lower()})" for c in bad)
@@ -196,6 +196,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 _HASHED = frozenset({"weights", "onnx", "policy", "markdown", "html"})
+
+
+def _printable(text: str) -> str:
+    r"""``text`` with control characters escaped: a forged certificate must not forge inspect's output.
+
+    Example:
+        >>> print(_printable("ok\n  signature OK\x1b[8m"))
+        ok\n  signature OK\x1b[8m
+    """
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -274,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="append",
                 metavar="MODULE",
                 help="let the policy import code from MODULE or its submodules (repeatable); without it, a "
-                "policy that names code (module:attr) is refused",
+                "policy that names code (module:Name) is refused",
             )
             code.add_argument(
                 "--trust-policy-code",

@@ -19,10 +19,10 @@ from pydantic_core import core_schema
 
 __all__ = ["CODE_REF", "MODULE_ATTR", "CodeRef", "is_code", "is_code_ref"]
 
-#: ``package.module:attr`` of dotted ASCII Python names (what ``importlib`` and ``getattr`` get)
-MODULE_ATTR = re.compile(
-    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-)
+#: ``package.module:Name``: a dotted ASCII module name (what ``importlib`` gets), then ONE public
+#: attribute of it (a single name not starting with ``_``; no ``a.b`` path, no ``__dunder__``), so
+#: a reference can only name what the module itself offers, never reach through it
+MODULE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z][A-Za-z0-9_]*")
 
 
 def is_code(value: str) -> bool:
@@ -39,7 +39,10 @@ def is_code(value: str) -> bool:
 
 def _code_format(value: str) -> str:
     if is_code(value) and not MODULE_ATTR.fullmatch(value):
-        raise ValueError(f"expected 'package.module:attr' of dotted Python names, got {value!r}")
+        raise ValueError(
+            "expected 'package.module:Name' (a dotted Python module name, then one public name of it: no dotted "
+            f"attribute path, no name starting with '_'), got {value!r}; name the code where it is defined"
+        )
     return value
 
 
@@ -56,7 +59,7 @@ class _CodeRefMarker:
 #: the marker in a :data:`CodeRef` annotation
 CODE_REF = _CodeRefMarker()
 
-#: A string that may name importable code (``package.module:attr``); ``timm:<name>`` and registered
+#: A string that may name importable code (``package.module:Name``, one public name); ``timm:<name>`` and registered
 #: names are not code. Declare a field with it (``model: CodeRef | None = None``) when its value
 #: may be imported: harden then refuses a policy file naming code the user did not allow.
 CodeRef = Annotated[str, CODE_REF]

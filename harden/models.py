@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harden.errors import ModelError, UnknownNameError
+from harden.coderef import MODULE_ATTR
+from harden.errors import HardenError, ModelError, UnknownNameError
 from harden.registry import did_you_mean, suggest
 from harden.weights import load_weights
 
@@ -133,24 +134,70 @@ def check_timm_name(name: str) -> None:
     )
 
 
+def _defined_in(obj: object) -> str | None:
+    """The module an object was defined in: a class's or function's own ``__module__``, else its class's.
+
+    An instance (an ``nn.Module``, a ``functools.partial``) reports its class's module; a module,
+    a builtin without a module, or a non-string ``__module__`` gives None.
+    """
+    if inspect.ismodule(obj):
+        return None
+    if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj):
+        where = getattr(obj, "__module__", None)
+    else:  # an instance: its class's module, never an attribute the instance itself may answer
+        where = getattr(type(obj), "__module__", None)
+    return where if isinstance(where, str) else None
+
+
 def import_object(spec: str) -> object:
-    """Import ``package.module:attr`` (attr may be dotted) and return the object.
+    """Import ``package.module:Name`` and return the object, which must be defined in that package.
+
+    ``Name`` is one public name of the module (no dotted path, no leading ``_``), and code (a
+    callable, an ``nn.Module``) must come from the module's top-level package: a class or function
+    defined there, or an instance of a class defined there. An object the module merely imported
+    from elsewhere (``os.system``, a module, a builtin) is refused before anything is called, so a
+    reference allowed for ``mypkg`` never reaches code outside ``mypkg``. Plain data (neither
+    callable nor a module) is returned as it is, for the caller to refuse with its own message.
+
+    Raises:
+        ModelError: a malformed reference, a module that does not import, no such name, or an
+            object from another package (one line, with the remedy).
 
     Example:
-        >>> import_object("harden.testing:TinyCNN").__name__
+        >>> import_object("harden.testing:TinyCNN").__name__  # defined in harden.tiny: same package
         'TinyCNN'
+        >>> import_object("harden.checkpoint:os")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        harden.errors.ModelError: expected 'harden.checkpoint:os' to be defined in package 'harden', ...
     """
+    if not isinstance(spec, str) or not MODULE_ATTR.fullmatch(spec):
+        raise ModelError(
+            f"expected 'package.module:Name' (one public name of the module, no dotted path, no leading '_'), "
+            f"got {spec!r}; name the code where it is defined"
+        )
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelError(f"expected 'package.module:attr', got {spec!r}")
     try:
-        obj: object = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(f"expected an importable module {module_name!r} (from {spec!r}), got {exc}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelError(f"expected {module_name!r} to define {attr!r} (from {spec!r}), got no attribute {part!r}")
-        obj = getattr(obj, part)
+    if not hasattr(module, attr):
+        raise ModelError(f"expected {module_name!r} to define {attr!r} (from {spec!r}), got no attribute {attr!r}")
+    obj: object = getattr(module, attr)
+    if not (callable(obj) or isinstance(obj, nn.Module) or inspect.ismodule(obj)):
+        return obj  # plain data, never called: the caller refuses it with its own message
+    package = module_name.partition(".")[0]
+    where = _defined_in(obj)
+    if where is None or (where != package and not where.startswith(f"{package}.")):
+        if inspect.ismodule(obj):
+            got = f"the module {getattr(obj, '__name__', attr)!r}"
+        else:
+            got = f"an object from {where!r}" if where else f"a {type(obj).__name__} defined in no package"
+        how = (
+            f"name a function of package {package!r} that builds it"
+            if isinstance(obj, nn.Module)
+            else "name the code where it is defined"
+        )
+        raise ModelError(f"expected {spec!r} to be defined in package {package!r}, got {got}; {how}")
     return obj
 
 
@@ -178,6 +225,22 @@ def _timm_norm(model: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tupl
     if in_chans == 1:  # timm sums RGB filters into one channel; use the channel average
         return (sum(mean) / len(mean),), (sum(std) / len(std),)
     return None
+
+
+def _build_failed(name: str, args: Any, exc: BaseException, who: str) -> str:
+    """The one-line message for a model ``who`` (timm or the factory) could not build from ``model.args``."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, KeyError) and first.startswith(("'", '"')):
+        first = f"no such name {first}"
+    got = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if len(got) > 300:
+        got = got[:297] + "..."
+    keys = ", ".join(sorted(str(k) for k in args)) if args else "none"
+    return (
+        f"model.args: expected arguments {who} accepts for {name!r} (given: {keys}), got {got}; "
+        "fix or drop the offending model.args entry (names, values and sizes)"
+    )
 
 
 def build_model(spec: object, num_classes: int, in_chans: int) -> Normalized:
@@ -215,14 +278,19 @@ def build_model(spec: object, num_classes: int, in_chans: int) -> Normalized:
             net = timm.create_model(
                 spec.name[5:], pretrained=False, num_classes=n_cls, in_chans=chans, **dict[str, Any](spec.args)
             )
-        except TypeError as exc:
-            raise ModelError(f"expected arguments timm accepts for {spec.name!r}, got {exc}") from None
+        except Exception as exc:  # timm checks its arguments with KeyError, AssertionError, TypeError, ...
+            raise ModelError(_build_failed(spec.name, spec.args, exc, "timm")) from None
     else:
         obj = import_object(spec.name)
         if isinstance(obj, nn.Module):
             net = obj
         elif callable(obj):
-            made = obj(**_factory_args(obj, n_cls, chans, dict(spec.args)))
+            try:
+                made = obj(**_factory_args(obj, n_cls, chans, dict(spec.args)))
+            except HardenError:
+                raise
+            except Exception as exc:  # a wrong keyword (TypeError), an absurd size (RuntimeError, MemoryError), ...
+                raise ModelError(_build_failed(spec.name, spec.args, exc, "the factory")) from None
             if not isinstance(made, nn.Module):
                 raise ModelError(f"expected {spec.name!r} to return an nn.Module, got {type(made).__name__}")
             net = made

@@ -38,7 +38,7 @@ from harden.policy_io import checked, dump_policy, policy_hash
 from harden.runfolder import RunFolder
 from harden.speed import to_memory_format
 
-__all__ = ["FitResult", "fit", "load_trained", "save_model"]
+__all__ = ["FitResult", "fit", "load_trained", "read_model_info", "save_model"]
 
 
 @dataclass
@@ -278,7 +278,10 @@ def load_trained(
         The model (eval mode, on CPU) and the policy's data bundle (``bundle`` itself when given).
 
     Raises:
-        CheckpointError: the weights file is missing or fails its SHA-256 in ``model.json``.
+        CheckpointError: the weights file is missing, unreadable or fails its SHA-256 in
+            ``model.json``; ``model.json`` is malformed (:func:`read_model_info`); the weights do
+            not fit the policy's model.
+        ModelError: the policy's model cannot be built.
 
     Example:
         >>> import tempfile
@@ -297,21 +300,82 @@ def load_trained(
     weights = Path(weights)
     if not weights.is_file():
         raise CheckpointError(f"expected trained weights at {str(weights)!r}, got no such file; run `harden fit` first")
-    sidecar = weights.with_suffix(".json")
-    if sidecar.is_file():
-        expected = json.loads(sidecar.read_text()).get("sha256")
-        found = sha256_file(weights)
+    info = read_model_info(weights)
+    if weights.with_suffix(".json").is_file():
+        expected, found = info.get("sha256"), sha256_file(weights)
         if expected != found:
             raise CheckpointError(
-                f"expected SHA-256 {expected} for {str(weights)!r} (from {sidecar.name}), got {found}"
+                f"expected SHA-256 {expected} for {str(weights)!r} (from {weights.with_suffix('.json').name}), "
+                f"got {found}"
             )
     if bundle is None:
         bundle = load_data(policy.data)
     net = build_model(policy.model, bundle.num_classes, bundle.in_chans)
     try:
-        net.load_state_dict(st_load(weights.read_bytes()))
+        state = st_load(weights.read_bytes())
+    except Exception as exc:  # safetensors' SafetensorError and its header errors
+        raise CheckpointError(
+            f"expected a safetensors file at {str(weights)!r}, got one safetensors cannot read "
+            f"({_first_line(exc)}); the file is truncated or corrupt: train again with `harden fit`"
+        ) from None
+    try:
+        net.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"expected weights for the policy's model in {str(weights)!r}, got {str(exc).splitlines()[0]}"
+            f"expected weights for the policy's model in {str(weights)!r}, got {_first_line(exc)}"
         ) from None
     return net.eval(), bundle
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def read_model_info(weights: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of ``model.safetensors`` (``model.json``), checked; ``{}`` when there is none.
+
+    The sidecar may come from someone else: it must be a JSON object whose ``sha256`` (if
+    present) is a string and whose ``history`` (if present) is a list of objects, each
+    ``val_pgd_acc`` and ``val_clean_acc`` in them a number or null.
+
+    Raises:
+        CheckpointError: the sidecar cannot be read or is not such an object (one line, naming it).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
+        >>> read_model_info(path)
+        {}
+        >>> _ = path.with_suffix(".json").write_text('{"sha256": "ab", "history": [{"val_pgd_acc": 0.5}]}')
+        >>> read_model_info(path)["history"]
+        [{'val_pgd_acc': 0.5}]
+        >>> _ = path.with_suffix(".json").write_text("[]")
+        >>> read_model_info(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        harden.errors.CheckpointError: expected a JSON object in '...model.json', got list; ...
+    """
+    sidecar = Path(weights).with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    where, remedy = repr(str(sidecar)), "the file is corrupt or not harden's: train again with `harden fit`"
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"expected readable JSON in {where}, got {_first_line(exc)}; {remedy}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"expected a JSON object in {where}, got {type(info).__name__}; {remedy}")
+    if "sha256" in info and not isinstance(info["sha256"], str):
+        raise CheckpointError(f"expected 'sha256' a string in {where}, got {type(info['sha256']).__name__}; {remedy}")
+    history = info.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"expected 'history' a list of objects in {where}, got {history!r:.80}; {remedy}")
+    for i, h in enumerate(history):
+        for key in ("val_pgd_acc", "val_clean_acc"):
+            v = h.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise CheckpointError(
+                    f"expected history.{i}.{key} a number or null in {where}, got {v!r:.80}; {remedy}"
+                )
+    return info

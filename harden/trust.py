@@ -153,7 +153,7 @@ def refuse_code(
         prefix = f"{source}: " if source else ""
         raise PolicyError(
             f"{prefix}{ref.path}: {ref.ref!r} is code, expected none unless allowed: harden imports code named in a "
-            f"policy only when you allow it; pass --allow-code {ref.package} (or --trust-policy-code), or "
-            f"allow_code=[{ref.package!r}] in Python"
+            f"policy only when you allow it; pass --allow-code {ref.module} (or --trust-policy-code), or "
+            f"allow_code=[{ref.module!r}] in Python"
         )
     return list(refs)

@@ -187,7 +187,11 @@ def user_module(monkeypatch):
     xt, yt = synthetic_tensors(32, seed=2)
 
     def pair(xa=x, ya=y, xb=xt, yb=yt):
-        return lambda: (TensorDataset(xa, ya), TensorDataset(xb, yb))
+        def data():
+            return TensorDataset(xa, ya), TensorDataset(xb, yb)
+
+        data.__module__ = "faulty"  # defined "in" faulty: harden imports only code of the package it names
+        return data
 
     nan_late = x.clone()
     nan_late[50, 0, 3, 3] = float("nan")
@@ -198,7 +202,7 @@ def user_module(monkeypatch):
     mod.label_out_of_range = pair(yb=y_test_big)
     mod.negative_label = pair(ya=y - 1)
     mod.empty_train = pair(xa=x[:0], ya=y[:0])
-    mod.rgb_net = TinyCNN(num_classes=3, in_chans=3)
+    mod.rgb_net = type("RgbNet", (TinyCNN,), {"__module__": "faulty"})(num_classes=3, in_chans=3)
     monkeypatch.setitem(sys.modules, "faulty", mod)
     return mod
 

@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 from harden.export import INPUT_NAME, OUTPUT_NAME
 from harden.testing import TinyMLP, synthetic_tensors
 
-#: an ``nn.Module`` instance, for ``model.name: helpers_data:TINY_MLP``
+#: an ``nn.Module`` instance of a class from another package (harden.tiny): ``helpers_data:TINY_MLP`` is refused
 TINY_MLP = TinyMLP(num_classes=3, in_chans=1, image_size=8)
 
 

@@ -260,3 +260,26 @@ def test_imagefolder_labels_come_from_its_targets(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.ImageFolder, "__getitem__", lambda self, i: loads.append(i) or original(self, i))
     load_data(DataSpec(name="imagefolder", root=str(tmp_path), image_size=8))
     assert loads == [0, 0]  # example 0 of train and of test (the pixel contract): labels need no image
+
+
+def test_a_data_function_the_module_only_imported_is_refused_before_it_is_called(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    foreign = types.ModuleType("otherdata_h")
+    exec("def load():\n    CALLS.append(1)\n    return None\n", foreign.__dict__)
+    foreign.CALLS = calls
+    monkeypatch.setitem(sys.modules, "otherdata_h", foreign)
+    mine = types.ModuleType("mydata_h.loaders")
+    exec("from otherdata_h import load\nimport os\n", mine.__dict__)
+    monkeypatch.setitem(sys.modules, "mydata_h.loaders", mine)
+    with pytest.raises(
+        harden.DataError,
+        match=r"^expected 'mydata_h\.loaders:load' to be defined in package "
+        r"'mydata_h', got an object from 'otherdata_h'; name the code where it is defined$",
+    ):
+        load_data(DataSpec(name="mydata_h.loaders:load"))
+    assert calls == []
+    with pytest.raises(Exception, match=r"one public name"):  # a path through the module: not even validated
+        DataSpec(name="mydata_h.loaders:os.getcwd")

@@ -1,5 +1,7 @@
 """Model adapters: Normalized, build_model from timm / module:attr, weights, name checks."""
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -107,13 +109,122 @@ def test_build_model_module_attr_class():
     assert net(torch.rand(2, 2, 8, 8)).shape == (2, 3)
 
 
-def test_build_model_module_attr_instance(monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
-    import helpers_data
+def _fake_module(monkeypatch, name: str, source: str) -> types.ModuleType:
+    """A module ``name`` (in ``sys.modules`` for this test only) whose code is ``source``."""
+    module = types.ModuleType(name)
+    exec(compile(source, f"<{name}>", "exec"), module.__dict__)  # its classes and functions get __module__ = name
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
 
-    net = build_model(ModelSpec(name="helpers_data:TINY_MLP"), num_classes=3, in_chans=1)
-    assert net.model is helpers_data.TINY_MLP  # used as it is, not copied
+
+@pytest.fixture
+def fake_pkgs(monkeypatch):
+    """``evilpkg_h.models``: its own model class, instance and factory, and what it imported from elsewhere."""
+    other = _fake_module(
+        monkeypatch,
+        "otherpkg_h",
+        "from torch import nn\nCALLS = []\ndef record(**kw):\n    CALLS.append(kw)\n    return nn.Linear(1, 2)\n",
+    )
+    _fake_module(monkeypatch, "evilpkg_h.helpers", "from torch import nn\nclass Helper(nn.Flatten):\n    pass\n")
+    models = _fake_module(
+        monkeypatch,
+        "evilpkg_h.models",
+        "import os\nfrom os import system\nfrom torch import nn\nfrom otherpkg_h import record\n"
+        "from evilpkg_h.helpers import Helper\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self, num_classes=3, in_chans=1):\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(in_chans * 64, num_classes))\n"
+        "NET = Net()\nFOREIGN = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n"
+        "def oom(**kw):\n    raise MemoryError()\n"
+        "def huge(**kw):\n    raise RuntimeError('DefaultCPUAllocator: can\\'t allocate memory: you tried 9 EB\\nmore')\n",
+    )
+    return models, other
+
+
+def test_build_model_module_attr_instance(fake_pkgs, monkeypatch):
+    models, _ = fake_pkgs
+    net = build_model(ModelSpec(name="evilpkg_h.models:NET"), num_classes=3, in_chans=1)
+    assert net.model is models.NET  # used as it is, not copied
     assert net(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    # an instance of a class from another package is not the named package's code
+    monkeypatch.syspath_prepend(str(HERE))
+    with pytest.raises(
+        harden.ModelError, match=r"defined in package 'helpers_data', got an object from 'harden\.tiny'"
+    ):
+        build_model(ModelSpec(name="helpers_data:TINY_MLP"), num_classes=3, in_chans=1)
+
+
+def test_import_object_refuses_what_the_module_only_imported_before_calling_it(fake_pkgs):
+    models, other = fake_pkgs
+    spec = ModelSpec(name="evilpkg_h.models:record", args={"command": "echo pwned"})
+    with pytest.raises(harden.ModelError) as info:
+        build_model(spec, num_classes=3, in_chans=1)
+    assert str(info.value) == (
+        "expected 'evilpkg_h.models:record' to be defined in package 'evilpkg_h', got an object from 'otherpkg_h'; "
+        "name the code where it is defined"
+    )
+    assert other.CALLS == []  # refused before anything was called
+    with pytest.raises(
+        harden.ModelError,
+        match=r"^expected 'evilpkg_h\.models:system' to be defined in package "
+        r"'evilpkg_h', got an object from '(posix|nt)'; name the code where it is defined$",
+    ):
+        build_model(ModelSpec(name="evilpkg_h.models:system", args={"command": "x"}), num_classes=3, in_chans=1)
+    with pytest.raises(harden.ModelError, match=r"got the module 'os'"):
+        import_object("evilpkg_h.models:os")
+    with pytest.raises(harden.ModelError, match=r"got an object from 'torch\.nn\.modules\.container'; name a function"):
+        import_object("evilpkg_h.models:FOREIGN")
+    with pytest.raises(harden.ModelError, match=r"got the module '(posixpath|ntpath)'"):  # a module is no one's code
+        import_object("os:path")
+    assert import_object("evilpkg_h.models:Net") is models.Net
+    assert import_object("evilpkg_h.models:Helper") is models.Helper  # another module of the same package: fine
+
+
+def test_import_object_takes_one_public_name_even_from_python():
+    for bad in (
+        "harden.checkpoint:os.system",
+        "harden.models:Normalized.normalize",
+        "harden.testing:__all__",
+        "harden.testing:_merge",
+        "harden.testing",
+    ):
+        with pytest.raises(harden.ModelError, match=r"^expected 'package\.module:Name' \(one public name"):
+            import_object(bad)
+    with pytest.raises(harden.ModelError, match="got the module 'os'"):
+        import_object("harden.checkpoint:os")  # allowing harden allows harden's code, not what it imports
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ({"act_layer": "zzz"}, "KeyError: no such name 'zzz'"),
+        ({"global_pool": "bogus"}, "AssertionError: Invalid pool type: bogus"),
+        ({"output_stride": 3}, "AssertionError"),
+        ({"no_such_arg": 1}, "TypeError: "),
+    ],
+)
+def test_bad_timm_args_are_one_line_naming_model_args(args, error):
+    with pytest.raises(harden.ModelError) as info:
+        build_model(ModelSpec(name="timm:resnet10t", args=args), num_classes=3, in_chans=1)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("model.args: expected arguments timm accepts for 'timm:resnet10t'"), msg
+    assert f"(given: {next(iter(args))}), got {error}" in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "error"),
+    [
+        ("harden.testing:TinyCNN", {"widht": 8}, "TypeError: TinyCNN.__init__() got an unexpected keyword argument"),
+        ("evilpkg_h.models:oom", {"width": 10**8}, "MemoryError;"),
+        ("evilpkg_h.models:huge", {"width": 10**8}, "RuntimeError: DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
+def test_a_failing_factory_call_is_one_line_naming_model_args(fake_pkgs, name, args, error):
+    with pytest.raises(harden.ModelError) as info:
+        build_model(ModelSpec(name=name, args=args), num_classes=3, in_chans=1)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"model.args: expected arguments the factory accepts for {name!r}"), msg
+    assert f"(given: {next(iter(args))}), got {error}" in msg, msg
 
 
 def test_build_model_module_attr_errors():
@@ -121,16 +232,14 @@ def test_build_model_module_attr_errors():
         build_model(ModelSpec(name="no_such_pkg_xyz:Net"), num_classes=3, in_chans=1)
     with pytest.raises(harden.ModelError, match="no attribute 'Nope'"):
         build_model(ModelSpec(name="harden.testing:Nope"), num_classes=3, in_chans=1)
-    with pytest.raises(harden.ModelError, match=r"nn\.Module or a callable"):
-        build_model(ModelSpec(name="harden.testing:__all__"), num_classes=3, in_chans=1)
     with pytest.raises(harden.ModelError, match=r"return an nn\.Module"):
         build_model(ModelSpec(name="harden.testing:synthetic_tensors"), num_classes=3, in_chans=1)
 
 
 def test_import_object():
-    assert import_object("harden.testing:TinyCNN") is TinyCNN
-    assert import_object("harden.models:Normalized.normalize") is Normalized.normalize
-    with pytest.raises(harden.ModelError, match=r"package\.module:attr"):
+    assert import_object("harden.testing:TinyCNN") is TinyCNN  # defined in harden.tiny: the same package
+    assert import_object("harden.models:Normalized") is Normalized
+    with pytest.raises(harden.ModelError, match=r"package\.module:Name"):
         import_object("harden.testing")
 
 

@@ -155,7 +155,7 @@ def test_load_policy_refuses_code_unless_allowed(tmp_path):
     msg = str(info.value)
     assert msg == (
         f"{path}: model.name: 'mypkg.models:Net' is code, expected none unless allowed: harden imports code named in "
-        "a policy only when you allow it; pass --allow-code mypkg (or --trust-policy-code), or allow_code=['mypkg'] "
+        "a policy only when you allow it; pass --allow-code mypkg.models (or --trust-policy-code), or allow_code=['mypkg.models'] "
         "in Python"
     )
     for allow in (True, ["mypkg"], ["mypkg.models"], ("other", "mypkg"), "mypkg"):
@@ -197,7 +197,7 @@ def test_harden_tiny_models_need_no_opt_in(tmp_path):
     assert "harden.testing:TinyCNN" in BUILTIN_CODE
     for name in sorted(BUILTIN_CODE):
         assert load_policy(_write(tmp_path, _with_model(name))).model.name == name
-    with pytest.raises(harden.PolicyError, match="--allow-code harden "):  # the rest of harden is code like any other
+    with pytest.raises(harden.PolicyError, match=r"--allow-code harden\.pipeline "):  # the rest of harden is code
         load_policy(_write(tmp_path, _with_model("harden.pipeline:run")))
 
 

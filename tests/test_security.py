@@ -159,3 +159,19 @@ def test_a_used_folder_needs_resume_or_overwrite(tmp_path, capsys):
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     assert main(["fit", str(policy), "--out", str(out), "-q", "--overwrite"]) == 0
     assert json.loads((out / "run.json").read_text())["run_id"] != run_id  # a new run, not the old one
+
+
+def test_a_forged_certificate_cannot_forge_inspect_s_output(tmp_path, capsys):
+    import harden
+    from harden.testing import synthetic_tensors
+
+    policy = tiny_policy(verify={"checks": False})
+    harden.certify(TinyCNN(num_classes=3), policy, synthetic_tensors(8), progress=False).save(tmp_path)
+    path = tmp_path / "certificate.json"
+    doc = json.loads(path.read_text())
+    doc["created"] = "2026\n  signature      OK          certificate.json   verified\x1b[8m"
+    path.write_text(json.dumps(doc))
+    assert main(["inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[8m" in out
+    assert not any(line.lstrip().startswith("signature      OK") for line in out.splitlines())

@@ -58,9 +58,7 @@ def test_transfer_never_trains_and_says_what_to_do_without_a_surrogate():
     with pytest.raises(harden.DataError, match="expected a surrogate model"):
         atk.prepare(AttackEnv(policy=tiny_policy(), bundle=synthetic_bundle()))
     source = Path(harden.attacks.transfer.__file__).read_text()
-    imported = {
-        n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module
-    }
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(m.startswith(("harden.train", "harden.surrogate", "harden.fit")) for m in imported)
 
 
@@ -93,3 +91,22 @@ def test_without_the_policy_data_invariance_examples_falls_back_to_the_batch_wit
     assert other[0].pool is None
     with pytest.raises(harden.DataError, match=r"data\.root"):  # a surrogate cannot be trained without it
         prepared_attacks([attack_spec("transfer")], tiny_policy(), None, CPU)
+
+
+def test_a_surrogate_named_from_another_package_is_refused_before_it_is_built(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    mine = types.ModuleType("mysurrogate_h.nets")
+    exec("from harden.testing import TinyCNN\n", mine.__dict__)  # harden's class, re-exported by mysurrogate_h
+    monkeypatch.setitem(sys.modules, "mysurrogate_h.nets", mine)
+    monkeypatch.setattr("harden.tiny.TinyCNN.__init__", lambda self, **kw: calls.append(kw))
+    params = TransferParams(model="mysurrogate_h.nets:TinyCNN", epochs=1)
+    with pytest.raises(
+        harden.ModelError,
+        match=r"^expected 'mysurrogate_h\.nets:TinyCNN' to be defined in package "
+        r"'mysurrogate_h', got an object from 'harden\.tiny'",
+    ):
+        build_surrogate(params, tiny_policy(), synthetic_bundle(), torch.device("cpu"))
+    assert calls == []

@@ -132,6 +132,19 @@ BAD_DATA = {
 }
 
 
+@pytest.fixture
+def user_module(user_module):
+    """conftest's ``faulty`` module with its data functions marked as defined there.
+
+    harden runs only code defined in the package a policy names (``faulty``), and conftest builds
+    these functions itself. Harmless once conftest marks them the same way.
+    """
+    for value in vars(user_module).values():
+        if callable(value) and getattr(value, "__module__", None) == "conftest":
+            value.__module__ = "faulty"
+    return user_module
+
+
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_is_one_error_line_and_writes_nothing(tmp_path, capsys, user_module, case):
     updates, expected = BAD_DATA[case]
@@ -175,3 +188,53 @@ def test_fit_uses_an_opened_run_folder_without_locking_it_again(tmp_run):
         with pytest.raises(harden.RunFolderError, match="they are set when it is opened"):
             fit(policy, folder, resume=True)
     assert not (tmp_run / ".harden.lock").exists()
+
+
+SIDECARS = {
+    "not-json": ("{oops", "expected readable JSON in '{json}', got Expecting property name"),
+    "a-list": ("[]", "expected a JSON object in '{json}', got list"),
+    "history-not-a-list": ('{"history": 5}', "expected 'history' a list of objects in '{json}', got 5"),
+    "history-of-strings": ('{"history": ["x"]}', "expected 'history' a list of objects in '{json}', got ['x']"),
+    "probe-not-a-number": (
+        '{"history": [{"val_pgd_acc": "high"}]}',
+        "expected history.0.val_pgd_acc a number or null in '{json}', got 'high'",
+    ),
+    "sha-not-a-string": ('{"sha256": 3}', "expected 'sha256' a string in '{json}', got int"),
+    "not-utf8": (b"\xff\xfe{", "expected readable JSON in '{json}', got "),
+    "no-sidecar-garbage-weights": (
+        None,
+        "expected a safetensors file at '{weights}', got one safetensors cannot read (",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SIDECARS))
+def test_verify_with_a_malformed_sidecar_or_weights_is_one_error_line(tmp_path, capsys, case):
+    sidecar, expected = SIDECARS[case]
+    out = tmp_path / "run"
+    out.mkdir()
+    weights, info = out / "model.safetensors", out / "model.json"
+    weights.write_bytes(b"garbage, not a safetensors file")
+    if isinstance(sidecar, bytes):
+        info.write_bytes(sidecar)
+    elif sidecar is not None:
+        info.write_text(sidecar)
+    path = write_policy(tmp_path / "p.yaml", tiny_policy(objectives=[{"name": "ce"}]))
+    assert main(["verify", str(path), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harden: error: ") and err.count("\n") == 1, err
+    assert expected.format(json=info, weights=weights) in err, err
+    assert "harden fit" in err, err  # the remedy
+    with pytest.raises(harden.CheckpointError):
+        harden.train.load_trained(tiny_policy(), weights)
+
+
+def test_read_model_info_returns_the_checked_sidecar(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    assert harden.train.read_model_info(weights) == {}  # no sidecar: nothing to check
+    doc = {"sha256": "ab", "history": [{"epoch": 1, "val_pgd_acc": 0.25, "val_clean_acc": None}]}
+    weights.with_suffix(".json").write_text(json.dumps(doc))
+    assert harden.train.read_model_info(weights) == doc
+    weights.with_suffix(".json").write_text('{"history": [{"val_clean_acc": true}]}')
+    with pytest.raises(harden.CheckpointError, match=r"history\.0\.val_clean_acc a number or null"):
+        harden.train.read_model_info(weights)

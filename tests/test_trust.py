@@ -115,5 +115,16 @@ def test_refuse_code_allows_a_module_and_what_is_under_it_only():
             refuse_code(refs, allow, source="x.yaml")
     assert refuse_code(refs[1:]) == refs[1:]  # harden's tiny models need no opt-in
     assert "harden.testing:TinyCNN" in BUILTIN_CODE and all(r.startswith("harden.") for r in BUILTIN_CODE)
-    with pytest.raises(harden.PolicyError, match="--allow-code harden "):  # the rest of harden is code like any other
+    with pytest.raises(harden.PolicyError, match=r"--allow-code harden\.pipeline "):  # the rest of harden is code
         refuse_code([CodeReference("model.name", "harden.pipeline:run")])
+
+
+def test_the_refusal_suggests_allowing_the_module_not_its_whole_package():
+    for ref, module in (("harden.testing:synthetic_bundle", "harden.testing"), ("mypkg.models:Net", "mypkg.models")):
+        with pytest.raises(harden.PolicyError) as info:
+            refuse_code([CodeReference("data.name", ref)])
+        msg = str(info.value)
+        assert f"--allow-code {module} " in msg and f"allow_code=[{module!r}]" in msg, msg
+        package = module.partition(".")[0]
+        assert f"--allow-code {package} " not in msg and f"allow_code=[{package!r}]" not in msg, msg
+        assert refuse_code([CodeReference("data.name", ref)], [module])  # the suggested remedy works
