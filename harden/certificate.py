@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
+import stat
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -185,6 +187,26 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _read_capped(p: Path) -> bytes:
+    """The bytes of a regular file, at most ``MAX_CERTIFICATE_BYTES + 1``; one-line IntegrityError otherwise.
+
+    Opened without blocking (a FIFO in its place must not hang ``harden inspect``), and refused
+    unless it is a regular file (a link to one is followed; ``/dev/zero`` is not one).
+    """
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise IntegrityError(f"{p}: expected a readable certificate, got {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{p}: expected a readable certificate, got not a regular file (a FIFO, device or folder)")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return fh.read(MAX_CERTIFICATE_BYTES + 1)
+        except OSError as exc:
+            raise IntegrityError(f"{p}: expected a readable certificate, got {exc.strerror or exc}") from None
+
+
 class Certificate(BaseModel):
     """A robustness certificate; ``certificate.json`` is its JSON form. Frozen once assembled.
 
@@ -330,8 +352,10 @@ class Certificate(BaseModel):
 
         Raises:
             IntegrityError: one line naming the file: missing or unreadable, over
-                :data:`MAX_CERTIFICATE_BYTES`, not JSON (or NaN / duplicate keys), nested too
-                deeply, or not a valid certificate.
+                :data:`MAX_CERTIFICATE_BYTES`, not a regular file (a FIFO or device: refused without
+                blocking), not JSON (or NaN / duplicate keys), nested too deeply, or not a valid
+                certificate. Validation is strict: nothing is coerced (``"n": "96"`` or ``96.0`` is
+                refused, not read as 96), while JSON arrays fill the tuple fields.
 
         Example:
             >>> import tempfile
@@ -343,23 +367,20 @@ class Certificate(BaseModel):
         p = Path(path)
         if p.is_dir():
             p = p / "certificate.json"
-        try:
-            with open(p, "rb") as fh:
-                raw = fh.read(MAX_CERTIFICATE_BYTES + 1)
-        except OSError as exc:
-            raise IntegrityError(f"{p}: expected a readable certificate, got {exc.strerror or exc}") from None
+        raw = _read_capped(p)
         if len(raw) > MAX_CERTIFICATE_BYTES:
             raise IntegrityError(
                 f"{p}: expected a certificate under {MAX_CERTIFICATE_BYTES >> 20} MiB, got a larger file"
             )
         try:
-            doc = json.loads(
+            json.loads(  # duplicate keys, NaN, 1e400 refused here; the model is validated from the bytes
                 raw.decode("utf-8"),
                 object_pairs_hook=_no_duplicate_keys,
                 parse_constant=_no_constant,
                 parse_float=_finite_float,
             )
-            cert = cls.model_validate(doc)
+            # strict: no coercion ("96" is not n=96); from JSON, so arrays still fill tuple fields
+            cert = cls.model_validate_json(raw, strict=True)
             cert.canonical_bytes()  # what inspect verifies must exist (no lone surrogates, no NaN)
         except RecursionError:
             raise IntegrityError(

@@ -11,6 +11,7 @@ with their sidecar, by :mod:`harden.checkpoint`.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -146,27 +147,31 @@ def _restore(run: FitRun, epoch: int, state: dict[str, Any], info: dict[str, Any
             f"got resume hash {str(stored)[:12]}...: resume with the policy that wrote it (the folder's "
             "policy.yaml), or start over with --overwrite"
         )
+    history = info.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(
+            f"expected {where} to hold a history of epoch records, got {type(history).__name__}: start over "
+            "with --overwrite, or delete that checkpoint to resume from an older one"
+        )
     _load_state(run, epoch, state)
-    torch.set_rng_state(state["rng"]["torch"])
-    device = run.dist.device
-    if device.type == "cuda" and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    run.history = list(info.get("history", []))
+    run.history = list(history)
     run.start_epoch = run.resumed_from = epoch
     log.info("resumed from epoch %d", epoch)
     return epoch
 
 
 def _load_state(run: FitRun, epoch: int, state: dict[str, Any]) -> None:
-    """Load a checkpoint's model, objectives, optimizer, scheduler and scaler state into ``run``."""
+    """Load a checkpoint's model, objectives, optimizer, scheduler, scaler and RNG state into ``run``.
+
+    The optimizer, scheduler, scaler and RNG state are checked against the live objects first
+    (:func:`_check_resumable`): ``LambdaLR.load_state_dict`` sets any attribute a state names.
+    """
     try:
+        if not isinstance(state, dict):
+            raise TypeError(f"a state of type {type(state).__name__}, not a mapping")
         run.net.load_state_dict(state["model"])
         run.mix.load_state_dict(state.get("objectives", {}))
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        if run.scaler.is_enabled() and "scaler" in state:
-            run.scaler.load_state_dict(state["scaler"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         # torch's message starts with a header line ("Error(s) in loading ..."): name the first mismatch
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
         first = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]).rstrip(".")
@@ -175,3 +180,129 @@ def _load_state(run: FitRun, epoch: int, state: dict[str, Any]) -> None:
             f"objectives and optimizer, got: {first[:300]}; resume only with the policy that wrote it, "
             "or train into a new --out"
         ) from None
+    sidecar = run.ckpt_dir / f"epoch-{epoch:04d}.json"
+    try:
+        _check_resumable(run, state)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler.is_enabled() and "scaler" in state:
+            run.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        device = run.dist.device
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError) as exc:
+        what = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()[:300]
+        raise CheckpointError(
+            f"expected the checkpoint {str(sidecar)!r} to hold this run's optimizer, scheduler, scaler and RNG "
+            f"state, got {what}; resume cannot continue from it: start over with --overwrite, or delete "
+            f"{sidecar.name} and {sidecar.with_suffix('.safetensors').name} to resume from an older checkpoint"
+        ) from None
+
+
+def _check_resumable(run: FitRun, state: dict[str, Any]) -> None:
+    """Raise ValueError unless the stored optimizer, scheduler, scaler and RNG state fit the live ones."""
+    for key in ("optimizer", "scheduler", "rng"):
+        if key not in state:
+            raise ValueError(f"no {key} state")
+    _check_optimizer(run.optimizer, state["optimizer"])
+    live_sched = run.scheduler.state_dict()
+    _same_layout(live_sched, state["scheduler"], "scheduler")
+    if state["scheduler"]["base_lrs"] != live_sched["base_lrs"]:  # the policy's lr (one per group)
+        raise ValueError(f"scheduler base_lrs {str(state['scheduler']['base_lrs'])[:60]}, not the policy's")
+    if run.scaler.is_enabled() and "scaler" in state:
+        _same_layout(run.scaler.state_dict(), state["scaler"], "scaler")
+    rng = state["rng"]
+    if not isinstance(rng, dict):
+        raise ValueError("rng state is not a mapping")
+    _check_rng(torch.get_rng_state(), rng.get("torch"), "rng.torch")
+    device = run.dist.device
+    if device.type == "cuda" and "cuda" in rng:
+        _check_rng(torch.cuda.get_rng_state(device), rng["cuda"], "rng.cuda")
+
+
+def _check_rng(live: torch.Tensor, stored: Any, where: str) -> None:
+    if not isinstance(stored, torch.Tensor) or stored.dtype != live.dtype or stored.shape != live.shape:
+        got = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
+        raise ValueError(f"{where}: a {live.dtype} tensor of shape {tuple(live.shape)} expected, got {got}")
+
+
+def _same_layout(live: Any, stored: Any, where: str) -> None:
+    """Raise ValueError unless ``stored`` has ``live``'s keys, types and lengths (numbers stay finite numbers)."""
+    if live is None or isinstance(live, (bool, str)):
+        ok = stored is None if live is None else type(stored) is type(live)
+    elif isinstance(live, (int, float)):
+        ok = (
+            isinstance(stored, (int, float))
+            and not isinstance(stored, bool)
+            and (isinstance(live, float) or isinstance(stored, int))
+            and math.isfinite(stored)
+        )
+    elif isinstance(live, torch.Tensor):
+        ok = isinstance(stored, torch.Tensor) and stored.shape == live.shape and stored.dtype == live.dtype
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(stored, (list, tuple)) or len(stored) != len(live):
+            raise ValueError(f"{where}: {len(live)} items expected, got {_kind(stored)}")
+        for i, (a, b) in enumerate(zip(live, stored, strict=True)):
+            _same_layout(a, b, f"{where}[{i}]")
+        return
+    elif isinstance(live, dict):
+        if not isinstance(stored, dict):
+            raise ValueError(f"{where}: a mapping expected, got {_kind(stored)}")
+        if set(stored) != set(live):
+            extra, missing = (
+                sorted(map(str, a - b))[:5] for a, b in ((set(stored), set(live)), (set(live), set(stored)))
+            )
+            raise ValueError(f"{where}: unknown keys {extra}, missing keys {missing}"[:300])
+        for k, v in live.items():
+            _same_layout(v, stored[k], f"{where}.{k}")
+        return
+    else:  # pragma: no cover - torch's state holds only the types above
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: a {type(live).__name__} expected, got {_kind(stored)}")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"keys {sorted(map(str, value))}" if len(value) <= 12 else f"a mapping of {len(value)} keys"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} items"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, stored: Any) -> None:
+    """Raise ValueError unless ``stored`` is a state of ``optimizer``: its groups, hyperparameters and shapes."""
+    live = optimizer.state_dict()
+    if not isinstance(stored, dict) or set(stored) != {"state", "param_groups"}:
+        raise ValueError(f"optimizer: keys ['param_groups', 'state'] expected, got {_kind(stored)}")
+    groups = stored["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(live["param_groups"]):
+        raise ValueError(f"optimizer: {len(live['param_groups'])} param groups expected, got {_kind(groups)}")
+    for i, (mine, theirs) in enumerate(zip(live["param_groups"], groups, strict=True)):
+        where = f"optimizer.param_groups[{i}]"
+        _same_layout(mine, theirs, where)
+        changed = sorted(k for k in mine if k != "lr" and theirs[k] != mine[k])  # lr: the schedule moves it
+        if changed:
+            raise ValueError(f"{where}: {', '.join(changed)[:100]} differ from this policy's")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    per_param = stored["state"]
+    if not isinstance(per_param, dict):
+        raise ValueError(f"optimizer.state: a mapping expected, got {_kind(per_param)}")
+    for index, entry in per_param.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"optimizer.state: parameter index {str(index)[:20]!r} out of range")
+        if not isinstance(entry, dict):
+            raise ValueError(f"optimizer.state[{index}]: a mapping expected, got {_kind(entry)}")
+        shape = params[index].shape
+        for name, value in entry.items():
+            if not isinstance(name, str):
+                raise ValueError(f"optimizer.state[{index}]: key {str(name)[:20]!r} is not a name")
+            if isinstance(value, torch.Tensor):
+                if not value.is_floating_point() or value.shape not in (shape, torch.Size([])):
+                    raise ValueError(
+                        f"optimizer.state[{index}].{name}: a float tensor of shape {tuple(shape)} expected, "
+                        f"got {value.dtype} of shape {tuple(value.shape)}"
+                    )
+            elif value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"optimizer.state[{index}].{name}: a tensor expected, got {_kind(value)}")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -25,15 +26,36 @@ __all__ = ["LOCK_NAME", "MAX_SMALL_FILE", "FolderLock", "hold", "read_small_json
 
 LOCK_NAME = ".harden.lock"
 MAX_SMALL_FILE = 1 << 20  # run.json and the lock file are tiny: never read more than this
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
 
 
 def read_small_json(path: Path) -> Any:
-    """A small JSON document (None: missing); anything else is a :class:`ValueError`."""
+    """A small JSON document (None: missing); anything else is a :class:`ValueError`.
+
+    The file must be a regular file reached without a symbolic link (a link, FIFO, device or
+    folder is a :class:`ValueError`); a FIFO never blocks the open.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "run.json").write_text('{"run_id": "x"}')
+        >>> read_small_json(d / "run.json"), read_small_json(d / "none.json")
+        ({'run_id': 'x'}, None)
+    """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_SMALL_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except FileNotFoundError:
         return None
+    except OSError:
+        if os.path.islink(path):
+            raise ValueError("a symbolic link, not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(MAX_SMALL_FILE + 1)
     if len(raw) > MAX_SMALL_FILE:
         raise ValueError(f"more than {MAX_SMALL_FILE} bytes")
     try:
@@ -49,12 +71,15 @@ class FolderLock:
         self.path = folder / LOCK_NAME
         for _ in range(20):  # the file may be removed by its last holder between open and lock
             try:  # never through a planted symlink: the lock file is truncated and written
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o666)
             except OSError as exc:
                 raise RunFolderError(
                     f"expected to create the lock file {str(self.path)!r}, got {exc.strerror or exc}; "
                     "remove it if it is not a plain file, or use another --out"
                 ) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device: never lock, truncate or write it
+                os.close(fd)
+                raise self._not_plain("not a regular file")
             if not _try_lock(fd):
                 os.close(fd)
                 raise self._busy(folder)
@@ -69,9 +94,20 @@ class FolderLock:
             os.close(fd)
         else:  # pragma: no cover - another process keeps replacing the lock file
             raise RunFolderError(f"expected to lock {str(self.path)!r}, got a lock file replaced again and again")
+        links = os.fstat(self.fd).st_nlink
+        if links != 1:  # a hard link (ln victim.txt .harden.lock): its other name's content would be overwritten
+            _unlock(self.fd)
+            os.close(self.fd)
+            raise self._not_plain(f"a file with {links} hard links")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps(info).encode())
+
+    def _not_plain(self, kind: str) -> RunFolderError:
+        return RunFolderError(
+            f"expected the lock file {str(self.path)!r} to be a plain file, got {kind}; "
+            "remove it (harden creates it), or use another --out"
+        )
 
     def _busy(self, folder: Path) -> RunFolderError:
         try:

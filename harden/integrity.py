@@ -11,13 +11,15 @@ the run folder is not what the certificate claims. The items, in order:
   left by another run). A file neither recorded nor present is fine (``ABSENT``) only where the
   certificate says none was made: no ONNX file when ``export`` and ``onnx_sha256`` are both null,
   no rendering the certificate's ``rendered`` omits. The weights and the policy are always recorded.
+  Only regular files are read (a link to one is followed): a FIFO, device or folder in a file's
+  place fails (``UNREADABLE``), and nothing blocks on it.
 - **consistency** (``schema``, ``verdict``, ``accuracy``, ``intervals``, ``broken_by``,
   ``checks``, ``smoothing``, ``export``): the certificate agrees with itself: the verdict rule
   (:func:`harden.certificate.verdict_rule`) re-applied gives its verdict and reason; accuracies,
   Wilson intervals, counts and the smoothing summary fit together.
 - **ONNX metadata** (``onnx_metadata``): ``model.onnx``'s ``metadata_props`` equal what the
   export stamped (``export.metadata``) and name the certificate's policy hash, threat and
-  accuracies; its verdict, stamped before the ONNX session was attacked, is the final one unless
+  accuracies (a FIFO, device or folder there fails); its verdict, stamped before the ONNX session was attacked, is the final one unless
   the ``onnx_black_box`` check turned it UNRELIABLE.
 - **signature** (``signature``): with a public key, the Ed25519 signature must be there and verify
   over :meth:`~harden.certificate.Certificate.canonical_bytes`. Without a key a signature is
@@ -29,16 +31,18 @@ the folder can also rewrite every hash in an unsigned certificate.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, verdict_rule
-from harden.checkpoint import sha256_file
 from harden.errors import HardenError, IntegrityError
 from harden.policy_io import load_policy, policy_hash
 from harden.signing import key_id, load_public_key, verify_signature
@@ -51,6 +55,28 @@ __all__ = ["OK_STATUSES", "Check", "HashCheck", "inspect_certificate"]
 OK_STATUSES = frozenset({"OK", "ABSENT", "UNSIGNED", "UNVERIFIED"})
 _CHECK_STATUSES = frozenset({"PASS", "WARN", "FAIL"})
 _MAX_ONNX_BYTES = 2**31  # protobuf's limit: a larger model.onnx cannot be a loadable file
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
+
+
+def _open_regular(path: Path) -> int:
+    """An fd open on ``path`` for reading: OSError unless it is a regular file (never blocks on a FIFO).
+
+    Links are followed (a link to a regular file is fine); a FIFO, device or folder is refused.
+    """
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a regular file")
+    return fd
+
+
+def _sha256_regular(path: Path) -> str:
+    """SHA-256 of a regular file, streamed in 1 MiB chunks (see :func:`_open_regular`)."""
+    h = hashlib.sha256()
+    with os.fdopen(_open_regular(path), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -125,13 +151,15 @@ def _hash_checks(cert: Certificate, root: Path) -> list[Check]:
         "not exported (export and onnx_sha256 are null)" if cert.export is None and cert.onnx_sha256 is None else ""
     )
     out = [
-        _hash("weights", root / "model.safetensors", cert.weights_sha256, "", sha256_file),
-        _hash("onnx", root / "model.onnx", cert.onnx_sha256, no_onnx, sha256_file),
+        _hash("weights", root / "model.safetensors", cert.weights_sha256, "", _sha256_regular),
+        _hash("onnx", root / "model.onnx", cert.onnx_sha256, no_onnx, _sha256_regular),
         _hash("policy", root / "policy.yaml", cert.policy_sha256, "", _policy_digest),
     ]
     for item, name in (("markdown", "certificate.md"), ("html", "certificate.html")):
         recorded = cert.rendered.get(name)  # type: ignore[call-overload]
-        out.append(_hash(item, root / name, recorded, "not rendered (the certificate records no hash)", sha256_file))
+        out.append(
+            _hash(item, root / name, recorded, "not rendered (the certificate records no hash)", _sha256_regular)
+        )
     return out
 
 
@@ -284,12 +312,20 @@ def _consistency_checks(cert: Certificate, path: Path) -> list[Check]:
 
 def _read_metadata(path: Path) -> dict[str, str]:
     """``metadata_props`` of an ONNX file; :class:`IntegrityError` for anything but a loadable model."""
-    if path.stat().st_size >= _MAX_ONNX_BYTES:
-        raise IntegrityError("over 2 GiB: not a loadable ONNX file")
+    try:
+        fd = _open_regular(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise IntegrityError(f"not readable as a regular file ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if os.fstat(fd).st_size >= _MAX_ONNX_BYTES:
+            raise IntegrityError("over 2 GiB: not a loadable ONNX file")
+        data = fh.read(_MAX_ONNX_BYTES)
     try:
         import onnx
 
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load_model_from_string(data)
         pairs = [(str(p.key), str(p.value)) for p in proto.metadata_props]
     except Exception as exc:  # garbage in: any parser error is a failed check
         raise IntegrityError(f"not a readable ONNX model ({type(exc).__name__})") from None

@@ -10,7 +10,8 @@ until :meth:`RunFolder.close` (or the end of its ``with`` block):
   close (a stale one left by a killed process is simply locked again).
 - **One run.** A fresh run (``resume=False``) into a *used* folder, one holding any of
   :data:`ARTIFACTS`, is refused unless ``overwrite=True``, which deletes exactly those artifacts
-  (other files are never touched). ``run.json`` (written atomically when a run starts) holds the
+  (in ``checkpoints/`` only harden's checkpoint files, ``epoch-NNNN.safetensors`` / ``.json`` and
+  their temp files, then the folder if that leaves it empty; other files are never touched). ``run.json`` (written atomically when a run starts) holds the
   run's ``run_id`` (uuid4 hex), the full policy hash, the creation time and the harden version; a
   resume keeps the run id (checkpoints carry it, and a resume refuses another run's). Resuming a
   folder with checkpoints but without ``run.json`` (made by an older harden) is refused.
@@ -23,6 +24,9 @@ until :meth:`RunFolder.close` (or the end of its ``with`` block):
   ``certificate.md``, ``certificate.html``, ``model.onnx`` (valid only with its certificate),
   ``report-onnx.json``, ``report.json``, ``model.json``, ``model.safetensors``. Kept on resume:
   ``checkpoints/``, ``run.json`` (unchanged: it records how the run started) and ``policy.yaml``.
+  A resume never follows a link out of the folder: it refuses a ``checkpoints`` that is a
+  symbolic link or not a folder, and a ``run.json`` or checkpoint file that is a link or not a
+  regular file (it reads them, and writes and prunes in ``checkpoints/``).
 - **A failed start leaves nothing.** When a run that this open started (a new ``run.json``) ends with
   an exception before anything resumable exists (no checkpoint sidecar, no ``model.safetensors``),
   harden's :data:`ARTIFACTS` are removed again (e.g. ``run.json``, ``policy.yaml``), and the folder
@@ -81,6 +85,9 @@ RUN_JSON = "run.json"
 _RANDOM = r"[a-z0-9_]{8}"  # the random part of tempfile's names
 _TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(a) for a in ARTIFACTS) + r")\." + _RANDOM + r"\.tmp$")
 _CKPT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\." + _RANDOM + r"\.tmp$")
+#: harden's checkpoint files and the temp files of their writes (as :mod:`harden.checkpoint` names them)
+_CKPT_FILE = re.compile(r"^epoch-\d{4,}\.(safetensors|json)$")
+_CKPT_ANY_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
 _EXPORT_TEMP = re.compile(r"^\.model\.onnx\." + _RANDOM + "$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -120,9 +127,18 @@ def used_artifacts(path: str | Path) -> list[str]:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a link (not its target) or a folder tree; a missing path is fine."""
+    """Delete a file or a link (not its target); a missing path is fine.
+
+    A folder is ``checkpoints/``: only harden's checkpoint files in it are deleted
+    (``epoch-NNNN.safetensors`` / ``.json`` and the temp files of their writes), then the folder
+    itself if that leaves it empty. Other files there are the user's and stay.
+    """
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        for entry in path.iterdir():
+            if (_CKPT_FILE.match(entry.name) or _CKPT_ANY_TEMP.match(entry.name)) and not entry.is_dir():
+                entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only when empty
     elif os.path.lexists(path):
         path.unlink()
 
@@ -167,7 +183,9 @@ class RunFolder:
         Raises:
             RunFolderError: another process holds the folder, a fresh run into a used folder
                 without ``overwrite``, a resume of a folder without ``run.json`` but with
-                checkpoints, an unreadable ``run.json``, or ``path`` is not a folder.
+                checkpoints, an unreadable ``run.json``, ``path`` is not a folder, or (resume) a
+                ``checkpoints`` that is a link or no folder, or a ``run.json`` or checkpoint file that is
+                a link or not a regular file.
 
         Example:
             >>> import tempfile
@@ -217,6 +235,8 @@ class RunFolder:
                 f"expected an unused run folder {str(path)!r}, got one holding {', '.join(sorted(used))}: "
                 "use --resume to continue its run, --overwrite to replace it, or another --out"
             )
+        if self.resume:
+            _check_resumable_entries(path)
         record = None if overwrite else self._read_run_json()
         if self.resume:
             if record is None and any((path / "checkpoints").glob("epoch-*.json")):
@@ -293,6 +313,32 @@ class RunFolder:
     def __repr__(self) -> str:
         role = "writer" if self.writer else "reader"
         return f"RunFolder({str(self.path)!r}, {role}, resume={self.resume})"
+
+
+def _check_resumable_entries(path: Path) -> None:
+    """Refuse what a resume would follow out of the folder: ``checkpoints`` or the files it reads as links.
+
+    A resume reads ``run.json`` and the checkpoints, and writes and prunes in ``checkpoints/``:
+    ``checkpoints`` must be a real folder (not a link, not a file), ``run.json`` and the checkpoint
+    files regular files (not links, FIFOs or devices).
+    """
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_symlink() or (os.path.lexists(checkpoints) and not checkpoints.is_dir()):
+        kind = "a symbolic link" if checkpoints.is_symlink() else "not a folder"
+        raise RunFolderError(
+            f"expected {str(checkpoints)!r} to be a folder inside the run folder, got {kind}: a resume writes and "
+            "deletes checkpoints there; move it aside and rerun, or start over with --overwrite"
+        )
+    entries = [path / RUN_JSON]
+    if checkpoints.is_dir():
+        entries += [e for e in checkpoints.iterdir() if _CKPT_FILE.match(e.name)]
+    for entry in entries:
+        if os.path.lexists(entry) and (entry.is_symlink() or not entry.is_file()):
+            kind = "a symbolic link" if entry.is_symlink() else "not a regular file"
+            raise RunFolderError(
+                f"expected {str(entry)!r} to be a regular file of the run, got {kind}: a resume reads it; "
+                "remove it and rerun, or start over with --overwrite"
+            )
 
 
 def _clean_leftovers(path: Path) -> None:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 
 import pydantic
 import pytest
@@ -238,3 +239,48 @@ def test_the_nested_records_are_frozen_too():
     ex = SaliencyExample(label=0, prediction=0, image=[[[0.0]]], maps={})
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         ex.label = 1
+
+
+def test_load_validates_strictly_no_coercion(real_cert, tmp_path):
+    generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+    path = real_cert.save(tmp_path / "run", signing_key=tmp_path / "k")
+    honest = Certificate.load(path)  # tuples (intervals, eps_curve, smoothing.curve) load from JSON arrays
+    assert honest.intervals == real_cert.intervals and honest.eps_curve == real_cert.eps_curve
+    assert honest.smoothing == real_cert.smoothing and honest.saliency == real_cert.saliency
+    assert isinstance(next(iter(honest.intervals.values())), tuple)
+    verify_signature(load_public_key(tmp_path / "k.pub"), honest.canonical_bytes(), honest.signature)
+    doc = json.loads(path.read_text())
+    n = doc["n"]
+    cases = {
+        "n-string.json": {**doc, "n": str(n)},  # lax mode made it n=..., and the signature still verified
+        "n-float.json": {**doc, "n": float(n)},
+        "seed-bool.json": {**doc, "seed": True},
+        "acc-string.json": {**doc, "clean_accuracy": str(doc["clean_accuracy"])},
+        "count-string.json": {**doc, "smoothing": {**doc["smoothing"], "examples": str(doc["smoothing"]["examples"])}},
+    }
+    for name, bad in cases.items():
+        (tmp_path / name).write_text(json.dumps(bad))
+        msg = _load_error(tmp_path / name)
+        assert "valid" in msg or "expected" in msg, (name, msg)
+
+
+def _load_error_without_blocking(path, seconds=20):
+    """:func:`_load_error` in a daemon thread: a blocked open fails the test instead of hanging the suite."""
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("msg", _load_error(path)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"Certificate.load blocked on {path}"
+    assert "msg" in box, "Certificate.load did not raise a one-line IntegrityError"
+    return box["msg"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_load_refuses_a_fifo_or_device_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "certificate.json")
+    assert "got not a regular file" in _load_error_without_blocking(tmp_path / "certificate.json")
+    if os.path.exists("/dev/zero"):
+        (tmp_path / "zero.json").symlink_to("/dev/zero")
+        assert "got not a regular file" in _load_error_without_blocking(tmp_path / "zero.json")

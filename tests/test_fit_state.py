@@ -363,3 +363,109 @@ def test_full_disk_during_fit_is_one_error_line_and_resumable(tmp_path, monkeypa
     monkeypatch.undo()  # space freed
     assert main(["fit", str(policy_path), "--out", str(out), "--resume", "-q"]) == 0
     assert (out / "model.safetensors").is_file()
+
+
+def _forge_sidecar(ckpt_dir, edit):
+    """Edit the epoch-1 sidecar's state tree, then re-hash it as an attacker can (the digest has no secret)."""
+    from harden.checkpoint import _digest
+
+    side = ckpt_dir / "epoch-0001.json"
+    meta = json.loads(side.read_text())
+    edit(meta["state"]["__dict__"])
+    blob = (ckpt_dir / meta["file"]).read_bytes()
+    meta.pop("sha256")
+    meta["sha256"] = _digest(blob, meta)
+    side.write_text(json.dumps(meta, indent=1))
+
+
+def _sched(tree):
+    return tree["scheduler"]["__dict__"]
+
+
+def _group0(tree):
+    return tree["optimizer"]["__dict__"]["param_groups"][0]["__dict__"]
+
+
+FORGERIES = {
+    # LambdaLR.load_state_dict does self.__dict__.update(state): any attribute, e.g. its optimizer
+    "scheduler attribute": lambda t: _sched(t).__setitem__("optimizer", 1),
+    "scheduler base_lrs": lambda t: _sched(t).__setitem__("base_lrs", [1000.0]),
+    "scheduler base_lrs length": lambda t: _sched(t).__setitem__("base_lrs", [0.1, 0.1]),
+    "scheduler last_epoch type": lambda t: _sched(t).__setitem__("last_epoch", "7"),
+    "scheduler lr_lambdas": lambda t: _sched(t).__setitem__("lr_lambdas", [{"__dict__": {"x": 1}}]),
+    "scheduler key missing": lambda t: _sched(t).pop("_last_lr"),
+    "optimizer group count": lambda t: t["optimizer"]["__dict__"]["param_groups"].append(
+        t["optimizer"]["__dict__"]["param_groups"][0]
+    ),
+    "optimizer group key": lambda t: _group0(t).__setitem__("bogus", 1),
+    "optimizer lr type": lambda t: _group0(t).__setitem__("lr", "fast"),
+    "optimizer hyperparameter": lambda t: _group0(t).__setitem__("weight_decay", 5.0),
+    "optimizer state shape": lambda t: t["optimizer"]["__dict__"]["state"]["__items__"][0][1]["__dict__"].__setitem__(
+        "momentum_buffer", t["rng"]["__dict__"]["torch"]
+    ),
+    "optimizer state index": lambda t: t["optimizer"]["__dict__"]["state"]["__items__"][0].__setitem__(0, 999),
+    "rng missing": lambda t: t.pop("rng"),
+    "rng wrong tensor": lambda t: t["rng"]["__dict__"].__setitem__("torch", 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_forged_optimizer_scheduler_or_rng_state_is_a_one_line_checkpoint_error(tmp_path, name):
+    b, dist = synthetic_bundle(96, 32), Distributed(torch.device("cpu"))
+    policy = tiny_policy(objectives=[{"name": "ce"}], train={"epochs": 2, "probe_examples": 0, "momentum": 0.9})
+    run = set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run")
+    loss = run.net(torch.rand(2, 1, 8, 8)).sum()
+    loss.backward()
+    run.optimizer.step()  # momentum buffers: per-parameter optimizer state
+    run.scheduler.step()
+    save_epoch_checkpoint(run, 1, "h")
+    _forge_sidecar(run.ckpt_dir, FORGERIES[name])
+    fresh = set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run")
+    sched_before = dict(vars(fresh.scheduler))
+    with pytest.raises(harden.CheckpointError) as info:
+        resume_run(fresh)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"{str(run.ckpt_dir / 'epoch-0001.json')!r}" in msg
+    assert "resume cannot continue from it" in msg and "--overwrite" in msg
+    assert "delete epoch-0001.json and epoch-0001.safetensors to resume from an older checkpoint" in msg
+    assert fresh.scheduler.optimizer is fresh.optimizer
+    assert fresh.scheduler.base_lrs == sched_before["base_lrs"] == [policy.train.lr]
+    assert (fresh.start_epoch, fresh.resumed_from) == (0, None)
+
+
+def test_an_honest_checkpoint_with_optimizer_state_still_resumes(tmp_path):
+    b, dist = synthetic_bundle(96, 32), Distributed(torch.device("cpu"))
+    for optimizer in ("sgd", "adamw"):
+        policy = tiny_policy(
+            objectives=[{"name": "ce"}], train={"epochs": 2, "probe_examples": 0, "optimizer": optimizer}
+        )
+        run = set_up(None, policy, dist, b.train, b.test, b, tmp_path / optimizer)
+        run.net(torch.rand(2, 1, 8, 8)).sum().backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        save_epoch_checkpoint(run, 1, "h")
+        fresh = set_up(None, policy, dist, b.train, b.test, b, tmp_path / optimizer)
+        resume_run(fresh)
+        assert fresh.resumed_from == 1
+        assert fresh.scheduler.state_dict() == run.scheduler.state_dict()
+        for p_run, p_fresh in zip(run.net.parameters(), fresh.net.parameters(), strict=True):
+            for key, value in run.optimizer.state[p_run].items():
+                assert torch.equal(fresh.optimizer.state[p_fresh][key], value)
+
+
+def test_a_forged_history_is_a_checkpoint_error(tmp_path):
+    from harden.checkpoint import _digest
+
+    b, dist = synthetic_bundle(96, 32), Distributed(torch.device("cpu"))
+    policy = tiny_policy(objectives=[{"name": "ce"}], train={"epochs": 2, "probe_examples": 0})
+    run = set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run")
+    save_epoch_checkpoint(run, 1, "h")
+    side = run.ckpt_dir / "epoch-0001.json"
+    meta = json.loads(side.read_text())
+    meta["info"]["history"] = 5
+    meta.pop("sha256")
+    meta["sha256"] = _digest((run.ckpt_dir / meta["file"]).read_bytes(), meta)
+    side.write_text(json.dumps(meta))
+    with pytest.raises(harden.CheckpointError, match=r"history of epoch records, got int"):
+        resume_run(set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run"))

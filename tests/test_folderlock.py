@@ -50,3 +50,43 @@ def test_read_small_json_refuses_big_and_deep_documents(tmp_path):
     path.write_bytes(b" " * ((1 << 20) + 1))
     with pytest.raises(ValueError, match="bytes"):
         read_small_json(path)
+
+
+def test_a_hard_linked_lock_file_is_refused_and_its_other_name_kept(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.link(victim, folder / LOCK_NAME)
+    with pytest.raises(RunFolderError) as info:
+        FolderLock(folder)
+    assert "\n" not in str(info.value)
+    assert "to be a plain file, got a file with 2 hard links; remove it" in str(info.value)
+    assert victim.read_text() == "precious"
+    (folder / LOCK_NAME).unlink()
+    FolderLock(folder).release()  # the folder can be locked again once the link is gone
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_lock_file_is_refused_without_blocking(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / LOCK_NAME)
+    with pytest.raises(RunFolderError, match=r"to be a plain file, got not a regular file; remove it"):
+        FolderLock(folder)
+    assert (folder / LOCK_NAME).exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_read_small_json_refuses_links_fifos_and_folders(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text('{"a": 1}')
+    (tmp_path / "link.json").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ValueError, match="symbolic link"):
+        read_small_json(tmp_path / "link.json")
+    for name in ("fifo.json", "dir.json"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_small_json(tmp_path / name)
+    assert read_small_json(real) == {"a": 1}

@@ -413,3 +413,76 @@ def test_smoothing_must_follow_from_its_per_example_results(tmp_path):
     assert _status(inspect_certificate(tmp_path)[1])["smoothing"] == "FAIL"
     _edit(tmp_path, lambda doc: doc["smoothing"].update(abstentions=doc["smoothing"]["abstentions"] + 1))
     assert "abstentions" in next(c.detail for c in inspect_certificate(tmp_path)[1] if c.item == "smoothing")
+
+
+def _no_hang(fn, seconds=20):
+    """Run ``fn()`` in a daemon thread; fail (instead of hanging the suite) when it blocks."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked on a FIFO or device"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize(
+    ("name", "kind", "items"),
+    [
+        ("model.safetensors", "zero", {"weights"}),
+        ("model.safetensors", "fifo", {"weights"}),
+        ("model.onnx", "fifo", {"onnx", "onnx_metadata"}),
+        ("model.onnx", "zero", {"onnx", "onnx_metadata"}),
+        ("certificate.md", "fifo", {"markdown"}),
+        ("policy.yaml", "fifo", {"policy"}),
+    ],
+)
+def test_a_fifo_or_device_in_a_files_place_fails_its_check_without_hanging(run_dir, tmp_path, name, kind, items):
+    import os
+
+    if kind == "zero" and not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    d = _copy(run_dir, tmp_path / "run")
+    (d / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(d / name)
+    else:
+        (d / name).symlink_to("/dev/zero")
+    _, checks = _no_hang(lambda: inspect_certificate(d))
+    assert _failed(checks) == items
+    for c in checks:
+        if c.item in items:
+            assert "\n" not in c.detail and ("regular file" in c.detail), (c.item, c.detail)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_certificate_is_one_line_error_without_hanging(run_dir, tmp_path):
+    import os
+
+    d = _copy(run_dir, tmp_path / "run")
+    (d / "certificate.json").unlink()
+    os.mkfifo(d / "certificate.json")
+    with pytest.raises(IntegrityError, match=r"not a regular file") as info:
+        _no_hang(lambda: inspect_certificate(d))
+    assert "\n" not in str(info.value)
+
+
+def test_a_certificate_with_a_coerced_field_is_refused_though_signed(signed_dir, keys, tmp_path):
+    d = _copy(signed_dir, tmp_path / "run")
+    _edit(d, lambda doc: doc.__setitem__("n", str(doc["n"])))  # lax validation made it the signed int again
+    with pytest.raises(IntegrityError, match=r"certificate\.json") as info:
+        inspect_certificate(d, public_key=keys[1])
+    assert "\n" not in str(info.value)
+    _, checks = inspect_certificate(signed_dir, public_key=keys[1])
+    assert _status(checks)["signature"] == "OK"  # the honest signed certificate still verifies

@@ -242,3 +242,97 @@ def test_the_rank_comes_from_torchrun_s_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with RunFolder.open(tmp_path / "run") as writer:
         assert writer.writer
+
+
+def test_overwrite_deletes_only_hardens_checkpoint_files(tmp_path):
+    out = tmp_path / "run"
+    fill(out)
+    ckpt = out / "checkpoints"
+    for name in (
+        "epoch-0002.safetensors",
+        "epoch-10000.json",
+        ".epoch-0003.json.ab12cd34.tmp",
+        ".epoch-0003.safetensors.x.tmp",
+    ):
+        (ckpt / name).write_text("harden's")
+    (ckpt / "notes.txt").write_text("mine")
+    (ckpt / "epoch-0001.json.bak").write_text("mine too")
+    (ckpt / "sub").mkdir()
+    (ckpt / "sub" / "epoch-0004.json").write_text("in a subfolder: mine")
+    with RunFolder.open(out, overwrite=True):
+        assert sorted(p.name for p in ckpt.iterdir()) == ["epoch-0001.json.bak", "notes.txt", "sub"]
+    assert (ckpt / "notes.txt").read_text() == "mine"
+    assert (ckpt / "sub" / "epoch-0004.json").read_text() == "in a subfolder: mine"
+
+
+def test_overwrite_removes_a_checkpoints_folder_left_empty(tmp_path):
+    out = tmp_path / "run"
+    fill(out)
+    (out / "checkpoints" / "epoch-0001.safetensors").write_text("x")
+    with RunFolder.open(out, overwrite=True):
+        assert not os.path.lexists(out / "checkpoints")
+
+
+def _resumable(tmp_path):
+    out = tmp_path / "run"
+    with RunFolder.open(out, policy_hash="h"):
+        (out / "checkpoints").mkdir()
+    return out
+
+
+def test_resume_refuses_a_symlinked_checkpoints_folder(tmp_path):
+    out = _resumable(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "epoch-0001.json").write_text("{}")
+    (out / "checkpoints").rmdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    with pytest.raises(harden.RunFolderError) as info:
+        RunFolder.open(out, resume=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "got a symbolic link" in msg and "--overwrite" in msg
+    assert (elsewhere / "epoch-0001.json").read_text() == "{}"
+    assert not (out / LOCK_NAME).exists()  # the lock was let go
+
+
+def test_resume_refuses_a_checkpoints_file(tmp_path):
+    out = _resumable(tmp_path)
+    (out / "checkpoints").rmdir()
+    (out / "checkpoints").write_text("not a folder")
+    with pytest.raises(
+        harden.RunFolderError, match=r"checkpoints' to be a folder inside the run folder, got not a folder"
+    ):
+        RunFolder.open(out, resume=True)
+
+
+@pytest.mark.parametrize("name", ["run.json", "checkpoints/epoch-0001.json", "checkpoints/epoch-0001.safetensors"])
+def test_resume_refuses_a_symlinked_file_it_reads(tmp_path, name):
+    out = _resumable(tmp_path)
+    target = tmp_path / "target"
+    if name == "run.json":
+        (out / "run.json").rename(target)
+    else:
+        target.write_text("{}")
+    (out / name).symlink_to(target)
+    with pytest.raises(harden.RunFolderError) as info:
+        RunFolder.open(out, resume=True)
+    assert "\n" not in str(info.value)
+    assert f"expected {str(out / name)!r} to be a regular file of the run, got a symbolic link" in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_resume_refuses_a_fifo_checkpoint_without_blocking(tmp_path):
+    out = _resumable(tmp_path)
+    os.mkfifo(out / "checkpoints" / "epoch-0001.json")
+    with pytest.raises(harden.RunFolderError, match=r"got not a regular file: a resume reads it"):
+        RunFolder.open(out, resume=True)
+
+
+def test_a_symlinked_model_file_is_still_just_deleted_on_resume(tmp_path):
+    out = _resumable(tmp_path)
+    target = tmp_path / "weights"
+    target.write_text("mine")
+    (out / "model.safetensors").symlink_to(target)  # not read by a resume: the link goes, not its target
+    with RunFolder.open(out, resume=True):
+        assert not os.path.lexists(out / "model.safetensors")
+    assert target.read_text() == "mine"
