@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 from harden.errors import CheckpointError
 
 __all__ = [
+    "CHECKPOINT_TEMP",
     "atomic_write",
     "file_mode",
     "flatten_state",
@@ -49,7 +50,7 @@ __all__ = [
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
 #: temp files of an interrupted :func:`atomic_write` of a checkpoint (e.g. after SIGKILL)
-_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
+CHECKPOINT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
 _DISK_FULL = frozenset(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
 
 
@@ -361,5 +362,5 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
         stem.with_suffix(".safetensors").unlink(missing_ok=True)
     if directory.is_dir():
         for stale in directory.iterdir():
-            if _TEMP.match(stale.name):
+            if CHECKPOINT_TEMP.match(stale.name):
                 stale.unlink(missing_ok=True)

@@ -50,7 +50,7 @@ from types import TracebackType
 from typing import Any
 
 from harden._version import __version__
-from harden.checkpoint import atomic_write
+from harden.checkpoint import CHECKPOINT_TEMP, atomic_write
 from harden.errors import RunFolderError
 from harden.folderlock import LOCK_NAME, FolderLock, hold, read_small_json
 
@@ -87,7 +87,6 @@ _TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(a) for a in ARTIFACTS) + r"
 _CKPT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\." + _RANDOM + r"\.tmp$")
 #: harden's checkpoint files and the temp files of their writes (as :mod:`harden.checkpoint` names them)
 _CKPT_FILE = re.compile(r"^epoch-\d{4,}\.(safetensors|json)$")
-_CKPT_ANY_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
 _EXPORT_TEMP = re.compile(r"^\.model\.onnx\." + _RANDOM + "$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -135,7 +134,7 @@ def _remove(path: Path) -> None:
     """
     if path.is_dir() and not path.is_symlink():
         for entry in path.iterdir():
-            if (_CKPT_FILE.match(entry.name) or _CKPT_ANY_TEMP.match(entry.name)) and not entry.is_dir():
+            if (_CKPT_FILE.match(entry.name) or CHECKPOINT_TEMP.match(entry.name)) and not entry.is_dir():
                 entry.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             path.rmdir()  # only when empty
