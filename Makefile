@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 -m "not serial"   # two workers (CI has 2 cores); tests pin torch to 1 thread
+	$(PY) -m pytest -q -m serial              # heavy or timed subprocesses, alone
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check harden tests examples benchmarks

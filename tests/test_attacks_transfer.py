@@ -62,7 +62,7 @@ def test_the_surrogate_model_is_a_code_reference(tmp_path):
     from harden.policy_io import code_references, load_policy
 
     assert is_code_ref(TransferParams.model_fields["model"])
-    with pytest.raises(ValueError, match="dotted Python names"):
+    with pytest.raises(ValueError, match="a dotted Python module name, then one public name"):
         TransferParams(model="os..path:join")
     path = tmp_path / "p.yaml"
     path.write_text(

@@ -92,6 +92,7 @@ def torchrun(*args, cwd, timeout=300):
     return proc
 
 
+@pytest.mark.serial
 def test_two_processes_train_one_model_and_rank0_writes_everything_once(tmp_path):
     policy = tiny_policy(
         data={"batch_size": 32},
@@ -141,6 +142,7 @@ def test_two_processes_train_one_model_and_rank0_writes_everything_once(tmp_path
     assert right / len(y) == r0["history"][-1]["val_clean_acc"]
 
 
+@pytest.mark.serial
 def test_cli_under_torchrun(tmp_path):
     policy = tiny_policy(train={"epochs": 1, "probe_examples": 0}, objectives=[{"name": "ce"}])
     policy_file, run = tmp_path / "policy.yaml", tmp_path / "run"

@@ -12,6 +12,7 @@ def _root_on_path(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_quickstart_example_runs(tmp_path):
     from examples.quickstart import main
 
@@ -25,6 +26,7 @@ def test_quickstart_example_runs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_custom_model_example_runs(tmp_path):
     from examples.custom_model import main
 

@@ -264,6 +264,7 @@ def run_killed(policy_path, out, after="epoch-0002.json", timeout=300.0):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KILL_POLICIES))
+@pytest.mark.serial
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, name):
     policy_path = write_policy(tmp_path / "tiny.yaml", kill_policy(name))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -288,6 +289,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_sigkill_then_run_resume_equals_an_uninterrupted_fit(tmp_path):
     policy_path = write_policy(tmp_path / "tiny.yaml", kill_policy("pgd_at"))
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -156,6 +156,7 @@ def test_a_step_that_raises_is_a_failed_step(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_dry_run_passes_on_the_cpu_and_skips_the_cuda_steps(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the dry run is for machines without one (run make gpu-check)")

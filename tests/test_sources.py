@@ -30,7 +30,7 @@ def test_model_names_are_timm_or_code():
     assert ModelSpec(name="timm:resnet10x").name == "timm:resnet10x"  # no catalog: structure only
     with pytest.raises(pydantic.ValidationError, match=r"expected 'timm:<model name>' or 'package\.module:attr'"):
         ModelSpec(name="resnet10t")
-    with pytest.raises(pydantic.ValidationError, match="dotted Python names"):
+    with pytest.raises(pydantic.ValidationError, match="a dotted Python module name, then one public name"):
         ModelSpec(name="os:system()")
 
 
@@ -40,7 +40,7 @@ def test_data_names_are_registered_or_code():
     with pytest.raises(pydantic.ValidationError, match="digits"):  # the close match
         DataSpec.model_validate({"name": "digit"}, context=FULL)
     assert DataSpec(name="digit").name == "digit"  # no catalog: structure only
-    with pytest.raises(pydantic.ValidationError, match="dotted Python names"):
+    with pytest.raises(pydantic.ValidationError, match="a dotted Python module name, then one public name"):
         DataSpec(name="my pkg:load")
 
 
