@@ -67,8 +67,13 @@ def test_verify_onnx_report(clf, trained, data):
     assert report.robust_accuracy <= min(report.per_attack.values()) + 1e-12
     assert report.robust_accuracy <= report.clean_accuracy
     with torch.no_grad():
-        torch_clean = (trained(data[0][:40]).argmax(1) == data[1][:40]).float().mean().item()
-    assert report.clean_accuracy == pytest.approx(torch_clean)  # clean accuracy from the session
+        logits = trained(data[0][:40])
+    torch_right = int((logits.argmax(1) == data[1][:40]).sum())
+    # clean accuracy comes from the session, whose logits match torch's within the export's parity
+    # tolerance (1e-4): only rows whose top-2 torch logits are within 2e-4 (near ties) may flip
+    top2 = logits.topk(2, dim=1).values
+    near_ties = int(((top2[:, 0] - top2[:, 1]) <= 2e-4).sum())
+    assert abs(round(report.clean_accuracy * 40) - torch_right) <= near_ties
     assert report.onnx["providers"] == [CPU] and report.onnx["path"] == str(clf.path)
     assert report.checks == {} and report.eps_curve == []
     assert "CPUExecutionProvider" in report.summary()
