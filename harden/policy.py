@@ -99,6 +99,15 @@ class TrainSpec(Strict):
             while training (faster convolutions on GPUs).
         compile: run the training forwards through ``torch.compile`` (attacks, evaluation and
             saved weights use the plain module).
+        keep_best: keep the weights of the epoch with the best probe robust accuracy as
+            ``checkpoints/best.safetensors`` (needs the probe: ``probe_examples`` > 0).
+        select: which weights the run returns, certifies and exports: ``last`` (the last epoch)
+            or ``best`` (the epoch with the best probe robust accuracy; needs ``keep_best``).
+        early_stopping: stop when the probe's robust accuracy has not improved for this many
+            epochs (None: train every epoch; needs the probe).
+        tensorboard: also write the per-epoch metrics as TensorBoard events in ``tensorboard/``
+            of the run folder: None when the ``tensorboard`` package is installed, True always
+            (an error without it), False never. ``metrics.csv`` is always written.
     """
 
     epochs: int = Field(3, ge=1, le=100_000)
@@ -120,6 +129,26 @@ class TrainSpec(Strict):
     attack_precision: Literal["fp32", "same"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    keep_best: bool = True
+    select: Literal["last", "best"] = "last"
+    early_stopping: int | None = Field(None, ge=1)
+    tensorboard: bool | None = None
+
+    @model_validator(mode="after")
+    def _probe_for_best(self) -> TrainSpec:
+        needs = [k for k, on in (("select: best", self.select == "best"), ("early_stopping", self.early_stopping))
+                 if on]
+        if needs and self.probe_examples == 0:
+            raise PydanticCustomError(
+                "harden_nested",
+                "{msg}",
+                {"path": "probe_examples", "msg": f"expected > 0 for {' and '.join(needs)} (they follow the probe), got 0"},
+            )
+        if self.select == "best" and not self.keep_best:
+            raise PydanticCustomError(
+                "harden_nested", "{msg}", {"path": "keep_best", "msg": "expected true for select: best, got false"}
+            )
+        return self
 
 
 class VerifySpec(Strict):
@@ -133,13 +162,17 @@ class VerifySpec(Strict):
             ones, each only on the examples still robust; attacks outside the l_p threat model
             (``iwd``, ``invariance``) run on every clean-correct example and are reported apart.
             Default (no preset): FGSM then PGD-40.
-        n_examples: test examples to attack (the first N of the test split).
+        n_examples: test examples to attack: a seeded class-balanced sample of the test split
+            (``sample: first``: the first N).
         eps_sweep: radii for the robust-accuracy-against-eps curve (PGD with ``check_steps``
             steps on the check subset); None: 0.25, 0.5, 1, 1.5 and 2 times ``threat.eps``;
             empty: no curve.
         checks: run the gradient-masking / evaluation sanity checks.
         check_examples: test examples used by the checks and the eps sweep.
         check_steps: PGD steps of the checks' own attacks.
+        sample: how ``n_examples`` and ``check_examples`` are drawn from the test split:
+            ``balanced`` (a class-balanced sample seeded by ``seed``, in test-split order) or
+            ``first`` (the first N; on class-sorted data that covers few classes).
     """
 
     preset: Literal["standard", "quick"] | None = None
@@ -153,6 +186,7 @@ class VerifySpec(Strict):
     checks: bool = True
     check_examples: int = Field(200, ge=8)
     check_steps: int = Field(20, ge=1, le=10_000)
+    sample: Literal["balanced", "first"] = "balanced"
 
     @model_validator(mode="after")
     def _some_attack(self) -> VerifySpec:

@@ -34,9 +34,13 @@ class ModelSpec(Strict):
         in_chans: input channels; defaults to the data's.
         pretrained_file: local ``.safetensors`` (or weights-only ``.pth``) file with weights to
             start from; never downloaded.
-        mean: per-channel mean folded into the model (``Normalized``); default: timm's
-            pretrained config when ``pretrained_file`` is set, else no normalization.
+        mean: per-channel mean folded into the model (``Normalized``); None: no normalization.
+            Never taken silently from elsewhere: with ``pretrained_file`` and no ``mean``/``std``,
+            a timm model's pretrained config is named in a warning, not applied.
         std: per-channel std, as ``mean``.
+        output: how to read the logits from what the model returns: None (a tensor), a string
+            (that key of a returned dict, or that attribute of a returned object, e.g.
+            ``logits``) or an integer (that item of a returned tuple or list).
         args: extra keyword arguments for ``timm.create_model`` or the ``module:attr`` factory.
             For ``timm:`` models, none that makes timm read or download weights or configs
             (``pretrained``, ``pretrained_cfg``, ``checkpoint_path``, ``cache_dir``, ...): use
@@ -49,7 +53,17 @@ class ModelSpec(Strict):
     pretrained_file: str | None = None
     mean: tuple[float, ...] | None = Field(None, strict=False)
     std: tuple[float, ...] | None = Field(None, strict=False)
+    output: int | str | None = None
     args: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
+
+    @field_validator("output")
+    @classmethod
+    def _output_key(cls, output: int | str | None) -> int | str | None:
+        if isinstance(output, int) and output < 0:
+            raise ValueError(f"expected an item index >= 0 or a key/attribute name, got {output}")
+        if isinstance(output, str) and not output.isidentifier():
+            raise ValueError(f"expected a key/attribute name (letters, digits, _), got {output!r}")
+        return output
 
     @field_validator("name")
     @classmethod
@@ -108,9 +122,14 @@ class DataSpec(Strict):
         root: local directory for ``cifar10`` / ``imagefolder`` (never downloaded).
         batch_size: training batch size.
         eval_batch_size: batch size for evaluation and attacks.
-        train_limit: use only the first N training examples (after the seeded split).
-        test_limit: use only the first N test examples.
-        image_size: resize ``imagefolder`` images to this square size.
+        train_limit: use only N training examples: a class-balanced sample seeded by the
+            policy's ``seed`` (after the seeded split).
+        test_limit: use only N test examples, drawn as ``train_limit``.
+        image_size: resize ``imagefolder`` images to this square size. None: the images' own
+            size when they all share one (else an error asking for it).
+        augment: random crop (4-pixel padding, or 1/8 of the side) and horizontal flip of the
+            training images. None: on for ``cifar10`` and ``imagefolder``, off for the others
+            (digits must not be mirrored).
         num_workers: DataLoader worker processes.
     """
 
@@ -121,6 +140,7 @@ class DataSpec(Strict):
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     image_size: int | None = Field(None, ge=4)
+    augment: bool | None = None
     num_workers: int = Field(0, ge=0)
 
     @field_validator("name")
