@@ -122,8 +122,9 @@ class DataSpec(Strict):
         root: local directory for ``cifar10`` / ``imagefolder`` (never downloaded).
         batch_size: training batch size.
         eval_batch_size: batch size for evaluation and attacks.
-        train_limit: use only N training examples: a class-balanced sample seeded by the
-            policy's ``seed`` (after the seeded split).
+        train_limit: use only N training examples: a class-balanced sample drawn with the
+            fixed seed 0 of the bundled splits (a seeded uniform sample where the labels are not
+            known without loading the images), so every policy seed sees the same examples.
         test_limit: use only N test examples, drawn as ``train_limit``.
         image_size: resize ``imagefolder`` images to this square size. None: the images' own
             size when they all share one (else an error asking for it).

@@ -1,7 +1,10 @@
 """``harden.fit``: train a model on the weighted sum of the policy's objectives.
 
-Each epoch ends with clean and PGD validation accuracy and a checkpoint (safetensors + JSON
-sidecar, atomic). ``resume=True`` continues from the newest intact checkpoint of ``run_dir``.
+Each epoch ends with clean and PGD validation accuracy, one printed line (with progress on), a
+row of ``metrics.csv`` (and TensorBoard events) and a checkpoint (safetensors + JSON sidecar,
+atomic); the best epoch by the probe is kept as ``checkpoints/best.safetensors``, and
+``train.select`` / ``train.early_stopping`` follow it (see docs/training.md). ``resume=True``
+continues from the newest intact checkpoint of ``run_dir``.
 The run folder is held through :class:`harden.runfolder.RunFolder` (one writer, one run: a fresh
 fit into a used folder needs ``overwrite=True``); :func:`harden.run` opens it once and hands it
 over as ``run_dir``.
@@ -12,6 +15,7 @@ resolves the data, runs the stages in order and writes ``policy.yaml`` and ``mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -27,12 +31,14 @@ from torch import nn
 from harden.checkpoint import atomic_write, state_bytes
 from harden.data import DataBundle, load_data
 from harden.distributed import Distributed, distributed_session
-from harden.errors import CheckpointError, DataError, HardenError, RunFolderError
+from harden.errors import CheckpointError, HardenError, ModelError, RunFolderError
 from harden.fit_loop import MAX_BAD_STEPS as MAX_BAD_STEPS  # still importable from harden.train
-from harden.fit_loop import end_epoch, train_epoch
-from harden.fit_setup import FitRun, TrainData, set_up
-from harden.fit_state import resume_run
-from harden.models import Normalized, build_model
+from harden.fit_loop import end_epoch, select_weights, train_epoch
+from harden.fit_setup import FitRun, TrainData, resolve_data, set_up
+from harden.fit_state import resume_run, sync_best
+from harden.metrics_log import MetricsLog, summary_writer_class
+from harden.model_load import build_model, load_classifier_weights
+from harden.models import Normalized
 from harden.policy import Policy
 from harden.policy_io import checked, dump_policy, policy_hash
 from harden.runfolder import RunFolder
@@ -55,6 +61,11 @@ class FitResult:
         resumed_from: the checkpoint epoch training resumed from (None: from scratch).
         info: ``rank`` and ``world_size`` of this process (``world_size`` > 1 under ``torchrun``;
             only rank 0 wrote the files).
+        best_epoch: the epoch of the best probe robust accuracy (None: no probe ran); its
+            weights are ``checkpoints/best.safetensors`` with ``train.keep_best``, and ``model``
+            with ``train.select: best``.
+        stopped_early: ``train.early_stopping`` ended the training before ``train.epochs``.
+        metrics_csv: the per-epoch ``metrics.csv`` (None where this process wrote none).
     """
 
     model: Normalized
@@ -64,6 +75,9 @@ class FitResult:
     seconds: float = 0.0
     resumed_from: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    metrics_csv: Path | None = None
 
 
 def save_model(model: Normalized, path: Path, info: dict[str, Any]) -> str:
@@ -199,24 +213,6 @@ def _run_folder(
         yield opened
 
 
-def _resolve_data(
-    policy: Policy, train: TrainData | None, val: TrainData | None, bundle: DataBundle | None
-) -> tuple[TrainData, TrainData | None, DataBundle | None]:
-    """The training and validation data, and the bundle they came from (None: the caller's own data).
-
-    ``load_data`` runs only when neither ``train`` nor ``bundle`` is given.
-    """
-    if bundle is not None and train is not None:
-        raise DataError(
-            "expected either train= data or bundle=, got both; pass the bundle alone (its train split trains)"
-        )
-    if train is None:
-        if bundle is None:
-            bundle = load_data(policy.data)
-        train, val = bundle.train, (val if val is not None else bundle.test)
-    return train, val, bundle
-
-
 def _fit(
     model: nn.Module | None,
     policy: Policy,
@@ -232,35 +228,57 @@ def _fit(
     """Run the stages in order: data, set-up, resume, the epochs (train, probe, checkpoint), finish."""
     t_start = time.perf_counter()
     run_dir = folder.path
-    data, val, bundle = _resolve_data(policy, train, val, bundle)
+    data, val, bundle = resolve_data(policy, train, val, bundle)
     run = set_up(model, policy, dist, data, val, bundle, run_dir, progress and dist.is_main)
     run.run_id = folder.run_id  # rank 0 has written run.json: every rank passed the open above
     if resume:
         resume_run(run)
     p_hash = policy_hash(policy)
-    if dist.is_main:
-        atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
+    sync_best(run, p_hash)  # the best so far from the (restored) history; stale best files go
     try:
+        tensorboard = policy.train.tensorboard
+        summary_writer_class(tensorboard)  # tensorboard: true without the package fails on every rank, first
+        run.metrics = MetricsLog(run_dir if dist.is_main else None, tensorboard=tensorboard, history=run.history)
+        if dist.is_main:
+            atomic_write(run_dir / "policy.yaml", dump_policy(policy).encode())
         for epoch in range(run.start_epoch, policy.train.epochs):
+            if run.stopped_early:  # a resumed run that early stopping had ended
+                break
             t_epoch = time.perf_counter()
             end_epoch(run, train_epoch(run, epoch), t_epoch, p_hash, on_epoch_end)
     finally:
         run.mix.close()
+        if run.metrics is not None:
+            run.metrics.close()
     return _finish(run, p_hash, t_start)
 
 
 def _finish(run: FitRun, p_hash: str, t_start: float) -> FitResult:
-    """Put the model in eval mode and standard memory format, write ``model.safetensors`` (rank 0)."""
+    """Select the weights (``train.select``), eval mode, standard memory format; write ``model.safetensors`` (rank 0)."""
     net, dist, spec = run.net, run.dist, run.policy.train
+    selected = select_weights(run)
     net.eval()
     if spec.channels_last:
         to_memory_format(net, False)
     weights = run.run_dir / "model.safetensors"
     if dist.is_main:
-        save_model(net, weights, {"policy_hash": p_hash, "epochs": spec.epochs, "history": run.history})
+        info: dict[str, Any] = {"policy_hash": p_hash, "epochs": spec.epochs, "epoch": selected}
+        info |= {"best_epoch": run.best_epoch, "select": spec.select, "stopped_early": run.stopped_early}
+        save_model(net, weights, {**info, "history": run.history})
     dist.barrier()
-    info = {"rank": dist.rank, "world_size": dist.world_size}
-    return FitResult(net, run.history, run.run_dir, weights, time.perf_counter() - t_start, run.resumed_from, info)
+    metrics = run.metrics.csv_path if run.metrics is not None else None
+    return FitResult(
+        net,
+        run.history,
+        run.run_dir,
+        weights,
+        time.perf_counter() - t_start,
+        run.resumed_from,
+        {"rank": dist.rank, "world_size": dist.world_size},
+        best_epoch=run.best_epoch,
+        stopped_early=run.stopped_early,
+        metrics_csv=metrics,
+    )
 
 
 def load_trained(
@@ -311,19 +329,21 @@ def load_trained(
     if bundle is None:
         bundle = load_data(policy.data)
     net = build_model(policy.model, bundle.num_classes, bundle.in_chans)
-    try:
-        state = st_load(weights.read_bytes())
-    except Exception as exc:  # safetensors' SafetensorError and its header errors
-        raise CheckpointError(
-            f"expected a safetensors file at {str(weights)!r}, got one safetensors cannot read "
-            f"({_first_line(exc)}); the file is truncated or corrupt: train again with `harden fit`"
-        ) from None
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"expected weights for the policy's model in {str(weights)!r}, got {_first_line(exc)}"
-        ) from None
+    if weights.suffix == ".safetensors":
+        try:
+            state = st_load(weights.read_bytes())
+        except Exception as exc:  # safetensors' SafetensorError and its header errors
+            raise CheckpointError(
+                f"expected a safetensors file at {str(weights)!r}, got one safetensors cannot read "
+                f"({_first_line(exc)}); the file is truncated or corrupt: train again with `harden fit`"
+            ) from None
+        with contextlib.suppress(RuntimeError):  # harden's own file: its keys match exactly
+            net.load_state_dict(state)
+            return net.eval(), bundle
+    try:  # a plain state_dict (or .pth) of the policy's model: keys matched, normalization never switched
+        load_classifier_weights(net, weights)
+    except ModelError as exc:
+        raise CheckpointError(str(exc)) from None
     return net.eval(), bundle
 
 

@@ -62,3 +62,17 @@ def test_mean_and_std_come_together_with_equal_lengths_and_positive_std():
     ):
         with pytest.raises(pydantic.ValidationError, match=msg):
             ModelSpec.model_validate(bad)
+
+
+@pytest.mark.parametrize("output", [None, "logits", "out_1", 0, 2])
+def test_model_output_takes_a_key_an_attribute_or_an_item_index(output):
+    assert ModelSpec(output=output).output == output
+
+
+@pytest.mark.parametrize(
+    ("output", "match"),
+    [(-1, "item index >= 0"), ("logits[0]", "key/attribute name"), ("", "key/attribute name"), (1.5, "output")],
+)
+def test_model_output_refuses_what_reads_no_logits(output, match):
+    with pytest.raises(pydantic.ValidationError, match=match):
+        ModelSpec(output=output)

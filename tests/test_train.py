@@ -238,3 +238,57 @@ def test_read_model_info_returns_the_checked_sidecar(tmp_path):
     weights.with_suffix(".json").write_text('{"history": [{"val_clean_acc": true}]}')
     with pytest.raises(harden.CheckpointError, match=r"history\.0\.val_clean_acc a number or null"):
         harden.train.read_model_info(weights)
+
+
+def test_fit_writes_metrics_csv_with_one_row_per_epoch_and_tensorboard_events(tmp_run):
+    import csv
+
+    pytest.importorskip("tensorboard")
+    result = fit(tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}]), tmp_run)
+    assert result.metrics_csv == tmp_run / "metrics.csv"
+    with open(result.metrics_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(result.history) == 2
+    for row, record in zip(rows, result.history, strict=True):
+        assert set(row) == set(record)
+        for key, value in record.items():
+            assert float(row[key]) == value
+    assert len(list((tmp_run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_fit_with_tensorboard_false_writes_no_events(tmp_run):
+    result = fit(tiny_policy(train={"tensorboard": False, "probe_examples": 0}, objectives=[{"name": "ce"}]), tmp_run)
+    assert result.metrics_csv.is_file() and not (tmp_run / "tensorboard").exists()
+
+
+def test_tensorboard_required_without_the_package_fails_before_training(tmp_run, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    trained = []
+    monkeypatch.setattr(harden.train, "train_epoch", lambda run, epoch: trained.append(epoch))
+    with pytest.raises(harden.PolicyError, match=r"^expected the tensorboard package .*; pip install tensorboard"):
+        fit(tiny_policy(train={"tensorboard": True}, objectives=[{"name": "ce"}]), tmp_run)
+    assert trained == [] and not tmp_run.exists()  # a failed start leaves nothing
+
+
+def test_fit_result_fields_keep_their_defaults_for_old_call_sites(tmp_path):
+    from harden.models import prepare_model
+
+    old = harden.FitResult(prepare_model(TinyCNN(num_classes=3)), [], tmp_path, tmp_path / "model.safetensors")
+    assert (old.best_epoch, old.stopped_early, old.metrics_csv) == (None, False, None)
+
+
+def test_load_trained_takes_a_plain_state_dict_of_the_policy_model(tmp_path):
+    from harden.testing import synthetic_bundle
+    from harden.train import load_trained
+
+    policy = tiny_policy(objectives=[{"name": "ce"}], train={"probe_examples": 0})
+    b = synthetic_bundle(96, 32)
+    trained = harden.fit(None, policy, bundle=b, run_dir=tmp_path / "r", progress=False)
+    net, _ = load_trained(policy, trained.weights, bundle=b)
+    plain = tmp_path / "plain.pth"
+    torch.save(net.model.state_dict(), plain)  # the inner model's keys, no wrapper, no model.json
+    again, _ = load_trained(policy, plain, bundle=b)
+    x = b.test.tensors[0][:8]
+    assert torch.equal(again(x), net(x))

@@ -230,3 +230,113 @@ def test_load_weights_missing_body_tensor_raises(tmp_path):
     save_file(state, str(path))
     with pytest.raises(harden.ModelError, match="1 missing"):
         load_weights(TinyCNN(num_classes=3), path)
+
+
+# --- read_state_dict, match_state, check_shapes, timm_normalization ---------------------------
+
+from harden.weights import check_shapes, match_state, read_state_dict, timm_normalization  # noqa: E402
+
+
+@pytest.mark.parametrize("nest", [None, "state_dict", "model", "model_state_dict"])
+def test_read_state_dict_unwraps_the_usual_nestings(tmp_path, nest):
+    state = TinyMLP(num_classes=2).state_dict()
+    path = tmp_path / "w.pt"
+    torch.save(state if nest is None else {nest: state, "epoch": 7, "optimizer": {"lr": torch.tensor(0.1)}}, path)
+    got = read_state_dict(path)
+    assert sorted(got) == sorted(state)
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize(("saved_as", "named"), [("torch", "w.safetensors"), ("safetensors", "w.pth")])
+def test_read_state_dict_reads_the_format_of_the_bytes_not_of_the_name(tmp_path, saved_as, named):
+    state = {k: v.contiguous() for k, v in TinyMLP(num_classes=2).state_dict().items()}
+    path = tmp_path / named
+    torch.save(state, path) if saved_as == "torch" else save_file(state, str(path))
+    got = read_state_dict(path)
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_read_state_dict_refuses_pickled_objects_in_one_line_and_runs_nothing(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": TinyMLP(num_classes=2)}, path)  # a pickled module where tensors belong
+    with pytest.raises(harden.ModelError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert "holding pickled Python objects" in message and str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ({"w": torch.zeros(2), "n": 3}, r"got int under 'n'"),
+        (
+            {"w": torch.tensor([0.0, float("nan")])},
+            r"expected finite weights in .*got NaN or infinity in 1 tensors \(first: 'w'\)",
+        ),
+        ({"w": torch.tensor([float("inf")], dtype=torch.float16)}, r"NaN or infinity in 1 tensors"),
+    ],
+)
+def test_read_state_dict_refuses_non_tensors_and_non_finite_values(tmp_path, content, match):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    with pytest.raises(harden.ModelError, match=match):
+        read_state_dict(path)
+
+
+def test_read_state_dict_names_a_missing_file(tmp_path):
+    with pytest.raises(harden.ModelError, match="does not exist"):
+        read_state_dict(tmp_path / "nope.pth")
+
+
+KEYS = ["features.0.weight", "head.bias", "head.weight"]
+
+
+def _state(prefix, keys=KEYS):
+    return {f"{prefix}{k}": torch.zeros(1) for k in keys}
+
+
+@pytest.mark.parametrize(
+    ("prefix", "stripped"),
+    [("", ""), ("module.", "module."), ("_orig_mod.", "_orig_mod."), ("_orig_mod.module.", "_orig_mod.module.")],
+)
+def test_match_state_strips_the_prefixes_of_wrappers(prefix, stripped):
+    m = match_state(_state(prefix), {"plain": KEYS}, "'w'", "")
+    assert (m.target, m.stripped, sorted(m.state)) == ("plain", stripped, KEYS)
+
+
+def test_match_state_takes_one_lightning_attribute_and_ignores_the_rest_of_the_module():
+    state = {**_state("net."), "criterion.weight": torch.ones(3)}
+    m = match_state(state, {"harden": ["mean", "std", *(f"model.{k}" for k in KEYS)], "plain": KEYS}, "'w'", "")
+    assert (m.target, m.stripped, sorted(m.state)) == ("plain", "net.", KEYS)
+
+
+def test_match_state_refuses_two_attributes_that_both_fit():
+    with pytest.raises(harden.ModelError, match=r"got several that fit \(under 'student\.', 'teacher\.'\)"):
+        match_state({**_state("teacher."), **_state("student.")}, {"plain": KEYS}, "'w'", "")
+
+
+def test_match_state_without_a_match_is_one_line_naming_missing_and_unexpected_keys():
+    state = _state("", ["features.0.weight", "fc.bias", "fc.weight"])
+    with pytest.raises(harden.ModelError) as info:
+        match_state(state, {"plain": KEYS}, "'w.pth'", "save the right one")
+    assert str(info.value) == (
+        "expected the model's keys in 'w.pth', got 2 missing (first: 'head.bias', 'head.weight') and 2 unexpected "
+        "(first: 'fc.bias', 'fc.weight'); save the right one"
+    )
+
+
+def test_check_shapes_names_the_first_mis_shaped_tensor_and_passes_equal_shapes():
+    check_shapes({"a": torch.zeros(2, 3)}, {"a": torch.ones(2, 3)}, "'w'", "")
+    with pytest.raises(harden.ModelError, match=r"got 2 mis-shaped \(first: 'a' is \(5, 3\) in the file, \(10, 3\)"):
+        check_shapes(
+            {"a": torch.zeros(5, 3), "b": torch.zeros(1)}, {"a": torch.zeros(10, 3), "b": torch.zeros(2)}, "'w'", ""
+        )
+
+
+def test_timm_normalization_reads_a_timm_models_pretrained_config():
+    net = tiny_vit()
+    mean, std = net.pretrained_cfg["mean"], net.pretrained_cfg["std"]
+    assert timm_normalization(net, 3) == (tuple(mean), tuple(std))
+    (m1,), (s1,) = timm_normalization(net, 1)
+    assert m1 == pytest.approx(sum(mean) / 3) and s1 == pytest.approx(sum(std) / 3)
+    assert timm_normalization(net, 2) is None and timm_normalization(TinyMLP(), 3) is None
