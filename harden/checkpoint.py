@@ -8,6 +8,10 @@ truncated or tampered tensor file, and any edit of the sidecar (epoch, lr, histo
 accuracy, run id...), is detected and the checkpoint skipped. Nothing is ever unpickled: nested
 state (optimizer, scheduler, RNG) is split into tensors and JSON.
 
+The best epoch's weights (``train.keep_best``) are a checkpoint of the same format named
+``best`` (``best.safetensors`` / ``best.json``, :data:`BEST_STEM`), which
+:func:`list_checkpoints` and :func:`prune_checkpoints` leave alone.
+
 Every file harden writes through :func:`atomic_write` gets mode ``0o666 & ~umask``, as ``open()``
 would give it (see :func:`file_mode`).
 """
@@ -31,6 +35,7 @@ from safetensors.torch import save as st_save
 from harden.errors import CheckpointError
 
 __all__ = [
+    "BEST_STEM",
     "CHECKPOINT_TEMP",
     "atomic_write",
     "file_mode",
@@ -49,8 +54,10 @@ __all__ = [
 #: 2: the sidecar's ``sha256`` covers the sidecar too (and it records ``size``); info has run_id
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
+#: the stem of the best epoch's checkpoint (``best.safetensors`` and ``best.json``)
+BEST_STEM = "best"
 #: temp files of an interrupted :func:`atomic_write` of a checkpoint (e.g. after SIGKILL)
-CHECKPOINT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\..+\.tmp$")
+CHECKPOINT_TEMP = re.compile(r"^\.(epoch-\d{4,}|best)\.(safetensors|json)\..+\.tmp$")
 _DISK_FULL = frozenset(e for e in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if e is not None)
 
 
@@ -228,7 +235,9 @@ def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def save_checkpoint(directory: str | Path, epoch: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | Path, epoch: int, state: dict[str, Any], info: dict[str, Any], *, stem: str | None = None
+) -> Path:
     """Write checkpoint ``epoch`` (tensor file, then sidecar) into ``directory``.
 
     The sidecar's ``sha256`` covers the tensor file and the sidecar itself (see the module docstring).
@@ -238,15 +247,25 @@ def save_checkpoint(directory: str | Path, epoch: int, state: dict[str, Any], in
         epoch: the number of completed epochs.
         state: nested state (``{"model": state_dict, "optimizer": ..., ...}``).
         info: JSON-able facts shown to people (history, policy hash, ...).
+        stem: the files' name without suffix; None: ``epoch-NNNN`` (:data:`BEST_STEM` for the
+            best epoch's weights).
 
     Returns:
         The sidecar's path.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> save_checkpoint(d, 2, {"model": {"w": torch.ones(2)}}, {}, stem=BEST_STEM).name
+        'best.json'
+        >>> load_checkpoint(d / "best.json")[0], list_checkpoints(d)
+        (2, [])
     """
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     tree = flatten_state(state, "s", tensors)
     blob = st_save(tensors)
-    stem = f"epoch-{epoch:04d}"
+    stem = f"epoch-{epoch:04d}" if stem is None else stem
     atomic_write(directory / f"{stem}.safetensors", blob)
     sidecar = {
         "format": FORMAT_VERSION,

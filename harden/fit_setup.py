@@ -19,15 +19,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harden.data import DataBundle, make_loader
+from harden.augment import augment_enabled, crop_padding
+from harden.data import DataBundle, load_data, make_loader
 from harden.distributed import Distributed
 from harden.errors import DataError, HardenError
-from harden.models import Normalized, build_model, check_model, prepare_model
+from harden.metrics_log import MetricsLog
+from harden.model_load import build_model
+from harden.models import Normalized, check_model, prepare_model
 from harden.objectives import OBJECTIVES, Objective, ObjectiveSet
 from harden.policy import Policy
 from harden.speed import autocast_dtype, grad_scaler, to_memory_format, training_forward
 
-__all__ = ["FitRun", "TrainData", "epoch_loader", "set_up"]
+__all__ = ["FitRun", "TrainData", "epoch_loader", "history_best", "improves", "resolve_data", "set_up"]
 
 log = logging.getLogger("harden")
 
@@ -61,6 +64,15 @@ class FitRun:
         start_epoch: the first epoch to train (0-based; later when resumed).
         resumed_from: the checkpoint epoch training resumed from (None: from scratch).
         bad_run: consecutive non-finite losses so far, across epoch boundaries.
+        augment: random crop and flip of the training batches (:mod:`harden.augment`).
+        metrics: where each epoch's record goes (``metrics.csv``, TensorBoard); None: nowhere.
+        probe_sample: the validation positions the PGD probe attacks (``probe_sampled``: drawn
+            already; None once drawn: the first ``probe_examples``).
+        best_epoch: the epoch of the best probe robust accuracy so far (None: no probe yet).
+        best_value: that accuracy (an epoch improves on it only when strictly greater).
+        best_state: the best epoch's weights on the CPU, kept for ``train.select: best`` (None:
+            read back from ``checkpoints/best.safetensors`` when needed).
+        stopped_early: ``train.early_stopping`` ended the training (kept in the checkpoint).
     """
 
     policy: Policy
@@ -83,17 +95,82 @@ class FitRun:
     start_epoch: int = 0
     resumed_from: int | None = None
     bad_run: int = 0
+    augment: bool = False
+    metrics: MetricsLog | None = None
+    probe_sample: torch.Tensor | None = None
+    probe_sampled: bool = False
+    best_epoch: int | None = None
+    best_value: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped_early: bool = False
 
     @property
     def ckpt_dir(self) -> Path:
         """Where the epoch checkpoints go."""
         return self.run_dir / "checkpoints"
 
+    def track_best(self, record: dict[str, Any]) -> bool:
+        """Whether ``record``'s probe robust accuracy is a new best; if so, it becomes ``best_epoch`` / ``best_value``.
+
+        With ``train.select: best`` the model's weights are kept on the CPU (``best_state``).
+        """
+        if not improves(record.get("val_pgd_acc"), self.best_value):
+            return False
+        self.best_epoch, self.best_value = int(record["epoch"]), float(record["val_pgd_acc"])
+        if self.policy.train.select == "best":  # every rank keeps it: each returns the same model
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+        return True
+
     @property
     def loss_names(self) -> list[str]:
         """History keys of each objective's weighted loss (none with a single objective)."""
         objectives = self.objectives
         return [f"loss_{i}_{obj.name}" for i, (_, obj) in enumerate(objectives)] if len(objectives) > 1 else []
+
+
+def improves(value: Any, best: float | None) -> bool:
+    """Whether a probe robust accuracy beats the best so far: a finite number strictly greater (a tie does not).
+
+    Example:
+        >>> improves(0.5, None), improves(0.5, 0.5), improves(0.6, 0.5), improves(None, 0.5)
+        (True, False, True, False)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return best is None or value > best
+
+
+def history_best(history: list[dict[str, Any]]) -> tuple[int | None, float | None]:
+    """The first epoch of the highest ``val_pgd_acc`` in ``history`` and that value (None, None: no probe).
+
+    Example:
+        >>> history_best([{"epoch": e, "val_pgd_acc": v} for e, v in [(1, 0.2), (2, 0.5), (3, 0.5)]])
+        (2, 0.5)
+    """
+    epoch, best = None, None
+    for record in history:
+        e, v = record.get("epoch"), record.get("val_pgd_acc")
+        if isinstance(e, int) and not isinstance(e, bool) and isinstance(v, (int, float)) and improves(v, best):
+            epoch, best = e, float(v)
+    return epoch, best
+
+
+def resolve_data(
+    policy: Policy, train: TrainData | None, val: TrainData | None, bundle: DataBundle | None
+) -> tuple[TrainData, TrainData | None, DataBundle | None]:
+    """The training and validation data, and the bundle they came from (None: the caller's own data).
+
+    ``load_data`` runs only when neither ``train`` nor ``bundle`` is given.
+    """
+    if bundle is not None and train is not None:
+        raise DataError(
+            "expected either train= data or bundle=, got both; pass the bundle alone (its train split trains)"
+        )
+    if train is None:
+        if bundle is None:
+            bundle = load_data(policy.data)
+        train, val = bundle.train, (val if val is not None else bundle.test)
+    return train, val, bundle
 
 
 def set_up(
@@ -152,6 +229,12 @@ def set_up(
         raise DataError("expected training data, got an empty dataset")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(policy, steps_per_epoch))
     scaler = grad_scaler(spec.precision, device)
+    augment = augment_enabled(policy.data)
+    if augment:
+        side = example.shape[-1]
+        log.info(
+            "augmenting training batches: random crop (zero padding %d px) and horizontal flip", crop_padding(side)
+        )
     return FitRun(
         policy,
         dist,
@@ -168,6 +251,7 @@ def set_up(
         steps_per_epoch,
         run_dir,
         progress,
+        augment=augment,
     )
 
 

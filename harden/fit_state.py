@@ -6,25 +6,43 @@ uninterrupted one would. Its ``info`` names the run (``run_id`` of the run folde
 hash (``policy_sha256``) and the :func:`resume_hash`; a resume refuses a checkpoint of another run
 or of another policy (``train.epochs`` aside). Files are written atomically, and hashed together
 with their sidecar, by :mod:`harden.checkpoint`.
+
+The best epoch by the probe's robust accuracy (``val_pgd_acc``; a tie is no improvement) is
+``checkpoints/best.safetensors`` / ``best.json`` (``train.keep_best``), a checkpoint of the
+same format holding the model alone, never pruned. The history decides which epoch is best: a
+resume takes the best-so-far from the restored history (:func:`sync_best`), so it never
+overwrites a better best, and a best file that is not that epoch's (from epochs the resume
+trains again, damaged, of another run) is removed. A checkpoint records ``stopped_early``: a
+resumed run that early stopping ended trains no further.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harden.checkpoint import load_latest, prune_checkpoints, save_checkpoint
+from harden.checkpoint import BEST_STEM, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint
 from harden.errors import CheckpointError, HardenError
+from harden.fit_setup import history_best
 from harden.policy import Policy
 from harden.policy_io import policy_hash
 
 if TYPE_CHECKING:
     from harden.fit_setup import FitRun
 
-__all__ = ["resume_hash", "resume_run", "save_epoch_checkpoint"]
+__all__ = [
+    "best_weights",
+    "resume_hash",
+    "resume_run",
+    "save_best",
+    "save_epoch_checkpoint",
+    "sync_best",
+]
 
 log = logging.getLogger("harden")
 
@@ -72,6 +90,8 @@ def save_epoch_checkpoint(run: FitRun, epoch: int, p_hash: str) -> None:
         "run_id": run.run_id,
         "policy_sha256": p_hash,
         "resume_hash": resume_hash(run.policy),
+        "best_epoch": run.best_epoch,
+        "stopped_early": run.stopped_early,
     }
     save_checkpoint(run.ckpt_dir, epoch, state, info)
     prune_checkpoints(run.ckpt_dir, run.policy.train.keep_checkpoints)
@@ -156,8 +176,84 @@ def _restore(run: FitRun, epoch: int, state: dict[str, Any], info: dict[str, Any
     _load_state(run, epoch, state)
     run.history = list(history)
     run.start_epoch = run.resumed_from = epoch
-    log.info("resumed from epoch %d", epoch)
+    run.stopped_early = info.get("stopped_early") is True
+    log.info("resumed from epoch %d%s", epoch, " (early stopping had ended the training)" * run.stopped_early)
     return epoch
+
+
+def save_best(run: FitRun, epoch: int, p_hash: str) -> None:
+    """Write the model as ``checkpoints/best.safetensors`` / ``best.json``: epoch ``epoch``, ``run.best_value``."""
+    info = {
+        "run_id": run.run_id,
+        "policy_sha256": p_hash,
+        "resume_hash": resume_hash(run.policy),
+        "val_pgd_acc": run.best_value,
+    }
+    save_checkpoint(run.ckpt_dir, epoch, {"model": run.net.state_dict()}, info, stem=BEST_STEM)
+
+
+def _read_best(run: FitRun) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """The verified best checkpoint of this run (None: none, not a regular file, damaged, another run's)."""
+    sidecar = run.ckpt_dir / f"{BEST_STEM}.json"
+    if sidecar.is_symlink() or not sidecar.is_file():
+        return None
+    try:
+        epoch, state, info = load_checkpoint(sidecar)
+    except CheckpointError:
+        return None
+    if info.get("run_id") != run.run_id or info.get("resume_hash") != resume_hash(run.policy):
+        return None
+    return epoch, state, info
+
+
+def _remove_best(run: FitRun) -> None:
+    for suffix in (".json", ".safetensors"):  # the sidecar first: a tensor file alone is never read
+        path = run.ckpt_dir / f"{BEST_STEM}{suffix}"
+        if os.path.lexists(path) and not path.is_dir():
+            path.unlink()
+
+
+def sync_best(run: FitRun, p_hash: str) -> None:
+    """Set the best-so-far from ``run.history`` and make the best checkpoint match it (rank 0 writes).
+
+    After a resume (or at a fresh start, with an empty history): ``run.best_epoch`` and
+    ``run.best_value`` come from :func:`history_best`. With ``train.keep_best``, a best file of
+    that epoch and value is kept; when the restored model is the best epoch's, the file is
+    written from it; any other best file is removed (one from epochs the resumed run trains
+    again silently, a missing or damaged one with a warning: ``select: best`` then returns the
+    last epoch unless a later epoch improves).
+    """
+    run.best_epoch, run.best_value = history_best(run.history)
+    if not run.policy.train.keep_best or not run.dist.is_main:
+        return
+    found = _read_best(run)
+    if run.best_epoch is not None:
+        if found is not None and found[0] == run.best_epoch and found[2].get("val_pgd_acc") == run.best_value:
+            return
+        if run.best_epoch == run.start_epoch:  # the restored model is the best epoch's
+            save_best(run, run.best_epoch, p_hash)
+            return
+        if found is None or found[0] <= run.start_epoch:
+            warnings.warn(
+                f"the best checkpoint of epoch {run.best_epoch} in {str(run.ckpt_dir)!r} is missing or damaged; "
+                "the best is tracked from here (select: best returns the last epoch unless one improves)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    _remove_best(run)
+
+
+def best_weights(run: FitRun) -> dict[str, torch.Tensor] | None:
+    """The weights of ``run.best_epoch``: ``run.best_state``, else the best checkpoint's (None: not kept)."""
+    if run.best_epoch is None:
+        return None
+    if run.best_state is not None:
+        return run.best_state
+    found = _read_best(run)
+    if found is None or found[0] != run.best_epoch or not isinstance(found[1], dict):
+        return None
+    model = found[1].get("model")
+    return model if isinstance(model, dict) else None
 
 
 def _load_state(run: FitRun, epoch: int, state: dict[str, Any]) -> None:

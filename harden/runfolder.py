@@ -10,8 +10,8 @@ until :meth:`RunFolder.close` (or the end of its ``with`` block):
   close (a stale one left by a killed process is simply locked again).
 - **One run.** A fresh run (``resume=False``) into a *used* folder, one holding any of
   :data:`ARTIFACTS`, is refused unless ``overwrite=True``, which deletes exactly those artifacts
-  (in ``checkpoints/`` only harden's checkpoint files, ``epoch-NNNN.safetensors`` / ``.json`` and
-  their temp files, then the folder if that leaves it empty; other files are never touched). ``run.json`` (written atomically when a run starts) holds the
+  (in ``checkpoints/`` only harden's checkpoint files, ``epoch-NNNN``/``best`` ``.safetensors`` / ``.json`` and
+  their temp files, in ``tensorboard/`` only event files, then the folder if that leaves it empty; other files are never touched). ``run.json`` (written atomically when a run starts) holds the
   run's ``run_id`` (uuid4 hex), the full policy hash, the creation time and the harden version; a
   resume keeps the run id (checkpoints carry it, and a resume refuses another run's). Resuming a
   folder with checkpoints but without ``run.json`` (made by an older harden) is refused.
@@ -69,6 +69,8 @@ ARTIFACTS: tuple[str, ...] = (
     "certificate.md",
     "certificate.html",
     "certificate.json",
+    "metrics.csv",
+    "tensorboard",
 )
 #: the final artifacts a resumed run writes again, deleted when it opens the folder (commit marker first)
 OUTPUTS: tuple[str, ...] = (
@@ -84,9 +86,11 @@ OUTPUTS: tuple[str, ...] = (
 RUN_JSON = "run.json"
 _RANDOM = r"[a-z0-9_]{8}"  # the random part of tempfile's names
 _TEMP_FILE = re.compile(r"^\.(" + "|".join(re.escape(a) for a in ARTIFACTS) + r")\." + _RANDOM + r"\.tmp$")
-_CKPT_TEMP = re.compile(r"^\.epoch-\d{4,}\.(safetensors|json)\." + _RANDOM + r"\.tmp$")
+_CKPT_TEMP = re.compile(r"^\.(epoch-\d{4,}|best)\.(safetensors|json)\." + _RANDOM + r"\.tmp$")
 #: harden's checkpoint files and the temp files of their writes (as :mod:`harden.checkpoint` names them)
-_CKPT_FILE = re.compile(r"^epoch-\d{4,}\.(safetensors|json)$")
+_CKPT_FILE = re.compile(r"^(epoch-\d{4,}|best)\.(safetensors|json)$")
+#: TensorBoard's event files (``tensorboard/``, written by :mod:`harden.metrics_log`)
+_TB_EVENTS = re.compile(r"^events\.out\.tfevents\.[\w.\-]+$")
 _EXPORT_TEMP = re.compile(r"^\.model\.onnx\." + _RANDOM + "$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -128,13 +132,15 @@ def used_artifacts(path: str | Path) -> list[str]:
 def _remove(path: Path) -> None:
     """Delete a file or a link (not its target); a missing path is fine.
 
-    A folder is ``checkpoints/``: only harden's checkpoint files in it are deleted
-    (``epoch-NNNN.safetensors`` / ``.json`` and the temp files of their writes), then the folder
-    itself if that leaves it empty. Other files there are the user's and stay.
+    A folder is ``checkpoints/`` or ``tensorboard/``: only harden's files in it are deleted
+    (``epoch-NNNN`` / ``best`` ``.safetensors`` / ``.json`` and the temp files of their writes;
+    TensorBoard event files), then the folder itself if that leaves it empty. Other files there
+    are the user's and stay.
     """
     if path.is_dir() and not path.is_symlink():
+        ours = (_CKPT_FILE, CHECKPOINT_TEMP) if path.name == "checkpoints" else (_TB_EVENTS,)
         for entry in path.iterdir():
-            if (_CKPT_FILE.match(entry.name) or CHECKPOINT_TEMP.match(entry.name)) and not entry.is_dir():
+            if any(p.match(entry.name) for p in ours) and not entry.is_dir():
                 entry.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             path.rmdir()  # only when empty

@@ -381,3 +381,19 @@ def test_files_get_the_mode_open_would_give_them(tmp_path, umask, mode):
     files = [tmp_path / "a.bin", *(tmp_path / "ck").iterdir()]
     assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in files] == [oct(mode)] * 3
     assert stat.S_IMODE((tmp_path / "plain.bin").stat().st_mode) == mode
+
+
+def test_the_best_checkpoint_is_never_listed_nor_pruned(tmp_path):
+    from harden.checkpoint import BEST_STEM, CHECKPOINT_TEMP
+
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, epoch, {"w": torch.full((2,), float(epoch))}, {})
+    save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}}, {"val_pgd_acc": 0.5}, stem=BEST_STEM)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0001.json", "epoch-0002.json"]
+    prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.json", "best.safetensors", "epoch-0002.json", "epoch-0002.safetensors"
+    ]
+    epoch, state, info = load_checkpoint(tmp_path / "best.json")
+    assert (epoch, info, state["model"]["w"].tolist()) == (1, {"val_pgd_acc": 0.5}, [1.0, 1.0])
+    assert CHECKPOINT_TEMP.match(".best.safetensors.abcd1234.tmp") and not CHECKPOINT_TEMP.match(".bests.json.x.tmp")

@@ -96,7 +96,7 @@ def torchrun(*args, cwd, timeout=300):
 def test_two_processes_train_one_model_and_rank0_writes_everything_once(tmp_path):
     policy = tiny_policy(
         data={"batch_size": 32},
-        train={"epochs": 3, "probe_examples": 32, "probe_steps": 2, "keep_checkpoints": 5},
+        train={"epochs": 3, "probe_examples": 32, "probe_steps": 2, "keep_checkpoints": 5, "tensorboard": False},
         objectives=MIX,
     )
     policy_file, run, out = tmp_path / "policy.yaml", tmp_path / "run", tmp_path / "out"
@@ -127,9 +127,11 @@ def test_two_processes_train_one_model_and_rank0_writes_everything_once(tmp_path
     expected = {"policy.yaml", "model.safetensors", "model.json"} | {
         f"checkpoints/epoch-{e:04d}.{ext}" for e in (1, 2, 3) for ext in ("safetensors", "json")
     }
-    assert set(names) == expected and set(names.values()) == {1}
+    best = {n for n in names if n.startswith("checkpoints/best.")}  # the best-probe epoch's weights
+    assert best == {"checkpoints/best.safetensors", "checkpoints/best.json"}
+    assert set(names) - best == expected and {names[n] for n in set(names) - best} == {1}
     found = {os.path.relpath(p, run) for p in run.rglob("*") if p.is_file()}
-    assert found == expected | {"run.json"}  # the run id, written when rank 0 opened the folder
+    assert found == expected | best | {"run.json", "metrics.csv"}  # run.json: the run id, written when rank 0 opened the folder
     assert not list(tmp_path.rglob("*.tmp"))
 
     # the summed validation accuracy is the accuracy on the whole test split

@@ -120,3 +120,155 @@ def test_train_epoch_record_of_a_finite_run(tmp_path):
     assert record["loss_1_ce"] == pytest.approx(0.5 * record["loss_0_ce"], rel=1e-5)
     assert record["train_loss"] == pytest.approx(record["loss_0_ce"] + record["loss_1_ce"], rel=1e-5)
     assert run.history == []  # end_epoch appends the record, not train_epoch
+
+
+# --- what each epoch reports, the best epoch, early stopping -------------------------------------------------
+
+EPOCH_LINE = r"^epoch (\d+)/(\d+)  loss \d+\.\d{3}  val clean \d+\.\d%  PGD-3 \d+\.\d%(  \(best\))?  \d+\.\d s$"
+
+
+def test_each_epoch_prints_one_line_with_progress_and_none_without(tmp_path, capsys):
+    import re
+
+    policy = tiny_policy(train={"epochs": 2, "probe_examples": 16}, objectives=[{"name": "ce"}])
+    harden.fit(None, policy, run_dir=tmp_path / "a", progress=True)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    assert [re.match(EPOCH_LINE, ln).group(1, 2) for ln in lines] == [("1", "2"), ("2", "2")], lines
+    assert "(best)" in lines[0]  # the first probe is the best so far
+    fit(policy, tmp_path / "b")
+    assert capsys.readouterr().out == ""
+
+
+def test_epoch_line_formats_the_record():
+    from harden.fit_loop import epoch_line
+
+    record = {"epoch": 3, "train_loss": 0.4123, "val_clean_acc": 0.9712, "val_pgd_acc": 0.5121, "seconds": 12.44}
+    assert epoch_line(record, 5, 10, best=True) == "epoch 3/5  loss 0.412  val clean 97.1%  PGD-10 51.2%  (best)  12.4 s"
+    bare = {"epoch": 1, "train_loss": 2.0, "skipped_steps": 2, "seconds": 0.04}
+    assert epoch_line(bare, 1, 10) == "epoch 1/1  loss 2.000  2 non-finite steps skipped  0.0 s"
+
+
+@pytest.fixture
+def probe_sequence(monkeypatch):
+    """Make the per-epoch probe report the robust accuracies given, epoch by epoch (clean: 0.9)."""
+
+    def use(values):
+        def fake(run):
+            return {"val_clean_acc": 0.9, "val_pgd_acc": values[len(run.history)]}
+
+        monkeypatch.setattr(harden.fit_loop, "_evaluate", fake)
+
+    return use
+
+
+def best_policy(**train):
+    return tiny_policy(
+        train={"epochs": 6, "probe_examples": 16, "schedule": "constant", **train}, objectives=[{"name": "ce"}]
+    )
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tmp_run, probe_sequence, caplog):
+    import logging
+
+    probe_sequence([0.2, 0.5, 0.4, 0.5, 0.9, 0.9])  # a tie (epoch 4) is no improvement
+    with caplog.at_level(logging.INFO, logger="harden"):
+        result = fit(best_policy(early_stopping=2), tmp_run)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert result.best_epoch == 2 and result.stopped_early is True
+    assert any("early stopping: no better probe robust accuracy in the 2 epochs since epoch 2" in r.getMessage()
+               for r in caplog.records)
+    # the stopping epoch is checkpointed (checkpoint_every aside) and says so
+    from harden.checkpoint import load_checkpoint
+
+    epoch, _, info = load_checkpoint(tmp_run / "checkpoints" / "epoch-0004.json")
+    assert (epoch, info["stopped_early"], info["best_epoch"]) == (4, True, 2)
+    model_json = harden.train.read_model_info(result.weights)
+    assert (model_json["epoch"], model_json["best_epoch"], model_json["stopped_early"]) == (4, 2, True)
+
+
+def test_no_early_stop_when_the_probe_keeps_improving_or_at_the_last_epoch(tmp_run, probe_sequence):
+    probe_sequence([0.1, 0.2, 0.2, 0.2])
+    result = fit(best_policy(epochs=4, early_stopping=2), tmp_run)
+    assert len(result.history) == 4 and result.stopped_early is False and result.best_epoch == 2
+
+
+def test_best_checkpoint_tracks_the_highest_probe_and_survives_pruning(tmp_run, probe_sequence):
+    from harden.checkpoint import load_checkpoint
+
+    probe_sequence([0.2, 0.5, 0.4, 0.3])
+    result = fit(best_policy(epochs=4, keep_checkpoints=1), tmp_run)
+    assert result.best_epoch == 2 and result.stopped_early is False
+    names = sorted(p.name for p in (tmp_run / "checkpoints").iterdir())
+    assert names == ["best.json", "best.safetensors", "epoch-0004.json", "epoch-0004.safetensors"]
+    epoch, state, info = load_checkpoint(tmp_run / "checkpoints" / "best.json")
+    assert (epoch, info["val_pgd_acc"]) == (2, 0.5)
+    # select: last (the default): the model is the last epoch's, not the best's
+    _, last, _ = load_checkpoint(tmp_run / "checkpoints" / "epoch-0004.json")
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k], last["model"][k]) for k in final)
+    assert not all(torch.equal(final[k], state["model"][k]) for k in final)
+
+
+def test_select_best_returns_and_saves_the_best_epochs_weights(tmp_run, probe_sequence):
+    from harden.checkpoint import load_checkpoint
+    from harden.train import load_trained
+
+    probe_sequence([0.2, 0.5, 0.4, 0.3])
+    policy = best_policy(epochs=4, select="best")
+    result = fit(policy, tmp_run)
+    _, best, _ = load_checkpoint(tmp_run / "checkpoints" / "best.json")
+    _, last, _ = load_checkpoint(tmp_run / "checkpoints" / "epoch-0004.json")
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k], best["model"][k]) for k in final)
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in final)  # the epochs did differ
+    saved, _ = load_trained(policy, result.weights)
+    assert all(torch.equal(saved.state_dict()[k], final[k]) for k in final)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]  # history keeps every epoch
+    assert harden.train.read_model_info(result.weights)["epoch"] == 2
+
+
+def test_keep_best_false_writes_no_best_file(tmp_run, probe_sequence):
+    probe_sequence([0.2, 0.5])
+    result = fit(best_policy(epochs=2, keep_best=False), tmp_run)
+    assert result.best_epoch == 2
+    assert not (tmp_run / "checkpoints" / "best.json").exists()
+
+
+def test_without_a_probe_there_is_no_best_epoch(tmp_run):
+    result = fit(tiny_policy(train={"probe_examples": 0}, objectives=[{"name": "ce"}]), tmp_run)
+    assert result.best_epoch is None and result.stopped_early is False
+    assert not (tmp_run / "checkpoints" / "best.json").exists()
+
+
+def test_the_probe_attacks_a_balanced_sample_the_same_every_epoch(tmp_path, monkeypatch):
+    import time
+
+    from harden.fit_loop import end_epoch
+
+    # class-sorted validation data: the first 12 examples are all of class 0
+    x, y = synthetic_tensors(36, seed=2)
+    order = torch.argsort(y, stable=True)
+    val = TensorDataset(x[order], y[order])
+    b = synthetic_bundle(96, 32)
+    policy = tiny_policy(train={"epochs": 2, "probe_examples": 12}, objectives=[{"name": "ce"}])
+    run = set_up(None, policy, Distributed(torch.device("cpu")), b.train, val, b, tmp_path)
+    seen = []
+    real = harden.fit_loop.clean_and_pgd_counts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["probe"].clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harden.fit_loop, "clean_and_pgd_counts", spy)
+    for epoch in range(2):
+        end_epoch(run, train_epoch(run, epoch), time.perf_counter(), "hash")
+    assert torch.equal(seen[0], seen[1])
+    assert torch.bincount(y[order][seen[0]], minlength=3).tolist() == [4, 4, 4]
+
+
+def test_select_best_without_validation_data_warns_and_keeps_the_last_epoch(tmp_run):
+    x, y = synthetic_tensors(64)
+    policy = tiny_policy(train={"select": "best", "probe_examples": 16}, objectives=[{"name": "ce"}])
+    with pytest.warns(RuntimeWarning, match=r"for train.select: best, got none \(no validation data\)"):
+        result = fit(policy, tmp_run, model=TinyCNN(num_classes=3), train=TensorDataset(x, y))
+    assert result.best_epoch is None and len(result.history) == 1

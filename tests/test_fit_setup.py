@@ -133,3 +133,38 @@ def test_fit_on_an_empty_user_dataset(tmp_run):
     with pytest.raises(harden.DataError):
         harden.fit(TinyCNN(num_classes=3), tiny_policy(objectives=[{"name": "ce"}]), empty, run_dir=tmp_run)
     assert not tmp_run.exists()
+
+
+def test_history_best_takes_the_first_of_the_highest_probe_and_skips_non_numbers():
+    from harden.fit_setup import history_best, improves
+
+    history = [
+        {"epoch": 1, "val_pgd_acc": 0.2},
+        {"epoch": 2, "val_pgd_acc": 0.5},
+        {"epoch": 3, "val_pgd_acc": 0.5},  # a tie is no improvement
+        {"epoch": 4},  # no probe
+        {"epoch": 5, "val_pgd_acc": float("nan")},
+        {"epoch": 6, "val_pgd_acc": True},  # a forged record: not a number
+        {"epoch": "7", "val_pgd_acc": 0.9},  # nor an epoch
+    ]
+    assert history_best(history) == (2, 0.5)
+    assert history_best([]) == (None, None)
+    assert [improves(v, 0.5) for v in (0.6, 0.5, 0.4, float("inf"), None, "0.9")] == [
+        True, False, False, False, False, False
+    ]
+
+
+def test_track_best_keeps_the_weights_only_for_select_best(tmp_path):
+    b = synthetic_bundle(96, 32)
+    dist = Distributed(torch.device("cpu"))
+    for select, kept in (("last", False), ("best", True)):
+        policy = tiny_policy(train={"select": select}, objectives=[{"name": "ce"}])
+        run = set_up(None, policy, dist, b.train, b.test, b, tmp_path)
+        assert run.track_best({"epoch": 1, "val_pgd_acc": 0.3}) is True
+        assert (run.best_epoch, run.best_value, run.best_state is not None) == (1, 0.3, kept)
+        if kept:
+            for k, v in run.net.state_dict().items():
+                assert torch.equal(run.best_state[k], v) and run.best_state[k].data_ptr() != v.data_ptr()
+        assert run.track_best({"epoch": 2, "val_pgd_acc": 0.3}) is False
+        assert run.track_best({"epoch": 3}) is False
+        assert run.best_epoch == 1

@@ -471,3 +471,122 @@ def test_a_forged_history_is_a_checkpoint_error(tmp_path):
     side.write_text(json.dumps(meta))
     with pytest.raises(harden.CheckpointError, match=r"history of epoch records, got int"):
         resume_run(set_up(None, policy, dist, b.train, b.test, b, tmp_path / "run"))
+
+
+# --- the best epoch, early stopping and metrics across a resume ---------------------------------------------
+
+
+@pytest.fixture
+def probe_sequence(monkeypatch):
+    """Make the per-epoch probe report the robust accuracies given, epoch by epoch (clean: 0.9)."""
+
+    def use(values):
+        def fake(run):
+            return {"val_clean_acc": 0.9, "val_pgd_acc": values[len(run.history)]}
+
+        monkeypatch.setattr(harden.fit_loop, "_evaluate", fake)
+
+    return use
+
+
+def best_policy(epochs, **train):
+    train = {"epochs": epochs, "probe_examples": 16, "schedule": "constant", "tensorboard": False, **train}
+    return tiny_policy(train=train, objectives=[{"name": "ce"}])
+
+
+def test_resume_keeps_the_best_so_far(tmp_run, probe_sequence):
+    probe_sequence([0.2, 0.5, 0.4, 0.45, 0.3])
+    fit(best_policy(3), tmp_run)
+    best = tmp_run / "checkpoints" / "best.safetensors"
+    before = best.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an intact best: no warning
+        resumed = fit(best_policy(5), tmp_run, resume=True)
+    # epoch 4 (0.45) would be a "best" to a run that forgot epoch 2 (0.5)
+    assert resumed.resumed_from == 3 and resumed.best_epoch == 2
+    assert best.read_bytes() == before
+    assert json.loads(best.with_suffix(".json").read_text())["epoch"] == 2
+
+
+def test_resume_writes_the_best_from_the_restored_model_when_the_crash_came_between(tmp_run, probe_sequence):
+    from harden.checkpoint import load_checkpoint
+
+    probe_sequence([0.2, 0.5, 0.6])
+    fit(best_policy(2), tmp_run)
+    for suffix in (".json", ".safetensors"):  # killed after epoch 2's checkpoint, before its best file
+        (tmp_run / "checkpoints" / f"best{suffix}").unlink()
+    (tmp_run / "model.safetensors").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the restored model (epoch 2) is the best: written again, quietly
+        resumed = fit(best_policy(3), tmp_run, resume=True)
+    assert resumed.best_epoch == 3
+    epoch, _, info = load_checkpoint(tmp_run / "checkpoints" / "best.json")
+    assert (epoch, info["val_pgd_acc"]) == (3, 0.6)
+
+
+def test_resume_restores_the_best_of_the_checkpoint_epoch(tmp_run, probe_sequence):
+    from harden.checkpoint import load_checkpoint
+
+    probe_sequence([0.2, 0.5])
+    fit(best_policy(2), tmp_run)
+    for suffix in (".json", ".safetensors"):  # killed after epoch 2's checkpoint, before its best file
+        (tmp_run / "checkpoints" / f"best{suffix}").unlink()
+    (tmp_run / "model.safetensors").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the restored model is the best epoch's: written again, quietly
+        resumed = fit(best_policy(2), tmp_run, resume=True)
+    assert resumed.best_epoch == 2
+    epoch, state, _ = load_checkpoint(tmp_run / "checkpoints" / "best.json")
+    assert epoch == 2
+    assert all(torch.equal(v, state["model"][k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_a_lost_best_warns_and_select_best_falls_back_to_the_last_epoch(tmp_run, probe_sequence):
+    probe_sequence([0.5, 0.2, 0.1])
+    fit(best_policy(2, select="best"), tmp_run)
+    (tmp_run / "checkpoints" / "best.safetensors").write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed = fit(best_policy(3, select="best"), tmp_run, resume=True)
+    messages = [str(w.message) for w in caught]
+    assert any("the best checkpoint of epoch 1" in m and "missing or damaged" in m for m in messages), messages
+    assert any("expected the weights of the best epoch 1 for train.select: best" in m for m in messages), messages
+    assert resumed.best_epoch == 1
+    assert not (tmp_run / "checkpoints" / "best.json").exists()
+
+
+def test_a_stopped_run_does_not_train_again_on_resume(tmp_run, probe_sequence, monkeypatch):
+    probe_sequence([0.5, 0.4, 0.3, 0.2, 0.1, 0.1])
+    first = fit(best_policy(6, early_stopping=2), tmp_run)
+    assert first.stopped_early and [r["epoch"] for r in first.history] == [1, 2, 3]
+    monkeypatch.setattr(harden.train, "train_epoch", lambda run, epoch: pytest.fail("trained again"))
+    again = fit(best_policy(6, early_stopping=2), tmp_run, resume=True)
+    assert again.resumed_from == 3 and again.stopped_early and len(again.history) == 3
+    assert again.best_epoch == 1
+    assert [p.name for p in list_checkpoints(tmp_run / "checkpoints")][-1] == "epoch-0003.json"
+
+
+def test_metrics_csv_keeps_one_row_per_epoch_across_a_resume(tmp_run):
+    import csv
+
+    policy = best_policy(3, keep_checkpoints=3)
+    fit(policy, tmp_run)
+    for suffix in (".json", ".safetensors"):  # epoch 3's checkpoint lost: its row must go, then come back once
+        (tmp_run / "checkpoints" / f"epoch-0003{suffix}").unlink()
+    resumed = fit(policy, tmp_run, resume=True)
+    assert resumed.resumed_from == 2
+    with open(tmp_run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [float(r["train_loss"]) for r in rows] == [r["train_loss"] for r in resumed.history]
+
+
+def test_augmented_training_resumes_exactly(tmp_path):
+    train = {"schedule": "constant", "probe_examples": 0, "tensorboard": False}
+    policy = {"data": {"augment": True}, "objectives": [{"name": "ce"}]}
+    fit(tiny_policy(train={**train, "epochs": 1}, **policy), tmp_path / "resumed")
+    resumed = fit(tiny_policy(train={**train, "epochs": 2}, **policy), tmp_path / "resumed", resume=True)
+    straight = fit(tiny_policy(train={**train, "epochs": 2}, **policy), tmp_path / "straight")
+    plain = fit(tiny_policy(train={**train, "epochs": 2}, objectives=[{"name": "ce"}]), tmp_path / "plain")
+    assert resumed.resumed_from == 1
+    assert_same_weights(resumed.model, straight.model)
+    assert resumed.history[-1]["train_loss"] != plain.history[-1]["train_loss"]  # the augmentation did apply

@@ -1,8 +1,9 @@
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from harden.attacks.base import save_modes
 from harden.policy import ThreatModel
-from harden.probe import accuracy, clean_and_pgd_accuracy, clean_and_pgd_counts
+from harden.probe import accuracy, clean_and_pgd_accuracy, clean_and_pgd_counts, probe_indices
 from harden.testing import TinyCNN, synthetic_tensors
 
 CPU = torch.device("cpu")
@@ -56,3 +57,32 @@ def test_accuracy_scores_non_finite_logits_wrong():
 
     right = accuracy(HalfNaN(), torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     assert right.tolist() == [False, True, False, True]
+
+
+def sorted_data(per_class=6, classes=3):
+    """Class-sorted examples: the first ``per_class`` are all class 0."""
+    y = torch.arange(classes).repeat_interleave(per_class)
+    return torch.rand(len(y), 1, 8, 8), y
+
+
+def test_the_probe_attacks_the_balanced_sample_not_the_first_examples():
+    from harden.testing import ConstantClassifier
+
+    data = sorted_data()
+    sample = probe_indices(data, 6, seed=0)
+    assert torch.bincount(data[1][sample], minlength=3).tolist() == [2, 2, 2]
+    args = (ConstantClassifier(num_classes=3, label=0), data, ThreatModel(eps=0.1), CPU)
+    kw = {"batch_size": 4, "probe_examples": 6, "probe_steps": 2, "seed": 0}  # batches straddle the sample
+    # always class 0 and unmoved by any attack: right exactly on the attacked examples of class 0
+    assert clean_and_pgd_counts(*args, **kw, probe=sample) == (6, 18, 2, 6)
+    assert clean_and_pgd_counts(*args, **kw) == (6, 18, 6, 6)  # the first 6: all class 0
+
+
+def test_probe_indices_is_seeded_and_reads_datasets_and_ordered_loaders():
+    x, y = sorted_data()
+    a = probe_indices(TensorDataset(x, y), 6, seed=1)
+    assert torch.equal(a, probe_indices((x, y), 6, seed=1))
+    assert torch.equal(a, probe_indices(DataLoader(TensorDataset(x, y), batch_size=4), 6, seed=1))
+    assert probe_indices(DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), 6, seed=1) is None
+    assert probe_indices((x, y), 0, seed=1).tolist() == []
+    assert probe_indices((x, y), 100, seed=1).tolist() == list(range(18))  # all of it

@@ -265,6 +265,22 @@ def test_overwrite_deletes_only_hardens_checkpoint_files(tmp_path):
     assert (ckpt / "sub" / "epoch-0004.json").read_text() == "in a subfolder: mine"
 
 
+def test_overwrite_deletes_the_best_checkpoint_metrics_and_tensorboard_events_only(tmp_path):
+    out = tmp_path / "run"
+    fill(out, ["run.json", "checkpoints", "metrics.csv"])
+    for name in ("best.safetensors", "best.json", ".best.json.ab12cd34.tmp"):
+        (out / "checkpoints" / name).write_text("harden's")
+    (out / "checkpoints" / "best.txt").write_text("mine")
+    board = out / "tensorboard"
+    board.mkdir()
+    (board / "events.out.tfevents.1700000000.host.123.0").write_text("harden's")
+    (board / "notes.txt").write_text("mine")
+    with RunFolder.open(out, overwrite=True):
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.txt"]
+        assert sorted(p.name for p in board.iterdir()) == ["notes.txt"]
+        assert not (out / "metrics.csv").exists()
+
+
 def test_overwrite_removes_a_checkpoints_folder_left_empty(tmp_path):
     out = tmp_path / "run"
     fill(out)
