@@ -18,6 +18,7 @@ from harden.attacks.suite import order_attacks, suite_labels
 from harden.attacks.transfer import Transfer
 from harden.data import EvalData, check_batch, eval_batches, load_data, to_device
 from harden.errors import DataError
+from harden.splits import select_examples
 from harden.surrogate import attach_surrogates
 
 if TYPE_CHECKING:
@@ -38,10 +39,14 @@ class CascadeTally:
         other_n: per such label, the examples it was measured on.
         other_outcomes: per such label, per example in data order: 1 scored right, 0 wrong, -1
             not measured (beyond the attack's ``n_examples``, or no example could be built).
-        check_x: the first ``check_examples`` inputs, as per-batch slices.
+        check_x: the inputs of the check subset, as per-batch slices.
         check_y: their labels, as per-batch slices.
         adversarial: up to ``keep_adversarial`` worst-case inputs (CPU, float32): the examples an
             attack fooled first, then attacked examples that survived; None when none were kept.
+        indices: per verified example, its index in the data handed to :func:`run_cascade`.
+        labels: per verified example, its label.
+        check: per verified example, whether it is in the check subset.
+        sample: how the examples were drawn (``balanced`` or ``first``).
     """
 
     result: SuiteResult
@@ -51,12 +56,31 @@ class CascadeTally:
     check_x: list[torch.Tensor] = field(default_factory=list)
     check_y: list[torch.Tensor] = field(default_factory=list)
     adversarial: torch.Tensor | None = None
+    indices: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    check: list[bool] = field(default_factory=list)
+    sample: str = "first"
 
-    def report_fields(self, policy: Policy, specs: Sequence[AttackSpec], seconds: float) -> dict[str, Any]:
-        """The fields every robustness report takes from a cascade (accuracies, counts, threat, timing)."""
+    def report_fields(
+        self,
+        policy: Policy,
+        specs: Sequence[AttackSpec],
+        seconds: float,
+        *,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """The fields every robustness report takes from a cascade (accuracies, counts, threat, timing).
+
+        ``num_classes`` and ``class_names`` (when known) list every class in ``per_class``, also
+        one without a verified example (``n`` 0).
+        """
         result = self.result
         n = int(result.clean_correct.numel())
         counts = Counter(b for b in result.broken_by if b)
+        in_check = torch.tensor(self.check, dtype=torch.bool) if self.check else torch.zeros(n, dtype=torch.bool)
+        check_n = int(in_check.sum())
+        check_clean = int(result.clean_correct[in_check].sum()) / check_n if check_n else 0.0
         return {
             "n": n,
             "clean_accuracy": int(result.clean_correct.sum()) / n,
@@ -70,9 +94,39 @@ class CascadeTally:
             "seed": policy.seed,
             "other_threats": {k: v / max(self.other_n[k], 1) for k, v in self.other_right.items()},
             "other_counts": self.other_n,
-            "outcomes": {"broken_by": list(result.broken_by), "other": self.other_outcomes},
+            "outcomes": {
+                "broken_by": list(result.broken_by),
+                "other": self.other_outcomes,
+                "indices": list(self.indices),
+            },
             "data_name": policy.data.name,
+            "per_class": self.per_class(num_classes, class_names),
+            "check_n": check_n,
+            "check_clean_accuracy": check_clean,
+            "sample": self.sample,
         }
+
+    def per_class(
+        self, num_classes: int | None = None, class_names: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Per class: ``label``, ``name`` (None when unknown), ``n``, ``clean`` and ``robust`` counts of the verified examples."""
+        labels = torch.tensor(self.labels, dtype=torch.int64)
+        k = max(num_classes or 0, len(class_names or ()), int(labels.max()) + 1 if labels.numel() else 0)
+        clean, robust = self.result.clean_correct.cpu(), self.result.robust.cpu()
+        out = []
+        for c in range(k):
+            mine = labels == c
+            name = str(class_names[c]) if class_names is not None and c < len(class_names) else None
+            out.append(
+                {
+                    "label": c,
+                    "name": name,
+                    "n": int(mine.sum()),
+                    "clean": int(clean[mine].sum()),
+                    "robust": int(robust[mine].sum()),
+                }
+            )
+        return out
 
 
 def prepared_attacks(
@@ -127,7 +181,10 @@ def _training_split(policy: Policy, attacks: Sequence[Attack]) -> DataBundle | N
         return load_data(policy.data)
     except DataError as exc:
         if any(isinstance(a, Transfer) and a.surrogate is None for a in attacks):
-            raise
+            raise DataError(
+                f"expected the policy's data for the transfer attack's surrogate (trained or loaded on its training "
+                f"split), got: {exc}; pass bundle= (harden.data.load_data of that data) or set attack.surrogate"
+            ) from None
         warnings.warn(
             f"the policy's data could not be loaded ({exc}): invariance_examples searches the attacked batch "
             "instead of the training split, so its figure is not comparable with harden run's; pass bundle= "
@@ -157,13 +214,16 @@ def run_cascade(
     in_chans: int | None = None,
     check_examples: int = 0,
     keep_adversarial: int = 0,
+    sample: str = "first",
+    seed: int = 0,
 ) -> CascadeTally:
-    """Run the worst-case cascade over the eval batches of ``data``, up to ``limit`` examples.
+    """Run the worst-case cascade over the eval batches of ``data``, on ``limit`` examples of it.
 
-    Per batch: check it, move it to ``device``, run ``lp_attacks`` as a cascade (each only on
-    the examples still robust), score each of ``other_attacks`` on up to its cap of examples,
-    collect the first ``check_examples`` examples and update the progress bar. The caller owns
-    the model's modes and the RNG (seed it before calling).
+    The examples (and the check subset among them) are chosen by :func:`select_examples`. Per
+    batch: check it, move it to ``device``, run ``lp_attacks`` as a cascade (each only on the
+    examples still robust), score each of ``other_attacks`` on up to its cap of examples,
+    collect the check subset and update the progress bar. The caller owns the model's modes and
+    the RNG (seed it before calling).
 
     Args:
         net: the model under attack (a PyTorch model or an ONNX session module).
@@ -173,12 +233,14 @@ def run_cascade(
         other_caps: per attack of ``other_attacks``, the most examples it scores (None: all).
         device: where batches go.
         batch_size: the eval batch size.
-        limit: stop after this many examples (None: all of ``data``).
+        limit: verify this many examples (None: all of ``data``).
         desc: the progress bar's label.
         progress: show a progress bar.
         in_chans: the input channels the batches must have (None: any).
-        check_examples: collect this many leading examples for the sanity checks.
+        check_examples: collect this many of the verified examples for the sanity checks.
         keep_adversarial: keep up to this many worst-case inputs of the l_p cascade.
+        sample: ``balanced`` (a seeded class-balanced sample) or ``first`` (the first examples).
+        seed: the seed of the sample (the policy's ``seed``).
 
     Returns:
         A :class:`CascadeTally`.
@@ -186,18 +248,20 @@ def run_cascade(
     Raises:
         DataError: no examples, or a batch that does not pass :func:`harden.data.check_batch`.
     """
+    sel = select_examples(data, limit, check_examples, sample, seed)
     other_labels = suite_labels([a.name for a in other_attacks])
     other_right, other_n = dict.fromkeys(other_labels, 0), dict.fromkeys(other_labels, 0)
     other_outcomes: dict[str, list[int]] = {label: [] for label in other_labels}
     check_x: list[torch.Tensor] = []
     check_y: list[torch.Tensor] = []
-    n_check = 0
+    labels: list[int] = []
     fooled_adv: list[torch.Tensor] = []  # worst-case inputs that fooled the model, then survivors'
     survived_adv: list[torch.Tensor] = []
     seen = 0
     result: SuiteResult | None = None
-    with tqdm(total=limit, desc=desc, disable=not progress, leave=False, unit="img") as bar:
-        for xb, yb in eval_batches(data, batch_size, limit):
+    total = len(sel.indices) if sel.indices is not None else limit
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="img") as bar:
+        for xb, yb in eval_batches(sel.data, batch_size, limit):
             check_batch(xb, yb, in_chans=in_chans)
             x, y = to_device(xb, yb, device)
             part = _lp_part(net, x, y, lp_attacks, keep_adversarial, fooled_adv, survived_adv)
@@ -210,13 +274,16 @@ def run_cascade(
                 other_right[label] += right
                 other_n[label] += counted
                 other_outcomes[label] += outcome
-            if n_check < check_examples:
-                take = check_examples - n_check
-                check_x.append(x[:take])
-                check_y.append(y[:take])
-                n_check += min(take, x.shape[0])
+            mask = _in_check(sel.check, check_examples, seen, x.shape[0]).to(x.device)
+            if bool(mask.any()):
+                check_x.append(x[mask])
+                check_y.append(y[mask])
+            labels += y.tolist()
             seen += x.shape[0]
             bar.update(x.shape[0])
+        if bar.total != seen:  # fewer examples than the limit: the bar ends full, at what was verified
+            bar.total = seen
+            bar.refresh()
     if result is None:
         raise DataError("expected at least one example to verify, got none")
     kept = torch.cat([*fooled_adv, *survived_adv])[:keep_adversarial] if fooled_adv or survived_adv else None
@@ -228,7 +295,18 @@ def run_cascade(
         check_x=check_x,
         check_y=check_y,
         adversarial=kept if kept is not None and kept.shape[0] else None,
+        indices=sel.indices[:seen] if sel.indices is not None else list(range(seen)),
+        labels=labels,
+        check=sel.check[:seen] if sel.check is not None else [i < check_examples for i in range(seen)],
+        sample=sel.sample,
     )
+
+
+def _in_check(check: list[bool] | None, check_examples: int, seen: int, n: int) -> torch.Tensor:
+    """Which of the ``n`` examples from position ``seen`` on are in the check subset (the leading ones without ``check``)."""
+    if check is not None:
+        return torch.tensor(check[seen : seen + n], dtype=torch.bool)
+    return torch.arange(seen, seen + n) < check_examples
 
 
 def _lp_part(

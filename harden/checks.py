@@ -2,8 +2,10 @@
 
 After Carlini et al. 2019 ("On evaluating adversarial robustness"), Athalye et al. 2018
 ("Obfuscated gradients give a false sense of security") and AutoAttack's own checks. Each check
-has an id, the condition under which it is raised, and a remedy; it reports PASS, WARN or FAIL
-with a detail. A FAIL marks the certificate UNRELIABLE.
+has an id, the condition under which it is raised, and a remedy; it reports PASS, WARN, FAIL or
+SKIP with a detail. A FAIL marks the certificate UNRELIABLE. A check that had nothing to test
+(no training history, no black-box attack in the suite, no example the model gets right) says
+SKIP and why: it never counts as a pass.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from harden.attacks.base import restore_modes, save_modes
 from harden.attacks.pgd import PGD
 from harden.batches import predictions
 from harden.policy import ThreatModel
 
-__all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "onnx_black_box_check", "run_checks"]
+__all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "Status", "onnx_black_box_check", "run_checks"]
 
-Status = Literal["PASS", "WARN", "FAIL"]
+#: A check's outcome: SKIP means it had nothing to test (the detail says why); it is not a pass.
+Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class CheckContext:
         broken_by: per example of the full evaluation, the first attack that fooled it.
         white_box: attack labels of the suite that use the model's gradients.
         history: per-epoch training history (for the catastrophic-overfitting probe).
+        black_box: attack labels of the l_p suite that do not use the model's gradients.
+        indices: per example of ``broken_by``, its index in the verified data (the examples a
+            check lists are named by it); empty: by position.
     """
 
     model: nn.Module
@@ -67,6 +74,13 @@ class CheckContext:
     broken_by: Sequence[str] = ()
     white_box: Sequence[str] = ()
     history: Sequence[dict[str, Any]] = ()
+    black_box: Sequence[str] = ()
+    indices: Sequence[int] = ()
+
+    def clean_accuracy(self) -> float:
+        """Accuracy on the clean check subset."""
+        with torch.no_grad():
+            return float((predictions(self.model(self.x)) == self.y).float().mean())
 
     def pgd_accuracy(
         self,
@@ -126,8 +140,9 @@ def _chance(ctx: CheckContext) -> float:
     "deterministic_eval",
     "the model's eval-mode logits differ between two calls on the same batch, or between a batch and its "
     "examples one at a time (beyond 1e-4)",
-    "remove randomness from the eval forward (dropout left on, random transforms) or evaluate with "
-    "EOT (average gradients over many forward passes); fix batch-dependent layers (BatchNorm in train mode)",
+    "remove randomness from the eval forward (dropout left on, random transforms) or evaluate with EOT: "
+    "params: {eot: 10} on the gradient attacks (pgd, apgd_ce, apgd_t, fgsm) averages each gradient over 10 "
+    "forward passes; fix batch-dependent layers (BatchNorm in train mode)",
 )
 def _deterministic(ctx: CheckContext) -> tuple[Status, str]:
     with torch.no_grad():
@@ -138,7 +153,7 @@ def _deterministic(ctx: CheckContext) -> tuple[Status, str]:
     rep = float((a - b).abs().max())
     bat = float((a[:k] - single).abs().max())
     if rep > 1e-4:
-        return "FAIL", f"two identical calls differ by {rep:.3g}: the forward pass is random; use EOT for attacks"
+        return "FAIL", f"two identical calls differ by {rep:.3g}: the forward pass is random; attack with EOT (eot: 10)"
     if bat > 1e-4:
         return "FAIL", f"batched and one-at-a-time logits differ by {bat:.3g}: outputs depend on the batch"
     return "PASS", f"repeat diff {rep:.1e}, batch vs single diff {bat:.1e}"
@@ -199,8 +214,14 @@ def _large_eps(threat: ThreatModel, x: torch.Tensor) -> float:
 )
 def _large_eps_check(ctx: CheckContext) -> tuple[Status, str]:
     eps = _large_eps(ctx.threat, ctx.x)
-    acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
     chance = _chance(ctx)
+    clean = ctx.clean_accuracy()
+    if clean <= chance + 0.05:  # the check cannot fail
+        return (
+            "SKIP",
+            f"clean accuracy {clean:.1%} is already within 5 points of chance ({chance:.1%}): nothing to lower",
+        )
+    acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
     status: Status = "PASS" if acc <= chance + 0.05 else "FAIL"
     return status, f"accuracy {acc:.1%} at eps={eps:.3g} (chance {chance:.1%})"
 
@@ -213,6 +234,9 @@ def _large_eps_check(ctx: CheckContext) -> tuple[Status, str]:
 )
 def _unbounded(ctx: CheckContext) -> tuple[Status, str]:
     eps = 1.0 if ctx.threat.norm == "linf" else math.sqrt(ctx.x[0].numel())
+    clean = ctx.clean_accuracy()
+    if clean <= 0.01:  # the check cannot fail
+        return "SKIP", f"clean accuracy {clean:.1%}: the model is right on (almost) no check example, nothing to attack"
     acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
     status: Status = "PASS" if acc <= 0.01 else "FAIL"
     return status, f"success {1 - acc:.1%} with eps={eps:.3g}"
@@ -225,10 +249,12 @@ def _unbounded(ctx: CheckContext) -> tuple[Status, str]:
     "run, beyond 1 example (FAIL: the model's answers are random or the gradients inconsistent), or lowers "
     "accuracy by more than 5 points (WARN: the evaluation had not converged)",
     "raise steps/restarts until accuracy stops falling; randomness that favours the model points at a "
-    "stochastic defence (use EOT)",
+    "stochastic defence (use EOT: params: {eot: 10} on pgd / apgd_ce / apgd_t)",
 )
 def _more_iterations(ctx: CheckContext) -> tuple[Status, str]:
     eps = ctx.threat.eps
+    if ctx.clean_accuracy() == 0.0:
+        return "SKIP", "clean accuracy 0%: the model is right on no check example, nothing to attack"
     alpha = 2.5 * eps / ctx.steps  # the base run's step, kept for the longer runs
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     base = ctx.pgd_accuracy(steps=ctx.steps, step_size=alpha, seed=seed)
@@ -251,11 +277,19 @@ def _more_iterations(ctx: CheckContext) -> tuple[Status, str]:
     "and find the masking layer",
 )
 def _white_vs_black(ctx: CheckContext) -> tuple[Status, str]:
-    if not ctx.broken_by or not ctx.white_box:
-        return "PASS", "no white-box/black-box pair in the suite"
-    black = [i for i, b in enumerate(ctx.broken_by) if b and b != "clean" and b not in ctx.white_box]
+    if not ctx.white_box:
+        return "SKIP", "no white-box attack in the suite: nothing to compare the black-box attacks with"
+    if not ctx.black_box:
+        return "SKIP", "no black-box attack in the suite: add square or transfer to verify.attacks to run this check"
+    if not ctx.broken_by:
+        return "SKIP", "no outcomes of the suite to compare"
+    white = set(ctx.white_box)
+    reached = sum(1 for b in ctx.broken_by if b not in white and b != "clean")
+    if reached == 0:
+        return "SKIP", "no example survived the white-box attacks: the black-box attacks ran on none"
+    black = [i for i, b in enumerate(ctx.broken_by) if b and b != "clean" and b not in white]
     n = len(ctx.broken_by)
-    listed = ", ".join(str(i) for i in black[:20]) + (" ..." if len(black) > 20 else "")
+    listed = _listed(black, ctx.indices)
     if len(black) > 0.02 * n:
         return "FAIL", f"{len(black)} of {n} examples fell only to black-box attacks (indices {listed})"
     if black:
@@ -274,7 +308,8 @@ def _overfitting(ctx: CheckContext) -> tuple[Status, str]:
         (float(h["val_pgd_acc"]), h.get("val_clean_acc")) for h in ctx.history if h.get("val_pgd_acc") is not None
     ]
     if len(probes) < 2:
-        return "PASS", "fewer than two probed epochs"
+        got = "no training history" if not ctx.history else f"{len(probes)} epoch(s) with a PGD probe"
+        return "SKIP", f"{got}: nothing to compare (harden.verify(..., history=fit_result.history) gives it)"
     best = max(p for p, _ in probes)
     last, clean = probes[-1]
     if best - last > 0.20 and (clean or 0) > 0.5:
@@ -282,8 +317,15 @@ def _overfitting(ctx: CheckContext) -> tuple[Status, str]:
     return "PASS", f"PGD probe best {best:.1%}, last {last:.1%}"
 
 
-def run_checks(ctx: CheckContext, ids: Sequence[str] | None = None) -> dict[str, CheckResult]:
+def run_checks(
+    ctx: CheckContext, ids: Sequence[str] | None = None, *, progress: bool = False
+) -> dict[str, CheckResult]:
     """Run the checks ``ids`` (default: all) and return their results by id.
+
+    Args:
+        ctx: what the checks look at.
+        ids: the checks to run, by id (None: every registered check).
+        progress: show a progress bar (``checks``), one step per check.
 
     Example:
         >>> from harden.testing import TinyMLP, synthetic_tensors
@@ -295,11 +337,15 @@ def run_checks(ctx: CheckContext, ids: Sequence[str] | None = None) -> dict[str,
     out: dict[str, CheckResult] = {}
     modes = save_modes(ctx.model)
     ctx.model.eval()
+    todo = list(ids) if ids is not None else list(CHECKS)
     try:
-        for cid in ids if ids is not None else list(CHECKS):
-            spec = CHECKS[cid]
-            status, detail = spec.fn(ctx)
-            out[cid] = CheckResult(cid, status, detail, spec.raised_if, spec.remedy)
+        with tqdm(total=len(todo), desc="checks", disable=not progress, leave=False, unit="check") as bar:
+            for cid in todo:
+                bar.set_postfix_str(cid, refresh=False)
+                spec = CHECKS[cid]
+                status, detail = spec.fn(ctx)
+                out[cid] = CheckResult(cid, status, detail, spec.raised_if, spec.remedy)
+                bar.update(1)
     finally:
         restore_modes(ctx.model, modes)
     return out
@@ -315,7 +361,15 @@ ONNX_REMEDY = (
 )
 
 
-def onnx_black_box_check(torch_broken_by: Sequence[str], onnx_broken_by: Sequence[str]) -> CheckResult:
+def _listed(positions: Sequence[int], indices: Sequence[int] | None) -> str:
+    """Up to 20 examples by their data index (``indices[position]``; the position where unknown)."""
+    named = [indices[i] if indices and i < len(indices) else i for i in positions[:20]]
+    return ", ".join(str(i) for i in named) + (" ..." if len(positions) > 20 else "")
+
+
+def onnx_black_box_check(
+    torch_broken_by: Sequence[str], onnx_broken_by: Sequence[str], indices: Sequence[int] | None = None
+) -> CheckResult:
     """Compare, example by example, the PyTorch suite's outcomes with the ONNX session's.
 
     Both lists are per example in data order (``""``: robust, ``"clean"``: wrong when clean, else
@@ -324,6 +378,8 @@ def onnx_black_box_check(torch_broken_by: Sequence[str], onnx_broken_by: Sequenc
     Args:
         torch_broken_by: the PyTorch model's worst-case outcomes (``report.outcomes["broken_by"]``).
         onnx_broken_by: the ONNX session's, under its gradient-free attacks.
+        indices: per compared example, its index in the test split (``report.outcomes["indices"]``):
+            the examples that fell are named by it; None: by position.
 
     Example:
         >>> onnx_black_box_check(["", "", "pgd"], ["", "square", "noise"]).status
@@ -333,10 +389,10 @@ def onnx_black_box_check(torch_broken_by: Sequence[str], onnx_broken_by: Sequenc
     """
     n = min(len(torch_broken_by), len(onnx_broken_by))
     fell = [i for i in range(n) if torch_broken_by[i] == "" and onnx_broken_by[i] != ""]
-    listed = ", ".join(str(i) for i in fell[:20]) + (" ..." if len(fell) > 20 else "")
+    listed = _listed(fell, indices)
     detail = f"{len(fell)} of {n} examples held on the PyTorch model and fell on the ONNX session"
     if n == 0:
-        status: Status = "PASS"
+        status: Status = "SKIP"
         detail = "no example to compare"
     elif len(fell) > 0.02 * n:
         status, detail = "FAIL", f"{detail} (indices {listed})"

@@ -3,8 +3,9 @@
 A run folder is what ``harden run`` (or ``harden verify --out``) writes: ``report.json`` holds
 the accuracies and, per example, which attack first fooled it and the outcome of every attack
 outside the l_p threat model; ``certificate.json`` (optional) adds the policy, seed and
-training time. Two runs verified on the same data share their first ``min(n_a, n_b)`` examples,
-in data order.
+training time. Two runs verified on the same data are paired on the test-split indices both
+verified (``outcomes.indices``, written since harden draws class-balanced samples); reports
+without indices share their first ``min(n_a, n_b)`` examples, in data order.
 
 For a pair of runs and a measure (clean, robust, or an other threat), the paired test is
 McNemar's exact test on the shared examples: with ``b`` examples right in the first run only and
@@ -51,6 +52,8 @@ class Run:
         fit_seconds: training time (None when unknown).
         threat: the threat model verified against.
         attacks: the attack specifications of the verification.
+        indices: the test-split index of each verified example (None: an older report, whose
+            examples are the first ``n``).
     """
 
     path: Path
@@ -61,6 +64,7 @@ class Run:
     fit_seconds: float | None = None
     threat: dict[str, Any] = field(default_factory=dict)
     attacks: list[Any] = field(default_factory=list)
+    indices: list[int] | None = None
 
     @property
     def n(self) -> int:
@@ -104,6 +108,14 @@ def load_run(path: str | Path) -> Run:
     }
     for label, values in (outcomes.get("other") or {}).items():
         right[label] = [None if v < 0 else bool(v) for v in values]
+    indices = outcomes.get("indices")
+    if indices is not None and (
+        not isinstance(indices, list)
+        or len(indices) != len(broken)
+        or not all(type(i) is int and i >= 0 for i in indices)
+        or len(set(indices)) != len(indices)
+    ):
+        raise DataError(f"expected outcomes.indices in {report_file} to be {len(broken)} distinct indices >= 0, got another value")
     cert_file = (path if path.is_dir() else path.parent) / "certificate.json"
     cert = _read_json(cert_file) if cert_file.is_file() else {}
     timings = cert.get("timings") or {}
@@ -120,7 +132,25 @@ def load_run(path: str | Path) -> Run:
         float(fit) if fit is not None else None,
         dict(report.get("threat") or {}),
         list(report.get("attacks") or []),
+        indices,
     )
+
+
+def shared_outcomes(a: Run, b: Run, measure: str) -> tuple[list[bool | None], list[bool | None]]:
+    """The outcomes of ``measure`` on the examples both runs verified, paired example by example.
+
+    Example:
+        >>> a = Run(Path("a"), "a", 0, "d", {"clean": [True, False, True]}, indices=[0, 4, 7])
+        >>> b = Run(Path("b"), "b", 0, "d", {"clean": [False, True]}, indices=[7, 0])
+        >>> shared_outcomes(a, b, "clean")
+        ([True, True], [True, False])
+    """
+    if a.indices is None or b.indices is None:
+        n = min(a.n, b.n)
+        return a.right[measure][:n], b.right[measure][:n]
+    where = {idx: k for k, idx in enumerate(b.indices)}
+    pairs = [(k, where[idx]) for k, idx in enumerate(a.indices) if idx in where]
+    return [a.right[measure][i] for i, _ in pairs], [b.right[measure][j] for _, j in pairs]
 
 
 def mcnemar(a: Sequence[bool | None], b: Sequence[bool | None]) -> tuple[int, int, float]:
@@ -166,8 +196,9 @@ class Comparison:
             other = base.get(run.seed)
             if other is None or other is run or measure not in run.right or measure not in other.right:
                 continue
-            n = min(run.n, other.n)
-            b, c, p = mcnemar(run.right[measure][:n], other.right[measure][:n])
+            mine, theirs = shared_outcomes(run, other, measure)
+            n = len(mine)
+            b, c, p = mcnemar(mine, theirs)
             out.append({"seed": run.seed, "n": n, "only_this": b, "only_baseline": c, "p": p})
         return out
 

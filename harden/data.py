@@ -9,7 +9,8 @@ the checks on one split (image sizes, labels, example 0) are :mod:`harden.splits
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from harden.batches import (
 )
 from harden.errors import DataError, ModelError
 from harden.registry import Registry
-from harden.splits import SameShape, check_first, split_labels
+from harden.splits import SameShape, check_first, sample_indices, split_labels
 
 __all__ = [
     "DATASETS",
@@ -168,18 +169,9 @@ def _imagefolder(spec: Any) -> DataBundle:
         raise DataError(
             f"expected {str(root)!r} to contain train/ and test/ (or val/) class folders, got {sorted(p.name for p in root.iterdir())}"
         )
-    size = spec.image_size or 224
-    tf = transforms.Compose(
-        [
-            transforms.Lambda(lambda im: im.convert("RGB")),
-            transforms.Resize(size),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-        ]
-    )
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=tf, loader=_load_image)
-        test = datasets.ImageFolder(str(test_dir), transform=tf, loader=_load_image)
+        train = datasets.ImageFolder(str(root / "train"), loader=_load_image)
+        test = datasets.ImageFolder(str(test_dir), loader=_load_image)
     except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or a class folder without images
         raise DataError(
             f"expected class folders of images in {str(root)!r}/train and /{test_dir.name}, got: {exc}"
@@ -188,7 +180,54 @@ def _imagefolder(spec: Any) -> DataBundle:
         raise DataError(
             f"expected the same class folders in train/ and {test_dir.name}/, got {train.classes} and {test.classes}"
         )
+    size = spec.image_size or _own_size([p for p, _ in [*train.samples, *test.samples]], root)
+    tf = transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+        ]
+    )
+    train.transform, test.transform = tf, tf
     return DataBundle("imagefolder", train, test, len(train.classes), (3, size, size), tuple(train.classes))
+
+
+def _own_size(paths: Sequence[str], root: Path) -> int:
+    """The one square size every image of ``paths`` has, read from the file headers (no pixel is decoded).
+
+    Raises:
+        DataError: an unreadable file, or images of several sizes or not square (then
+            ``data.image_size`` must say the size to resize them to).
+    """
+    from PIL import Image
+
+    sizes: Counter[tuple[int, int]] = Counter()
+    example: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            with Image.open(path) as im:  # parses the header only
+                size = (int(im.size[0]), int(im.size[1]))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise _image_error(path, exc) from None
+        sizes[size] += 1
+        example.setdefault(size, path)
+    if len(sizes) == 1:
+        ((w, h),) = sizes
+        if w == h:
+            return w
+    found = ", ".join(f"{w}x{h} ({k} images, e.g. {example[(w, h)]!r})" for (w, h), k in sizes.most_common(3))
+    raise DataError(
+        f"expected the images under {str(root)!r} to share one square size, or data.image_size, got {found}"
+        f"{' ...' if len(sizes) > 3 else ''}; set data.image_size to the side they are resized and cropped to"
+    )
+
+
+def _image_error(path: str, exc: BaseException) -> DataError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DataError(
+        f"expected an image file PIL can read, got {path!r} ({type(exc).__name__}: {first}); replace or remove the file"
+    )
 
 
 def _load_image(path: str) -> Any:
@@ -199,11 +238,7 @@ def _load_image(path: str) -> Any:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(
-            f"expected an image file PIL can read, got {path!r} ({type(exc).__name__}: {first}); "
-            "replace or remove the file"
-        ) from None
+        raise _image_error(path, exc) from None
 
 
 def synthetic_tensors(
@@ -255,7 +290,7 @@ def _synthetic(spec: Any) -> DataBundle:
 
 def _user_data(spec: Any) -> tuple[DataBundle, torch.Tensor | None]:
     """The user's ``module:function`` data, and the train labels when they had to be read to count classes."""
-    from harden.models import import_object
+    from harden.model_load import import_object
 
     try:
         fn = import_object(spec.name)
@@ -293,8 +328,13 @@ def _user_data(spec: Any) -> tuple[DataBundle, torch.Tensor | None]:
     return DataBundle(spec.name, train, test, int(n_cls), shape, names), labels  # type: ignore[arg-type]
 
 
-def load_data(spec: Any) -> DataBundle:
+def load_data(spec: Any, *, seed: int = SPLIT_SEED) -> DataBundle:
     """Load the train/test datasets a :class:`harden.policy.DataSpec` names.
+
+    ``train_limit`` / ``test_limit`` keep a seeded sample of the split
+    (:func:`harden.splits.sample_indices`: class-balanced where the labels are known without
+    loading images, as for every built-in dataset), drawn with ``seed``: by default the fixed
+    seed of the bundled splits, so every entry point and every policy seed sees the same examples.
 
     Every label of both splits is checked here (integers in ``[0, num_classes)``), from the
     split's label array where it keeps one (a ``TensorDataset``, a ``targets`` attribute), else in
@@ -321,10 +361,11 @@ def load_data(spec: Any) -> DataBundle:
         )
     train, test = bundle.train, bundle.test
     if spec.train_limit is not None and spec.train_limit < len(train):  # type: ignore[arg-type]
-        train = Subset(train, range(spec.train_limit))
-        train_labels = train_labels[: spec.train_limit] if train_labels is not None else None
+        keep = sample_indices(train, spec.train_limit, seed, train_labels)
+        train = Subset(train, keep.tolist())
+        train_labels = train_labels[keep] if train_labels is not None else None
     if spec.test_limit is not None and spec.test_limit < len(test):  # type: ignore[arg-type]
-        test = Subset(test, range(spec.test_limit))
+        test = Subset(test, sample_indices(test, spec.test_limit, seed).tolist())
     if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
         raise DataError(f"expected non-empty train and test splits for {spec.name!r}, got {len(train)} and {len(test)}")  # type: ignore[arg-type]
     for part, ds, labels in (("train", train, train_labels), ("test", test, None)):

@@ -1,21 +1,26 @@
-"""Checks on one split of a dataset: one image size, every label, and the first example.
+"""One split of a dataset: its checks (one image size, every label, the first example) and its samples.
 
-:func:`harden.data.load_data` runs them on the splits of a user's ``module:function`` data (and
-the label and first-example checks on every dataset) before anything is trained or written.
+:func:`harden.data.load_data` runs the checks on the splits of a user's ``module:function`` data
+(and the label and first-example checks on every dataset) before anything is trained or written.
+Which examples a limit keeps (``train_limit``, ``test_limit``: :func:`sample_indices`;
+``verify.n_examples`` and ``check_examples``: :func:`select_examples`) is decided here too.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
-from harden.batches import check_batch
+from harden.batches import EvalData, check_batch
 from harden.errors import DataError
+from harden.sampling import balanced_indices
 
-__all__ = ["SameShape", "check_first", "label_array", "split_labels"]
+__all__ = ["SameShape", "Selection", "check_first", "label_array", "sample_indices", "select_examples", "split_labels"]
 
 
 class SameShape(Dataset[Any]):
@@ -143,3 +148,130 @@ def check_first(dataset: Dataset[Any], part: str, name: str, num_classes: int, i
         check_batch(x.unsqueeze(0), torch.as_tensor(y).reshape(1), num_classes, in_chans)
     except DataError as exc:  # keeps the class: a pixel problem stays an InputError
         raise type(exc)(f"{name!r} {part} example 0: {exc}") from None
+
+
+@dataclass
+class Selection:
+    """Which examples of the data handed over a cascade verifies (see :func:`select_examples`).
+
+    Attributes:
+        data: the data restricted to those examples, in the data's order.
+        indices: per verified example, its index in the data handed over (None: not known in
+            advance; the first examples as they come).
+        check: per verified example, whether it is in the check subset (None with ``indices``).
+        sample: how they were drawn: ``balanced`` or ``first``.
+    """
+
+    data: EvalData
+    indices: list[int] | None
+    check: list[bool] | None
+    sample: str
+
+
+def select_examples(data: EvalData, limit: int | None, check_examples: int, sample: str, seed: int) -> Selection:
+    """The examples to verify and the check subset among them.
+
+    ``balanced``: a seeded class-balanced sample (:func:`harden.sampling.balanced_indices`) of
+    ``limit`` examples, and the check subset a class-balanced sample of ``check_examples`` of them
+    (same seed); ``first``: the first ``limit``, and the first ``check_examples`` of those. The
+    labels are read from the data's label array (a tensor pair, a ``TensorDataset``, a
+    ``targets`` attribute), else in one pass over the examples, and only when a sample is drawn.
+    A DataLoader with its own sampler (or without a length) is taken as it comes: the first
+    ``limit`` examples, with a warning when ``balanced`` was asked for.
+
+    Example:
+        >>> x, y = torch.rand(12, 1, 2, 2), torch.tensor([0] * 6 + [1] * 6)
+        >>> sel = select_examples((x, y), 4, 2, "balanced", seed=0)
+        >>> sorted(y[sel.indices].tolist()), sum(sel.check)
+        ([0, 0, 1, 1], 2)
+        >>> select_examples((x, y), 4, 2, "first", seed=0).indices
+        [0, 1, 2, 3]
+    """
+    total = _length(data)
+    if total is None:  # also a malformed (x, y) pair: the batches refuse it with the reason
+        if sample == "balanced" and not isinstance(data, tuple):
+            warnings.warn(
+                "verify.sample 'balanced' needs the data's labels in advance; a DataLoader with its own sampler "
+                "(or data without a length) is verified in its own order (its first examples): pass a Dataset, "
+                "a DataLoader without shuffling or (x, y) tensors for a class-balanced sample",
+                UserWarning,
+                stacklevel=3,
+            )
+        return Selection(data, None, None, "first")
+    k = total if limit is None else min(limit, total)
+    labels = _labels(data) if sample == "balanced" and (k < total or check_examples < k) else None
+    idx = balanced_indices(labels, k, seed) if labels is not None and k < total else torch.arange(k)
+    check = torch.zeros(k, dtype=torch.bool)
+    if check_examples >= k:
+        check[:] = True
+    elif check_examples > 0:
+        chosen = (
+            balanced_indices(labels[idx], check_examples, seed) if labels is not None else torch.arange(check_examples)
+        )
+        check[chosen] = True
+    return Selection(_restrict(data, idx, total), idx.tolist(), check.tolist(), sample)
+
+
+def _length(data: EvalData) -> int | None:
+    """How many examples ``data`` holds, when it can be indexed in order; None otherwise."""
+    if isinstance(data, tuple):
+        pair = len(data) == 2 and all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in data)
+        return int(data[0].shape[0]) if pair and data[0].shape[0] == data[1].shape[0] else None
+    if isinstance(data, DataLoader):
+        sequential = isinstance(data.sampler, SequentialSampler) and data.batch_size is not None
+        return _length(data.dataset) if sequential else None
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _labels(data: EvalData) -> torch.Tensor:
+    """Every label of ``data`` (an indexable Dataset, a sequential DataLoader's dataset, or an (x, y) pair), on the CPU."""
+    if isinstance(data, tuple):
+        return torch.as_tensor(data[1]).cpu()
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    labels = label_array(ds)
+    return (labels if labels is not None else split_labels(ds, "test", "the verified data")).cpu()
+
+
+def _restrict(data: EvalData, idx: torch.Tensor, total: int) -> EvalData:
+    """``data`` restricted to the examples ``idx`` (in order); ``data`` itself when that is all of it."""
+    if idx.numel() == total:
+        return data
+    if isinstance(data, tuple):
+        x, y = data
+        return x[idx.to(x.device)], y[idx.to(y.device)]
+    if isinstance(data, DataLoader):
+        return DataLoader(
+            Subset(data.dataset, idx.tolist()),
+            batch_size=data.batch_size,
+            collate_fn=data.collate_fn,
+            num_workers=data.num_workers,
+            pin_memory=data.pin_memory,
+        )
+    return Subset(data, idx.tolist())
+
+
+def sample_indices(ds: Any, n: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (ascending) of a seeded sample of ``n`` examples of a split (all of them when it has no more).
+
+    Class-balanced (:func:`harden.sampling.balanced_indices`) where the labels are known without
+    loading an image (``labels``, or the split's :func:`label_array`); else a seeded uniform
+    random sample, so a limit never reads every image of a large split.
+
+    Example:
+        >>> ds = TensorDataset(torch.zeros(8, 1, 2, 2), torch.tensor([0] * 4 + [1] * 4))
+        >>> sample_indices(ds, 4, seed=0).tolist() == sample_indices(ds, 4, seed=0).tolist()
+        True
+        >>> torch.bincount(ds.tensors[1][sample_indices(ds, 4, seed=0)]).tolist()
+        [2, 2]
+    """
+    total = len(ds)
+    if n >= total:
+        return torch.arange(total, dtype=torch.int64)
+    labels = labels if labels is not None else label_array(ds)
+    if labels is not None:
+        return balanced_indices(labels.cpu(), n, seed)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.sort(torch.randperm(total, generator=gen)[:n]).values

@@ -1,7 +1,10 @@
 """``harden.verify``: clean accuracy and per-example worst-case robust accuracy of a suite.
 
 Attacks run as a cascade (each only on the examples still robust); the report gives the
-worst case and how many examples survived after each attack.
+worst case and how many examples survived after each attack, per class too. The examples are a
+seeded class-balanced sample of the test split (``verify.sample``); the eps sweep and the
+sanity checks run on a smaller class-balanced subset of them (``verify.check_examples``), whose
+own clean accuracy the report states beside the headline one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from harden._cascade import CascadeTally, prepared_attacks, run_cascade
 from harden.attacks import ATTACKS
@@ -19,11 +24,14 @@ from harden.attacks.base import Attack, restore_modes, save_modes
 from harden.attacks.suite import preset_specs
 from harden.checks import CheckContext, run_checks
 from harden.data import DataBundle, EvalData, load_data
-from harden.errors import DataError
+from harden.errors import DataError, ModelError
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
 from harden.policy_io import checked
 from harden.probe import accuracy
+
+#: classes listed one by one in :meth:`RobustnessReport.summary` (beyond: the worst few)
+SUMMARY_CLASSES = 20
 
 __all__ = ["RobustnessReport", "verify"]
 
@@ -33,8 +41,8 @@ class RobustnessReport:
     """The outcome of :func:`verify`.
 
     Attributes:
-        n: examples evaluated.
-        clean_accuracy: accuracy on clean inputs.
+        n: examples evaluated (``verify.n_examples`` of the test split, or all of it if fewer).
+        clean_accuracy: accuracy on clean inputs of those ``n`` examples (the headline).
         robust_accuracy: accuracy under the per-example worst case of the whole suite.
         per_attack: per attack label, the accuracy after the cascade up to and including it
             (non-increasing; the last equals ``robust_accuracy``). White-box attacks run first.
@@ -48,17 +56,28 @@ class RobustnessReport:
             ``invariance``), each run on all examples; for label-changing invariance examples
             (``invariance_examples``), agreement with the new label.
         other_counts: per entry of ``other_threats``, the examples it was measured on.
-        eps_curve: ``(eps, accuracy)`` pairs of the eps sweep (eps 0 is clean accuracy).
-        checks: sanity-check results by id (``status``, ``detail``, ``raised_if``, ``remedy``).
-        outcomes: per example, in data order (the first ``n`` of the data): ``broken_by``, the
-            attack that first fooled it (``"clean"`` when wrong on clean input, ``""`` when the
-            whole l_p suite left it right), and ``other``, per attack outside the l_p threat
-            model, 1 right / 0 wrong / -1 not measured. ``harden compare`` pairs runs on them.
+        eps_curve: ``(eps, accuracy)`` pairs of the eps sweep, on the check subset (eps 0 is its
+            clean accuracy, ``check_clean_accuracy``).
+        checks: sanity-check results by id (``status``: PASS, WARN, FAIL or SKIP, ``detail``,
+            ``raised_if``, ``remedy``). SKIP: the check had nothing to test; never a pass.
+        outcomes: per verified example, in data order: ``indices``, its index in the data
+            verified (the test split); ``broken_by``, the attack that first fooled it
+            (``"clean"`` when wrong on clean input, ``""`` when the whole l_p suite left it
+            right); and ``other``, per attack outside the l_p threat model, 1 right / 0 wrong /
+            -1 not measured. ``harden compare`` pairs runs on them.
         adversarial: with ``verify(..., keep_adversarial=k)``, up to ``k`` worst-case inputs of
             the l_p suite (CPU, float32 pixels in [0, 1]): the examples an attack fooled first,
             then attacked examples that survived (their last attack's output), in data order
             within each group. None when not asked for or no example was attacked. Not part of
             :meth:`to_dict` (JSON).
+        per_class: per class, ``{"label", "name", "n", "clean", "robust"}``: counts of the
+            verified examples of that class, right on clean input, and right under the whole
+            l_p suite (``name`` None where the data names no classes).
+        check_n: examples of the check subset (the eps sweep's and the sanity checks').
+        check_clean_accuracy: clean accuracy on the check subset (the eps curve's eps-0 point);
+            0.0 when ``check_n`` is 0.
+        sample: how the examples were drawn from the data: ``balanced`` (a seeded
+            class-balanced sample) or ``first`` (the first ``n``).
     """
 
     n: int
@@ -78,11 +97,28 @@ class RobustnessReport:
     outcomes: dict[str, Any] = field(default_factory=dict, repr=False)
     data_name: str = ""
     adversarial: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    check_n: int = 0
+    check_clean_accuracy: float = 0.0
+    sample: str = "first"
 
     @property
     def reliable(self) -> bool:
-        """False when any sanity check failed (the certificate is then UNRELIABLE)."""
+        """False when any sanity check failed (the certificate is then UNRELIABLE); a SKIP is no failure, and no pass."""
         return all(c["status"] != "FAIL" for c in self.checks.values())
+
+    def check_counts(self) -> dict[str, int]:
+        """How many checks ended in each status (``PASS``, ``WARN``, ``FAIL``, ``SKIP``).
+
+        Example:
+            >>> r = RobustnessReport(1, 1.0, 1.0, {}, {}, {}, {}, [], 0.0, checks={"a": {"status": "SKIP"}})
+            >>> r.check_counts()
+            {'PASS': 0, 'WARN': 0, 'FAIL': 0, 'SKIP': 1}
+        """
+        counts = dict.fromkeys(("PASS", "WARN", "FAIL", "SKIP"), 0)
+        for c in self.checks.values():
+            counts[c["status"]] = counts.get(c["status"], 0) + 1
+        return counts
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (without the ``adversarial`` tensor)."""
@@ -91,8 +127,9 @@ class RobustnessReport:
         return d
 
     def summary(self) -> str:
-        """A few lines for people."""
-        lines = [f"clean accuracy   {self.clean_accuracy:7.2%}  (n={self.n})"]
+        """A few lines for people: the accuracies, per class, the eps curve and the checks (with their subset)."""
+        drawn = "class-balanced sample" if self.sample == "balanced" else "first examples"
+        lines = [f"clean accuracy   {self.clean_accuracy:7.2%}  (n={self.n}, {drawn})"]
         for label, acc in self.per_attack.items():
             lines.append(f"  after {label:<10}{acc:7.2%}  ({self.attack_seconds.get(label, 0.0):.1f} s)")
         t = self.threat
@@ -101,30 +138,72 @@ class RobustnessReport:
             what = "agreement with the new label" if label.startswith("invariance_examples") else "accuracy"
             count = self.other_counts.get(label, self.n)
             lines.append(f"{label:<17}{acc:7.2%}  ({what}, n={count}; outside the l_p threat model)")
+        lines += self._per_class_lines()
+        subset = f"check subset, n={self.check_n}, clean accuracy {self.check_clean_accuracy:.2%}"
         if self.eps_curve:
-            lines.append("eps curve        " + "  ".join(f"{e:g}:{a:.0%}" for e, a in self.eps_curve))
-        for cid, c in self.checks.items():
-            lines.append(f"check {c['status']:<4} {cid}: {c['detail']}")
+            lines.append(f"eps curve ({subset}): " + "  ".join(f"{e:g}:{a:.0%}" for e, a in self.eps_curve))
         if self.checks:
+            lines.append(f"sanity checks ({subset}):")
+        for cid, c in self.checks.items():
+            lines.append(f"  check {c['status']:<4} {cid}: {c['detail']}")
+        if self.checks:
+            counts = self.check_counts()
+            tally = f"{counts['PASS']} checks pass" + (f", {counts['WARN']} warn" if counts["WARN"] else "")
+            tally += f", {counts['FAIL']} failed" if counts["FAIL"] else ""
             lines.append(
-                "evaluation " + ("RELIABLE (all checks pass)" if self.reliable else "UNRELIABLE (a check failed)")
+                f"evaluation {'RELIABLE' if self.reliable else 'UNRELIABLE'} ({tally}, {counts['SKIP']} skipped)"
             )
         return "\n".join(lines)
 
+    def _per_class_lines(self) -> list[str]:
+        """Per-class clean / robust accuracy: every class up to :data:`SUMMARY_CLASSES`, else the worst 5."""
+        seen = [c for c in self.per_class if c["n"]]
+        if len(seen) < 2:
+            return []
+        shown, title = seen, "per class         clean   robust"
+        if len(seen) > SUMMARY_CLASSES:
+            shown = sorted(seen, key=lambda c: (c["robust"] / c["n"], c["clean"] / c["n"], c["label"]))[:5]
+            title = f"per class (the 5 of {len(seen)} with the lowest robust accuracy)   clean   robust"
+        lines = [title]
+        for c in shown:
+            name = f"{c['label']} {c['name']}" if c["name"] not in (None, str(c["label"])) else str(c["label"])
+            lines.append(f"  {name[:14]:<14}{c['clean'] / c['n']:7.1%}  {c['robust'] / c['n']:7.1%}  (n={c['n']})")
+        return lines
 
-def _eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy) -> list[tuple[float, float]]:
+
+def _check_head(logits: int, classes: int | None, needed: int) -> None:
+    """A one-line ModelError when the model's head cannot score the data's classes (not a data error)."""
+    if classes is not None and logits != classes:
+        raise ModelError(
+            f"expected the model to output {classes} logits (the data has {classes} classes), got {logits}: "
+            "set model.num_classes / the classifier size to the data's classes"
+        )
+    if logits < needed:
+        raise ModelError(
+            f"expected the model to output at least {needed} logits (the labels go up to {needed - 1}), got {logits}: "
+            "set model.num_classes / the classifier size to the data's classes"
+        )
+
+
+def _eps_curve(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy, clean: float, progress: bool
+) -> list[tuple[float, float]]:
+    """PGD accuracy on the check subset ``(x, y)`` per radius; eps 0 is its clean accuracy ``clean``."""
     spec = policy.verify
-    radii = (
+    asked = (
         spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
     )
+    radii = [e for e in sorted(asked) if not (policy.threat.norm == "linf" and e > 1)]  # linf 1 covers the box
     if not radii:
         return []
-    out = [(0.0, float(accuracy(model, x, y).float().mean()))]
-    for eps in sorted(radii):
-        if policy.threat.norm == "linf" and eps > 1:
-            continue
-        pgd = ATTACKS.get("pgd")(policy.threat.model_copy(update={"eps": eps}), {"steps": spec.check_steps})
-        out.append((float(eps), float(accuracy(model, pgd(model, x, y), y).float().mean())))
+    out = [(0.0, clean)]
+    with tqdm(total=len(radii), desc="eps sweep", disable=not progress, leave=False, unit="eps") as bar:
+        for eps in radii:
+            bar.set_postfix_str(f"eps={eps:g}", refresh=False)
+            pgd = ATTACKS.get("pgd")(policy.threat.model_copy(update={"eps": eps}), {"steps": spec.check_steps})
+            right = int(accuracy(model, pgd(model, x, y), y).sum())
+            out.append((float(eps), right / len(y)))  # a whole count over n in float64, as the certificate checks it
+            bar.update(1)
     return out
 
 
@@ -132,25 +211,41 @@ def _sanity_checks(
     net: nn.Module,
     cx: torch.Tensor,
     cy: torch.Tensor,
+    num_classes: int,
     tally: CascadeTally,
     lp_attacks: list[Attack],
     policy: Policy,
     history: list[dict[str, Any]] | None,
+    progress: bool,
 ) -> dict[str, dict[str, str]]:
     """Run the sanity checks on the check examples ``(cx, cy)``, with the cascade's outcomes."""
     result = tally.result
+    labels = list(zip(result.labels, lp_attacks, strict=True))
     ctx = CheckContext(
         net,
         cx,
         cy,
         policy.threat,
-        int(net(cx[:1]).shape[1]),
+        num_classes,
         steps=policy.verify.check_steps,
         broken_by=result.broken_by,
-        white_box=[lb for lb, a in zip(result.labels, lp_attacks, strict=True) if a.white_box],
+        white_box=[lb for lb, a in labels if a.white_box],
         history=history or [],
+        black_box=[lb for lb, a in labels if not a.white_box],
+        indices=tally.indices,
     )
-    return {k: v.to_dict() for k, v in run_checks(ctx).items()}
+    return {k: v.to_dict() for k, v in run_checks(ctx, progress=progress).items()}
+
+
+def _class_names(data: EvalData, bundle: DataBundle | None) -> tuple[str, ...] | None:
+    """The class names of the bundle, else of the data (a Dataset's or its loader's ``classes``), else None."""
+    if bundle is not None:
+        return bundle.class_names
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    names = getattr(ds, "classes", None)
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
 
 
 def verify(
@@ -165,10 +260,13 @@ def verify(
 ) -> RobustnessReport:
     """Attack ``model`` with the policy's suite on ``data`` (default: the policy's test split).
 
-    The l_p attacks run as a cascade (white-box first), each only on the examples still robust;
-    attacks outside the l_p threat model run on every example and are reported apart. Then the
-    eps sweep and the sanity checks run on the first ``verify.check_examples`` examples. The
-    model is used on the device it is on (batches follow it) and its train/eval modes are
+    The examples are ``verify.n_examples`` of ``data``: a class-balanced sample seeded by
+    ``policy.seed`` (``verify.sample: first``: the first N; ``report.outcomes["indices"]`` says
+    which). The l_p attacks run as a cascade (white-box first), each only on the examples still
+    robust; attacks outside the l_p threat model run on every example and are reported apart.
+    Then the eps sweep and the sanity checks run on a class-balanced subset of
+    ``verify.check_examples`` of them (its clean accuracy is ``report.check_clean_accuracy``).
+    The model is used on the device it is on (batches follow it) and its train/eval modes are
     restored. Attacks are seeded with ``policy.seed`` without touching the global RNG.
 
     Args:
@@ -182,7 +280,7 @@ def verify(
             surrogate) use its train split. None: the policy's data is loaded if one needs it,
             so a measurement does not depend on who called.
         history: the training history, for the catastrophic-overfitting check.
-        progress: show a progress bar.
+        progress: show progress bars (the attacks, the eps sweep, the checks).
         keep_adversarial: keep up to this many worst-case adversarial inputs of the l_p suite in
             ``report.adversarial`` (for parity tests of an exported model); 0 keeps none.
 
@@ -230,14 +328,27 @@ def verify(
                 progress=progress,
                 check_examples=policy.verify.check_examples,
                 keep_adversarial=keep_adversarial,
+                sample=policy.verify.sample,
+                seed=policy.seed,
             )
             cx, cy = torch.cat(tally.check_x), torch.cat(tally.check_y)
-            curve = _eps_curve(net, cx, cy, policy)
-            checks = _sanity_checks(net, cx, cy, tally, lp_attacks, policy, history) if policy.verify.checks else {}
+            with torch.no_grad():
+                logits = int(net(cx[:1]).shape[1])
+            _check_head(logits, bundle.num_classes if bundle is not None else None, int(cy.max()) + 1)
+            num_classes = bundle.num_classes if bundle is not None else logits
+            fields = tally.report_fields(
+                policy, specs, 0.0, num_classes=num_classes, class_names=_class_names(data, bundle)
+            )
+            curve = _eps_curve(net, cx, cy, policy, fields["check_clean_accuracy"], progress)
+            checks = (
+                _sanity_checks(net, cx, cy, num_classes, tally, lp_attacks, policy, history, progress)
+                if policy.verify.checks
+                else {}
+            )
     finally:
         restore_modes(net, modes)
     return RobustnessReport(
-        **tally.report_fields(policy, specs, time.perf_counter() - t0),
+        **{**fields, "seconds": time.perf_counter() - t0},
         eps_curve=curve,
         checks=checks,
         adversarial=tally.adversarial,

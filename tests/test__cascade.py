@@ -1,15 +1,19 @@
 """harden._cascade: the per-batch worst-case loop shared by verify and verify_onnx (cascade, caps, kept examples)."""
 
+import warnings
+
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import harden
+import harden._cascade
 from harden._cascade import prepared_attacks, run_cascade
 from harden.attacks import ATTACKS
 from harden.attacks.base import Attack
 from harden.attacks.transfer import Transfer
 from harden.policy import AttackSpec, ThreatModel
+from harden.sampling import balanced_indices
 from harden.testing import TinyCNN, synthetic_bundle, synthetic_tensors, tiny_policy
 from harden.verify import verify
 
@@ -160,3 +164,95 @@ def test_prepared_attacks_orders_caps_and_hands_over_the_surrogate():
     assert [a.name for a in other] == ["invariance"] and caps == [7]
     (transfer,) = [a for a in lp if isinstance(a, Transfer)]
     assert transfer.surrogate is surrogate  # given, not trained
+
+
+def class_sorted(n=60, seed=5):
+    x, y = synthetic_tensors(n, seed=seed)
+    order = torch.argsort(y, stable=True)
+    return x[order], y[order]
+
+
+def test_a_balanced_cascade_verifies_a_seeded_class_balanced_sample_and_checks_a_balanced_subset(trained):
+    x, y = class_sorted()
+    tally = cascade(
+        trained, (x, y), [ATTACKS.get("fgsm")(THREAT)], limit=30, check_examples=9, sample="balanced", seed=4
+    )
+    idx = balanced_indices(y, 30, 4)
+    assert tally.indices == idx.tolist() and tally.sample == "balanced"
+    assert tally.labels == y[idx].tolist() and torch.bincount(y[idx]).tolist() == [10, 10, 10]
+    assert torch.equal(tally.result.clean_correct, predictions(trained, x[idx]) == y[idx])
+    pos = balanced_indices(y[idx], 9, 4)
+    assert [i for i, c in enumerate(tally.check) if c] == pos.tolist()
+    assert torch.equal(torch.cat(tally.check_x), x[idx][pos]) and torch.equal(torch.cat(tally.check_y), y[idx][pos])
+    first = cascade(trained, (x, y), [ATTACKS.get("fgsm")(THREAT)], limit=30, check_examples=9)
+    assert first.indices == list(range(30)) and first.sample == "first"
+    assert torch.bincount(torch.tensor(first.labels)).tolist() == [20, 10]  # class-sorted: 20 of class 0, then 1
+
+
+def test_a_loader_in_order_gives_the_sample_a_tuple_gives_and_a_shuffled_one_is_taken_as_it_comes(trained):
+    x, y = class_sorted()
+    attacks = [ATTACKS.get("fgsm")(THREAT)]
+    options = {"limit": 30, "check_examples": 9, "sample": "balanced", "seed": 4}
+    pair = cascade(trained, (x, y), attacks, **options)
+    loader = cascade(trained, DataLoader(TensorDataset(x, y), batch_size=7), attacks, **options)
+    assert loader.indices == pair.indices and loader.result.broken_by == pair.result.broken_by
+    assert torch.equal(torch.cat(loader.check_x), torch.cat(pair.check_x))
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)
+    with pytest.warns(UserWarning, match="verified in its own order"):
+        own = cascade(trained, shuffled, attacks, **options)
+    assert own.sample == "first" and own.indices == list(range(30)) and sum(own.check) == 9
+
+
+def test_report_fields_hold_per_class_counts_the_check_subset_and_the_indices(trained):
+    x, y = class_sorted()
+    policy = tiny_policy()
+    tally = cascade(trained, (x, y), [ATTACKS.get("fgsm")(THREAT)], limit=30, check_examples=9, sample="balanced")
+    fields = tally.report_fields(policy, policy.verify.attacks, 1.0, num_classes=4, class_names=("a", "b", "c"))
+    result, labels = tally.result, torch.tensor(tally.labels)
+    assert [c["label"] for c in fields["per_class"]] == [0, 1, 2, 3]  # every class of the model, one unseen
+    assert [c["name"] for c in fields["per_class"]] == ["a", "b", "c", None]
+    for c in fields["per_class"]:
+        mine = labels == c["label"]
+        assert c["n"] == int(mine.sum()) and c["clean"] == int(result.clean_correct[mine].sum())
+        assert c["robust"] == int(result.robust[mine].sum())
+    assert sum(c["n"] for c in fields["per_class"]) == fields["n"] == 30
+    check = torch.tensor(tally.check)
+    assert fields["check_n"] == 9
+    assert fields["check_clean_accuracy"] == int(result.clean_correct[check].sum()) / 9
+    assert fields["outcomes"]["indices"] == tally.indices and fields["sample"] == "balanced"
+
+
+class RecordingBar:
+    """Stands in for tqdm: records the total it ends with and what was counted."""
+
+    bars: list = []
+
+    def __init__(self, total=None, **_):
+        self.total, self.n = total, 0
+        RecordingBar.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, k):
+        self.n += k
+
+    def refresh(self):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["tuple", "shuffled-loader"])
+def test_the_bar_ends_full_when_the_data_holds_fewer_examples_than_the_limit(monkeypatch, trained, kind):
+    # digits' test split holds 359 examples; verify.n_examples 360 once ended the bar at 359/360
+    monkeypatch.setattr(harden._cascade, "tqdm", RecordingBar)
+    RecordingBar.bars = []
+    x, y = synthetic_tensors(359, seed=5)
+    data = (x, y) if kind == "tuple" else DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the shuffled loader's "taken in its own order"
+        cascade(trained, data, [], limit=360, batch_size=64)
+    (bar,) = RecordingBar.bars
+    assert bar.n == bar.total == 359

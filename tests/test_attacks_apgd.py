@@ -243,3 +243,22 @@ def test_at_least_as_strong_as_torchattacks_and_pgd10_cnn(models, name, norm):
     torch.manual_seed(0)
     assert_not_weaker(model, ours, PGD(threat, {"steps": 10})(model, x, y), y)
     assert acc(model, ours, y) < acc(model, x, y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t"])
+def test_eot_on_a_deterministic_model_doubles_every_pass_and_changes_nothing(models, name, norm):
+    x, y = data(n=32)
+    params = {"steps": 10, **({"n_target_classes": 2} if name == "apgd_t" else {})}
+    model, counts, advs = models["cnn"], [], []
+    for eot in (1, 2):
+        calls = []
+        hook = model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        try:
+            advs.append(run(name, THREATS[norm], model, x, y, seed=7, eot=eot, **params))
+        finally:
+            hook.remove()
+        counts.append(len(calls))
+    # equal passes average to themselves exactly ((v + v) / 2 == v), so the runs take the same path
+    assert torch.equal(advs[0], advs[1])
+    assert counts[1] == 2 * counts[0] > 0  # every forward pass (clean logits, each step) is taken eot times

@@ -5,6 +5,7 @@ import torch
 
 import harden
 from harden.attacks import ATTACKS, lp_norm, project
+from harden.attacks.base import input_grad, loss_grad
 from harden.policy import ThreatModel
 from harden.testing import synthetic_tensors
 
@@ -49,3 +50,78 @@ def test_default_score_is_accuracy_on_the_attacked_input(trained, name):
     with torch.no_grad():
         expect = trained(atk(trained, x, y)).argmax(1) == y
     assert torch.equal(right, expect) and bool(counted.all())
+
+
+class SignFlip(torch.nn.Module):
+    """Logits ``(A + s B) x`` with ``s`` = +1, -1, +1, ... on successive calls: a random sign, made countable.
+
+    Integer weights and inputs in quarters keep every sum exact in float32, so means are exact.
+    """
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("a", torch.randint(-4, 5, (3, 16), generator=gen).float())
+        self.register_buffer("b", torch.randint(-4, 5, (3, 16), generator=gen).float())
+        self.calls = 0
+
+    def forward(self, x):
+        s = 1.0 if self.calls % 2 == 0 else -1.0
+        self.calls += 1
+        return x.flatten(1) @ (self.a + s * self.b).T
+
+
+@pytest.mark.parametrize("pairs", [1, 3])
+def test_eot_averages_the_passes_exactly(pairs):
+    net = SignFlip()
+    x = torch.randint(0, 5, (4, 1, 4, 4)).float() / 4
+
+    def first_logit(z):
+        return z[:, 0]
+
+    logits, loss, grad = loss_grad(net, x, first_logit, eot=2 * pairs)
+    # 2k passes: k with A + B and k with A - B, so every B term cancels and the means are A's alone
+    assert net.calls == 2 * pairs
+    assert torch.equal(grad, net.a[0].view(1, 1, 4, 4).expand_as(x))
+    assert torch.equal(logits, x.flatten(1) @ net.a.T) and torch.equal(loss, (x.flatten(1) @ net.a.T)[:, 0])
+    one = SignFlip()
+    _, g1 = input_grad(one, x, first_logit)  # eot=1: the one pass, with the sign +1
+    assert one.calls == 1 and torch.equal(g1, (one.a + one.b)[0].view(1, 1, 4, 4).expand_as(x))
+
+
+class NoisyScale(torch.nn.Module):
+    """Logits ``(1 + sigma * e) W x`` with ``e ~ N(0, 1)`` drawn per call: the input gradient is random."""
+
+    def __init__(self, sigma=0.5):
+        super().__init__()
+        self.register_buffer("w", torch.randn(3, 16, generator=torch.Generator().manual_seed(1)))
+        self.sigma = sigma
+
+    def forward(self, x):
+        return (1 + self.sigma * torch.randn(())) * (x.flatten(1) @ self.w.T)
+
+
+def test_eot_divides_the_gradient_variance_by_the_passes():
+    from scipy.stats import f
+
+    net, x, draws, k = NoisyScale(), torch.rand(1, 1, 4, 4), 200, 8
+    torch.manual_seed(0)
+
+    def noise(eot):  # grad / W[0] - 1 = sigma * mean of eot standard normals: variance sigma^2 / eot
+        return torch.stack([input_grad(net, x, lambda z: z[:, 0], eot)[1].flatten()[0] for _ in range(draws)])
+
+    w0 = float(net.w[0, 0])
+    v1, vk = float((noise(1) / w0).var()), float((noise(k) / w0).var())
+    # (v1 / sigma^2) / (vk * k / sigma^2) is F(draws - 1, draws - 1): a two-sided 1e-6 interval around k
+    low, high = f.ppf(1e-6, draws - 1, draws - 1), f.ppf(1 - 1e-6, draws - 1, draws - 1)
+    assert low <= v1 / (vk * k) <= high
+    assert v1 / vk > 2  # low * k > 2: the variance did fall
+
+
+def test_eot_is_a_parameter_of_the_gradient_attacks_only():
+    for name in ("pgd", "apgd_ce", "apgd_t", "fgsm"):
+        assert ATTACKS.get(name)(ThreatModel()).params.eot == 1
+        with pytest.raises(harden.PolicyError, match="eot"):
+            ATTACKS.get(name)(ThreatModel(), {"eot": 0})
+    with pytest.raises(harden.PolicyError, match="eot"):
+        ATTACKS.get("square")(ThreatModel(), {"eot": 2})

@@ -7,10 +7,10 @@ from harden.attacks.fgsm import FGSM
 from harden.policy import ThreatModel
 
 
-def test_registered_without_parameters():
+def test_registered_with_only_the_eot_parameter():
     assert ATTACKS.get("fgsm") is FGSM
     assert FGSM.white_box and FGSM.bounded and not FGSM.changes_label
-    assert FGSM(ThreatModel()).params.model_dump() == {}
+    assert FGSM(ThreatModel()).params.model_dump() == {"eot": 1}
 
 
 def test_fgsm_is_deterministic_and_one_step(trained_xy):
@@ -29,3 +29,17 @@ def test_fgsm_l2_step_has_norm_eps_inside_the_box(trained_xy):
     adv = ATTACKS.get("fgsm")(ThreatModel(norm="l2", eps=0.5))(model, x, y)
     norms = (adv - x).flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, 0.5), atol=1e-5)
+
+
+def test_eot_on_a_deterministic_model_averages_equal_passes_to_the_same_step(trained_xy):
+    model, x, y = trained_xy
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        one = FGSM(ThreatModel(eps=0.05))(model, x, y)
+        n_one = len(calls)
+        two = FGSM(ThreatModel(eps=0.05), {"eot": 2})(model, x, y)
+    finally:
+        hook.remove()
+    assert torch.equal(one, two)  # (g + g) / 2 == g exactly
+    assert (n_one, len(calls) - n_one) == (1, 2)

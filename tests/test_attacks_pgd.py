@@ -102,3 +102,29 @@ def test_pgd_modes_restored_when_forward_raises_mid_attack():
         pgd(ThreatModel(eps=0.1), steps=4)(model, *synthetic_tensors(8))
     assert model.calls == 2
     assert save_modes(model) == before
+
+
+class Counting(torch.nn.Module):
+    """Counts forward calls of the model it wraps (deterministic: every pass gives the same gradient)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_eot_on_a_deterministic_model_repeats_each_pass_and_changes_nothing(trained_xy, norm):
+    model, x, y = trained_xy
+    threat = ThreatModel(norm=norm, eps=0.1 if norm == "linf" else 0.5)
+    runs = {}
+    for eot in (1, 2):
+        net = Counting(model)
+        torch.manual_seed(3)
+        runs[eot] = (pgd(threat, steps=4, select="last", eot=eot)(net, x, y), net.calls)
+    # equal passes average to themselves exactly in floating point: (g + g) / 2 == g, bit for bit
+    assert torch.equal(runs[2][0], runs[1][0])
+    assert runs[1][1] == 4 and runs[2][1] == 8  # one pass per step, then eot passes per step

@@ -143,3 +143,30 @@ def test_runs_at_other_threats_suites_or_with_a_repeated_seed_are_refused(tmp_pa
         compare_runs([tmp_path / "a", tmp_path / "c"])
     with pytest.raises(DataError, match="one run per seed"):
         compare_runs([tmp_path / "d1", tmp_path / "d2"])
+
+
+def _report(folder, broken, indices):
+    folder.mkdir(parents=True)
+    outcomes = {"broken_by": broken} if indices is None else {"broken_by": broken, "indices": indices}
+    (folder / "report.json").write_text(json.dumps({"n": len(broken), "outcomes": outcomes}))
+
+
+def test_balanced_samples_pair_on_the_indices_both_verified(tmp_path):
+    # run a verified test-split examples 0, 3, 5, 9; run b verified 9, 3, 7 (another sample and order)
+    _report(tmp_path / "a", ["", "clean", "pgd", ""], [0, 3, 5, 9])
+    _report(tmp_path / "b", ["clean", "", ""], [9, 3, 7])
+    a, b = load_run(tmp_path / "a"), load_run(tmp_path / "b")
+    assert a.indices == [0, 3, 5, 9]
+    # shared: 3 (a wrong clean, b right) and 9 (a right, b wrong): b = 1, c = 1 on n = 2
+    from harden.compare import shared_outcomes
+
+    mine, theirs = shared_outcomes(a, b, "clean")
+    assert (mine, theirs) == ([False, True], [True, False])
+    assert mcnemar(mine, theirs) == (1, 1, 1.0)
+
+
+@pytest.mark.parametrize("indices", [[0, 0], [0, -1], [0], [0, "1"], "01"])
+def test_malformed_indices_are_refused(tmp_path, indices):
+    _report(tmp_path / "a", ["", ""], indices)
+    with pytest.raises(DataError, match=r"outcomes\.indices"):
+        load_run(tmp_path / "a")

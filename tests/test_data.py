@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 
 import harden
 from harden.data import DataBundle, load_data, make_loader
 from harden.policy import DataSpec
+from harden.sampling import balanced_indices
 from harden.testing import synthetic_tensors, tiny_policy
 
 HERE = Path(__file__).resolve().parent
@@ -73,13 +75,75 @@ def test_mnist5k_split_is_identical_across_loads(mnist5k):
     assert not any(r.numpy().tobytes() in train_rows for r in stack(mnist5k.test)[0])
 
 
-def test_train_and_test_limits():
+def test_train_and_test_limits_keep_a_seeded_class_balanced_sample():
     b = load_data(DataSpec(name="synthetic", train_limit=10, test_limit=5))
     assert (len(b.train), len(b.test)) == (10, 5)
     full = load_data(DataSpec(name="synthetic"))
-    assert torch.equal(stack(b.train)[0], stack(full.train)[0][:10])  # the first N, in order
+    for part, n in (("train", 10), ("test", 5)):
+        x_all, y_all = stack(getattr(full, part))
+        keep = balanced_indices(y_all, n, 0)  # the fixed seed of the bundled splits
+        x, y = stack(getattr(b, part))
+        assert torch.equal(x, x_all[keep]) and torch.equal(y, y_all[keep])  # in split order
+    assert sorted(torch.bincount(stack(b.train)[1]).tolist()) == [3, 3, 4]  # 10 over 3 classes: 3 each, 1 drawn
+    again = load_data(DataSpec(name="synthetic", train_limit=10))
+    assert torch.equal(stack(again.train)[0], stack(b.train)[0])
+    other = load_data(DataSpec(name="synthetic", train_limit=10), seed=1)
+    assert not torch.equal(stack(other.train)[0], stack(b.train)[0])
     big = load_data(DataSpec(name="synthetic", train_limit=10**6))
     assert len(big.train) == len(full.train)
+
+
+class _NoLabelArray(torch.utils.data.Dataset):
+    """A dataset that keeps no label array (labels are known only by loading an example)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+@pytest.fixture
+def sorted_module(monkeypatch):
+    """A module ``sorteddata`` whose ``data`` is class-sorted (60 train, 30 test, 3 classes) and ``plain`` keeps no label array."""
+    import sys
+    import types
+
+    mod = types.ModuleType("sorteddata")
+    (x, y), (xt, yt) = synthetic_tensors(60, seed=1), synthetic_tensors(30, seed=2)
+    order, order_t = torch.argsort(y, stable=True), torch.argsort(yt, stable=True)
+
+    def data():
+        return TensorDataset(x[order], y[order]), TensorDataset(xt[order_t], yt[order_t])
+
+    def plain():
+        return _NoLabelArray(x[order], y[order]), _NoLabelArray(xt[order_t], yt[order_t])
+
+    for fn in (data, plain):
+        fn.__module__ = "sorteddata"
+        setattr(mod, fn.__name__, fn)
+    monkeypatch.setitem(sys.modules, "sorteddata", mod)
+    return mod
+
+
+def test_limits_on_class_sorted_data_cover_every_class(sorted_module):
+    b = load_data(DataSpec(name="sorteddata:data", train_limit=12, test_limit=6))
+    assert torch.bincount(stack(b.train)[1]).tolist() == [4, 4, 4]  # the first 12 would be class 0 only
+    assert torch.bincount(stack(b.test)[1]).tolist() == [2, 2, 2]
+
+
+def test_limits_without_a_label_array_draw_a_seeded_sample_without_reading_every_image(sorted_module):
+    b = load_data(DataSpec(name="sorteddata:plain", train_limit=12, test_limit=6))
+    _, test = sorted_module.plain()
+    # the train labels were read anyway (to count the classes): balanced
+    assert torch.bincount(stack(b.train)[1]).tolist() == [4, 4, 4]
+    # the test split keeps no label array: a seeded uniform sample, in split order
+    keep = torch.sort(torch.randperm(30, generator=torch.Generator().manual_seed(0))[:6]).values
+    assert b.test.indices == keep.tolist()
+    assert torch.equal(stack(b.test)[0], stack(test)[0][keep])
 
 
 @pytest.mark.parametrize("name", ["cifar10", "imagefolder"])
@@ -126,6 +190,43 @@ def test_imagefolder_from_pngs(tmp_path):
     assert_pixels(x)
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
     assert float(x[y == 1, 0].min()) == 1.0  # the red channel of "dog" is saturated
+
+
+def make_square_folder(root, sizes):
+    """train/ and test/ with classes a and b, one PNG per (split, class, size) of each side in ``sizes``."""
+    for split in ("train", "test"):
+        for ci, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                Image.fromarray(np.full((h, w, 3), 200 * ci, dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+
+
+def test_imagefolder_takes_the_images_own_size_reading_only_their_headers(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    make_square_folder(tmp_path, [(6, 6)] * 3)
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1) or original(self))
+    b = load_data(DataSpec(name="imagefolder", root=str(tmp_path)))
+    auto = len(decoded)
+    load_data(DataSpec(name="imagefolder", root=str(tmp_path), image_size=6))
+    # the size came from the 12 headers: no more decoding than with the size given (example 0 of each split)
+    assert 0 < auto == len(decoded) - auto
+    assert b.image_shape == (3, 6, 6) and stack(b.train)[0].shape == (6, 3, 6, 6)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "found"),
+    [([(6, 6), (6, 6), (9, 9)], r"6x6 \(8 images, e\.g\. .*\), 9x9 \(4 images"), ([(10, 12)], r"10x12 \(4 images")],
+    ids=["mixed", "not-square"],
+)
+def test_imagefolder_without_one_square_size_asks_for_image_size(tmp_path, sizes, found):
+    make_square_folder(tmp_path, sizes)
+    with pytest.raises(harden.DataError, match=rf"share one square size, or data\.image_size, got {found}") as info:
+        load_data(DataSpec(name="imagefolder", root=str(tmp_path)))
+    assert "\n" not in str(info.value) and "set data.image_size" in str(info.value)
+    assert load_data(DataSpec(name="imagefolder", root=str(tmp_path), image_size=5)).image_shape == (3, 5, 5)
 
 
 def test_imagefolder_accepts_val_and_checks_layout(tmp_path):
@@ -208,8 +309,10 @@ def test_every_label_of_every_split_is_checked_when_the_data_loads(helpers_on_pa
     assert "\n" not in str(info.value)
 
 
-def test_a_test_limit_leaves_out_the_bad_label_it_cuts(helpers_on_path):
-    assert len(load_data(DataSpec(name="helpers_data:bad_test_label", test_limit=7)).test) == 7
+def test_the_labels_a_test_limit_keeps_are_checked(helpers_on_path):
+    # the bad label 3 is a class of its own: a balanced sample of 7 (>= 4 classes) keeps it, and it is refused
+    with pytest.raises(harden.DataError, match=r"test split: expected labels in \[0, 2\], got 1 outside it"):
+        load_data(DataSpec(name="helpers_data:bad_test_label", test_limit=7))
 
 
 def test_labels_are_checked_from_the_label_array_without_loading_images(helpers_on_path):

@@ -1,11 +1,14 @@
 """harden.splits: one image size per split, every label read (from a label array where there is one), example 0."""
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
 
 import harden
-from harden.splits import SameShape, check_first, label_array, split_labels
+from harden.sampling import balanced_indices
+from harden.splits import SameShape, check_first, label_array, sample_indices, select_examples, split_labels
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -95,3 +98,48 @@ def test_check_first_prefixes_the_split_and_keeps_the_error_class():
         check_first(Pairs([[0.0]], [0]), "train", "d", 2, 1)
     with pytest.raises(harden.DataError, match=r"as \(image, label\) pairs, got IndexError"):
         check_first([torch.zeros(1, 2, 2)], "train", "d", 2, 1)
+
+
+def _sorted(n=30):
+    y = torch.arange(n) * 3 // n  # class-sorted: 0 ... 0 1 ... 1 2 ... 2
+    return torch.rand(n, 1, 2, 2, generator=torch.Generator().manual_seed(0)), y
+
+
+def test_select_examples_balanced_on_every_kind_of_data():
+    x, y = _sorted()
+    idx = balanced_indices(y, 12, 3)
+    pos = balanced_indices(y[idx], 6, 3)
+    for data in ((x, y), TensorDataset(x, y), Pairs(list(x), y.tolist())):
+        sel = select_examples(data, 12, 6, "balanced", seed=3)
+        assert sel.indices == idx.tolist() and sel.sample == "balanced"
+        assert [i for i, c in enumerate(sel.check) if c] == pos.tolist()
+        kept = sel.data[0] if isinstance(sel.data, tuple) else torch.stack([sel.data[i][0] for i in range(12)])
+        assert torch.equal(kept, x[idx])
+
+
+def test_select_examples_first_and_when_all_are_kept():
+    x, y = _sorted()
+    first = select_examples((x, y), 12, 4, "first", seed=3)
+    assert first.indices == list(range(12)) and first.check == [True] * 4 + [False] * 8
+    pairs = Pairs(list(x), y.tolist())
+    everything = select_examples(pairs, None, 50, "balanced", seed=3)  # nothing to draw: no label is read
+    assert everything.data is pairs and everything.indices == list(range(30)) and all(everything.check)
+    assert pairs.loads == 0
+
+
+def test_sample_indices_balanced_with_labels_else_uniform_and_seeded():
+    x, y = _sorted()
+    assert sample_indices(TensorDataset(x, y), 9, 1).tolist() == balanced_indices(y, 9, 1).tolist()
+    pairs = Pairs(list(x), y.tolist())
+    uniform = sample_indices(pairs, 9, 1)
+    assert pairs.loads == 0  # no image was loaded to draw it
+    assert uniform.tolist() == sorted(torch.randperm(30, generator=torch.Generator().manual_seed(1))[:9].tolist())
+    assert sample_indices(pairs, 40, 1).tolist() == list(range(30))
+
+
+def test_select_examples_leaves_a_malformed_pair_to_the_batches_without_a_warning():
+    x, y = _sorted()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel = select_examples((x, y[:10]), 5, 2, "balanced", seed=0)
+    assert sel.indices is None and sel.data[1].shape == (10,)  # eval_batches refuses it, naming both sizes

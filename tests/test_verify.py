@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import importlib
 import itertools
 import json
 
@@ -10,7 +11,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import harden
+import harden._cascade
+import harden.checks
 from harden.attacks.base import save_modes
+from harden.checks import CHECKS
+from harden.data import synthetic_bundle
+from harden.sampling import balanced_indices
 from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
 from harden.verify import verify
 
@@ -193,3 +199,166 @@ def test_verify_reports_invariance_examples_apart(trained):
     assert 0.0 <= report.other_threats["invariance_examples"] <= 1.0
     assert report.other_counts["invariance_examples"] == 48
     assert "agreement with the new label" in report.summary()
+
+
+def class_sorted(n=90, seed=5):
+    x, y = synthetic_tensors(n, seed=seed)
+    order = torch.argsort(y, stable=True)
+    return x[order], y[order]
+
+
+@torch.no_grad()
+def right(model, x, y):
+    return model(x).argmax(1) == y
+
+
+def test_verify_takes_a_seeded_class_balanced_sample_and_says_which_examples(trained):
+    x, y = class_sorted()
+    policy = fast_policy(verify={"n_examples": 30}, seed=3)
+    report = verify(trained, policy, (x, y), progress=False)
+    idx = balanced_indices(y, 30, 3)
+    assert report.sample == "balanced" and report.outcomes["indices"] == idx.tolist()
+    assert [c["n"] for c in report.per_class] == [10, 10, 10]
+    clean = right(trained, x[idx], y[idx])
+    assert [b != "clean" for b in report.outcomes["broken_by"]] == clean.tolist()  # outcomes follow the indices
+    assert report.clean_accuracy == int(clean.sum()) / 30
+    first = verify(trained, fast_policy(verify={"n_examples": 30, "sample": "first"}), (x, y), progress=False)
+    assert first.sample == "first" and first.outcomes["indices"] == list(range(30))
+    assert [c["n"] for c in first.per_class] == [30, 0, 0]  # class-sorted data: the first 30 are one class
+
+
+def test_per_class_counts_add_up_and_take_the_bundles_names(trained):
+    policy = fast_policy(verify={"n_examples": 60})
+    report = verify(trained, policy, bundle=synthetic_bundle(), progress=False)
+    assert [c["name"] for c in report.per_class] == ["class0", "class1", "class2"]
+    assert [c["label"] for c in report.per_class] == [0, 1, 2]
+    assert sum(c["n"] for c in report.per_class) == report.n == 60
+    assert sum(c["clean"] for c in report.per_class) == round(report.clean_accuracy * 60)
+    assert sum(c["robust"] for c in report.per_class) == round(report.robust_accuracy * 60)
+    assert all(c["robust"] <= c["clean"] <= c["n"] for c in report.per_class)
+    assert json.loads(json.dumps(report.to_dict()))["per_class"] == report.per_class
+    summary = report.summary()
+    assert "per class" in summary and "0 class0" in summary and "2 class2" in summary
+
+
+def test_the_check_subset_is_balanced_and_its_clean_accuracy_is_the_eps_curves_first_point(trained):
+    x, y = class_sorted()
+    policy = tiny_policy(
+        seed=2, verify={"n_examples": 45, "check_examples": 12, "check_steps": 2, "eps_sweep": [0.05, 0.1]}
+    )
+    report = verify(trained, policy, (x, y), progress=False)
+    idx = balanced_indices(y, 45, 2)
+    pos = balanced_indices(y[idx], 12, 2)
+    cx, cy = x[idx][pos], y[idx][pos]
+    assert report.check_n == 12 and torch.bincount(cy).tolist() == [4, 4, 4]
+    assert report.check_clean_accuracy == int(right(trained, cx, cy).sum()) / 12
+    assert report.eps_curve[0] == (0.0, report.check_clean_accuracy)
+    assert [e for e, _ in report.eps_curve] == [0.0, 0.05, 0.1]
+    summary = report.summary()
+    subset = f"check subset, n=12, clean accuracy {report.check_clean_accuracy:.2%}"
+    assert f"eps curve ({subset}): " in summary and f"sanity checks ({subset}):" in summary
+    assert f"clean accuracy   {report.clean_accuracy:7.2%}  (n=45, class-balanced sample)" in summary
+
+
+def test_checks_that_tested_nothing_skip_and_never_count_as_passes(trained):
+    policy = tiny_policy(verify={"n_examples": 24, "check_examples": 12, "check_steps": 2, "eps_sweep": []})
+    report = verify(trained, policy, synthetic_tensors(24, seed=5), progress=False)
+    # no training history, and fgsm + pgd hold no black-box attack
+    assert report.checks["no_catastrophic_overfitting"]["status"] == "SKIP"
+    assert report.checks["white_box_beats_black_box"]["status"] == "SKIP"
+    counts = report.check_counts()
+    assert sum(counts.values()) == len(report.checks) and counts["SKIP"] >= 2
+    verdict = "RELIABLE" if report.reliable else "UNRELIABLE"
+    assert report.reliable == (counts["FAIL"] == 0)
+    assert f"evaluation {verdict} ({counts['PASS']} checks pass" in report.summary()
+    assert f"{counts['SKIP']} skipped)" in report.summary()
+
+
+def test_a_summary_of_many_classes_lists_the_five_with_the_lowest_robust_accuracy():
+    per_class = [{"label": c, "name": f"c{c}", "n": 10, "clean": 10, "robust": (c * 7) % 11} for c in range(25)]
+    report = harden.RobustnessReport(250, 1.0, 0.5, {}, {}, {}, {"norm": "linf", "eps": 0.1}, [], 0.0)
+    report.per_class = per_class
+    lines = report.summary().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("per class (the 5 of 25"))
+    worst = sorted(per_class, key=lambda c: (c["robust"], c["label"]))[:5]
+    assert [line.split()[0] for line in lines[start + 1 : start + 6]] == [str(c["label"]) for c in worst]
+
+
+class Bars:
+    """Stands in for tqdm in every verification module: records each bar's label, total and count."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, total=None, desc="", disable=False, **_):
+        bar = _Bar(total, desc, disable)
+        self.made.append(bar)
+        return bar
+
+
+class _Bar:
+    def __init__(self, total, desc, disable):
+        self.total, self.desc, self.disable, self.n = total, desc, disable, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, k):
+        self.n += k
+
+    def refresh(self):
+        pass
+
+    def set_postfix_str(self, *_, **__):
+        pass
+
+
+def test_the_eps_sweep_and_the_checks_show_a_named_bar_after_the_attacks(monkeypatch, trained):
+    bars = Bars()
+    for module in (harden._cascade, importlib.import_module("harden.verify"), harden.checks):
+        monkeypatch.setattr(module, "tqdm", bars)
+    policy = tiny_policy(verify={"n_examples": 20, "check_examples": 8, "check_steps": 1, "eps_sweep": [0.05, 0.1]})
+    verify(trained, policy, synthetic_tensors(20, seed=5), progress=True)
+    made = [(b.desc, b.total, b.n, b.disable) for b in bars.made]
+    assert made[0] == ("verify", 20, 20, False)
+    assert ("eps sweep", 2, 2, False) in made and ("checks", len(CHECKS), len(CHECKS), False) in made
+    bars.made.clear()
+    verify(trained, policy, synthetic_tensors(20, seed=5), progress=False)
+    assert bars.made and all(b.disable for b in bars.made)
+
+
+def test_user_data_loads_the_policys_data_for_the_invariance_pool(monkeypatch, trained):
+    loads = []
+    real = harden._cascade.load_data
+    monkeypatch.setattr(harden._cascade, "load_data", lambda spec: loads.append(spec.name) or real(spec))
+    attacks = [{"name": "fgsm"}, {"name": "invariance_examples", "params": {"angles": 3, "shifts": 3}}]
+    report = verify(trained, fast_policy(verify={"attacks": attacks}), synthetic_tensors(24, seed=5), progress=False)
+    assert loads == ["synthetic"] and report.other_counts["invariance_examples"] == 24
+    loads.clear()
+    verify(trained, fast_policy(), synthetic_tensors(24, seed=5), progress=False)
+    assert loads == []  # no attack reads the training split: nothing is loaded
+
+
+def test_user_data_without_the_policys_data_falls_back_or_says_why_in_one_line(trained):
+    unloadable = {"name": "cifar10"}  # no data.root: it cannot load
+    attacks = [{"name": "fgsm"}, {"name": "invariance_examples", "params": {"angles": 3, "shifts": 3}}]
+    policy = fast_policy(data=unloadable, verify={"attacks": attacks})
+    with pytest.warns(UserWarning, match="invariance_examples searches the attacked batch"):
+        report = verify(trained, policy, synthetic_tensors(24, seed=5), progress=False)
+    assert 0.0 <= report.other_threats["invariance_examples"] <= 1.0
+    policy = fast_policy(data=unloadable, verify={"attacks": [{"name": "transfer", "params": {"epochs": 1}}]})
+    with pytest.raises(harden.DataError, match=r"transfer attack's surrogate .*data\.root.*pass bundle=") as info:
+        verify(trained, policy, synthetic_tensors(24, seed=5), progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_head_of_the_wrong_size_is_blamed_on_the_model_not_the_data():
+    from harden.errors import ModelError
+    from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
+
+    x, y = synthetic_tensors(24)  # labels 0..2
+    with pytest.raises(ModelError, match=r"at least 3 logits .* got 2: set model.num_classes"):
+        verify(TinyCNN(num_classes=2), tiny_policy(verify={"checks": False}), (x, y), progress=False)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harden.attacks.base import ATTACKS, Attack, AttackParams, normalize_grad, project
+from harden.attacks.base import ATTACKS, Attack, EOTParams, loss_grad, normalize_grad, project
 from harden.batches import predictions
 
 __all__ = [
@@ -66,7 +66,7 @@ MOMENTUM = 0.75
 COMPACT_EVERY = 5
 
 
-class APGDParams(AttackParams):
+class APGDParams(EOTParams):
     """Parameters of :class:`APGDCE`.
 
     Attributes:
@@ -75,6 +75,8 @@ class APGDParams(AttackParams):
             fooled.
         rho: a checkpoint halves the step size when fewer than this fraction of the steps since
             the previous checkpoint increased the loss.
+        eot: forward/backward passes averaged into each step's loss and gradient (EOT, Athalye
+            et al. 2018), for models with a random forward pass; 1: one pass.
     """
 
     steps: int = Field(100, ge=1, le=100_000)
@@ -86,6 +88,13 @@ class APGDTParams(APGDParams):
     """Parameters of :class:`APGDT`.
 
     Attributes:
+        steps: iterations per run and target (the reference uses 100).
+        restarts: runs from fresh random starts per target; later runs attack only the examples
+            not yet fooled.
+        rho: a checkpoint halves the step size when fewer than this fraction of the steps since
+            the previous checkpoint increased the loss.
+        eot: forward/backward passes averaged into each step's loss and gradient (EOT, Athalye
+            et al. 2018), for models with a random forward pass; 1: one pass.
         n_target_classes: target the classes with the 2nd, 3rd, ... highest clean logit, this
             many of them (capped at ``num_classes - 1``); each target gets ``restarts`` runs.
     """
@@ -229,6 +238,10 @@ class APGD(Attack):
         p: APGDParams = self.params
         with torch.no_grad():
             clean_logits = model(x)
+            for _ in range(p.eot - 1):  # EOT: the mean clean logits pick the targets
+                clean_logits = clean_logits + model(x)
+            if p.eot > 1:
+                clean_logits = clean_logits / p.eot
         fooled = predictions(clean_logits) != y  # NaN logits: no answer, nothing to attack
         out = x.clone()
         best_loss = torch.full(y.shape, float("-inf"), device=x.device)
@@ -247,12 +260,9 @@ class APGD(Attack):
     def _forward_backward(
         self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example loss, its input gradient and whether ``x_adv`` is misclassified."""
-        xg = x_adv.detach().requires_grad_(True)
-        logits = model(xg)
-        loss = self.loss(logits, y, target)
-        (grad,) = torch.autograd.grad(loss.sum(), xg)
-        return loss.detach(), grad.detach(), predictions(logits.detach()) != y
+        """Per-example loss, its input gradient and whether ``x_adv`` is misclassified (means over ``eot`` passes)."""
+        logits, loss, grad = loss_grad(model, x_adv, lambda z: self.loss(z, y, target), self.params.eot)
+        return loss, grad, predictions(logits) != y
 
     def _run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None

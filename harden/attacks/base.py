@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, final
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from harden.batches import check_pixels, predictions
@@ -28,7 +28,9 @@ __all__ = [
     "Attack",
     "AttackEnv",
     "AttackParams",
+    "EOTParams",
     "input_grad",
+    "loss_grad",
     "lp_norm",
     "normalize_grad",
     "project",
@@ -41,6 +43,18 @@ class AttackParams(BaseModel):
     """Base of every attack's parameters (unknown keys are refused)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EOTParams(AttackParams):
+    """Base of the gradient attacks' parameters: ``eot`` (expectation over transformation).
+
+    Attributes:
+        eot: forward/backward passes averaged into each gradient (Athalye et al. 2018's EOT):
+            for a model with a random forward pass (dropout left on, random input transforms)
+            the attack follows the expected gradient; 1 (the default) is one pass.
+    """
+
+    eot: int = Field(1, ge=1, le=10_000)
 
 
 @dataclass
@@ -228,10 +242,41 @@ class Attack(ABC):
         """Return adversarial pixels for ``(x, y)``; the model is already in eval mode."""
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, loss_fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at ``x`` and the gradient of ``loss_fn(logits).sum()`` w.r.t. ``x``."""
+def loss_grad(
+    model: nn.Module, x: torch.Tensor, loss_fn: Any, eot: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at ``x``, the per-example loss ``loss_fn(logits)`` and the gradient of its sum w.r.t. ``x``.
+
+    With ``eot > 1`` each of the three is the mean over ``eot`` forward/backward passes
+    (expectation over transformation, Athalye et al. 2018), for models with a random forward
+    pass; ``eot=1`` is one pass, exactly as without EOT.
+
+    Example:
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> logits, loss, grad = loss_grad(net, torch.ones(1, 2), lambda z: z[:, 0], eot=2)
+        >>> logits.tolist(), loss.tolist(), grad.tolist()
+        ([[3.0, 7.0]], [3.0], [[1.0, 2.0]])
+    """
+    logits, loss, grad = _one_pass(model, x, loss_fn)
+    if eot > 1:
+        for _ in range(eot - 1):
+            more = _one_pass(model, x, loss_fn)
+            logits, loss, grad = logits + more[0], loss + more[1], grad + more[2]
+        logits, loss, grad = logits / eot, loss / eot, grad / eot
+    return logits, loss, grad
+
+
+def _one_pass(model: nn.Module, x: torch.Tensor, loss_fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.detach().requires_grad_(True)
     logits = model(x)
     loss = loss_fn(logits)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    return logits.detach(), grad.detach()
+    return logits.detach(), loss.detach(), grad.detach()
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, loss_fn: Any, eot: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at ``x`` and the gradient of ``loss_fn(logits).sum()`` w.r.t. ``x`` (means over ``eot`` passes)."""
+    logits, _, grad = loss_grad(model, x, loss_fn, eot)
+    return logits, grad

@@ -9,9 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harden.attacks.base import ATTACKS, Attack, AttackParams, input_grad, normalize_grad
+from harden.attacks.base import ATTACKS, Attack, EOTParams, input_grad, normalize_grad
 
-__all__ = ["FGSM"]
+__all__ = ["FGSM", "FGSMParams"]
+
+
+class FGSMParams(EOTParams):
+    """Parameters of :class:`FGSM`.
+
+    Attributes:
+        eot: forward/backward passes averaged into the gradient (EOT, Athalye et al. 2018), for
+            models with a random forward pass; 1: one pass.
+    """
 
 
 @ATTACKS.register("fgsm")
@@ -27,10 +36,11 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
-    Params = AttackParams
+    Params = FGSMParams
     example_params = {}
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One gradient step of size eps."""
-        _, grad = input_grad(model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"))
+        p: FGSMParams = self.params
+        _, grad = input_grad(model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"), p.eot)
         return x + self.threat.eps * normalize_grad(grad, self.threat.norm)

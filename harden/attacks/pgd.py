@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harden.attacks.base import ATTACKS, Attack, AttackParams, input_grad, normalize_grad, project
+from harden.attacks.base import ATTACKS, Attack, EOTParams, input_grad, normalize_grad, project
 from harden.batches import predictions
 
 __all__ = ["PGD", "PGDParams", "random_start"]
 
 
-class PGDParams(AttackParams):
+class PGDParams(EOTParams):
     """Parameters of :class:`PGD`.
 
     Attributes:
@@ -28,6 +28,8 @@ class PGDParams(AttackParams):
             prediction, the TRADES inner maximisation).
         select: ``misclassified`` keeps, per example, the first iterate that fools the model
             (the strongest evaluation); ``last`` returns the last iterate (as in training).
+        eot: forward/backward passes averaged into each step's gradient (EOT, Athalye et al.
+            2018), for models with a random forward pass; 1: one pass.
     """
 
     steps: int = Field(10, ge=1, le=100_000)
@@ -102,7 +104,7 @@ class PGD(Attack):
         best = x_adv.clone()
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(p.steps):
-            logits, grad = input_grad(model, x_adv, loss_fn)
+            logits, grad = input_grad(model, x_adv, loss_fn, p.eot)
             if keep_best:
                 newly = (predictions(logits) != y) & ~fooled  # NaN logits: fooled, kept
                 best[newly] = x_adv[newly]
