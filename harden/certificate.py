@@ -15,49 +15,68 @@ The rule is :func:`verdict_rule`, a pure function of the certificate's own ``che
 
 A certificate is assembled once (:func:`harden.certify.assemble`), with every measurement in
 hand, and is frozen: nothing edits it afterwards. It is data only; :mod:`harden.report` renders
-it as Markdown and HTML. :meth:`Certificate.save` writes the renderings first and
-``certificate.json`` last, holding their hashes (``rendered``) and, given a key, an Ed25519
-signature over :meth:`Certificate.canonical_bytes` (``signature``): ``certificate.json`` is the
-commit marker of a run folder, and everything it vouches for is on disk before it appears.
+it as Markdown and HTML, and :meth:`Certificate.load` reads it back through
+:mod:`harden.certificate_io` (capped, strict, one-line errors). :meth:`Certificate.save` writes
+the renderings first and ``certificate.json`` last, holding their hashes (``rendered``) and,
+given a key, an Ed25519 signature over :meth:`Certificate.canonical_bytes` (``signature``):
+``certificate.json`` is the commit marker of a run folder, and everything it vouches for is on
+disk before it appears.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import platform
-import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from harden._version import __version__
+from harden.certificate_io import MAX_CERTIFICATE_BYTES, load_strict
 from harden.checkpoint import atomic_write
-from harden.errors import IntegrityError, format_validation_error
 from harden.report import to_html, to_markdown
+from harden.require import parse_requirement
 from harden.signing import load_private_key, sign
 
 __all__ = [
     "CERTIFICATE_SCHEMA_VERSION",
     "MAX_CERTIFICATE_BYTES",
+    "SUPPORTED_SCHEMA_VERSIONS",
+    "BaselineSummary",
     "Certificate",
+    "ClassResult",
+    "RequirementResult",
     "SaliencyExample",
     "SmoothingSummary",
     "environment",
+    "requirement_results",
+    "requirement_values",
     "verdict_rule",
 ]
 
 # 2.1: onnx_black_box.outcomes and the onnx_black_box check
 # 2.2: rendered (SHA-256 of certificate.md / .html), warnings, signature (Ed25519 over canonical_bytes);
 #      certificate.json is written last
-CERTIFICATE_SCHEMA_VERSION = "2.2"
-#: ``Certificate.load`` refuses larger files (a real one, saliency maps included, is well under 1 MiB).
-MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024
+# 2.3: requirements (certify.require and their results), baseline (the undefended model's figures), per_class,
+#      sample, check_n / check_clean_accuracy, eps_intervals; a check may be SKIP. A 2.2 file still loads (the new
+#      fields take their empty defaults) and its signature still verifies (canonical_bytes leaves them out).
+CERTIFICATE_SCHEMA_VERSION = "2.3"
+#: the versions ``Certificate.load`` and ``harden inspect`` accept
+SUPPORTED_SCHEMA_VERSIONS = ("2.2", "2.3")
+#: the fields 2.3 added: a 2.2 certificate has none of them (they are left out of its canonical bytes)
+FIELDS_SINCE_2_3 = (
+    "requirements",
+    "baseline",
+    "per_class",
+    "sample",
+    "check_n",
+    "check_clean_accuracy",
+    "eps_intervals",
+)
 RENDERINGS = {"md": "certificate.md", "html": "certificate.html"}
 _Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _PACKAGES = (
@@ -134,10 +153,102 @@ class SaliencyExample(BaseModel):
     maps: dict[str, list[list[float]]]
 
 
+class RequirementResult(BaseModel):
+    """One target of ``certify.require`` and how the certificate's numbers meet it.
+
+    Attributes:
+        text: the canonical form (``robust_accuracy >= 45%``); metric, op, value: its parts
+            (``value`` a fraction).
+        actual: the measured value (None: the certificate did not measure the metric, a FAIL).
+        passed: the target is met.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str
+    metric: str
+    op: Literal[">=", ">", "<=", "<"]
+    value: float = Field(ge=0, le=1)
+    actual: float | None = None
+    passed: bool
+
+
+class ClassResult(BaseModel):
+    """Clean and robust counts of one class on the verified examples."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: int
+    name: str | None = None
+    n: int = Field(ge=0)
+    clean: int = Field(ge=0)
+    robust: int = Field(ge=0)
+
+
+class BaselineSummary(BaseModel):
+    """The undefended baseline model, verified by the same suite on the same examples (checks off).
+
+    Attributes:
+        n, clean_accuracy, robust_accuracy, per_attack, intervals: as the certificate's own.
+        eps_curve, eps_intervals: its accuracy against eps and the 95% Wilson intervals (on ``check_n``).
+        check_n: examples of the eps curve; weights_sha256: of its weights, when known.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(ge=1)
+    clean_accuracy: float = Field(ge=0, le=1)
+    robust_accuracy: float = Field(ge=0, le=1)
+    per_attack: dict[str, float]
+    intervals: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    eps_curve: list[tuple[float, float]] = Field(default_factory=list)
+    eps_intervals: list[tuple[float, float]] = Field(default_factory=list)
+    check_n: int | None = Field(None, ge=1)
+    weights_sha256: _Sha256 | None = None
+
+
+def requirement_values(
+    clean_accuracy: float, robust_accuracy: float, per_attack: Mapping[str, float], smoothing: SmoothingSummary | None
+) -> dict[str, float | None]:
+    """What a requirement may name, from a certificate's numbers (None: not measured).
+
+    Example:
+        >>> requirement_values(0.79, 0.04, {"pgd": 0.04}, None)
+        {'clean_accuracy': 0.79, 'robust_accuracy': 0.04, 'certified_accuracy': None, 'after:pgd': 0.04}
+    """
+    out: dict[str, float | None] = {"clean_accuracy": clean_accuracy, "robust_accuracy": robust_accuracy}
+    out["certified_accuracy"] = smoothing.certified_accuracy if smoothing is not None else None
+    out.update({f"after:{label}": acc for label, acc in per_attack.items()})
+    return out
+
+
+def requirement_results(texts: Iterable[str], values: Mapping[str, float | None]) -> list[RequirementResult]:
+    """Each requirement (``METRIC OP VALUE``) against ``values`` (:func:`requirement_values`).
+
+    Raises:
+        PolicyError: a text is not a requirement (:func:`harden.require.parse_requirement`).
+
+    Example:
+        >>> [(r.text, r.passed) for r in requirement_results(["robust_accuracy >= 0.45"], {"robust_accuracy": 0.04})]
+        [('robust_accuracy >= 45%', False)]
+    """
+    out = []
+    for text in texts:
+        req = parse_requirement(text)
+        actual = req.actual(values)
+        out.append(
+            RequirementResult(
+                text=req.text, metric=req.metric, op=req.op, value=req.value, actual=actual, passed=req.check(values)
+            )
+        )
+    return out
+
+
 def verdict_rule(checks: Mapping[str, Any], smoothing: SmoothingSummary | None) -> tuple[str, str]:
     """The verdict and its reason from a certificate's own data: its checks by id and its smoothing.
 
-    Any check whose ``status`` is ``FAIL`` makes it UNRELIABLE; else CERTIFIED needs smoothing at an
+    Any check whose ``status`` is ``FAIL`` makes it UNRELIABLE (a ``SKIP``, a check that tested
+    nothing, neither fails nor vouches for anything); else CERTIFIED needs smoothing at an
     l2 radius with certified accuracy reaching ``min_certified_accuracy``; else EMPIRICAL.
 
     Args:
@@ -147,64 +258,32 @@ def verdict_rule(checks: Mapping[str, Any], smoothing: SmoothingSummary | None) 
     Example:
         >>> verdict_rule({}, None)[0], verdict_rule({"x": {"status": "FAIL"}}, None)
         ('EMPIRICAL', ('UNRELIABLE', 'sanity check(s) failed: x'))
+        >>> verdict_rule({"y": {"status": "SKIP"}}, None)[1]
+        'attack suite only (randomized smoothing not run: certify.smoothing is false); not tested (SKIP, N/A): y'
     """
-    failed = [str(cid) for cid, c in checks.items() if isinstance(c, Mapping) and c.get("status") == "FAIL"]
+
+    def status(c: Any) -> Any:
+        return c.get("status") if isinstance(c, Mapping) else None
+
+    failed = [str(cid) for cid, c in checks.items() if status(c) == "FAIL"]
     if failed:
         return "UNRELIABLE", f"sanity check(s) failed: {', '.join(failed)}"
+    skipped = [str(cid) for cid, c in checks.items() if status(c) == "SKIP"]
+    note = f"; not tested (SKIP, N/A): {', '.join(skipped)}" if skipped else ""
     if smoothing is None:
-        return "EMPIRICAL", "attack suite only (randomized smoothing not run: certify.smoothing is false)"
+        return "EMPIRICAL", "attack suite only (randomized smoothing not run: certify.smoothing is false)" + note
     if smoothing.radius is None:
-        return "EMPIRICAL", "smoothing certifies l2 radii; the threat is linf and certify.radius is not set"
+        return "EMPIRICAL", "smoothing certifies l2 radii; the threat is linf and certify.radius is not set" + note
     acc = smoothing.certified_accuracy or 0.0
     if acc >= smoothing.min_certified_accuracy:
         return "CERTIFIED", (
             f"smoothed classifier (sigma={smoothing.sigma:g}) certified on {acc:.1%} of {smoothing.examples} "
-            f"examples at l2 radius {smoothing.radius:g} (alpha={smoothing.alpha:g})"
+            f"examples at l2 radius {smoothing.radius:g} (alpha={smoothing.alpha:g})" + note
         )
     return "EMPIRICAL", (
         f"certified accuracy {acc:.1%} at l2 radius {smoothing.radius:g} is below the required "
-        f"{smoothing.min_certified_accuracy:.0%}"
+        f"{smoothing.min_certified_accuracy:.0%}" + note
     )
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"expected unique keys, got {dup[:60]!r} twice")
-    return out
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"expected finite numbers, got {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400: would serialize as null, unlike what was signed
-        raise ValueError(f"expected finite numbers, got {text[:40]}")
-    return value
-
-
-def _read_capped(p: Path) -> bytes:
-    """The bytes of a regular file, at most ``MAX_CERTIFICATE_BYTES + 1``; one-line IntegrityError otherwise.
-
-    Opened without blocking (a FIFO in its place must not hang ``harden inspect``), and refused
-    unless it is a regular file (a link to one is followed; ``/dev/zero`` is not one).
-    """
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise IntegrityError(f"{p}: expected a readable certificate, got {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise IntegrityError(f"{p}: expected a readable certificate, got not a regular file (a FIFO, device or folder)")
-    with os.fdopen(fd, "rb") as fh:
-        try:
-            return fh.read(MAX_CERTIFICATE_BYTES + 1)
-        except OSError as exc:
-            raise IntegrityError(f"{p}: expected a readable certificate, got {exc.strerror or exc}") from None
 
 
 class Certificate(BaseModel):
@@ -238,6 +317,14 @@ class Certificate(BaseModel):
         rendered: SHA-256 of ``certificate.md`` and ``certificate.html`` as written beside it
             (keys are the file names; filled by :meth:`save`).
         warnings: notes a reader must see (rendered at the top of the Markdown and HTML).
+        requirements: the targets of ``certify.require`` and their results (shown at the top;
+            ``harden inspect`` recomputes them from the numbers and fails when one is not met).
+        baseline: the undefended baseline's figures, when ``certify(..., baseline=)`` verified one.
+        per_class: clean and robust counts per class on the verified examples.
+        sample: how the ``n`` examples were drawn from the test split (``balanced`` or ``first``).
+        check_n, check_clean_accuracy: the check subset (the sanity checks and the eps curve ran
+            on it; the curve's eps 0 point is its clean accuracy) and its clean accuracy.
+        eps_intervals: the 95% Wilson interval of each eps-curve point (out of ``check_n``).
         signature: ``{"algorithm": "ed25519", "key_id", "signature"}`` over :meth:`canonical_bytes`
             (None: unsigned); see :mod:`harden.signing`.
     """
@@ -278,22 +365,35 @@ class Certificate(BaseModel):
     rendered: dict[Literal["certificate.md", "certificate.html"], _Sha256] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     signature: dict[str, str] | None = None
+    requirements: list[RequirementResult] = Field(default_factory=list)
+    baseline: BaselineSummary | None = None
+    per_class: list[ClassResult] = Field(default_factory=list)
+    sample: str | None = None
+    check_n: int | None = Field(None, ge=1)
+    check_clean_accuracy: float | None = Field(None, ge=0, le=1)
+    eps_intervals: list[tuple[float, float]] = Field(default_factory=list)
+
+    def measured_values(self) -> dict[str, float | None]:
+        """What a requirement may name: :func:`requirement_values` of this certificate."""
+        return requirement_values(self.clean_accuracy, self.robust_accuracy, self.per_attack, self.smoothing)
 
     def canonical_bytes(self) -> bytes:
         """The signed form: this certificate's JSON without ``signature``, keys sorted, compact, UTF-8.
 
         It is computed from the JSON the certificate serializes to (tuples become lists, floats
         their shortest repr), so a certificate loaded from ``certificate.json`` gives the very bytes
-        that were signed.
+        that were signed. A 2.2 certificate's bytes leave out the fields 2.3 added, so its
+        signature still verifies.
 
         Example:
             >>> cert = Certificate(verdict="EMPIRICAL", created="2025-01-01T00:00:00+00:00", policy_name="p",
             ...     policy_sha256="0" * 64, weights_sha256="1" * 64, threat={"eps": 0.1}, n=4, clean_accuracy=0.75,
             ...     robust_accuracy=0.5, per_attack={}, attacks=[], seed=0, device="cpu", versions={})
             >>> cert.canonical_bytes()[:40]
-            b'{"attacks":[],"broken_by":{},"checks":{}'
+            b'{"attacks":[],"baseline":null,"broken_by'
         """
-        doc = json.loads(self.model_dump_json(exclude={"signature"}))
+        skip = {"signature", *(FIELDS_SINCE_2_3 if self.schema_version == "2.2" else ())}
+        doc = json.loads(self.model_dump_json(exclude=skip))
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
     def save(
@@ -367,33 +467,8 @@ class Certificate(BaseModel):
         p = Path(path)
         if p.is_dir():
             p = p / "certificate.json"
-        raw = _read_capped(p)
-        if len(raw) > MAX_CERTIFICATE_BYTES:
-            raise IntegrityError(
-                f"{p}: expected a certificate under {MAX_CERTIFICATE_BYTES >> 20} MiB, got a larger file"
-            )
-        try:
-            json.loads(  # duplicate keys, NaN, 1e400 refused here; the model is validated from the bytes
-                raw.decode("utf-8"),
-                object_pairs_hook=_no_duplicate_keys,
-                parse_constant=_no_constant,
-                parse_float=_finite_float,
-            )
-            # strict: no coercion ("96" is not n=96); from JSON, so arrays still fill tuple fields
-            cert = cls.model_validate_json(raw, strict=True)
-            cert.canonical_bytes()  # what inspect verifies must exist (no lone surrogates, no NaN)
-        except RecursionError:
-            raise IntegrityError(
-                f"{p}: expected a certificate of sane depth, got a document nested too deeply"
-            ) from None
-        except UnicodeDecodeError:
-            raise IntegrityError(f"{p}: expected UTF-8 JSON, got undecodable bytes") from None
-        except ValidationError as exc:
-            raise IntegrityError(format_validation_error(exc, str(p))) from None
-        except ValueError as exc:  # JSONDecodeError, the hooks above, huge integers, unserializable text
-            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise IntegrityError(f"{p}: expected a valid certificate (JSON), got {msg}") from None
-        return cert
+        # what inspect verifies must exist (no lone surrogates, no NaN): canonical_bytes is checked too
+        return load_strict(p, cls, check=lambda cert: cert.canonical_bytes())
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:

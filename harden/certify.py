@@ -1,184 +1,53 @@
 """``harden.certify``: measure what a certificate needs beyond the attack suite, and assemble it.
 
-:func:`measure` runs randomized smoothing and the saliency maps; :func:`assemble` builds the
-:class:`~harden.certificate.Certificate` once, from every measurement (the verification report,
-smoothing, the ONNX export and the ONNX session's black-box result when there is one), and
-computes the verdict last. :func:`certify` is both for a model in hand (no export).
+:func:`measure` runs randomized smoothing and the saliency maps (it lives in :mod:`harden.measure`
+with :class:`Measurements`, :func:`saliency_map` and :func:`verify_baseline`, all re-exported
+here); :func:`assemble` builds the :class:`~harden.certificate.Certificate` once, from every
+measurement (the verification report, smoothing, the ONNX export and the ONNX session's
+black-box result when there is one), and computes the verdict last. :func:`certify` is both for
+a model in hand (no export).
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from harden.attacks.base import restore_modes, save_modes
-from harden.batches import predictions
-from harden.certificate import Certificate, SaliencyExample, SmoothingSummary, environment, verdict_rule
+from harden.certificate import (
+    BaselineSummary,
+    Certificate,
+    ClassResult,
+    SmoothingSummary,
+    environment,
+    requirement_results,
+    requirement_values,
+    verdict_rule,
+)
 from harden.checkpoint import weights_sha256
 from harden.checks import onnx_black_box_check
-from harden.data import EvalData, eval_batches, load_data, to_device
+from harden.data import EvalData, load_data
+from harden.measure import Measurements, measure, saliency_map, verify_baseline
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
 from harden.policy_io import checked, policy_hash
 from harden.schema import HALF_LEVEL
-from harden.smoothing import smooth_certify, wilson_interval
+from harden.smoothing import wilson_interval
 from harden.verify import RobustnessReport, verify
 
-__all__ = ["Certificate", "Measurements", "assemble", "certify", "measure", "saliency_map", "verdict"]
-
-
-@dataclass
-class Measurements:
-    """What :func:`measure` found beyond the attack suite.
-
-    Attributes:
-        smoothing: randomized-smoothing results (None: ``certify.smoothing`` is off).
-        saliency: saliency maps of the first test images.
-        timings: wall seconds by stage (``smoothing`` when it ran).
-    """
-
-    smoothing: SmoothingSummary | None = None
-    saliency: list[SaliencyExample] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def saliency_map(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``|d CE(f(x), y) / dx|``, max over channels, each map scaled to [0, 1]: ``(N, H, W)``.
-
-    The model's parameters get no gradient; its train/eval mode is left as it is.
-
-    Example:
-        >>> from harden.testing import TinyCNN
-        >>> saliency_map(TinyCNN(num_classes=3), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])).shape
-        torch.Size([2, 8, 8])
-    """
-    xg = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-    sal = grad.abs().amax(1)
-    peak = sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    return (sal / peak).detach()
-
-
-def _first(data: EvalData, n: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for xb, yb in eval_batches(data, batch_size, n):
-        x, y = to_device(xb, yb, device)
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs)[:n], torch.cat(ys)[:n]
-
-
-def _round(t: torch.Tensor) -> list[Any]:
-    return torch.round(t.detach().cpu() * 1000).div(1000).tolist()
-
-
-def _saliency(net: nn.Module, baseline: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> list[SaliencyExample]:
-    maps = {"hardened": saliency_map(net, x, y)}
-    if baseline is not None:
-        maps["baseline"] = saliency_map(baseline, x, y)
-    with torch.no_grad():
-        pred = predictions(net(x))  # -1: non-finite logits (no class)
-    return [
-        SaliencyExample(
-            label=int(y[i]),
-            prediction=int(pred[i]),
-            image=_round(x[i]),
-            maps={k: _round(v[i]) for k, v in maps.items()},
-        )
-        for i in range(x.shape[0])
-    ]
-
-
-def _smoothing(net: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy, progress: bool) -> SmoothingSummary:
-    spec = policy.certify
-    res = smooth_certify(
-        net,
-        x[: spec.n_examples],
-        y[: spec.n_examples],
-        sigma=spec.sigma,
-        n0=spec.n0,
-        n=spec.n,
-        alpha=spec.alpha,
-        batch_size=spec.batch_size,
-        radii=spec.radius_grid(),
-        progress=progress,
-    )
-    radius = spec.radius_for(policy.threat)
-    return SmoothingSummary(
-        sigma=res.sigma,
-        n0=res.n0,
-        n=res.n,
-        alpha=res.alpha,
-        examples=res.examples,
-        abstentions=res.abstentions,
-        radius=radius,
-        certified_accuracy=None if radius is None else res.accuracy_at(radius),
-        min_certified_accuracy=spec.min_certified_accuracy,
-        curve=res.curve,
-        labels=res.labels,
-        predictions=res.predictions,
-        radii=[round(r, 6) for r in res.radii],
-        seconds=res.seconds,
-        samples_per_second=res.samples_per_second,
-    )
-
-
-def measure(
-    model: nn.Module,
-    policy: Policy,
-    data: EvalData,
-    *,
-    baseline: nn.Module | None = None,
-    progress: bool = True,
-) -> Measurements:
-    """Randomized smoothing (``policy.certify``) and saliency maps on the first examples of ``data``.
-
-    Seeded with ``policy.seed`` without touching the global RNG; the models are used on their own
-    device and their train/eval modes are restored.
-
-    Args:
-        model: the hardened classifier (taking [0, 1] pixels).
-        policy: gives ``certify`` (smoothing settings, saliency examples) and the seed.
-        data: evaluation data (a DataLoader, a Dataset or an ``(x, y)`` pair).
-        baseline: a plainly trained model whose saliency maps are shown beside the hardened one's.
-        progress: show a progress bar.
-
-    Example:
-        >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
-        >>> m = measure(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(8), progress=False)
-        >>> m.smoothing is None, len(m.saliency) <= 8
-        (True, True)
-    """
-    net = prepare_model(model, policy.model)
-    base = prepare_model(baseline, policy.model) if baseline is not None else None
-    dev, spec, out = model_device(net), policy.certify, Measurements()
-    nets = [m for m in (net, base) if m is not None]
-    modes = [save_modes(m) for m in nets]
-    try:
-        for m in nets:
-            m.eval()
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(policy.seed)
-            want = max(spec.n_examples if spec.smoothing else 0, spec.saliency_examples)
-            if want:
-                x, y = _first(data, want, policy.data.eval_batch_size, dev)
-                if spec.saliency_examples:
-                    k = spec.saliency_examples
-                    out.saliency = _saliency(net, base, x[:k], y[:k])
-                if spec.smoothing:
-                    out.smoothing = _smoothing(net, x, y, policy, progress)
-                    out.timings["smoothing"] = out.smoothing.seconds
-    finally:
-        for m, mode in zip(nets, modes, strict=True):
-            restore_modes(m, mode)
-    return out
+__all__ = [
+    "Certificate",
+    "Measurements",
+    "assemble",
+    "certify",
+    "measure",
+    "saliency_map",
+    "verdict",
+    "verify_baseline",
+]
 
 
 def verdict(
@@ -216,14 +85,67 @@ def _warnings(policy: Policy) -> list[str]:
     return out
 
 
-def _intervals(report: RobustnessReport) -> dict[str, tuple[float, float]]:
+def _check_n(report: RobustnessReport, policy: Policy) -> int | None:
+    """The examples of the check subset (the eps curve's), None when there is none.
+
+    The report says (``check_n``, 0: none); a report without it (an older one) had the first
+    ``verify.check_examples`` of its examples.
+    """
+    n = getattr(report, "check_n", None)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n if n >= 1 else None
+    return min(policy.verify.check_examples, report.n) if report.eps_curve or report.checks else None
+
+
+def _eps_intervals(curve: list[tuple[float, float]], n: int | None) -> list[tuple[float, float]]:
+    return [] if n is None else [wilson_interval(round(acc * n), n) for _, acc in curve]
+
+
+def _per_class(report: RobustnessReport) -> list[ClassResult]:
+    rows = getattr(report, "per_class", None) or []
+    return [ClassResult.model_validate(row) for row in rows]
+
+
+def _baseline(report: RobustnessReport, policy: Policy, model: nn.Module | None) -> BaselineSummary:
+    check_n = _check_n(report, policy)
+    return BaselineSummary(
+        n=report.n,
+        clean_accuracy=report.clean_accuracy,
+        robust_accuracy=report.robust_accuracy,
+        per_attack=dict(report.per_attack),
+        intervals=_intervals(report, other=False),
+        eps_curve=list(report.eps_curve),
+        eps_intervals=_eps_intervals(report.eps_curve, check_n),
+        check_n=check_n,
+        weights_sha256=None if model is None else weights_sha256(prepare_model(model, policy.model)),
+    )
+
+
+def _reader_fields(report: RobustnessReport, policy: Policy, measured: Measurements) -> dict[str, Any]:
+    """The targets' results, per-class counts, the sample and the check subset (schema 2.3)."""
+    values = requirement_values(report.clean_accuracy, report.robust_accuracy, report.per_attack, measured.smoothing)
+    check_n = _check_n(report, policy)
+    check_clean = getattr(report, "check_clean_accuracy", None) if check_n is not None else None
+    if check_clean is None and check_n is not None and report.eps_curve:
+        check_clean = report.eps_curve[0][1]  # an older report: eps 0 is the check subset's clean accuracy
+    return {
+        "requirements": requirement_results(policy.certify.require, values),
+        "per_class": _per_class(report),
+        "sample": getattr(report, "sample", None) or None,
+        "check_n": check_n,
+        "check_clean_accuracy": check_clean,
+        "eps_intervals": _eps_intervals(report.eps_curve, check_n),
+    }
+
+
+def _intervals(report: RobustnessReport, *, other: bool = True) -> dict[str, tuple[float, float]]:
     out = {
         "clean": wilson_interval(round(report.clean_accuracy * report.n), report.n),
         "robust": wilson_interval(round(report.robust_accuracy * report.n), report.n),
     }
     for label, acc in report.per_attack.items():
         out[label] = wilson_interval(round(acc * report.n), report.n)
-    for label, acc in report.other_threats.items():
+    for label, acc in report.other_threats.items() if other else ():
         m = report.other_counts.get(label, report.n)
         out[label] = wilson_interval(round(acc * m), m)
     return out
@@ -239,8 +161,13 @@ def assemble(
     timings: dict[str, float] | None = None,
     export: dict[str, Any] | None = None,
     onnx_black_box: dict[str, Any] | None = None,
+    baseline_report: RobustnessReport | None = None,
+    baseline: nn.Module | None = None,
 ) -> Certificate:
     """Build the certificate once, from every measurement; the verdict is computed last.
+
+    The targets of ``policy.certify.require`` are evaluated against the certificate's numbers
+    (``requirements``); they do not change the verdict.
 
     Args:
         model: the certified model (its weights are hashed).
@@ -255,6 +182,9 @@ def assemble(
             ``broken_by`` (key ``outcomes``) is compared with the report's: a session that falls
             where the PyTorch model held adds the ``onnx_black_box`` check (see
             :func:`harden.checks.onnx_black_box_check`).
+        baseline_report: the undefended baseline verified by the same suite on the same
+            examples: its figures go beside the model's (``baseline``).
+        baseline: the baseline model itself, only to record the hash of its weights.
 
     Example:
         >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
@@ -307,6 +237,8 @@ def assemble(
         warnings=_warnings(policy),
         smoothing=measured.smoothing,
         saliency=measured.saliency,
+        baseline=None if baseline_report is None else _baseline(baseline_report, policy, baseline),
+        **_reader_fields(report, policy, measured),
     )
 
 
@@ -320,6 +252,7 @@ def certify(
     timings: dict[str, float] | None = None,
     baseline: nn.Module | None = None,
     progress: bool = True,
+    baseline_report: RobustnessReport | None = None,
 ) -> Certificate:
     """Verify ``model`` (unless ``report`` is given), smooth it if asked, assemble its certificate.
 
@@ -335,8 +268,11 @@ def certify(
         report: a verification report to reuse instead of attacking again.
         history: the training history to include.
         timings: wall seconds of earlier steps to include.
-        baseline: a plainly trained model whose saliency maps are shown beside the hardened one's.
+        baseline: an undefended (plainly trained) model: it is verified by the same suite on the
+            same examples (sanity checks off), and its accuracies and eps curve go beside the
+            model's; its saliency maps are shown beside the hardened one's.
         progress: show progress bars.
+        baseline_report: the baseline's verification report, to reuse instead of attacking it again.
 
     Example:
         >>> from harden.testing import TinyCNN, tiny_policy, synthetic_tensors
@@ -353,5 +289,16 @@ def certify(
         data = bundle.test
     if report is None:
         report = verify(net, policy, data, bundle=bundle, history=history, progress=progress)
+    if baseline is not None and baseline_report is None:
+        baseline_report = verify_baseline(baseline, policy, data, bundle=bundle, progress=progress)
     measured = measure(net, policy, data, baseline=baseline, progress=progress)
-    return assemble(net, policy, report, measured, history=history, timings=timings)
+    return assemble(
+        net,
+        policy,
+        report,
+        measured,
+        history=history,
+        timings=timings,
+        baseline_report=baseline_report,
+        baseline=baseline,
+    )

@@ -24,6 +24,11 @@ the run folder is not what the certificate claims. The items, in order:
 - **signature** (``signature``): with a public key, the Ed25519 signature must be there and verify
   over :meth:`~harden.certificate.Certificate.canonical_bytes`. Without a key a signature is
   reported ``UNVERIFIED``: present, *not* checked (``ok``, but it proves nothing).
+- **requirements** (``requirement``, one per target): each target the certificate records
+  (``certify.require``) and each one passed as ``require=`` (``harden inspect --require``),
+  evaluated against the certificate's own numbers (never its recorded ``passed``): ``OK`` when
+  met, ``FAIL`` when not or when the certificate did not measure the metric. This is the CI/CD
+  gate: ``harden inspect --require "robust_accuracy >= 0.45"`` exits 1 on a model below it.
 
 Without a verified signature these checks catch accidents and clumsy edits only: whoever can write
 the folder can also rewrite every hash in an unsigned certificate.
@@ -35,7 +40,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ from harden.certificate import Certificate, verdict_rule
 from harden.consistency import consistency_problems
 from harden.errors import HardenError, IntegrityError
 from harden.policy_io import load_policy, policy_hash
+from harden.require import Requirement, format_fraction, parse_requirement
 from harden.signing import key_id, load_public_key, verify_signature
 
 __all__ = ["OK_STATUSES", "Check", "HashCheck", "inspect_certificate"]
@@ -83,7 +89,8 @@ class Check:
     Attributes:
         item: what is checked (``weights``, ``onnx``, ``policy``, ``markdown``, ``html``,
             ``schema``, ``verdict``, ``accuracy``, ``intervals``, ``broken_by``, ``checks``,
-            ``smoothing``, ``export``, ``onnx_metadata``, ``signature``).
+            ``smoothing``, ``export``, ``requirements``, ``baseline``, ``onnx_metadata``,
+            ``signature``, ``requirement``).
         status: ``OK``, ``ABSENT``, ``UNSIGNED``, ``UNVERIFIED`` (these pass) or ``MISMATCH``,
             ``MISSING``, ``UNRECORDED``, ``UNREADABLE``, ``FAIL``, ``INVALID``.
         detail: why, for people (one line).
@@ -257,13 +264,33 @@ def _signature_check(cert: Certificate, path: Path, public_key: Any) -> Check:
     return Check("signature", "OK", f"verified: signed by key {trusted}", path, trusted, named)
 
 
-def inspect_certificate(path: str | Path, *, public_key: Any = None) -> tuple[Certificate, list[Check]]:
-    """Load ``certificate.json`` and check it against the files beside it, itself and ``public_key``.
+def _requirement_checks(cert: Certificate, extra: list[Requirement], path: Path) -> list[Check]:
+    """One check per target (the certificate's own, then ``extra``), recomputed from the numbers."""
+    values = cert.measured_values()
+    out, seen = [], set()
+    for req in [parse_requirement(r.text) for r in cert.requirements] + extra:
+        if req.text in seen:
+            continue
+        seen.add(req.text)
+        actual = req.actual(values)
+        measured = "not measured by this certificate" if actual is None else f"measured {format_fraction(actual)}"
+        status = "OK" if req.check(values) else "FAIL"
+        detail = f"{req.text}: {'PASS' if status == 'OK' else 'FAIL'} ({measured})"
+        out.append(Check("requirement", status, detail, path, req.text, None if actual is None else repr(actual)))
+    return out
+
+
+def inspect_certificate(
+    path: str | Path, *, public_key: Any = None, require: Iterable[str] = ()
+) -> tuple[Certificate, list[Check]]:
+    """Load ``certificate.json`` and check it against the files beside it, itself, ``public_key`` and ``require``.
 
     Args:
         path: a ``certificate.json``, or the directory holding it.
         public_key: an Ed25519 public key, or the path of its PEM file: the signature must then
             verify (None: a signature is reported ``UNVERIFIED``).
+        require: targets (``METRIC OP VALUE``, :func:`harden.require.parse_requirement`) the
+            certificate must meet, besides the ones it records: each is a ``requirement`` check.
 
     Returns:
         The certificate and the checks, in the order of the module docs; the run folder is sound
@@ -272,6 +299,7 @@ def inspect_certificate(path: str | Path, *, public_key: Any = None) -> tuple[Ce
     Raises:
         IntegrityError: the certificate is missing, unreadable or not a valid certificate, or the
             public key file cannot be read (one line naming the file).
+        PolicyError: a ``require`` entry is not a requirement (checked before anything is read).
 
     Example:
         >>> import tempfile
@@ -281,7 +309,11 @@ def inspect_certificate(path: str | Path, *, public_key: Any = None) -> tuple[Ce
         >>> _ = certify(TinyCNN(num_classes=3), tiny_policy(), synthetic_tensors(8), progress=False).save(d)
         >>> [(c.item, c.status) for c in inspect_certificate(d)[1] if not c.ok]  # no model files beside it
         [('weights', 'MISSING'), ('policy', 'MISSING')]
+        >>> checks = inspect_certificate(d, require=["clean_accuracy >= 0", "robust_accuracy > 100%"])[1]
+        >>> [(c.expected, c.status) for c in checks if c.item == "requirement"]
+        [('clean_accuracy >= 0%', 'OK'), ('robust_accuracy > 100%', 'FAIL')]
     """
+    extra = [parse_requirement(text) for text in ([require] if isinstance(require, str) else require)]
     p = Path(path)
     if p.is_dir():
         p = p / "certificate.json"
@@ -292,4 +324,8 @@ def inspect_certificate(path: str | Path, *, public_key: Any = None) -> tuple[Ce
     checks += _consistency_checks(cert, p)
     checks.append(_onnx_metadata_check(cert, p.parent / "model.onnx"))
     checks.append(_signature_check(cert, p, public_key))
+    try:
+        checks += _requirement_checks(cert, extra, p)
+    except HardenError as exc:  # a recorded text that no longer parses: already a consistency FAIL
+        checks.append(Check("requirement", "FAIL", f"a recorded requirement does not parse: {exc}", p))
     return cert, checks

@@ -32,7 +32,8 @@ def certificate_plots(cert: Certificate, threat: str) -> dict[str, str]:
         threat: the threat model as text, for the title of the accuracy-vs-eps plot.
 
     Returns:
-        ``<img>`` tags by key: ``eps`` (accuracy vs eps), ``smoothing`` (certified accuracy vs l2
+        ``<img>`` tags by key: ``eps`` (accuracy vs eps, with 95% Wilson bands, the undefended
+        baseline when there is one, and the threat's eps marked), ``smoothing`` (certified accuracy vs l2
         radius), ``training`` (loss and accuracy per epoch), ``saliency`` (images and their maps).
 
     Example:
@@ -47,8 +48,7 @@ def certificate_plots(cert: Certificate, threat: str) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     if cert.eps_curve:
-        eps = [(float(e), float(a)) for e, a in cert.eps_curve]
-        out["eps"] = _line_plot(eps, "eps", "accuracy (%)", f"robust accuracy vs eps ({threat})")
+        out["eps"] = _eps_plot(cert, threat)
     if cert.smoothing is not None and cert.smoothing.curve:
         curve = [(float(r), float(a)) for r, a in cert.smoothing.curve]
         title = f"smoothed classifier, sigma = {cert.smoothing.sigma:g}"
@@ -76,6 +76,28 @@ def _line_plot(points: list[tuple[float, float]], xlabel: str, ylabel: str, titl
     ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", color="#0969da")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(-2, 102))
     ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _eps_plot(cert: Certificate, threat: str) -> str:
+    """Accuracy vs eps: the model (95% Wilson band), the undefended baseline, the threat's eps marked."""
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    curves = [("hardened model", "#0969da", cert.eps_curve, cert.eps_intervals)]
+    if cert.baseline is not None and cert.baseline.eps_curve:
+        curves.append(("undefended baseline", "#bc4c00", cert.baseline.eps_curve, cert.baseline.eps_intervals))
+    for label, colour, curve, bands in curves:
+        xs = [float(e) for e, _ in curve]
+        ax.plot(xs, [100 * float(a) for _, a in curve], marker="o", color=colour, label=label)
+        if len(bands) == len(curve):
+            lo, hi = ([100 * float(b[i]) for b in bands] for i in (0, 1))
+            ax.fill_between(xs, lo, hi, color=colour, alpha=0.15, linewidth=0)
+    eps = cert.threat.get("eps")
+    if isinstance(eps, int | float) and not isinstance(eps, bool):
+        ax.axvline(float(eps), color="#cf222e", linestyle="--", linewidth=1, label=f"threat eps = {float(eps):g}")
+    ax.set(xlabel="eps", ylabel="accuracy (%)", title=f"robust accuracy vs eps ({threat})", ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -6,27 +6,42 @@ saliency maps, drawn by :mod:`harden.plots`. The HTML page is self-contained: in
 scripts, fonts or external URLs, so it reads offline and can be archived next to
 ``certificate.json``.
 
-The certificate's ``warnings`` (notes a reader must see) come first in both, right under the
-title. Stable element ids in the HTML page: ``warnings`` (when there are any), ``verdict``,
-``clean-accuracy``, ``robust-accuracy`` and, when randomized smoothing ran,
-``certified-accuracy``; each section has ``id="section-<slug>"``.
+The top of both, in order: the certificate's ``warnings`` (notes a reader must see), one line
+per target (``Target: robust_accuracy >= 45%: FAIL (measured 4.0%)``), the verdict, the robust
+accuracy (worst case over the suite) before and larger than the clean accuracy, the undefended
+baseline's when there is one, and a summary of the exported ONNX model (parity, its own
+black-box result, whether it agrees with the PyTorch verdict). Everywhere people read labels,
+not the JSON keys. Stable element ids in the HTML page: ``warnings`` (when there are any),
+``target-<i>`` per target, ``verdict``, ``robust-accuracy``, ``clean-accuracy``, when randomized
+smoothing ran ``certified-accuracy``, ``onnx-summary`` when exported; each section has
+``id="section-<slug>"``. The sections themselves (labels, tables, paragraphs) are built by
+:mod:`harden.report_sections`.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from harden.plots import certificate_plots
+from harden.report_sections import (
+    CLEAN_LABEL,
+    DASH,
+    ROBUST_LABEL,
+    ci,
+    fmt,
+    pct,
+    sections,
+    status_label,
+    threat_text,
+)
 
 if TYPE_CHECKING:
-    from harden.certificate import Certificate, SmoothingSummary
+    from harden.certificate import Certificate
 
 __all__ = ["to_html", "to_markdown"]
 
-_DASH = "—"
 _COLOURS = {
     "CERTIFIED": ("#1a7f37", "#dafbe1"),
     "EMPIRICAL": ("#9a6700", "#fff8c5"),
@@ -34,6 +49,7 @@ _COLOURS = {
     "PASS": ("#1a7f37", "#dafbe1"),
     "WARN": ("#9a6700", "#fff8c5"),
     "FAIL": ("#cf222e", "#ffebe9"),
+    "SKIP": ("#59636e", "#eaeef2"),
 }
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
@@ -53,166 +69,61 @@ td.nowrap{white-space:nowrap;word-break:normal}
 img.plot{max-width:100%;height:auto;display:block;margin:.6em 0}
 .warnings{border:2px solid #cf222e;background:#ffebe9;color:#82071e;border-radius:8px;padding:8px 16px;margin:.6em 0 1em}
 .warnings ul{margin:.3em 0;padding-left:1.2em}
+.target{font-size:1.15em;font-weight:700;padding:6px 12px;border-radius:6px;margin:.4em 0}
+.card.primary{border:2px solid #1f2328}.card.primary .value{font-size:3em}
+.onnx{border:1px solid #d0d7de;border-radius:8px;padding:6px 16px;margin:.6em 0 1em}.onnx p{margin:.3em 0}
 """ + "".join(f".s-{k}{{color:{fg};background:{bg}}}" for k, (fg, bg) in _COLOURS.items())
 
-_Table = tuple[list[str], list[list[str]]]
 
-
-@dataclass(frozen=True)
-class _Plot:
-    """Where a plot goes (HTML only): the key of :func:`harden.plots.certificate_plots`."""
-
-    key: str
-
-
-_Block = str | _Table | _Plot
-
-
-@dataclass
-class _Section:
-    """One titled part of the certificate: paragraphs (str) and tables, in order (both formats)."""
-
-    title: str
-    blocks: list[_Block] = field(default_factory=list)
-
-
-def _pct(x: float | None) -> str:
-    return _DASH if x is None else f"{x:.2%}"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return _DASH
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items() if x is not None) or _DASH
-    if isinstance(v, list | tuple):
-        return ", ".join(_fmt(x) for x in v)
-    return str(v)
-
-
-def _ci(cert: Certificate, key: str) -> str:
-    lo_hi = cert.intervals.get(key)
-    return _DASH if lo_hi is None else f"[{_pct(lo_hi[0])}, {_pct(lo_hi[1])}]"
-
-
-def _threat(cert: Certificate) -> str:
-    return ", ".join(f"{k} = {_fmt(v)}" for k, v in cert.threat.items() if v is not None) or _DASH
+def _frac(x: float | None) -> str:
+    """A short percentage for prose: ``4.0%``."""
+    return DASH if x is None else f"{x:.1%}"
 
 
 def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-def _sections(cert: Certificate) -> list[_Section]:
-    """Everything the certificate says, in reading order (shared by both renderings)."""
-    attacks = [[str(i + 1), str(a.get("name", "?")), _fmt(a.get("params") or {})] for i, a in enumerate(cert.attacks)]
-    threat: list[_Block] = [
-        f"Perturbations within {_threat(cert)}; pixels in [0, 1]. Attacks run as a worst-case cascade."
-    ]
-    out = [_Section("Threat model", threat + ([(["#", "attack", "parameters"], attacks)] if attacks else []))]
-    rows = [["clean", _pct(cert.clean_accuracy), str(cert.n), _ci(cert, "clean"), str(cert.broken_by.get("clean", ""))]]
-    for label, acc in cert.per_attack.items():
-        rows.append([f"after {label}", _pct(acc), str(cert.n), _ci(cert, label), str(cert.broken_by.get(label, ""))])
-    rows.append(["worst case (robust)", _pct(cert.robust_accuracy), str(cert.n), _ci(cert, "robust"), ""])
-    head = ["measure", "accuracy", "n", "95% Wilson interval", "examples first fooled"]
-    out.append(_Section("Accuracy", [(head, rows)]))
-    other = [
-        [label, _pct(acc), str(cert.other_counts.get(label, cert.n)), _ci(cert, label)]
-        for label, acc in cert.other_threats.items()
-    ]
-    text = "Attacks outside the l_p threat model, each run on all examples; not part of the worst case."
-    table: _Block = (["threat", "accuracy", "n", "95% Wilson interval"], other) if other else "None were run."
-    out.append(_Section("Other threats", [text, table]))
-    if cert.eps_curve:
-        text = f"PGD accuracy as the {_threat(cert)} budget varies (eps 0: clean accuracy)."
-        curve = [[_fmt(float(e)), _pct(a)] for e, a in cert.eps_curve]
-        out.append(_Section("Accuracy vs eps", [text, _Plot("eps"), (["eps", "accuracy"], curve)]))
-    if cert.smoothing is not None:
-        out.append(_smoothing_section(cert.smoothing))
-    checks = [
-        [c.get("id", cid), c.get("status", "?"), c.get("detail", ""), c.get("remedy", "")]
-        for cid, c in cert.checks.items()
-    ]
-    table = (["id", "status", "detail", "remedy"], checks) if checks else "No sanity checks were run."
-    out.append(_Section("Sanity checks", [table]))
-    out.append(_training_section(cert))
-    if cert.saliency:
-        names = list(dict.fromkeys(k for ex in cert.saliency for k in ex.maps))
-        text = (
-            f"Input-gradient saliency maps (|d CE / dx|, max over channels, scaled to [0, 1]) of "
-            f"{len(cert.saliency)} test images; maps: {', '.join(names)}."
-        )
-        rows = [[str(i + 1), str(ex.label), str(ex.prediction)] for i, ex in enumerate(cert.saliency)]
-        out.append(_Section("Saliency", [text, _Plot("saliency"), (["example", "label", "prediction"], rows)]))
-    integrity = [
-        ["weights SHA-256", cert.weights_sha256],
-        ["ONNX SHA-256", cert.onnx_sha256 or _DASH],
-        ["policy SHA-256", cert.policy_sha256],
-    ]
-    blocks: list[_Block] = [(["artefact", "hash"], integrity)]
-    if cert.export:
-        blocks += ["ONNX export parity (onnxruntime vs torch):"]
-        blocks += [(["export", "value"], [[k, _fmt(v)] for k, v in cert.export.items()])]
-    if cert.onnx_black_box:
-        ob = cert.onnx_black_box
-        rows = [[f"after {k}", _pct(v), str(ob.get("n", ""))] for k, v in ob.get("per_attack", {}).items()]
-        rows = [["clean", _pct(ob.get("clean_accuracy")), str(ob.get("n", ""))], *rows]
-        rows.append(["worst case (robust)", _pct(ob.get("robust_accuracy")), str(ob.get("n", ""))])
-        blocks += [
-            "The exported ONNX model attacked itself (onnxruntime, providers "
-            + ", ".join(ob.get("providers", []))
-            + ") with the gradient-free attacks:",
-            (["measure", "accuracy", "n"], rows),
-        ]
-    out.append(_Section("Integrity", blocks))
-    facts = [["policy", cert.policy_name], ["created", cert.created], ["schema version", cert.schema_version]]
-    facts += [["device", cert.device], ["seed", str(cert.seed)]]
-    facts += [[f"time: {k}", f"{v:.2f} s"] for k, v in cert.timings.items()]
-    versions = [[k, v] for k, v in cert.versions.items()]
-    out.append(_Section("Reproducibility", [(["fact", "value"], facts), (["package", "version"], versions)]))
+def _targets(cert: Certificate) -> list[tuple[str, str]]:
+    """``(status, line)`` per requirement: ``Target: robust_accuracy >= 45%: FAIL (measured 4.0%)``."""
+    out = []
+    for r in cert.requirements:
+        measured = "not measured" if r.actual is None else f"measured {_frac(r.actual)}"
+        status = "PASS" if r.passed else "FAIL"
+        out.append((status, f"Target: {r.text}: {status} ({measured})"))
     return out
 
 
-def _smoothing_section(s: SmoothingSummary) -> _Section:
-    settings = [
-        ["sigma", _fmt(s.sigma)],
-        ["n0 / n", f"{s.n0} / {s.n}"],
-        ["alpha", _fmt(s.alpha)],
-        ["examples", str(s.examples)],
-        ["abstentions", str(s.abstentions)],
-        ["l2 radius", _fmt(s.radius)],
-        ["certified accuracy at the radius", _pct(s.certified_accuracy)],
-        ["required for CERTIFIED", _pct(s.min_certified_accuracy)],
-        ["noisy samples per second", f"{s.samples_per_second:.0f}"],
-    ]
-    text = (
-        "The guarantee is about the smoothed classifier (the model under Gaussian noise, majority vote), "
-        "not the base model: each of its predictions is constant within its certified l2 radius with "
-        f"probability at least {1 - s.alpha:g} (Cohen et al. 2019, Clopper-Pearson bounds)."
-    )
-    blocks: list[_Block] = [text, (["setting", "value"], settings)]
-    if s.curve:
-        blocks += [_Plot("smoothing"), (["l2 radius", "certified accuracy"], [[_fmt(r), _pct(a)] for r, a in s.curve])]
-    return _Section("Randomized smoothing", blocks)
-
-
-def _training_section(cert: Certificate) -> _Section:
-    objectives = [
-        [str(o.get("name", "?")), _fmt(o.get("weight", 1.0)), _fmt(o.get("params") or {})] for o in cert.objectives
-    ]
-    blocks: list[_Block] = [f"Epochs planned: {_fmt(cert.epochs)}; epochs recorded: {len(cert.training)}."]
-    if objectives:
-        blocks.append((["objective", "weight", "parameters"], objectives))
-    if cert.training:
-        last = cert.training[-1]
-        metrics = [[k, _pct(v) if k.endswith("_acc") else _fmt(v)] for k, v in last.items()]
-        blocks += [_Plot("training"), f"Final epoch ({_fmt(last.get('epoch', len(cert.training)))}):"]
-        blocks.append((["metric", "value"], metrics))
-    return _Section("Training", blocks)
+def _onnx_summary(cert: Certificate) -> list[str]:
+    """The exported ONNX model in a few lines: parity, its own black-box figures, agreement with PyTorch."""
+    ex, ob = cert.export, cert.onnx_black_box
+    if not ex and not ob:
+        return []
+    out = []
+    if ex:
+        line = (
+            f"Exported ONNX model: onnxruntime matches PyTorch on {fmt(ex.get('parity_examples'))} inputs "
+            f"(largest logit difference {fmt(ex.get('parity_max_abs_diff'))}, same class on "
+            f"{pct(ex.get('parity_argmax_agreement'))})"
+        )
+        if ex.get("parity_adversarial_examples"):
+            line += (
+                f" and on {fmt(ex.get('parity_adversarial_examples'))} adversarial inputs (same class on "
+                f"{pct(ex.get('parity_adversarial_argmax_agreement'))})"
+            )
+        out.append(line + ".")
+    if ob:
+        out.append(
+            f"The ONNX session attacked itself (gradient-free attacks, n = {fmt(ob.get('n'))}): robust accuracy "
+            f"{pct(ob.get('robust_accuracy'))}, clean accuracy {pct(ob.get('clean_accuracy'))}."
+        )
+        check = cert.checks.get("onnx_black_box")
+        if check:
+            status = status_label(check.get("status", "?"))
+            out.append(f"Agreement with the PyTorch verdict: {status}, {check.get('detail', '')}")
+    else:
+        out.append("The ONNX session itself was not attacked (export.verify_examples is 0, or not run by harden run).")
+    return out
 
 
 def _md_cell(text: str) -> str:
@@ -226,21 +137,35 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _headline(cert: Certificate) -> list[tuple[str, str, str, str]]:
-    """``(id, title, value, detail)`` of the key figures."""
+    """``(id, title, value, detail)`` of the key figures, the robust accuracy first."""
+    t = threat_text(cert)
     out = [
-        ("clean-accuracy", "Clean accuracy", _pct(cert.clean_accuracy), f"n = {cert.n}, 95% CI {_ci(cert, 'clean')}"),
         (
             "robust-accuracy",
-            "Robust accuracy",
-            _pct(cert.robust_accuracy),
-            f"n = {cert.n}, 95% CI {_ci(cert, 'robust')}",
+            ROBUST_LABEL,
+            pct(cert.robust_accuracy),
+            f"under {t}; n = {cert.n}, 95% CI {ci(cert, 'robust')}",
         ),
+        ("clean-accuracy", CLEAN_LABEL, pct(cert.clean_accuracy), f"n = {cert.n}, 95% CI {ci(cert, 'clean')}"),
     ]
     s = cert.smoothing
     if s is not None:
-        detail = f"smoothed classifier, l2 radius {_fmt(s.radius)}, sigma {_fmt(s.sigma)}, n = {s.examples}"
-        out.append(("certified-accuracy", "Certified accuracy", _pct(s.certified_accuracy), detail))
+        detail = f"smoothed classifier, l2 radius {fmt(s.radius)}, sigma {fmt(s.sigma)}, n = {s.examples}"
+        out.append(("certified-accuracy", "Certified accuracy", pct(s.certified_accuracy), detail))
+    b = cert.baseline
+    if b is not None:
+        detail = f"undefended model on the same {b.n} examples; clean accuracy {pct(b.clean_accuracy)}"
+        out.append(("baseline-robust-accuracy", "Undefended baseline, robust accuracy", pct(b.robust_accuracy), detail))
     return out
+
+
+def _plain(cert: Certificate) -> str:
+    """One sentence no reader can misread: right under attack, out of how many, against clean."""
+    right = round(cert.robust_accuracy * cert.n)
+    return (
+        f"Under attack the model classifies {_frac(cert.robust_accuracy)} of the {cert.n} examples right "
+        f"({right} of {cert.n}); without attack, {_frac(cert.clean_accuracy)}."
+    )
 
 
 def to_markdown(cert: Certificate) -> str:
@@ -269,10 +194,18 @@ def to_markdown(cert: Certificate) -> str:
         lines += ["> **Warnings**", ">"]
         lines += [f"> - {_md_cell(w)}" for w in cert.warnings]
         lines.append("")
-    lines += [f"**{cert.verdict}**: {cert.verdict_reason or _DASH}", ""]
-    lines += [f"- {title}: **{value}** ({detail})" for _, title, value, detail in _headline(cert)]
+    targets = _targets(cert)
+    lines += [f"**{_md_cell(line)}**" + ("  " if i < len(targets) - 1 else "") for i, (_, line) in enumerate(targets)]
+    lines += [""] if targets else []
+    lines += [f"**{cert.verdict}**: {cert.verdict_reason or DASH}", ""]
+    (_, title, value, detail), *rest = _headline(cert)
+    lines += [f"### {title}: {value}", "", f"{detail}. {_plain(cert)}", ""]
+    lines += [f"- {title}: **{value}** ({detail})" for _, title, value, detail in rest]
     lines.append("")
-    for sec in _sections(cert):
+    onnx = _onnx_summary(cert)
+    lines += [f"> {_md_cell(line)}" + ("  " if i < len(onnx) - 1 else "") for i, line in enumerate(onnx)]
+    lines += [""] if onnx else []
+    for sec in sections(cert):
         lines += [f"## {sec.title}", ""]
         for block in sec.blocks:
             if isinstance(block, str):
@@ -284,8 +217,8 @@ def to_markdown(cert: Certificate) -> str:
 
 def _html_cell(text: str, header: str) -> str:
     esc = html.escape(text)
-    if header == "status" and text in _COLOURS:
-        return f'<td><span class="badge s-{text}">{esc}</span></td>'
+    if header == "status" and text.split(" ")[0] in _COLOURS:
+        return f'<td><span class="badge s-{text.split(" ")[0]}">{esc}</span></td>'
     if header == "id":
         return f'<td class="mono nowrap">{esc}</td>'
     if header == "hash":
@@ -331,19 +264,26 @@ def to_html(cert: Certificate) -> str:
         parts.append(
             f'<div class="warnings" id="warnings" role="alert"><strong>Warnings</strong><ul>{items}</ul></div>'
         )
+    for i, (status, line) in enumerate(_targets(cert)):
+        parts.append(f'<p class="target s-{status}" id="target-{i}">{html.escape(line)}</p>')
     parts += [
         f'<p class="verdict">Verdict: <span id="verdict" class="badge s-{cert.verdict}">{html.escape(cert.verdict)}</span></p>',
-        f'<p class="reason" id="verdict-reason">{html.escape(cert.verdict_reason or _DASH)}</p>',
+        f'<p class="reason" id="verdict-reason">{html.escape(cert.verdict_reason or DASH)}</p>',
         '<div class="cards">',
     ]
-    for id_, name, value, detail in _headline(cert):
+    for i, (id_, name, value, detail) in enumerate(_headline(cert)):
         parts.append(
-            f'<div class="card"><div>{html.escape(name)}</div><div class="value"><span id="{id_}">'
-            f'{html.escape(value)}</span></div><div class="sub">{html.escape(detail)}</div></div>'
+            f'<div class="card{" primary" if i == 0 else ""}"><div>{html.escape(name)}</div><div class="value">'
+            f'<span id="{id_}">{html.escape(value)}</span></div><div class="sub">{html.escape(detail)}</div></div>'
         )
-    parts.append("</div>")
-    plots = certificate_plots(cert, _threat(cert))
-    for sec in _sections(cert):
+    parts += ["</div>", f'<p id="plain">{html.escape(_plain(cert))}</p>']
+    onnx = _onnx_summary(cert)
+    if onnx:
+        parts.append(
+            '<div class="onnx" id="onnx-summary">' + "".join(f"<p>{html.escape(x)}</p>" for x in onnx) + "</div>"
+        )
+    plots = certificate_plots(cert, threat_text(cert))
+    for sec in sections(cert):
         parts.append(f'<section id="section-{_slug(sec.title)}"><h2>{html.escape(sec.title)}</h2>')
         for block in sec.blocks:
             if isinstance(block, str):

@@ -21,9 +21,10 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -41,6 +42,7 @@ from harden.catalog import Catalog, Lookup, catalog_of
 from harden.coderef import CODE_REF, MODULE_ATTR, CodeRef, is_code, is_code_ref
 from harden.errors import UnknownNameError, describe_validation_error, format_key_path
 from harden.registry import did_you_mean
+from harden.require import parse_requirement
 
 __all__ = [
     "CODE_REF",
@@ -298,6 +300,15 @@ class ExportSpec(Strict):
     verify_examples: int = Field(200, ge=0)
 
 
+def _requirement_text(text: str) -> str:
+    parse_requirement(text)  # a PolicyError (ValueError): reported at certify.require.<i>
+    return text
+
+
+#: one ``certify.require`` entry, checked by :func:`harden.require.parse_requirement`
+RequirementText = Annotated[str, AfterValidator(_requirement_text)]
+
+
 class CertifySpec(Strict):
     """Randomized smoothing (Cohen et al. 2019) and what the certificate shows.
 
@@ -316,6 +327,12 @@ class CertifySpec(Strict):
             (and every sanity check passing).
         radii: grid of the certified-accuracy curve; None: 0 to 4 sigma in 0.25 sigma steps.
         saliency_examples: test images whose input-gradient saliency maps the report shows.
+        require: targets the certificate is held to, each ``METRIC OP VALUE``: a metric among
+            ``clean_accuracy``, ``robust_accuracy``, ``certified_accuracy`` and
+            ``after:<attack label>``, an operator among ``>=``, ``>``, ``<=``, ``<``, and a
+            fraction (``0.45``) or percentage (``45%``), e.g. ``robust_accuracy >= 0.45``. The
+            certificate shows PASS or FAIL for each at the top (a metric not measured fails), and
+            ``harden inspect`` exits 1 when one fails. They do not change the verdict.
     """
 
     smoothing: bool = False
@@ -329,6 +346,7 @@ class CertifySpec(Strict):
     min_certified_accuracy: float = Field(0.5, gt=0, le=1)
     radii: tuple[float, ...] | None = Field(None, strict=False)
     saliency_examples: int = Field(4, ge=0, le=32)
+    require: tuple[RequirementText, ...] = Field((), strict=False)
 
     def radius_for(self, threat: ThreatModel) -> float | None:
         """The radius the verdict is about (see ``radius``)."""

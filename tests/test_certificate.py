@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import harden.certificate as certificate_module
+import harden.certificate_io as certificate_io
 from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, SmoothingSummary, environment, verdict_rule
 from harden.errors import CheckpointError, IntegrityError
 from harden.report import to_html, to_markdown
@@ -56,7 +57,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.signature is None
     assert loaded.model_copy(update={"rendered": {}}) == cert
     assert Certificate.load(tmp_path) == loaded  # a directory means its certificate.json
-    assert json.loads(path.read_text())["schema_version"] == CERTIFICATE_SCHEMA_VERSION == "2.2"
+    assert json.loads(path.read_text())["schema_version"] == CERTIFICATE_SCHEMA_VERSION == "2.3"
     assert path.read_text().startswith('{\n  "')  # human-readable: indented
     # the renderings do not depend on rendered / signature: the loaded certificate renders the same files
     assert (tmp_path / "certificate.md").read_text() == to_markdown(loaded) == to_markdown(cert)
@@ -188,7 +189,7 @@ def test_load_turns_every_failure_into_one_line(tmp_path, monkeypatch):
             (tmp_path / name).write_bytes(data)
         msg = _load_error(tmp_path / name)
         assert words[name] in msg, (name, msg)
-    monkeypatch.setattr(certificate_module, "MAX_CERTIFICATE_BYTES", 100)
+    monkeypatch.setattr(certificate_io, "MAX_CERTIFICATE_BYTES", 100)  # the cap is read there
     (tmp_path / "big.json").write_text(json.dumps(good))
     assert "MiB" in _load_error(tmp_path / "big.json")
 
@@ -284,3 +285,67 @@ def test_load_refuses_a_fifo_or_device_without_blocking(tmp_path):
     if os.path.exists("/dev/zero"):
         (tmp_path / "zero.json").symlink_to("/dev/zero")
         assert "got not a regular file" in _load_error_without_blocking(tmp_path / "zero.json")
+
+
+def _without_2_3(doc):
+    from harden.certificate import FIELDS_SINCE_2_3
+
+    return {k: v for k, v in doc.items() if k not in FIELDS_SINCE_2_3}
+
+
+def test_a_signed_2_2_certificate_still_loads_and_its_signature_verifies(tmp_path):
+    from harden.signing import sign
+
+    generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+    doc = _without_2_3(json.loads(tiny_cert().model_dump_json(exclude={"signature"})))
+    doc["schema_version"] = "2.2"
+    # what harden 2.2 signed: its own fields, sorted and compact
+    signed = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    doc["signature"] = sign(load_private_key(tmp_path / "k"), signed)
+    (tmp_path / "certificate.json").write_text(json.dumps(doc, indent=2))
+    old = Certificate.load(tmp_path)
+    assert old.schema_version == "2.2" and old.requirements == [] and old.baseline is None
+    assert old.canonical_bytes() == signed  # the 2.3 fields (at their defaults) are not part of it
+    verify_signature(load_public_key(tmp_path / "k.pub"), old.canonical_bytes(), old.signature)
+    # a 2.3 certificate's bytes do hold them: an edit of a target is covered by its signature
+    assert b'"requirements":[]' in tiny_cert().canonical_bytes()
+    assert b'"requirements"' not in signed
+
+
+def test_requirement_results_recompute_from_the_numbers():
+    from harden.certificate import requirement_results, requirement_values
+
+    values = requirement_values(0.79, 0.04, {"apgd_ce": 0.1, "square": 0.04}, None)
+    assert values == {
+        "clean_accuracy": 0.79, "robust_accuracy": 0.04, "certified_accuracy": None,
+        "after:apgd_ce": 0.1, "after:square": 0.04,
+    }  # fmt: skip
+    texts = ["robust_accuracy >= 0.45", "clean_accuracy > 50%", "certified_accuracy >= 0.1", "after:apgd_ce < 0.2"]
+    got = [(r.text, r.actual, r.passed) for r in requirement_results(texts, values)]
+    assert got == [
+        ("robust_accuracy >= 45%", 0.04, False),
+        ("clean_accuracy > 50%", 0.79, True),
+        ("certified_accuracy >= 10%", None, False),  # not measured: a FAIL, never a pass
+        ("after:apgd_ce < 20%", 0.1, True),
+    ]
+    cert = tiny_cert(requirements=requirement_results(texts[:1], values))
+    assert cert.measured_values()["robust_accuracy"] == 0.5  # the certificate's own numbers
+    assert Certificate.model_validate_json(cert.model_dump_json()) == cert
+
+
+def test_a_skipped_check_is_named_in_the_reason_and_never_a_failure():
+    skipped = {"a": {"status": "PASS"}, "white_box_beats_black_box": {"status": "SKIP"}}
+    decided, reason = verdict_rule(skipped, None)
+    assert decided == "EMPIRICAL" and reason.endswith("; not tested (SKIP, N/A): white_box_beats_black_box")
+    assert verdict_rule({**skipped, "b": {"status": "FAIL"}}, None) == ("UNRELIABLE", "sanity check(s) failed: b")
+    assert "SKIP" not in verdict_rule({"a": {"status": "PASS"}}, None)[1]
+
+
+def test_load_accepts_a_run_directory_and_says_so_when_it_has_no_certificate(tmp_path):
+    path = tiny_cert().save(tmp_path / "run")
+    assert Certificate.load(tmp_path / "run") == Certificate.load(path)
+    (tmp_path / "empty").mkdir()
+    msg = _load_error(tmp_path / "empty" / "certificate.json")
+    with pytest.raises(IntegrityError) as info:
+        Certificate.load(tmp_path / "empty")  # a folder: its certificate.json, never IsADirectoryError
+    assert str(info.value) == msg and "empty/certificate.json: expected a readable certificate" in msg

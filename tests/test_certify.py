@@ -9,7 +9,7 @@ import torch
 from scipy.stats import norm
 
 import harden
-from harden.certify import Certificate, saliency_map
+from harden.certify import Certificate
 from harden.cli import main
 from harden.docs import CERTIFICATE_SCHEMA_PATH, certificate_schema
 from harden.testing import ConstantClassifier, TinyCNN, synthetic_tensors, tiny_policy
@@ -95,18 +95,6 @@ def test_certificate_contents_and_round_trip(tmp_path):
         assert (tmp_path / name).is_file(), name
 
 
-def test_saliency_map_is_the_scaled_input_gradient():
-    torch.manual_seed(0)
-    model = TinyCNN(num_classes=3).eval()
-    x, y = synthetic_tensors(2, num_classes=3)
-    sal = saliency_map(model, x, y)
-    assert all(p.grad is None for p in model.parameters())
-    xg = x[:1].clone().requires_grad_(True)
-    torch.nn.functional.cross_entropy(model(xg), y[:1]).backward()
-    g = xg.grad.abs().amax(1)[0]
-    assert torch.allclose(sal[0], g / g.max(), atol=1e-6)
-
-
 def test_published_certificate_schema_is_current():
     published = (ROOT / CERTIFICATE_SCHEMA_PATH).read_text()
     assert published == certificate_schema(), "run `python -m harden.docs` to regenerate it"
@@ -174,3 +162,83 @@ def test_an_eps_below_half_a_pixel_level_is_marked_in_the_certificate():
     )
     assert normal.warnings == []
     assert Certificate.model_validate(cert.model_dump()).warnings == cert.warnings
+
+
+def test_a_baseline_runs_the_same_suite_on_the_same_examples():
+    from harden.consistency import consistency_problems
+    from harden.smoothing import wilson_interval
+
+    torch.manual_seed(0)
+    model, baseline = TinyCNN(num_classes=3), TinyCNN(num_classes=3)
+    policy = tiny_policy(verify={"eps_sweep": [0.05, 0.1]})
+    data = synthetic_tensors(24)
+    cert = harden.certify(model, policy, data, baseline=baseline, progress=False)
+    b = cert.baseline
+    assert b is not None and b.n == cert.n == 24
+    quick = policy.model_copy(update={"verify": policy.verify.model_copy(update={"checks": False})})
+    alone = harden.verify(baseline, quick, data, progress=False)  # the same suite, sample and seed
+    assert (b.clean_accuracy, b.robust_accuracy, b.per_attack) == (
+        alone.clean_accuracy, alone.robust_accuracy, alone.per_attack
+    )  # fmt: skip
+    assert b.eps_curve == alone.eps_curve and [e for e, _ in b.eps_curve] == [e for e, _ in cert.eps_curve]
+    assert list(b.per_attack) == list(cert.per_attack)
+    assert b.intervals["robust"] == wilson_interval(round(b.robust_accuracy * b.n), b.n)
+    assert b.weights_sha256 is not None and b.weights_sha256 != cert.weights_sha256
+    assert cert.checks and set(cert.checks) == set(harden.verify(model, policy, data, progress=False).checks)
+    assert [item for item, problems in consistency_problems(cert) if problems] == []
+    assert set(cert.saliency[0].maps) == {"hardened", "baseline"}
+
+
+def test_assemble_takes_the_baseline_report_and_the_policy_targets():
+    from harden.certify import assemble
+    from harden.measure import Measurements
+
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3)
+    targets = ["robust_accuracy >= 0", "clean_accuracy > 100%", "certified_accuracy >= 0"]
+    policy = tiny_policy(verify={"checks": False, "eps_sweep": []}, certify={"require": targets})
+    report = harden.verify(model, policy, synthetic_tensors(12), progress=False)
+    cert = assemble(model, policy, report, Measurements(), baseline_report=report)
+    assert cert.baseline is not None and cert.baseline.robust_accuracy == cert.robust_accuracy
+    assert cert.baseline.weights_sha256 is None  # no model handed over: nothing to hash
+    got = [(r.text, r.actual, r.passed) for r in cert.requirements]
+    assert got == [
+        ("robust_accuracy >= 0%", cert.robust_accuracy, True),
+        ("clean_accuracy > 100%", cert.clean_accuracy, False),
+        ("certified_accuracy >= 0%", None, False),  # smoothing off: not measured, so it fails
+    ]
+    assert cert.verdict == "EMPIRICAL"  # targets do not change the verdict
+    assert assemble(model, policy, report, Measurements()).baseline is None
+
+
+def test_the_check_subset_and_the_eps_curve_bands_are_recorded():
+    from harden.smoothing import wilson_interval
+
+    torch.manual_seed(0)
+    policy = tiny_policy(verify={"checks": False, "eps_sweep": [0.05, 0.1], "check_examples": 10})
+    cert = harden.certify(TinyCNN(num_classes=3), policy, synthetic_tensors(16), progress=False)
+    assert cert.check_n == 10
+    assert cert.check_clean_accuracy == cert.eps_curve[0][1]  # eps 0 is the check subset, unattacked
+    assert cert.eps_intervals == [wilson_interval(round(a * 10), 10) for _, a in cert.eps_curve]
+    assert len(cert.eps_intervals) == 3
+
+
+def test_per_class_counts_come_from_the_report_and_may_be_absent():
+    from harden.certify import assemble
+    from harden.measure import Measurements
+
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3)
+    policy = fast_policy()
+    report = harden.verify(model, policy, synthetic_tensors(9), progress=False)
+    clean, robust = round(report.clean_accuracy * 9), round(report.robust_accuracy * 9)
+    report.per_class = [
+        {"label": 0, "name": "zero", "n": 9, "clean": clean, "robust": robust},
+        {"label": 1, "name": None, "n": 0, "clean": 0, "robust": 0},
+    ]
+    cert = assemble(model, policy, report, Measurements())
+    assert [(c.label, c.name, c.n, c.clean, c.robust) for c in cert.per_class] == [
+        (0, "zero", 9, clean, robust), (1, None, 0, 0, 0)
+    ]  # fmt: skip
+    report.per_class = []  # an older report had none
+    assert assemble(model, policy, report, Measurements()).per_class == []

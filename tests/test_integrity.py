@@ -23,7 +23,7 @@ from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
 ITEMS = [
     "weights", "onnx", "policy", "markdown", "html",
     "schema", "verdict", "accuracy", "intervals", "broken_by", "checks", "smoothing", "export",
-    "onnx_metadata", "signature",
+    "requirements", "baseline", "onnx_metadata", "signature",
 ]  # fmt: skip
 FILES = ("certificate.json", "certificate.md", "certificate.html", "model.safetensors", "model.onnx", "policy.yaml")
 
@@ -486,3 +486,46 @@ def test_a_certificate_with_a_coerced_field_is_refused_though_signed(signed_dir,
     assert "\n" not in str(info.value)
     _, checks = inspect_certificate(signed_dir, public_key=keys[1])
     assert _status(checks)["signature"] == "OK"  # the honest signed certificate still verifies
+
+
+def test_requirements_are_checks_recomputed_from_the_numbers(run_dir, tmp_path):
+    from harden.require import format_fraction
+
+    cert, checks = inspect_certificate(run_dir, require=["robust_accuracy >= 0", "robust_accuracy > 100%"])
+    assert [c.item for c in checks][: len(ITEMS)] == ITEMS  # the requirements come after every other item
+    reqs = [c for c in checks if c.item == "requirement"]
+    assert [(c.expected, c.status, c.ok) for c in reqs] == [
+        ("robust_accuracy >= 0%", "OK", True), ("robust_accuracy > 100%", "FAIL", False)
+    ]  # fmt: skip
+    assert reqs[1].detail == f"robust_accuracy > 100%: FAIL (measured {format_fraction(cert.robust_accuracy)})"
+    assert all(c.path == run_dir / "certificate.json" for c in reqs)
+    checks = inspect_certificate(run_dir, require="certified_accuracy >= 0")[1]  # one string: one target
+    (unmeasured,) = [c for c in checks if c.item == "requirement"]
+    assert unmeasured.status == "FAIL" and "not measured" in unmeasured.detail  # smoothing was off
+    assert main(["inspect", str(run_dir)]) == 0  # no target: the gate is open
+
+
+def test_a_recorded_target_is_checked_and_a_forged_pass_fails(run_dir, tmp_path, capsys):
+    d = _copy(run_dir, tmp_path / "t")
+    record = {"text": "robust_accuracy > 100%", "metric": "robust_accuracy", "op": ">", "value": 1.0}
+
+    def forged_pass(doc):
+        doc["requirements"] = [{**record, "actual": doc["robust_accuracy"], "passed": True}]
+
+    _edit(d, forged_pass)
+    checks = inspect_certificate(d)[1]
+    assert _status(checks)["requirements"] == "FAIL"  # the recorded PASS does not follow from the numbers
+    assert [(c.item, c.status) for c in checks if c.item == "requirement"] == [("requirement", "FAIL")]
+    assert main(["inspect", str(d)]) == 1
+    _edit(d, lambda doc: doc["requirements"][0].update(passed=False))  # honest, and failing: still exit 1
+    checks = inspect_certificate(d)[1]
+    assert _status(checks)["requirements"] == "OK" and _failed(checks) == {"requirement"}
+    assert main(["inspect", str(d)]) == 1
+    capsys.readouterr()
+
+
+def test_a_bad_requirement_is_refused_before_anything_is_read(tmp_path):
+    from harden.errors import PolicyError
+
+    with pytest.raises(PolicyError, match=r"^expected a value in \[0, 1\].*write 45% for a percentage"):
+        inspect_certificate(tmp_path / "nothing", require=["robust_accuracy >= 45"])

@@ -118,3 +118,32 @@ def test_plots_imports_only_numpy_matplotlib_and_the_stdlib_at_run_time():
         for a in n.names
     }
     assert {m.split(".")[0] for m in runtime if m} <= {"__future__", "base64", "io", "typing", "numpy", "matplotlib"}
+
+
+def _has(img: Image.Image, rgb: tuple[int, int, int]) -> bool:
+    return rgb in {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20) or []}
+
+
+RED, BLUE, ORANGE = (0xCF, 0x22, 0x2E), (0x09, 0x69, 0xDA), (0xBC, 0x4C, 0x00)
+
+
+def test_eps_plot_marks_the_threat_eps_and_draws_bands_and_the_baseline():
+    from harden.certificate import BaselineSummary
+
+    curve = [(0.0, 0.9), (0.05, 0.7), (0.1, 0.6), (0.2, 0.3)]
+    bands = [(0.6, 1.0), (0.4, 0.9), (0.3, 0.85), (0.1, 0.6)]
+    cert = Certificate(**BASE, eps_curve=curve, eps_intervals=bands, check_n=10)
+    img = _decode(certificate_plots(cert, "eps = 0.1")["eps"])
+    assert img.size == (600, 340)
+    assert _has(img, BLUE) and _has(img, RED)  # the model's line; the threat's eps (dashed, red)
+    assert not _has(img, ORANGE)  # no baseline, no second line
+    no_eps = cert.model_copy(update={"threat": {"norm": "linf", "eps": None}})
+    assert not _has(_decode(certificate_plots(no_eps, "eps = 0.1")["eps"]), RED)
+    # the band is drawn: without it the plot differs
+    assert certificate_plots(cert.model_copy(update={"eps_intervals": []}), "eps = 0.1") != certificate_plots(
+        cert, "eps = 0.1"
+    )
+    base = BaselineSummary(n=10, clean_accuracy=0.9, robust_accuracy=0.0, per_attack={"pgd": 0.0},
+                           eps_curve=[(0.0, 0.9), (0.05, 0.2), (0.1, 0.0), (0.2, 0.0)])  # fmt: skip
+    both = _decode(certificate_plots(cert.model_copy(update={"baseline": base}), "eps = 0.1")["eps"])
+    assert _has(both, ORANGE) and _has(both, BLUE) and both.size == (600, 340)

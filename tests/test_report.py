@@ -98,11 +98,15 @@ def test_markdown_has_verdict_figures_and_checks(cert):
         assert f"{acc:.2%}" in md
     lo, hi = cert.intervals["robust"]
     assert f"[{lo:.2%}, {hi:.2%}]" in md
-    assert cert.checks and all(f"| {cid} | {c['status']} |" in md for cid, c in cert.checks.items())
+    shown = {"SKIP": "SKIP (N/A)"}  # a check that tested nothing never reads like a pass
+    assert cert.checks and all(
+        f"| {cid} | {shown.get(c['status'], c['status'])} |" in md for cid, c in cert.checks.items()
+    )
     s = cert.smoothing
     assert s is not None and f"certified accuracy at the radius | {s.certified_accuracy:.2%} |" in md
     assert "smoothed classifier" in md and f"| n0 / n | {s.n0} / {s.n} |" in md
-    assert "| val_pgd_acc | 55.00% |" in md and "| train_loss | 0.42 |" in md  # the final epoch
+    # the final epoch, under labels for people
+    assert "| Validation PGD accuracy (the probe) | 55.00% |" in md and "| Training loss | 0.42 |" in md
     assert "| pgd_at | 1 |" in md  # objective and its weight
     assert cert.weights_sha256 in md and cert.policy_sha256 in md
     assert "## Saliency" in md and "maps: hardened, baseline" in md
@@ -240,3 +244,95 @@ def test_certificate_renders_in_headless_browser(cert, tmp_path):
     assert len(colours) > 100, f"only {len(colours)} distinct colours: the page did not render"
     badge = harden.report._COLOURS[cert.verdict][1]  # the verdict's background: the inline CSS applied
     assert tuple(int(badge[i : i + 2], 16) for i in (1, 3, 5)) in {c for _, c in colours}
+
+
+def _reviewed() -> Certificate:
+    """A 4%-robust, 79%-clean model that misses its target, beside its baseline, with an exported ONNX file."""
+    from harden.certificate import BaselineSummary, ClassResult, RequirementResult
+
+    return Certificate(
+        verdict="EMPIRICAL", verdict_reason="attack suite only", created="2026-01-01T00:00:00+00:00",
+        policy_name="review", policy_sha256="ab" * 32, weights_sha256="cd" * 32, onnx_sha256="ef" * 32,
+        threat={"norm": "linf", "eps": 0.03}, n=100, clean_accuracy=0.79, robust_accuracy=0.04,
+        per_attack={"apgd_ce": 0.1, "square": 0.04}, attacks=[{"name": "apgd_ce"}, {"name": "square"}],
+        seed=0, device="cpu", versions={}, sample="balanced", check_n=50, check_clean_accuracy=0.8,
+        eps_curve=[(0.0, 0.8), (0.03, 0.06)], eps_intervals=[(0.67, 0.89), (0.02, 0.16)],
+        checks={
+            "white_box_beats_black_box": {"id": "white_box_beats_black_box", "status": "SKIP", "detail": "no black-box"},
+            "onnx_black_box": {"id": "onnx_black_box", "status": "PASS", "detail": "0 of 96 fell"},
+        },
+        requirements=[
+            RequirementResult(text="robust_accuracy >= 45%", metric="robust_accuracy", op=">=", value=0.45,
+                              actual=0.04, passed=False),
+            RequirementResult(text="clean_accuracy >= 70%", metric="clean_accuracy", op=">=", value=0.7,
+                              actual=0.79, passed=True),
+        ],
+        baseline=BaselineSummary(n=100, clean_accuracy=0.91, robust_accuracy=0.0,
+                                 per_attack={"apgd_ce": 0.0, "square": 0.0}, eps_curve=[(0.0, 0.9), (0.03, 0.0)]),
+        per_class=[ClassResult(label=0, name="cat", n=50, clean=40, robust=3),
+                   ClassResult(label=1, name=None, n=50, clean=39, robust=1)],
+        export={"sha256": "ef" * 32, "parity_examples": 64, "parity_max_abs_diff": 2e-6,
+                "parity_argmax_agreement": 1.0},
+        onnx_black_box={"n": 96, "clean_accuracy": 0.8, "robust_accuracy": 0.05, "per_attack": {"square": 0.05},
+                        "providers": ["CPUExecutionProvider"]},
+    )  # fmt: skip
+
+
+def test_the_target_and_the_robust_accuracy_come_first():
+    cert = _reviewed()
+    md = to_markdown(cert)
+    lines = md.splitlines()
+    fail = "Target: robust_accuracy >= 45%: FAIL (measured 4.0%)"
+    assert any(fail in line for line in lines[:6]) and "Target: clean_accuracy >= 70%: PASS (measured 79.0%)" in md
+    top = md[: md.index("## Threat model")]
+    assert top.index(fail) < top.index("**EMPIRICAL**") < top.index("Robust accuracy (worst case over the suite)")
+    assert "### Robust accuracy (worst case over the suite): 4.00%" in top  # a heading: the big figure
+    assert top.index("4.00%") < top.index("79.00%")  # robust before clean
+    assert "Under attack the model classifies 4.0% of the 100 examples right (4 of 100); without attack, 79.0%." in top
+    parsed = _parse(to_html(cert))
+    assert parsed.text["target-0"] == fail and "s-FAIL" in parsed.classes["target-0"]
+    assert "s-PASS" in parsed.classes["target-1"]
+    page = to_html(cert)
+    assert page.index('id="target-0"') < page.index('id="verdict"') < page.index('id="robust-accuracy"')
+    assert page.index('id="robust-accuracy"') < page.index('id="clean-accuracy"')
+    assert page.index('class="card primary"') < page.index('id="robust-accuracy"') < page.index('class="card"')
+    assert "Target" not in to_markdown(cert.model_copy(update={"requirements": []}))
+
+
+def test_onnx_summary_is_at_the_top():
+    cert = _reviewed()
+    md = to_markdown(cert)
+    top = md[: md.index("## Threat model")]
+    assert "onnxruntime matches PyTorch on 64 inputs (largest logit difference 2e-06, same class on 100.00%)" in top
+    assert "robust accuracy 5.00%, clean accuracy 80.00%" in top and "n = 96" in top
+    assert "Agreement with the PyTorch verdict: PASS, 0 of 96 fell" in top
+    parsed = _parse(to_html(cert))
+    assert "gradient-free attacks, n = 96" in parsed.text["onnx-summary"]
+    bare = cert.model_copy(update={"export": None, "onnx_black_box": None, "onnx_sha256": None})
+    assert "onnx-summary" not in _parse(to_html(bare)).text and "attacked itself" not in to_markdown(bare)
+    no_attack = to_markdown(cert.model_copy(update={"onnx_black_box": None}))
+    assert "The ONNX session itself was not attacked" in no_attack
+
+
+def test_labels_for_people_baseline_per_class_subsets_and_skip():
+    md = to_markdown(_reviewed())
+    assert "| Clean accuracy (no attack) | 79.00% | 100 |" in md
+    assert "| After APGD-CE: AutoAttack's step-size-free PGD on cross-entropy (white-box) | 10.00% |" in md
+    assert "| Robust accuracy (worst case over the suite) | 4.00% | 100 |" in md and md.count("| 91.00% |") == 1
+    assert "undefended baseline |" in md and md.rstrip().count("| 0.00% |") >= 3  # baseline column filled
+    assert "Examples verified: 100 (a seeded class-balanced sample of the test split)" in md
+    assert "| the verified examples (the headline figure) | 79.00% | 100 |" in md
+    assert "| the check subset (where the sanity checks and the eps curve ran) | 80.00% | 50 |" in md
+    assert "| eps 0 of the eps curve (the check subset, unattacked) | 80.00% | 50 |" in md
+    assert "| 0 (cat) | 50 | 80.00% | 6.00% |" in md and "| 1 | 50 | 78.00% | 2.00% |" in md
+    assert "| 0.03 | 6.00% | [2.00%, 16.00%] | 0.00% |" in md  # eps, accuracy, band, baseline
+    assert "on the 50-example check subset" in md
+    assert "| White-box attacks beat black-box ones | white_box_beats_black_box | SKIP (N/A) | no black-box |" in md
+    page = to_html(_reviewed())
+    assert 'class="badge s-SKIP">SKIP (N/A)</span>' in page
+
+
+def test_a_baseline_adds_a_second_line_to_the_eps_plot():
+    cert = _reviewed()
+    with_baseline = harden.report.certificate_plots(cert, "eps")["eps"]
+    assert harden.report.certificate_plots(cert.model_copy(update={"baseline": None}), "eps")["eps"] != with_baseline
