@@ -33,7 +33,7 @@ from common import base_parser, headline, section_name, table, timed, write_sect
 
 import harden
 from harden.data import load_data
-from harden.models import build_model
+from harden.model_load import build_model
 from harden.smoothing import smooth_certify
 
 ROOT = Path(__file__).resolve().parent.parent

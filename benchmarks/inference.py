@@ -52,7 +52,7 @@ from common import base_parser, headline, section_name, table, write_section
 
 import harden
 from harden.attacks import ATTACKS
-from harden.models import build_model
+from harden.model_load import build_model
 from harden.quantize import logit_parity, measure_converted, to_fp16, to_int8
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -65,7 +65,7 @@ import harden
 from harden.attacks import ATTACKS, AttackEnv, run_suite
 from harden.compare import mcnemar
 from harden.data import load_data
-from harden.models import build_model
+from harden.model_load import build_model
 from harden.objectives import OBJECTIVES, ObjectiveSet
 from harden.policy import DataSpec
 from harden.policy_io import load_policy

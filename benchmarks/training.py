@@ -50,7 +50,7 @@ from common import base_parser, headline, section_name, table, write_section
 
 import harden
 from harden.data import load_data, make_loader
-from harden.models import build_model
+from harden.model_load import build_model
 
 STEPS = 5
 EPS = 0.3

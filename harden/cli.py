@@ -3,7 +3,9 @@
 ``harden run POLICY --out DIR`` fits, verifies, exports and writes the certificate; ``fit``,
 ``verify``, ``export``, ``check`` and ``schema`` are the single steps. Errors harden raises on
 purpose print one line and exit 2 (a full disk too); anything else is a bug and keeps its
-traceback. Warnings print one line each, ``harden: warning: ...``.
+traceback. Warnings print one line each, ``harden: warning: ...``. The flags are defined in
+:mod:`harden.cli_parser` (argparse only: ``--help`` imports no torch); this module holds the
+``cmd_*`` function of each subcommand and what they print.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harden import cli_parser
+from harden.cli_parser import Command
 from harden.errors import HardenError
 
 __all__ = ["main"]
@@ -35,26 +39,12 @@ def _allowed_code(args: argparse.Namespace) -> bool | list[str]:
 def _policy(args: argparse.Namespace) -> Any:
     from harden.policy_io import load_policy
 
-    return load_policy(args.policy, allow_code=_allowed_code(args))
+    return load_policy(args.policy, allow_code=_allowed_code(args), overrides=getattr(args, "set", None) or ())
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
         print(text, flush=True)
-
-
-def _fit_summary(args: argparse.Namespace, policy: Any, result: Any) -> None:
-    last = result.history[-1] if result.history else {}
-    if result.resumed_from is not None:
-        _say(args, f"resumed from the checkpoint of epoch {result.resumed_from}")
-    trained = policy.train.epochs - (result.resumed_from or 0)
-    if trained > 0:
-        _say(args, f"trained {trained} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
-    else:
-        _say(args, f"trained no epoch: the checkpoint already holds all {policy.train.epochs} -> {result.weights}")
-    if "val_clean_acc" in last:
-        probe = f", PGD-{policy.train.probe_steps} probe {last['val_pgd_acc']:.2%}" if "val_pgd_acc" in last else ""
-        _say(args, f"validation: clean {last['val_clean_acc']:.2%}{probe}")
 
 
 def _weights(args: argparse.Namespace) -> Path:
@@ -69,7 +59,37 @@ def cmd_fit(args: argparse.Namespace) -> int:
         None, policy, run_dir=Path(args.out), resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
     )
     if result.info.get("rank", 0) == 0:  # under torchrun only rank 0 reports
-        _fit_summary(args, policy, result)
+        from harden.pipeline import fit_summary
+
+        for line in fit_summary(policy, result):
+            _say(args, line)
+    return 0
+
+
+def _onnx_device(args: argparse.Namespace, policy: Any) -> str:
+    """``--onnx-device``, else the policy's device: cpu -> cpu, auto -> auto, cuda[:N] -> cuda (mps: cpu)."""
+    if args.onnx_device:
+        return str(args.onnx_device)
+    device = str(policy.device)
+    return "cuda" if device.startswith("cuda") else "auto" if device == "auto" else "cpu"
+
+
+def _model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``harden.evaluate`` that the model flags give."""
+    output = args.output
+    if output is not None and output.lstrip("-").isdigit():
+        output = int(output)
+    return {"weights": args.weights, "mean": args.mean, "std": args.std, "output": output}
+
+
+def _verify_model(args: argparse.Namespace, policy: Any) -> int:
+    """``harden verify --model``: any model and plain weights, verified without training (harden.evaluate)."""
+    from harden.checkpoint import atomic_write
+    from harden.evaluate import evaluate
+
+    result = evaluate(args.model, policy, **_model_args(args), progress=not args.quiet, say=lambda t: _say(args, t))
+    atomic_write(Path(args.out) / "report.json", json.dumps(result.report.to_dict(), indent=2).encode())
+    _say(args, result.report.summary())  # evaluate said the normalization it applied
     return 0
 
 
@@ -79,13 +99,15 @@ def _verify(args: argparse.Namespace) -> int:
     from harden.verify import verify
 
     policy = _policy(args)
+    if args.model:
+        return _verify_model(args, policy)
     weights = _weights(args)
     if args.onnx:  # the session itself, gradient-free attacks; the weights (if any) are the transfer surrogate
         from harden.data import load_data
         from harden.runtime import load_onnx
         from harden.verify_onnx import verify_onnx
 
-        clf = load_onnx(args.onnx, args.onnx_device)
+        clf = load_onnx(args.onnx, _onnx_device(args, policy))
         surrogate = None
         if args.weights or weights.is_file():
             surrogate, bundle = load_trained(policy, weights)
@@ -99,7 +121,9 @@ def _verify(args: argparse.Namespace) -> int:
         atomic_write(Path(args.out) / "report-onnx.json", json.dumps(onnx_report.to_dict(), indent=2).encode())
         _say(args, onnx_report.summary())
         if clf.fallback_reason:
-            _say(args, f"CUDA did not run: {clf.fallback_reason}")
+            from harden.onnx_session import short_reason
+
+            _say(args, f"onnxruntime ran on the CPU, CUDA did not run: {short_reason(clf.fallback_reason)}")
         return 0
     model, bundle = load_trained(policy, weights)
     history = read_model_info(weights).get("history", [])  # checked: a one-line CheckpointError if malformed
@@ -117,11 +141,9 @@ def _export(args: argparse.Namespace) -> int:
     model, bundle = load_trained(policy, _weights(args))
     onnx_path = Path(args.onnx) if args.onnx else Path(args.out) / "model.onnx"
     res = export_onnx(model, onnx_path, policy=policy, input_shape=bundle.image_shape, class_names=bundle.class_names)
-    _say(
-        args,
-        f"exported {res.path} ({res.exporter}, opset {res.opset}); onnxruntime parity: max |Δlogit| "
-        f"{res.parity_max_abs_diff:.2e} on {res.parity_examples} inputs, argmax agreement {res.parity_argmax_agreement:.0%}",
-    )
+    from harden.pipeline import export_summary
+
+    _say(args, export_summary(res))
     return 0
 
 
@@ -143,23 +165,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harden.pipeline import run
 
     policy = _policy(args)
-    result = run(
+    run(
         policy,
         args.out,
         resume=args.resume,
         overwrite=args.overwrite,
         sign_key=args.sign_key,
         progress=not args.quiet,
+        say=None
+        if args.quiet
+        else (lambda text: print(text, flush=True)),  # the plan first, then each stage's summary as it finishes
     )
-    if result.certificate is None:  # under torchrun, rank 0 alone verifies, exports and certifies
-        return 0
-    _fit_summary(args, policy, result.fit)
-    if result.report is not None:
-        _say(args, result.report.summary())
-    if result.onnx_report is not None:
-        _say(args, "the exported ONNX session, gradient-free attacks:\n" + result.onnx_report.summary())
-    cert, exp = result.certificate, result.export
-    _say(args, f"wrote {result.certificate_path}, {exp.path if exp else '-'} and {result.fit.run_dir / 'checkpoints'}/")
+    return 0
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from harden.evaluate import evaluate
+
+    policy = _policy(args)
+    result = evaluate(
+        args.model,
+        policy,
+        **_model_args(args),
+        out=args.out,
+        baseline_weights=args.baseline_weights,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        say=lambda text: _say(args, text),
+    )
+    cert = result.certificate  # evaluate said the normalization it applied and what it wrote
+    _say(args, result.report.summary())
     _say(
         args,
         f"clean accuracy {cert.clean_accuracy:.2%} | robust accuracy {cert.robust_accuracy:.2%} "
@@ -171,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from harden.integrity import inspect_certificate
 
-    cert, checks = inspect_certificate(args.certificate, public_key=args.public_key)
+    extra = {"require": tuple(args.require)} if args.require else {}  # each requirement is one more check
+    cert, checks = inspect_certificate(args.certificate, public_key=args.public_key, **extra)
     reason, name, created = (_printable(v) for v in (cert.verdict_reason, cert.policy_name, cert.created))
     print(f"certificate {args.certificate}: {cert.verdict} ({reason or 'no reason recorded'})")
     print(f"  policy {name}, created {created}, threat {_printable(str(cert.threat))}")
@@ -236,7 +272,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from harden.policy_io import check_code, code_references, load_policy
     from harden.trust import BUILTIN_CODE
 
-    policy = load_policy(args.policy, allow_code=True)  # validation only: nothing is imported
+    policy = load_policy(args.policy, allow_code=True, overrides=args.set or ())  # validation only: nothing imported
     refs = code_references(policy)
     for ref in refs:
         note = " (harden's built-in tiny model)" if ref.ref in BUILTIN_CODE else ""
@@ -265,84 +301,28 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``harden`` command."""
-    from harden._version import __version__
+    """The argument parser of the ``harden`` command, each subcommand wired to its ``cmd_*`` function.
 
-    parser = argparse.ArgumentParser(
-        prog="harden", description="Harden image classifiers against adversarial examples."
-    )
-    parser.add_argument("--version", action="version", version=f"harden {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    The flags are :func:`harden.cli_parser.build_parser`'s; the functions are looked up when this
+    is called (a test may patch one).
 
-    def add(name: str, help_: str, fn: Any, policy: bool = True, out: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        if policy:
-            p.add_argument("policy", metavar="POLICY", help="policy YAML file")
-            code = p.add_mutually_exclusive_group()
-            code.add_argument(
-                "--allow-code",
-                action="append",
-                metavar="MODULE",
-                help="let the policy import code from MODULE or its submodules (repeatable); without it, a "
-                "policy that names code (module:Name) is refused",
-            )
-            code.add_argument(
-                "--trust-policy-code",
-                action="store_true",
-                help="let the policy import any code it names (only for policies you wrote or checked)",
-            )
-        if out:
-            p.add_argument("--out", default="runs/harden", help="run directory (default: runs/harden)")
-            p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
-        p.set_defaults(fn=fn)
-        return p
-
-    for name, help_, fn in (
-        ("run", "fit, verify, export and certify in one go", cmd_run),
-        ("fit", "train a model on the policy", cmd_fit),
-    ):
-        p = add(name, help_, fn)
-        again = p.add_mutually_exclusive_group()
-        again.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
-        again.add_argument(
-            "--overwrite", action="store_true", help="replace the run in a used --out (deletes only harden's own files)"
-        )
-        if name == "run":
-            p.add_argument("--sign-key", metavar="KEY", help="sign certificate.json with this Ed25519 private key")
-    p = add("verify", "attack a trained model with the policy's suite", cmd_verify)
-    p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
-    p.add_argument(
-        "--onnx",
-        help="attack this ONNX file's onnxruntime session with the gradient-free attacks instead "
-        "(writes OUT/report-onnx.json; the weights, if present, are the transfer surrogate)",
-    )
-    p.add_argument(
-        "--onnx-device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime device (default: auto)"
-    )
-    p = add("export", "export a trained model to ONNX with a parity test", cmd_export)
-    p.add_argument("--weights", help="model.safetensors (default: OUT/model.safetensors)")
-    p.add_argument("--onnx", help="output file (default: OUT/model.onnx)")
-    p = add("inspect", "re-hash the files a certificate vouches for", cmd_inspect, policy=False, out=False)
-    p.add_argument("certificate", metavar="CERTIFICATE", help="certificate.json or the run directory")
-    p.add_argument("--public-key", metavar="KEY", help="require a signature by this Ed25519 public key (harden keygen)")
-    p = add("keygen", "make an Ed25519 key pair for signing certificates", cmd_keygen, policy=False, out=False)
-    p.add_argument("--key", default="harden-signing.key", help="private key file (default: harden-signing.key)")
-    p.add_argument("--public", help="public key file (default: the private key's name with .pub)")
-    add("check", "validate a policy file (exit 0 when valid, 2 with the reason when not)", cmd_check, out=False)
-    p = add(
-        "compare",
-        "runs side by side: accuracies, McNemar tests on the shared examples, training time",
-        cmd_compare,
-        policy=False,
-        out=False,
-    )
-    p.add_argument("runs", metavar="RUN_DIR", nargs="+", help="run folders (report.json); the first is the baseline")
-    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="also plot the accuracies with 95%% Wilson intervals")
-    p = add("schema", "print the policy's JSON Schema (for editor completion)", cmd_schema, policy=False, out=False)
-    p.add_argument("--markdown", action="store_true", help="print the policy reference in Markdown instead")
-    p.add_argument("--certificate", action="store_true", help="print the JSON Schema of certificate.json instead")
-    return parser
+    Example:
+        >>> build_parser().parse_args(["check", "p.yaml"]).fn is cmd_check
+        True
+    """
+    commands: dict[str, Command] = {
+        "run": cmd_run,
+        "fit": cmd_fit,
+        "verify": cmd_verify,
+        "certify": cmd_certify,
+        "export": cmd_export,
+        "inspect": cmd_inspect,
+        "keygen": cmd_keygen,
+        "check": cmd_check,
+        "compare": cmd_compare,
+        "schema": cmd_schema,
+    }
+    return cli_parser.build_parser(commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

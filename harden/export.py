@@ -86,7 +86,7 @@ class ExportResult:
 def onnx_metadata(
     model: Normalized, policy: Any = None, certificate: Any = None, class_names: Any = None
 ) -> dict[str, str]:
-    """The ``metadata_props`` harden writes: version, input contract, policy hash, verdict.
+    """The ``metadata_props`` harden writes: versions (harden's, and torch's that exported it), input contract, policy hash, verdict.
 
     Args:
         model: the exported model (its mean and std are recorded).
@@ -107,6 +107,7 @@ def onnx_metadata(
 
     meta = {
         "harden_version": __version__,
+        "torch_version": torch.__version__,  # the graph's producer is harden (producer_version: harden's version)
         "input_name": INPUT_NAME,
         "input_layout": "NCHW",
         "input_range": "[0, 1]",
@@ -206,14 +207,21 @@ def _parity_inputs(
 
 
 def _write_checked(tmp: Path, meta: dict[str, str]) -> Any:
-    """Put ``meta`` into the exported graph at ``tmp``, check it, infer shapes, save it back."""
+    """Put ``meta`` into the exported graph at ``tmp``, check it, infer shapes, save it back.
+
+    The producer is harden, at harden's version (the exporter sets torch's; torch's version is
+    kept in the metadata as ``torch_version``).
+    """
     import onnx
+
+    from harden._version import __version__
 
     proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     proto.producer_name = "harden"
+    proto.producer_version = __version__
     try:
         onnx.checker.check_model(proto, full_check=True)
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)

@@ -35,7 +35,7 @@ import torch
 
 from harden.errors import ExportError
 
-__all__ = ["CPU", "CUDA", "DEVICES", "TRT", "build_session", "providers_for"]
+__all__ = ["CPU", "CUDA", "DEVICES", "TRT", "build_session", "providers_for", "short_reason"]
 
 log = logging.getLogger("harden")
 
@@ -137,6 +137,19 @@ def _captured_output() -> Iterator[list[str]]:
             tmp.seek(0)
             lines.extend(tmp.read().decode(errors="replace").splitlines())
             lines.extend(py_out.getvalue().splitlines())
+
+
+def short_reason(text: str, limit: int = 150) -> str:
+    r"""The first line of a reason, cut to ``limit`` characters: a provider failure, for a terminal.
+
+    The full reason stays where it is recorded (``OnnxClassifier.fallback_reason``, the reports).
+
+    Example:
+        >>> short_reason("CUDA failed: libcudnn.so.9 not found\nmore ...", limit=20)
+        'CUDA failed: libc...'
+    """
+    first = text.strip().splitlines()[0].strip() if text.strip() else "no reason given"
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _no_cuda_reason(log_lines: list[str], available: list[str]) -> str:

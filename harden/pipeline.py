@@ -8,7 +8,8 @@ One run, in order, with the data loaded once and handed to every stage:
    surrogate come from the same train split; ``out/report.json`` (read by ``harden compare``);
 4. randomized smoothing and saliency maps (:func:`harden.certify.measure`);
 5. :func:`harden.export_onnx` to ``out/model.onnx`` with its parity tests;
-6. the exported ONNX session attacked with the gradient-free attacks (``export.verify_examples``);
+6. the exported ONNX session attacked with the gradient-free attacks on the first
+   ``export.verify_examples`` examples the suite verified, in its order;
 7. the certificate assembled once from every measurement, the verdict computed last
    (:func:`harden.certify.assemble`), and written as ``certificate.md`` / ``.html`` and then
    ``certificate.json``, the last file a run writes.
@@ -26,10 +27,13 @@ The CLI's ``harden run`` and the examples call :func:`run` and do nothing else.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +41,20 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
+from torch.utils.data import Subset
 
+from harden.batches import resolve_device
 from harden.certificate import Certificate
-from harden.certify import Measurements, assemble, measure, verdict
+from harden.certify import assemble, verdict
 from harden.checkpoint import atomic_write
 from harden.data import DataBundle, eval_batches, load_data
 from harden.errors import DataError
 from harden.export import ExportResult, export_onnx
-from harden.models import model_device
+from harden.measure import Measurements, measure
+from harden.model_load import build_model
+from harden.models import model_device, prepare_model
+from harden.onnx_session import short_reason
+from harden.plan import Plan, make_plan, measure_pass_seconds
 from harden.policy import Policy
 from harden.policy_io import checked, load_policy, policy_hash
 from harden.runfolder import RunFolder
@@ -54,7 +64,12 @@ from harden.train import FitResult, fit
 from harden.verify import RobustnessReport, verify
 from harden.verify_onnx import OnnxReport, verify_onnx
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "export_summary", "fit_summary", "plan_run", "run"]
+
+log = logging.getLogger(__name__)
+
+#: where a run's human lines go (``print``, a logger, a notebook cell)
+Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ def run(
     sign_key: Ed25519PrivateKey | str | Path | None = None,
     allow_code: bool | Sequence[str] = False,
     progress: bool = True,
+    say: Say | None = None,
 ) -> RunResult:
     """Fit, verify, certify and export a model under ``policy``; write everything into ``out``.
 
@@ -126,6 +142,10 @@ def run(
             package names: those and their submodules; ``False``: none but harden's tiny test
             models). See :func:`harden.policy_io.load_policy`.
         progress: show progress bars.
+        say: receives the run's human lines as they happen (None: silent): the plan, with an
+            estimate of the time, before training (:func:`plan_run`); each stage's summary as
+            it finishes (fit, verify, export parity, the ONNX session); the certificate last.
+            ``harden run`` passes ``print``.
 
     Returns:
         A :class:`RunResult`.
@@ -147,7 +167,7 @@ def run(
     policy = checked(load_policy(policy, allow_code=allow_code) if isinstance(policy, (str, Path)) else policy)
     key = load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
     with RunFolder.open(out, resume=resume, overwrite=overwrite, policy_hash=policy_hash(policy)) as folder:
-        return _run(policy, folder, model, key, progress, t0)
+        return _run(policy, folder, model, key, progress, t0, say or _silent)
 
 
 def _run(
@@ -157,13 +177,19 @@ def _run(
     sign_key: Ed25519PrivateKey | None,
     progress: bool,
     t0: float,
+    say: Say,
 ) -> RunResult:
     """The stages of :func:`run` in the opened run folder; ``certificate.json`` is written last."""
     out = folder.path
     bundle = load_data(policy.data)
+    if say is not _silent and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+        for line in plan_run(policy, bundle, model).lines():
+            say(line)
     trained = fit(model, policy, bundle=bundle, run_dir=folder, resume=folder.resume, progress=progress)
     if trained.info.get("rank", 0) != 0:  # under torchrun, rank 0 alone verifies, exports and certifies
         return RunResult(out=out, fit=trained)
+    for line in fit_summary(policy, trained):
+        say(line)
     net = trained.model
     report = verify(
         net,
@@ -175,9 +201,17 @@ def _run(
         keep_adversarial=policy.export.parity_examples,
     )
     atomic_write(out / "report.json", json.dumps(report.to_dict(), indent=2).encode())  # harden compare reads it
+    say(report.summary())
     measured = measure(net, policy, bundle.test, progress=False)
     exp = _export(net, policy, bundle, report, measured, out)
-    shipped = _verify_shipped(policy, net, exp.path, bundle, progress) if policy.export.verify_examples else None
+    say(export_summary(exp))
+    shipped = (
+        _verify_shipped(policy, net, exp.path, bundle, report, progress) if policy.export.verify_examples else None
+    )
+    if shipped is not None:
+        say("the exported ONNX session, gradient-free attacks:\n" + shipped.summary())
+        if shipped.onnx.get("fallback_reason"):
+            say(f"onnxruntime ran on the CPU: {short_reason(str(shipped.onnx['fallback_reason']))}")
     timings = {"fit": trained.seconds, "verify": report.seconds, "export": exp.seconds}
     timings["total"] = time.perf_counter() - t0
     cert = assemble(
@@ -201,6 +235,11 @@ def _run(
         out, signing_key=sign_key
     )  # certificate.md / .html, then certificate.json: the last write of the run
     saved = Certificate.load(path)  # as written (with what save adds: the rendered files' hashes)
+    say(f"wrote {path}, {exp.path} and {trained.run_dir / 'checkpoints'}/")
+    say(
+        f"clean accuracy {saved.clean_accuracy:.2%} | robust accuracy {saved.robust_accuracy:.2%} "
+        f"({policy.threat.norm}, eps={policy.threat.eps}, n={saved.n}) | verdict {saved.verdict}"
+    )
     return RunResult(
         out=out, fit=trained, report=report, export=exp, onnx_report=shipped, certificate=saved, certificate_path=path
     )
@@ -231,10 +270,19 @@ def _export(
     )
 
 
-def _verify_shipped(policy: Policy, net: nn.Module, onnx_path: Path, bundle: DataBundle, progress: bool) -> OnnxReport:
-    """Attack the exported ONNX session itself (gradient-free attacks) on the first test examples."""
+def _verify_shipped(
+    policy: Policy, net: nn.Module, onnx_path: Path, bundle: DataBundle, report: RobustnessReport, progress: bool
+) -> OnnxReport:
+    """Attack the exported ONNX session itself (gradient-free attacks) on the suite's first verified examples.
+
+    The examples are the first ``export.verify_examples`` that :func:`harden.verify` attacked
+    (``report.outcomes["indices"]``: a class-balanced sample under ``verify.sample: balanced``),
+    in its order, so the ``onnx_black_box`` check compares the two example by example.
+    """
     n = policy.export.verify_examples
-    xs, ys = zip(*eval_batches(bundle.test, policy.data.eval_batch_size, n), strict=True)
+    indices = [int(i) for i in (report.outcomes.get("indices") or [])][:n] or list(range(n))
+    subset = Subset(bundle.test, indices)
+    xs, ys = zip(*eval_batches(subset, policy.data.eval_batch_size, n), strict=True)
     data = (torch.cat(xs)[:n], torch.cat(ys)[:n])
     device = "cuda" if model_device(net).type == "cuda" else "cpu"
     return verify_onnx(onnx_path, policy, data, bundle=bundle, torch_model=net, device=device, progress=progress)
@@ -257,3 +305,99 @@ def _black_box_summary(rep: OnnxReport) -> dict[str, Any]:
         "seconds": rep.seconds,
         "outcomes": list(rep.outcomes.get("broken_by", [])),
     }
+
+
+def _silent(text: str) -> None:
+    """The ``say`` of a run nobody listens to."""
+
+
+def fit_summary(policy: Policy, result: FitResult) -> list[str]:
+    """The lines that sum up a training: epochs trained, time, weights, early stopping, the validation.
+
+    The validation shown is the last epoch's, or with ``train.select: best`` the best probe
+    epoch's (the weights the run returns).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from harden.testing import tiny_policy
+        >>> r = SimpleNamespace(resumed_from=None, seconds=2.0, weights="w.safetensors", best_epoch=1,
+        ...                     stopped_early=False, history=[{"epoch": 1, "val_clean_acc": 0.9, "val_pgd_acc": 0.5}])
+        >>> fit_summary(tiny_policy(), r)  # doctest: +NORMALIZE_WHITESPACE
+        ['trained 1 epoch(s) in 2.0 s -> w.safetensors', 'best probe epoch 1',
+         'validation: clean 90.00%, PGD-3 probe 50.00%']
+    """
+    lines = []
+    spec, history = policy.train, result.history
+    if result.resumed_from is not None:
+        lines.append(f"resumed from the checkpoint of epoch {result.resumed_from}")
+    trained = len(history) - (result.resumed_from or 0)  # early stopping may end before train.epochs
+    if trained > 0:
+        lines.append(f"trained {trained} epoch(s) in {result.seconds:.1f} s -> {result.weights}")
+    else:
+        lines.append(f"trained no epoch: the checkpoint already holds all {len(history)} -> {result.weights}")
+    if result.stopped_early:
+        lines.append(
+            f"stopped early after epoch {len(history)}: the probe's robust accuracy did not improve for "
+            f"{spec.early_stopping} epochs"
+        )
+    if result.best_epoch is not None:
+        lines.append(f"best probe epoch {result.best_epoch}")
+    shown, which = (history[-1] if history else {}), ""
+    if spec.select == "best" and result.best_epoch is not None:
+        best = [r for r in history if r.get("epoch") == result.best_epoch]
+        if best:
+            shown, which = best[-1], f" (best epoch {result.best_epoch})"
+    if "val_clean_acc" in shown:
+        probe = f", PGD-{spec.probe_steps} probe {shown['val_pgd_acc']:.2%}" if "val_pgd_acc" in shown else ""
+        lines.append(f"validation{which}: clean {shown['val_clean_acc']:.2%}{probe}")
+    return lines
+
+
+def export_summary(res: ExportResult) -> str:
+    """One line: the ONNX file, its exporter and opset, and the onnxruntime parity it passed."""
+    adv = ""
+    if res.parity_adversarial_examples:
+        adv = f", {res.parity_adversarial_examples} adversarial inputs max |Δlogit| {res.parity_adversarial_max_abs_diff:.2e}"
+    return (
+        f"exported {res.path} ({res.exporter}, opset {res.opset}); onnxruntime parity: max |Δlogit| "
+        f"{res.parity_max_abs_diff:.2e} on {res.parity_examples} inputs, argmax agreement "
+        f"{res.parity_argmax_agreement:.0%}{adv}"
+    )
+
+
+def plan_run(policy: Policy, bundle: DataBundle, model: nn.Module | None = None) -> Plan:
+    """The :class:`~harden.plan.Plan` of a run of ``policy`` on ``bundle``, timed on one training batch.
+
+    The pass is measured on a throwaway copy of ``model`` (or a model built from the policy,
+    inside ``torch.random.fork_rng``: the run's own model and RNG are untouched) on the policy's
+    device; when it cannot be measured (a model that will fail the run's own checks), the plan
+    comes without an estimate.
+
+    Example:
+        >>> from harden.testing import synthetic_bundle, tiny_policy
+        >>> plan = plan_run(tiny_policy(), synthetic_bundle())
+        >>> plan.batches_per_epoch, plan.seconds_per_pass is not None
+        (6, True)
+    """
+    policy = checked(policy)
+    seconds = None
+    try:
+        with torch.random.fork_rng():
+            device = resolve_device(policy.device)
+            if model is None:
+                net = build_model(policy.model, bundle.num_classes, bundle.in_chans)
+            else:
+                net = copy.deepcopy(prepare_model(model, policy.model))
+            batch = next(iter(eval_batches(bundle.train, policy.data.batch_size, policy.data.batch_size)))
+            seconds = measure_pass_seconds(net.to(device), batch)
+            del net
+    except Exception as exc:  # the estimate is a courtesy: fit reports a broken model in its own words
+        log.debug("no time estimate: %s: %s", type(exc).__name__, exc)
+    return make_plan(
+        policy,
+        n_train=len(bundle.train),  # type: ignore[arg-type]
+        n_test=len(bundle.test),  # type: ignore[arg-type]
+        image_shape=bundle.image_shape,
+        num_classes=bundle.num_classes,
+        seconds_per_pass=seconds,
+    )

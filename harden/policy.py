@@ -80,7 +80,8 @@ class TrainSpec(Strict):
         milestones: epochs at which the ``step`` schedule multiplies the lr by ``gamma``.
         gamma: multiplier of the ``step`` schedule.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
-        probe_examples: test examples for the per-epoch PGD probe (0 disables it).
+        probe_examples: test examples for the per-epoch PGD probe, a seeded class-balanced
+            sample drawn once per run (0 disables it).
         probe_steps: PGD steps of the per-epoch probe.
         checkpoint_every: write a checkpoint every N epochs (the last epoch always is).
         keep_checkpoints: how many epoch checkpoints to keep (older ones are deleted).

@@ -22,6 +22,7 @@ here too).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 from harden.attacks import ATTACKS
 from harden.data import DATASETS
 from harden.errors import PolicyError, format_key_path, format_validation_error
-from harden.models import check_timm_name
+from harden.model_load import check_timm_name
 from harden.objectives import OBJECTIVES
 from harden.policy import MAX_POLICY_BYTES, Catalog, ObjectiveSpec, Policy
 from harden.registry import did_you_mean
@@ -47,6 +48,7 @@ __all__ = [
     "BUILTIN_CODE",
     "CATALOG",
     "CodeReference",
+    "apply_overrides",
     "check_code",
     "checked",
     "code_references",
@@ -252,7 +254,81 @@ _NoAliasLoader.add_implicit_resolver(
 )
 
 
-def load_policy(path: str | Path, *, allow_code: bool | Sequence[str] = False) -> Policy:
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` read with :class:`_NoAliasLoader`; every YAML problem one :class:`PolicyError` naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        ours = isinstance(exc, yaml.constructor.ConstructorError) and problem.startswith("expected ")
+        what = problem if ours else f"expected valid YAML, got {problem}"
+        raise PolicyError(f"{where}: {what}{at}") from None
+    except RecursionError:
+        raise PolicyError(f"{where}: expected a policy of sane depth, got a document nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML resolves but Python refuses (2001-13-45)
+        raise PolicyError(f"{where}: expected valid YAML values, got {type(exc).__name__}: {exc}") from None
+
+
+def apply_overrides(data: Any, overrides: Sequence[str], source: str | None = None) -> Any:
+    """``data`` (a parsed policy document) with each ``key.path=value`` override set, before validation.
+
+    Keys are dotted paths (``train.epochs``, ``objectives.0.weight``: an integer part indexes a
+    list); a missing mapping on the way is created. Values are read as YAML by the loader
+    policies use (``1e-3`` is a number, ``[0.1, 0.2]`` a list, an empty value is null).
+    ``data`` is not changed: a copy is returned. Validation, and the check of the code a policy
+    names, come after, on the result (:func:`load_policy`).
+
+    Args:
+        data: the policy document as Python objects (a mapping).
+        overrides: ``"key.path=value"`` strings, applied in order.
+        source: file name used in error messages.
+
+    Raises:
+        PolicyError: a malformed override, or a path that does not fit the document (one line
+            naming the override).
+
+    Example:
+        >>> apply_overrides({"train": {"epochs": 5}, "objectives": [{"name": "ce"}]},
+        ...                 ["train.epochs=1", "objectives.0.weight=0.5", "verify.n_examples=200"])
+        {'train': {'epochs': 1}, 'objectives': [{'name': 'ce', 'weight': 0.5}], 'verify': {'n_examples': 200}}
+    """
+    doc = copy.deepcopy(data)
+    prefix = f"{source}: " if source else ""
+    for text in overrides:
+        key, sep, value = str(text).partition("=")
+        where = f"{prefix}--set {key.strip()}"
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise PolicyError(f"{prefix}--set: expected key.path=value (e.g. train.epochs=1), got {text!r}")
+        if len(value.encode()) > MAX_POLICY_BYTES:
+            raise PolicyError(f"{where}: expected a value under {MAX_POLICY_BYTES} bytes, got {len(value.encode())}")
+        parsed = _parse_yaml(value, where)
+        node: Any = doc
+        for i, part in enumerate(parts):
+            here = format_key_path(parts[:i]) if i else "(top level)"
+            last = i == len(parts) - 1
+            if isinstance(node, dict):
+                if last:
+                    node[part] = parsed
+                else:
+                    node = node.setdefault(part, {})
+            elif isinstance(node, list):
+                if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
+                    raise PolicyError(
+                        f"{where}: expected an index below {len(node)} into the list at {here}, got {part!r}"
+                    )
+                if last:
+                    node[int(part)] = parsed
+                else:
+                    node = node[int(part)]
+            else:
+                raise PolicyError(f"{where}: expected a mapping or list at {here}, got {type(node).__name__}")
+    return doc
+
+
+def load_policy(path: str | Path, *, allow_code: bool | Sequence[str] = False, overrides: Sequence[str] = ()) -> Policy:
     """Read and validate a policy file: the one door from files to policies.
 
     A policy file may come from someone else: one naming code (``model.name: mypkg:Net``, see
@@ -264,18 +340,22 @@ def load_policy(path: str | Path, *, allow_code: bool | Sequence[str] = False) -
         allow_code: True: any code (the CLI's ``--trust-policy-code``); module or package names:
             code under them (``["mypkg"]``, the CLI's ``--allow-code mypkg``); False: none but
             :data:`BUILTIN_CODE`.
+        overrides: ``"key.path=value"`` strings (the CLI's ``--set``) applied to the document
+            before validation (see :func:`apply_overrides`); the code check sees the result, so
+            an override cannot name code ``allow_code`` does not allow. Errors then name the
+            file "with --set" and the key path.
 
     Returns:
         The validated, frozen :class:`Policy`.
 
     Raises:
-        PolicyError: the file is missing, is not YAML, is not a valid policy, or names code
-            ``allow_code`` does not allow.
+        PolicyError: the file is missing, is not YAML, is not a valid policy, names code
+            ``allow_code`` does not allow, or an override is malformed.
 
     Example:
-        >>> policy = load_policy("policies/mnist-pgd.yaml")  # doctest: +SKIP
-        >>> policy.objectives[0].name  # doctest: +SKIP
-        'pgd_at'
+        >>> policy = load_policy("policies/mnist-pgd.yaml", overrides=["train.epochs=1"])  # doctest: +SKIP
+        >>> policy.objectives[0].name, policy.train.epochs  # doctest: +SKIP
+        ('pgd_at', 1)
     """
     path = Path(path)
     source = str(path)
@@ -287,21 +367,16 @@ def load_policy(path: str | Path, *, allow_code: bool | Sequence[str] = False) -
         raise PolicyError(f"{source}: expected a policy under {MAX_POLICY_BYTES} bytes, got {len(raw)}")
     try:
         text = raw.decode("utf-8")
-        data = yaml.load(text, Loader=_NoAliasLoader)
     except UnicodeDecodeError:
         raise PolicyError(f"{source}: expected UTF-8 text, got undecodable bytes") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        ours = isinstance(exc, yaml.constructor.ConstructorError) and problem.startswith("expected ")
-        what = problem if ours else f"expected valid YAML, got {problem}"
-        raise PolicyError(f"{source}: {what}{where}") from None
-    except RecursionError:
-        raise PolicyError(f"{source}: expected a policy of sane depth, got a document nested too deeply") from None
-    except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML resolves but Python refuses (2001-13-45)
-        raise PolicyError(f"{source}: expected valid YAML values, got {type(exc).__name__}: {exc}") from None
+    data = _parse_yaml(text, source)
     allowed_modules(allow_code)  # a bad allow_code is the caller's error, whatever the file holds
+    if overrides:
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: (top level): expected a mapping of policy keys, got {type(data).__name__}")
+        data = apply_overrides(data, overrides, source)
+        keys = ", ".join(str(o).partition("=")[0].strip() for o in overrides)
+        source = f"{source} with --set {keys}"
     return validate_policy(data, source, allow_code=allow_code)
 
 

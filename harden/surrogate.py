@@ -18,7 +18,7 @@ from torch import nn
 from harden.attacks.base import Attack
 from harden.attacks.transfer import Transfer, TransferParams
 from harden.data import DataBundle
-from harden.models import build_model
+from harden.model_load import build_model
 from harden.policy import Policy
 from harden.policy_io import validate_policy
 from harden.train import fit, load_trained

@@ -184,6 +184,8 @@ def verify_onnx(
             desc="verify onnx",
             progress=progress,
             in_chans=clf.input_shape[0] if clf.input_shape is not None else None,
+            sample=policy.verify.sample,  # the same examples harden.verify draws from the same data
+            seed=policy.seed,
         )
     return OnnxReport(
         **tally.report_fields(policy, specs, time.perf_counter() - t0),

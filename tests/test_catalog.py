@@ -6,7 +6,7 @@ from pydantic import BaseModel, ValidationInfo, field_validator
 from harden.attacks import ATTACKS
 from harden.catalog import Catalog, catalog_of
 from harden.data import DATASETS
-from harden.models import check_timm_name
+from harden.model_load import check_timm_name
 from harden.objectives import OBJECTIVES
 
 

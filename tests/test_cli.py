@@ -58,7 +58,14 @@ def test_schema_is_json_schema(capsys):
 def test_run_writes_everything_and_steps_agree(tmp_path, capsys):
     policy = write_policy(tmp_path / "p.yaml", train={"epochs": 2})
     out = tmp_path / "run"
-    assert main(["run", str(policy), "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(policy), "--out", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    # the plan first (before training), then each stage as it finishes, the certificate last
+    order = ["plan ", "train ", "time ", "trained 2 epoch(s)", "robust accuracy", "exported ", "the exported ONNX"]
+    at = [next(i for i, line in enumerate(said) if line.startswith(p) or p in line) for p in order]
+    assert at == sorted(at), said
+    assert said[-1].startswith("clean accuracy") and "verdict" in said[-1]
     for name in ("certificate.json", "model.onnx", "model.safetensors", "model.json", "policy.yaml"):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "epoch-0002.json").is_file()
@@ -84,6 +91,11 @@ def test_run_writes_everything_and_steps_agree(tmp_path, capsys):
     assert report["robust_accuracy"] == cert["robust_accuracy"]
     assert main(["export", str(policy), "--out", str(out), "--onnx", str(tmp_path / "again.onnx"), "-q"]) == 0
     assert (tmp_path / "again.onnx").is_file()
+    # a CI gate: requirements on the certificate, exit 1 when one is not met
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--require", "robust_accuracy >= 0"]) == 0
+    assert main(["inspect", str(out), "--require", f"robust_accuracy > {cert['robust_accuracy']}"]) == 1
+    assert "requirement (fail)" in capsys.readouterr().err
 
 
 def test_fit_then_resume_is_a_no_op_when_done(tmp_path, capsys):
@@ -182,3 +194,135 @@ def test_bad_policy_is_one_error_line_and_writes_nothing(tmp_path, capsys, case)
     assert not out.exists()
     with pytest.raises(harden.PolicyError):  # the API raises the same, a ValueError too
         harden.load_policy(path)
+
+
+def test_help_and_version_import_neither_torch_nor_the_pipeline():
+    code = (
+        "import sys, harden.cli\n"
+        "for argv in (['--help'], ['run', '--help'], ['verify', '--help'], ['--version']):\n"
+        "    try:\n"
+        "        harden.cli.main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, argv\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'pydantic', 'yaml', 'harden.pipeline') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+    assert "--set KEY=VALUE" in proc.stdout and "exit codes" in proc.stdout
+
+
+def test_the_package_is_lazy_and_every_public_name_resolves():
+    code = (
+        "import sys, harden\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert harden.PolicyError.__module__ == 'harden.errors' and 'torch' not in sys.modules\n"
+        "import harden.verify, harden.certify\n"  # the submodules must not shadow the functions
+        "assert callable(harden.verify) and harden.verify.__name__ == 'verify'\n"
+        "assert harden.certify.__name__ == 'certify'\n"
+        "from harden import verify_onnx, run\n"
+        "assert verify_onnx.__name__ == 'verify_onnx' and run.__module__ == 'harden.pipeline'\n"
+        "assert set(harden.__all__) <= set(dir(harden))\n"
+        "print('OK')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+    for name in harden.__all__:
+        assert getattr(harden, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        _ = harden.nothing_here
+
+
+def test_set_overrides_policy_keys_and_its_errors_say_so(tmp_path, capsys):
+    policy = write_policy(tmp_path / "p.yaml")
+    assert main(["check", str(policy), "--set", "train.epochs=4", "--set", "objectives.0.weight=0.5"]) == 0
+    assert "pgd_at*0.5" in capsys.readouterr().out
+    assert main(["check", str(policy), "--set", "train.epochs=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with --set train.epochs: train.epochs: expected a number >= 1, got 0" in err
+    assert main(["fit", str(policy), "--out", str(tmp_path / "r"), "--set", "train"]) == 2
+    assert "--set: expected key.path=value" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_set_cannot_name_code_the_user_did_not_allow(tmp_path, capsys):
+    policy = write_policy(tmp_path / "p.yaml")
+    out = tmp_path / "r"
+    assert main(["fit", str(policy), "--out", str(out), "--set", "model.name=evil.models:Net"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name: 'evil.models:Net' is code" in err and "--allow-code evil.models" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"), [("cpu", "cpu"), ("auto", "auto"), ("cuda", "cuda"), ("cuda:1", "cuda")]
+)
+def test_verify_onnx_device_follows_the_policy_unless_given(tmp_path, monkeypatch, capsys, device, expected):
+    asked = []
+
+    def fake_load_onnx(path, device="auto", **kwargs):
+        asked.append(device)
+        raise harden.ExportError("stop here")
+
+    monkeypatch.setattr("harden.runtime.load_onnx", fake_load_onnx)
+    policy = write_policy(tmp_path / "p.yaml")
+    base = ["verify", str(policy), "--out", str(tmp_path / "r"), "--onnx", "m.onnx", "-q", "--set", f"device={device}"]
+    assert main(base) == 2
+    assert main([*base, "--onnx-device", "cpu"]) == 2
+    assert asked == [expected, "cpu"]
+
+
+def test_verify_onnx_prints_a_cuda_fallback_as_one_short_line(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import harden.runtime
+
+    path = tmp_path / "tiny.onnx"
+    harden.export_onnx(harden.testing.TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+    reason = "CUDA failed: libcudnn.so.9: cannot open shared object file " + "x" * 400 + "\nsecond line"
+    real = harden.runtime.load_onnx
+
+    def fallback(path, device="auto", **kwargs):
+        clf = real(path, "cpu")
+        clf.fallback_reason = reason
+        return clf
+
+    class Report:
+        def to_dict(self):
+            return {}
+
+        def summary(self):
+            return "summary"
+
+    monkeypatch.setattr(harden.runtime, "load_onnx", fallback)
+    # harden.verify_onnx is the function; its module is in sys.modules
+    monkeypatch.setattr(importlib.import_module("harden.verify_onnx"), "verify_onnx", lambda *a, **k: Report())
+    policy = write_policy(tmp_path / "p.yaml")
+    assert main(["verify", str(policy), "--out", str(tmp_path / "r"), "--onnx", str(path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "CUDA" in line]
+    assert len(lines) == 1 and lines[0].startswith("onnxruntime ran on the CPU")
+    assert len(lines[0]) < 220 and lines[0].endswith("...") and "second line" not in lines[0]
+
+
+def test_verify_and_certify_any_model_from_a_plain_state_dict(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = harden.testing.TinyCNN(num_classes=3)
+    weights = tmp_path / "plain.safetensors"
+    save_file(net.state_dict(), str(weights))  # a plain state_dict: no wrapper keys
+    policy = write_policy(tmp_path / "p.yaml", verify={"checks": False, "n_examples": 32})
+    model = ["--model", "harden.testing:TinyCNN", "--weights", str(weights), "--mean", "0.5", "--std", "0.25"]
+    out = tmp_path / "v"
+    assert main(["verify", str(policy), "--out", str(out), *model]) == 0
+    said = capsys.readouterr().out
+    assert "normalization: mean (0.5" in said and "robust" in said
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["robust_accuracy"] <= report["clean_accuracy"] <= 1
+    cdir = tmp_path / "c"
+    assert main(["certify", str(policy), "--out", str(cdir), *model, "--baseline-weights", str(weights), "-q"]) == 0
+    cert = json.loads((cdir / "certificate.json").read_text())
+    assert cert["clean_accuracy"] == report["clean_accuracy"]  # same model, same examples
+    assert main(["inspect", str(cdir)]) == 0

@@ -421,3 +421,13 @@ def test_parity_forgives_a_swapped_near_tie_and_nothing_else():
     far = np.array([0.0, 0.9], dtype=np.float32)
     with pytest.raises(harden.ExportError, match=r"argmax agreement 50\.00%"):
         export_module._parity(net, _Shifted(net, far), x, atol=0.3)
+
+
+def test_the_producer_is_harden_at_its_own_version_and_torch_is_recorded(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    result = harden.export_onnx(TinyCNN(num_classes=3), path, input_shape=(1, 8, 8))
+    proto = onnx.load(str(path))
+    assert (proto.producer_name, proto.producer_version) == ("harden", harden.__version__)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["torch_version"] == torch.__version__ and meta["harden_version"] == harden.__version__
+    assert result.metadata == meta  # what the certificate records is what the file holds

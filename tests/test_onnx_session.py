@@ -78,3 +78,15 @@ def test_only_the_builder_creates_sessions():
         str(p.relative_to(ROOT)) for p in (ROOT / "harden").rglob("*.py") if "InferenceSession(" in p.read_text()
     )
     assert callers == ["harden/onnx_session.py"]
+
+
+def test_a_fallback_reason_prints_as_one_short_line():
+    from harden.onnx_session import short_reason
+
+    long = "EP Error: CUDA failure 100: no CUDA-capable device is detected " + "; more" * 80 + "\n  File x.py"
+    line = short_reason(long)
+    assert "\n" not in line and len(line) == 150 and line.endswith("...")
+    assert line.startswith("EP Error: CUDA failure 100")
+    assert short_reason("  short reason  \nsecond") == "short reason"
+    assert short_reason("") == "no reason given"
+    assert short_reason("x" * 30, limit=10) == "x" * 7 + "..."

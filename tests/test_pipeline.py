@@ -1,6 +1,7 @@
 import importlib
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import torch
 import harden
 from harden import pipeline
 from harden.attacks.invariance_examples import InvarianceExamples
-from harden.certify import Measurements, assemble
+from harden.certify import assemble
 from harden.data import load_data
+from harden.measure import Measurements
 from harden.testing import TinyCNN, tiny_policy
 
 ATTACKS = [
@@ -53,10 +55,14 @@ def ran(tmp_path_factory):
         mp.setattr(importlib.import_module(module), "load_data", refuse)
     out = tmp_path_factory.mktemp("run")
     try:
-        result = harden.run(run_policy(), out, progress=False)
+        result = harden.run(run_policy(), out, progress=False, say=SAID.append)
     finally:
         mp.undo()
     return result, out, calls, pools
+
+
+#: what the fixture's run said, in order
+SAID: list[str] = []
 
 
 def test_run_writes_every_artefact_and_one_certificate(ran):
@@ -208,3 +214,71 @@ def test_resume_and_overwrite_and_certificate_json_written_last(tmp_path, monkey
     assert json.loads((out / "run.json").read_text())["run_id"] != run_id
     assert fresh.fit.resumed_from is None and (out / "notes.txt").read_text() == "mine"
     assert not (out / ".harden.lock").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_run_says_its_plan_first_then_each_stage_as_it_finishes(ran):
+    result, _, _, _ = ran
+    heads = [line.split()[0] for line in SAID]
+    assert heads[:2] == ["plan", "train"]  # the plan, before training
+    plan_end = heads.index("time")  # the estimate ends the plan: the pass was measured
+    assert "estimate" in SAID[plan_end]
+    stages = [
+        next(i for i, line in enumerate(SAID) if line.startswith(head))
+        for head in ("trained 1 epoch(s)", "clean accuracy   ", "exported ", "the exported ONNX session", "wrote ")
+    ]
+    assert plan_end < stages[0] and stages == sorted(stages), SAID
+    assert f"robust accuracy {result.certificate.robust_accuracy:.2%}" in SAID[-1]
+    assert SAID[-1].endswith(f"verdict {result.certificate.verdict}")
+    assert "attacked on 24 examples" in "\n".join(SAID[:plan_end])  # export.verify_examples of the policy
+
+
+def test_the_plan_of_a_run_times_one_pass_without_touching_the_run(tmp_path):
+    from harden.data import synthetic_bundle
+
+    torch.manual_seed(3)
+    model = TinyCNN(num_classes=3)
+    state = torch.random.get_rng_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = pipeline.plan_run(tiny_policy(), synthetic_bundle(), model)
+    assert plan.seconds_per_pass is not None and plan.seconds_per_pass > 0
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    broken = pipeline.plan_run(tiny_policy(), synthetic_bundle(), torch.nn.Linear(3, 3))  # cannot take the images
+    assert broken.seconds_per_pass is None and not any(line.startswith("time") for line in broken.lines())
+
+
+def test_fit_summary_counts_the_epochs_trained_and_names_early_stopping_and_the_best_epoch():
+    from harden.pipeline import fit_summary
+    from harden.testing import tiny_policy
+
+    # exact binary fractions: each percentage prints exactly
+    history = [
+        {"epoch": e, "val_clean_acc": c, "val_pgd_acc": r}
+        for e, c, r in [(1, 0.5, 0.25), (2, 0.75, 0.5), (3, 0.625, 0.375), (4, 0.875, 0.125)]
+    ]
+
+    def result(**changes):
+        base = {"resumed_from": None, "seconds": 1.0, "weights": "w", "best_epoch": 2, "stopped_early": True}
+        return SimpleNamespace(**(base | {"history": history} | changes))
+
+    best = tiny_policy(train={"epochs": 10, "early_stopping": 2, "select": "best"})
+    stopped = "stopped early after epoch 4: the probe's robust accuracy did not improve for 2 epochs"
+    assert fit_summary(best, result()) == [
+        "trained 4 epoch(s) in 1.0 s -> w",  # 4 of train.epochs=10: early stopping ended it
+        stopped,
+        "best probe epoch 2",
+        "validation (best epoch 2): clean 75.00%, PGD-3 probe 50.00%",  # the selected epoch's, not the last
+    ]
+    last = tiny_policy(train={"epochs": 10, "early_stopping": 2})
+    assert fit_summary(last, result(resumed_from=3)) == [
+        "resumed from the checkpoint of epoch 3",
+        "trained 1 epoch(s) in 1.0 s -> w",
+        stopped,
+        "best probe epoch 2",
+        "validation: clean 87.50%, PGD-3 probe 12.50%",
+    ]
+    assert fit_summary(last, result(resumed_from=4))[1] == "trained no epoch: the checkpoint already holds all 4 -> w"
+    no_probe = [{"epoch": e} for e in (1, 2, 3)]
+    assert fit_summary(tiny_policy(train={"epochs": 3}), result(history=no_probe, best_epoch=None, stopped_early=False)) == [
+        "trained 3 epoch(s) in 1.0 s -> w"
+    ]

@@ -31,7 +31,7 @@ ROOT = Path(harden.__file__).parent
     [
         ("policy.py", {"harden.schema", "harden.sources"}),
         ("sources.py", {"harden.catalog", "harden.coderef", "harden.errors", "harden.schema"}),
-        ("schema.py", {"harden.catalog", "harden.coderef", "harden.errors", "harden.registry"}),
+        ("schema.py", {"harden.catalog", "harden.coderef", "harden.errors", "harden.registry", "harden.require"}),
         ("catalog.py", set()),
         ("coderef.py", set()),
     ],
@@ -251,3 +251,78 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     path.write_text("name: e\nobjectives: [{name: ce}]\ntrain: {lr: 1e999}\n")
     with pytest.raises(harden.PolicyError, match=r"train\.lr: expected a finite"):
         load_policy(path)
+
+
+OVERRIDDEN = "name: o\nobjectives: [{name: pgd_at, params: {steps: 3}}]\ntrain: {epochs: 5}\n"
+
+
+def test_overrides_set_dotted_keys_before_validation(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(OVERRIDDEN)
+    policy = load_policy(
+        path,
+        overrides=[
+            "train.epochs=1",
+            "verify.n_examples=200",  # a section the file does not have is created
+            "objectives.0.weight=0.5",
+            "objectives.0.params.steps=5",
+            "threat.eps=1e-1",  # the YAML 1.2 number rule of policy files
+            "verify.eps_sweep=[0.05, 0.1]",
+            "train.lr=0.01",
+            "train.lr=0.02",  # in order: the last wins
+        ],
+    )
+    assert (policy.train.epochs, policy.verify.n_examples, policy.threat.eps, policy.train.lr) == (1, 200, 0.1, 0.02)
+    assert (policy.objectives[0].weight, policy.objectives[0].params["steps"]) == (0.5, 5)
+    assert policy.verify.eps_sweep == (0.05, 0.1)
+    assert policy_hash(policy) != policy_hash(load_policy(path))
+
+
+def test_apply_overrides_leaves_the_document_alone():
+    from harden.policy_io import apply_overrides
+
+    doc = {"train": {"epochs": 5}, "objectives": [{"name": "ce"}]}
+    new = apply_overrides(doc, ["train.epochs=1", "objectives.0.weight=2"])
+    assert doc == {"train": {"epochs": 5}, "objectives": [{"name": "ce"}]}
+    assert new == {"train": {"epochs": 1}, "objectives": [{"name": "ce", "weight": 2}]}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=0", "p.yaml with --set train.epochs: train.epochs: expected a number >= 1, got 0"),
+        ("train.epochz=1", "with --set train.epochz: train.epochz: unknown key (not allowed here); did you mean"),
+        ("train.epochs=many", "with --set train.epochs: train.epochs: expected an integer, got 'many'"),
+        (
+            "objectives.3.weight=1",
+            "p.yaml: --set objectives.3.weight: expected an index below 1 into the list at objectives",
+        ),
+        ("objectives.x.weight=1", "expected an index below 1 into the list at objectives, got 'x'"),
+        ("train.epochs.x=1", "p.yaml: --set train.epochs.x: expected a mapping or list at train.epochs, got int"),
+        ("train.epochs", "p.yaml: --set: expected key.path=value (e.g. train.epochs=1), got 'train.epochs'"),
+        ("=1", "expected key.path=value"),
+        ("train..epochs=1", "expected key.path=value"),
+        ("name=&a x", "--set name: expected plain YAML, got an anchor"),
+        ("name=!!python/object/apply:os.system ['true']", "--set name: expected valid YAML"),
+        ("seed=1e999", "with --set seed: seed: expected a finite number"),
+        ("name=[unclosed", "--set name: expected valid YAML"),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_it(tmp_path, override, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(OVERRIDDEN)
+    with pytest.raises(harden.PolicyError) as exc:
+        load_policy(path, overrides=[override])
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_override_naming_code_needs_the_same_opt_in(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(OVERRIDDEN)
+    with pytest.raises(harden.PolicyError, match=r"with --set model\.name: model\.name: 'o1_mod:Net' is code"):
+        load_policy(path, overrides=["model.name=o1_mod:Net"])
+    ref = "verify.attacks=[{name: transfer, params: {model: 'o1_mod:Surrogate'}}]"
+    with pytest.raises(harden.PolicyError, match="is code"):
+        load_policy(path, overrides=[ref])
+    assert load_policy(path, overrides=["model.name=o1_mod:Net"], allow_code=["o1_mod"]).model.name == "o1_mod:Net"
+    assert "o1_mod" not in sys.modules  # validation imports nothing

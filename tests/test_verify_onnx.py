@@ -33,8 +33,6 @@ def test_gradient_free_specs_add_square_and_noise_and_transfer_only_with_a_surro
         assert specs[2].params["samples"] == 2
 
 
-
-
 def _cuda_runs(path) -> bool:
     try:
         load_onnx(path, "cuda")
@@ -123,3 +121,21 @@ def test_cli_verify_onnx_writes_report(tmp_path, capsys):
         assert code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("harden: error: expected onnxruntime to run model.onnx on CUDA")
+
+
+def test_the_session_is_verified_on_the_same_sample_as_verify(tmp_path):
+    """verify.sample applies to the session too: class-sorted data gives every class, as harden.verify draws it."""
+    model = harden.testing.TinyCNN(num_classes=3)
+    path = tmp_path / "tiny.onnx"
+    harden.export_onnx(model, path, input_shape=(1, 8, 8))
+    x, y = harden.testing.synthetic_tensors(60)
+    order = torch.argsort(y, stable=True)  # class-sorted: the first 12 are one class
+    data = (x[order], y[order])
+    policy = tiny_policy(verify={"n_examples": 12, "attacks": [{"name": "noise", "params": {"samples": 1}}]})
+    rep = verify_onnx(path, policy, data, device="cpu", progress=False)
+    picked = data[1][rep.outcomes["indices"]]
+    assert len(picked) == 12 and sorted(torch.bincount(picked, minlength=3).tolist()) == [4, 4, 4]
+    first = tiny_policy(
+        verify={"n_examples": 12, "sample": "first", "attacks": [{"name": "noise", "params": {"samples": 1}}]}
+    )
+    assert verify_onnx(path, first, data, device="cpu", progress=False).outcomes["indices"] == list(range(12))
