@@ -22,7 +22,7 @@ from typing import Any
 
 from harden import cli_parser
 from harden.cli_parser import Command
-from harden.errors import HardenError
+from harden.errors import HardenError, InputError
 
 __all__ = ["main"]
 
@@ -87,7 +87,10 @@ def _verify_model(args: argparse.Namespace, policy: Any) -> int:
     from harden.checkpoint import atomic_write
     from harden.evaluate import evaluate
 
-    result = evaluate(args.model, policy, **_model_args(args), progress=not args.quiet, say=lambda t: _say(args, t))
+    given = _model_args(args)
+    if args.model is None and given["weights"] is None:  # the policy's model: the run's weights, as plain verify
+        given["weights"] = _weights(args)
+    result = evaluate(args.model, policy, **given, progress=not args.quiet, say=lambda t: _say(args, t))
     atomic_write(Path(args.out) / "report.json", json.dumps(result.report.to_dict(), indent=2).encode())
     _say(args, result.report.summary())  # evaluate said the normalization it applied
     return 0
@@ -99,7 +102,13 @@ def _verify(args: argparse.Namespace) -> int:
     from harden.verify import verify
 
     policy = _policy(args)
-    if args.model:
+    stated = args.mean is not None or args.std is not None or args.output is not None
+    if stated and args.onnx:
+        raise InputError(
+            "expected --mean/--std/--output with a PyTorch model, got them with --onnx; an ONNX graph holds its "
+            "own normalization and output: drop them"
+        )
+    if args.model or stated:  # never ignore a stated normalization: the policy's model, loaded as evaluate does
         return _verify_model(args, policy)
     weights = _weights(args)
     if args.onnx:  # the session itself, gradient-free attacks; the weights (if any) are the transfer surrogate

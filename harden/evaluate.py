@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,13 @@ def evaluate(
     normalization = net.describe_normalization()
     tell(f"normalization: {normalization}")
     tell(f"model: {type(net.model).__name__}" + (f", weights {str(weights)!r}" if weights is not None else ""))
+    if weights is None and not isinstance(model, nn.Module) and (model is not None or not policy.model.pretrained_file):
+        warnings.warn(
+            "expected weights to evaluate (--weights, weights=, or model.pretrained_file), got none: the model "
+            "is freshly initialised and its certificate describes an untrained model",
+            UserWarning,
+            stacklevel=2,
+        )
     base = None
     if baseline is not None or baseline_weights is not None:
         source = baseline if baseline is not None else _same_architecture(model)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from harden.augment import augment_batch
 from harden.batches import unwrap_worker_errors
 from harden.data import check_batch, to_device
-from harden.errors import HardenError
+from harden.errors import DataError, HardenError, ModelError
 from harden.fit_setup import FitRun, epoch_loader
 from harden.fit_state import best_weights, save_best, save_epoch_checkpoint
 from harden.probe import clean_and_pgd_counts, probe_indices
@@ -43,7 +43,15 @@ def _device_batches(run: FitRun, epoch: int) -> Iterator[tuple[torch.Tensor, tor
     # its own stream (not the global RNG's attack noise), the same on a resume; one per rank
     gen = torch.Generator().manual_seed(run.dist.epoch_seed(run.policy.seed + 1, epoch)) if run.augment else None
     for xb, yb in unwrap_worker_errors(loader):  # a worker's one-line DataError stays one line
-        check_batch(xb, yb, run.num_classes, run.in_chans)
+        try:
+            check_batch(xb, yb, run.num_classes, run.in_chans)
+        except DataError as exc:
+            if run.in_chans is None and "expected labels in" in str(exc):  # user data: the classes are the logits
+                raise ModelError(
+                    f"expected the model to output a logit per class, got {run.num_classes} logits and labels "
+                    f"beyond them ({exc}): set model.num_classes / the classifier size to the data's classes"
+                ) from None
+            raise
         x, y = to_device(xb, yb, run.dist.device)
         if gen is not None:
             x = augment_batch(x, gen)

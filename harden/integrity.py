@@ -264,8 +264,16 @@ def _signature_check(cert: Certificate, path: Path, public_key: Any) -> Check:
     return Check("signature", "OK", f"verified: signed by key {trusted}", path, trusted, named)
 
 
+#: targets that no failed attack sanity check can inflate (an UNRELIABLE verdict fails the others)
+_NOT_ATTACKED = frozenset({"clean_accuracy", "certified_accuracy"})
+
+
 def _requirement_checks(cert: Certificate, extra: list[Requirement], path: Path) -> list[Check]:
-    """One check per target (the certificate's own, then ``extra``), recomputed from the numbers."""
+    """One check per target (the certificate's own, then ``extra``), recomputed from the numbers.
+
+    A robust target met by an UNRELIABLE certificate fails: a failed sanity check means the
+    attacks may have missed, so the robust figures may overstate the model.
+    """
     values = cert.measured_values()
     out, seen = [], set()
     for req in [parse_requirement(r.text) for r in cert.requirements] + extra:
@@ -275,6 +283,8 @@ def _requirement_checks(cert: Certificate, extra: list[Requirement], path: Path)
         actual = req.actual(values)
         measured = "not measured by this certificate" if actual is None else f"measured {format_fraction(actual)}"
         status = "OK" if req.check(values) else "FAIL"
+        if status == "OK" and cert.verdict == "UNRELIABLE" and req.metric not in _NOT_ATTACKED:
+            status, measured = "FAIL", f"{measured}, but the evaluation is UNRELIABLE: {cert.verdict_reason}"
         detail = f"{req.text}: {'PASS' if status == 'OK' else 'FAIL'} ({measured})"
         out.append(Check("requirement", status, detail, path, req.text, None if actual is None else repr(actual)))
     return out

@@ -90,6 +90,8 @@ def _targets(cert: Certificate) -> list[tuple[str, str]]:
     for r in cert.requirements:
         measured = "not measured" if r.actual is None else f"measured {_frac(r.actual)}"
         status = "PASS" if r.passed else "FAIL"
+        if r.passed and cert.verdict == "UNRELIABLE" and r.metric not in ("clean_accuracy", "certified_accuracy"):
+            status, measured = "FAIL", f"{measured}, but the evaluation is UNRELIABLE: the figure may overstate robustness"
         out.append((status, f"Target: {r.text}: {status} ({measured})"))
     return out
 

@@ -15,7 +15,6 @@ resolves the data, runs the stages in order and writes ``policy.yaml`` and ``mod
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -337,10 +336,8 @@ def load_trained(
                 f"expected a safetensors file at {str(weights)!r}, got one safetensors cannot read "
                 f"({_first_line(exc)}); the file is truncated or corrupt: train again with `harden fit`"
             ) from None
-        with contextlib.suppress(RuntimeError):  # harden's own file: its keys match exactly
-            net.load_state_dict(state)
-            return net.eval(), bundle
-    try:  # a plain state_dict (or .pth) of the policy's model: keys matched, normalization never switched
+        del state  # readable; loaded below like any weights file
+    try:  # harden's keys or a plain state_dict (or .pth): keys matched, the normalization never switched
         load_classifier_weights(net, weights)
     except ModelError as exc:
         raise CheckpointError(str(exc)) from None

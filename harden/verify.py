@@ -145,14 +145,14 @@ class RobustnessReport:
         if self.checks:
             lines.append(f"sanity checks ({subset}):")
         for cid, c in self.checks.items():
-            lines.append(f"  check {c['status']:<4} {cid}: {c['detail']}")
+            status = "SKIP (N/A)" if c["status"] == "SKIP" else c["status"]
+            lines.append(f"  check {status:<4} {cid}: {c['detail']}")
         if self.checks:
             counts = self.check_counts()
             tally = f"{counts['PASS']} checks pass" + (f", {counts['WARN']} warn" if counts["WARN"] else "")
             tally += f", {counts['FAIL']} failed" if counts["FAIL"] else ""
-            lines.append(
-                f"evaluation {'RELIABLE' if self.reliable else 'UNRELIABLE'} ({tally}, {counts['SKIP']} skipped)"
-            )
+            word = "UNRELIABLE" if not self.reliable else "RELIABLE" if counts["PASS"] else "NOT ASSESSED (no check passed)"
+            lines.append(f"evaluation {word} ({tally}, {counts['SKIP']} skipped, N/A)")
         return "\n".join(lines)
 
     def _per_class_lines(self) -> list[str]:

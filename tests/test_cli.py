@@ -326,3 +326,22 @@ def test_verify_and_certify_any_model_from_a_plain_state_dict(tmp_path, capsys):
     cert = json.loads((cdir / "certificate.json").read_text())
     assert cert["clean_accuracy"] == report["clean_accuracy"]  # same model, same examples
     assert main(["inspect", str(cdir)]) == 0
+
+
+def test_a_stated_normalization_is_never_ignored_by_verify(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    policy = write_policy(tmp_path / "p.yaml", verify={"checks": False, "n_examples": 16})
+    run = tmp_path / "r"
+    run.mkdir()
+    plain = harden.Normalized(harden.testing.TinyCNN(num_classes=3))  # harden's keys, no normalization
+    save_file(plain.state_dict(), str(run / "model.safetensors"))
+    # without --model: the policy's model with the run's weights, and the stated mean/std are checked, not dropped
+    assert main(["verify", str(policy), "--out", str(run), "--mean", "0.5", "--std", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "harden: error:" in err and "0.5" in err and "\n" not in err.strip()
+    onnx = ["--onnx", str(tmp_path / "m.onnx"), "--mean", "0.5", "--std", "0.25"]
+    assert main(["verify", str(policy), "--out", str(run), *onnx]) == 2
+    assert "--onnx" in capsys.readouterr().err

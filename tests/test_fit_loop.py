@@ -272,3 +272,14 @@ def test_select_best_without_validation_data_warns_and_keeps_the_last_epoch(tmp_
     with pytest.warns(RuntimeWarning, match=r"for train.select: best, got none \(no validation data\)"):
         result = fit(policy, tmp_run, model=TinyCNN(num_classes=3), train=TensorDataset(x, y))
     assert result.best_epoch is None and len(result.history) == 1
+
+
+def test_a_head_smaller_than_the_labels_of_user_data_is_blamed_on_the_model():
+    from harden.errors import ModelError
+    from harden.testing import TinyCNN, tiny_policy
+
+    x = torch.rand(16, 1, 8, 8)
+    y = torch.arange(16) % 10  # ten classes
+    policy = tiny_policy(objectives=[{"name": "ce"}], train={"epochs": 1, "probe_examples": 0})
+    with pytest.raises(ModelError, match=r"got 5 logits and labels beyond them .*set model.num_classes"):
+        harden.fit(TinyCNN(num_classes=5), policy, train=TensorDataset(x, y), progress=False)

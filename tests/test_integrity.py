@@ -529,3 +529,16 @@ def test_a_bad_requirement_is_refused_before_anything_is_read(tmp_path):
 
     with pytest.raises(PolicyError, match=r"^expected a value in \[0, 1\].*write 45% for a percentage"):
         inspect_certificate(tmp_path / "nothing", require=["robust_accuracy >= 45"])
+
+
+def test_a_robust_target_met_by_an_unreliable_certificate_fails(run_dir, tmp_path):
+    d = _copy(run_dir, tmp_path / "u")
+
+    def unreliable(doc):
+        doc["verdict"], doc["verdict_reason"] = "UNRELIABLE", "sanity check(s) failed: unbounded_attack_succeeds"
+
+    _edit(d, unreliable)
+    checks = inspect_certificate(d, require=["robust_accuracy >= 0", "clean_accuracy >= 0"])[1]
+    robust, clean = [c for c in checks if c.item == "requirement"]
+    assert robust.status == "FAIL" and "UNRELIABLE" in robust.detail and "unbounded_attack_succeeds" in robust.detail
+    assert clean.status == "OK"  # no failed attack check inflates a clean accuracy

@@ -292,3 +292,19 @@ def test_load_trained_takes_a_plain_state_dict_of_the_policy_model(tmp_path):
     again, _ = load_trained(policy, plain, bundle=b)
     x = b.test.tensors[0][:8]
     assert torch.equal(again(x), net(x))
+
+
+def test_load_trained_refuses_weights_trained_with_another_normalization(tmp_path):
+    from safetensors.torch import save_file
+
+    from harden.models import Normalized
+    from harden.testing import synthetic_bundle
+    from harden.train import load_trained
+
+    policy = tiny_policy(objectives=[{"name": "ce"}], train={"probe_examples": 0})  # no mean/std
+    b = synthetic_bundle(96, 32)
+    other = Normalized(TinyCNN(num_classes=3), mean=(0.5,), std=(0.25,))
+    path = tmp_path / "model.safetensors"
+    save_file(other.state_dict(), path)
+    with pytest.raises(harden.CheckpointError, match=r"0\.5.*--mean"):
+        load_trained(policy, path, bundle=b)

@@ -271,7 +271,17 @@ def test_checks_that_tested_nothing_skip_and_never_count_as_passes(trained):
     verdict = "RELIABLE" if report.reliable else "UNRELIABLE"
     assert report.reliable == (counts["FAIL"] == 0)
     assert f"evaluation {verdict} ({counts['PASS']} checks pass" in report.summary()
-    assert f"{counts['SKIP']} skipped)" in report.summary()
+    assert f"{counts['SKIP']} skipped, N/A)" in report.summary()
+    assert "check SKIP (N/A) no_catastrophic_overfitting" in report.summary()
+
+
+def test_a_summary_whose_checks_all_skipped_is_not_assessed_not_reliable():
+    skipped = {"status": "SKIP", "detail": "no history"}
+    report = harden.RobustnessReport(
+        8, 0.0, 0.0, {}, {}, {}, {"norm": "linf", "eps": 0.1}, [], 0.0, checks={"a": skipped, "b": skipped}
+    )
+    assert report.reliable  # nothing failed ...
+    assert "evaluation NOT ASSESSED (no check passed) (0 checks pass, 2 skipped, N/A)" in report.summary()
 
 
 def test_a_summary_of_many_classes_lists_the_five_with_the_lowest_robust_accuracy():
