@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harden.attacks import ATTACKS
+from harden.attacks.suite import preset_specs
 from harden.certificate import (
     BaselineSummary,
     Certificate,
@@ -81,6 +83,18 @@ def _warnings(policy: Policy) -> list[str]:
             f"threat eps {policy.threat.eps:g} ({policy.threat.norm}) is below half a pixel level (0.5/255 = "
             f"{HALF_LEVEL:.5f}): no 8-bit image differs from the clean one by so little, so the robust accuracy "
             "here says nothing about attacks on real images"
+        )
+    specs = [*preset_specs(policy.verify.preset), *policy.verify.attacks]
+    kinds = [ATTACKS.get(spec.name) for spec in specs]
+    if not any(k.white_box and k.bounded and not k.changes_label for k in kinds):
+        out.append(
+            "the attack suite has no gradient-based attack inside the threat model (fgsm, pgd, apgd_ce, apgd_t, "
+            "fab_t): the robust accuracy is only an upper bound from weak attacks"
+        )
+    if policy.train.select == "best" or policy.train.early_stopping is not None:
+        out.append(
+            "the training epoch was chosen on the per-epoch probe, a sample of the test split that the verified "
+            "examples overlap: the figures may be slightly optimistic"
         )
     return out
 

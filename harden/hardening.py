@@ -50,6 +50,21 @@ def _acts_at_epochs(obj: Objective) -> bool:
     return type(obj).begin_epoch is not Objective.begin_epoch
 
 
+def _warn_unsynced(model: nn.Module) -> None:
+    """Warn when several processes train but ``model`` is not the DDP-wrapped one (no gradient sync)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        warnings.warn(
+            f"HardeningLoss: {dist.get_world_size()} processes train, but the model is not wrapped in "
+            "DistributedDataParallel: its gradients are not synchronised, so each process trains its own model; "
+            "pass the DDP-wrapped model (or use harden.fit under torchrun)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class HardeningLoss:
     """The policy's weighted hardening loss on a batch, for your own training loop.
 
@@ -118,6 +133,7 @@ class HardeningLoss:
                 f"expected bundle as a harden.data.DataBundle (load_data(...)), got {type(bundle).__name__}"
             )
         self.policy = _resolve_policy(policy, allow_code)
+        _warn_unsynced(model)
         self.model = model
         self.net: Normalized = prepare_model(model, self.policy.model)
         if self.net is not model and self.net.has_norm:

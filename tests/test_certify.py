@@ -242,3 +242,13 @@ def test_per_class_counts_come_from_the_report_and_may_be_absent():
     ]  # fmt: skip
     report.per_class = []  # an older report had none
     assert assemble(model, policy, report, Measurements()).per_class == []
+
+
+def test_a_suite_without_a_gradient_attack_and_a_probe_chosen_epoch_are_warned_about():
+    from harden.certify import _warnings
+
+    weak = tiny_policy(verify={"attacks": [{"name": "noise"}]}, train={"select": "best"})
+    found = _warnings(weak)
+    assert any("no gradient-based attack" in w for w in found)
+    assert any("chosen on the per-epoch probe" in w for w in found)
+    assert _warnings(tiny_policy()) == []  # fgsm + pgd, the last epoch: nothing to warn about

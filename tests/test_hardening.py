@@ -300,3 +300,16 @@ def test_every_registered_objective_trains_through_the_loss(name):
         loss_fn.load_state_dict(loss_fn.state_dict())
         assert loss_fn.to("cpu") is loss_fn
     assert not model.head._forward_hooks and not model.head._forward_pre_hooks  # close() removed the tap
+
+
+def test_several_processes_without_ddp_are_warned_about(monkeypatch):
+    import torch.distributed as dist
+
+    from harden.hardening import HardeningLoss
+    from harden.testing import TinyCNN, tiny_policy
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    with pytest.warns(UserWarning, match="not synchronised"):
+        HardeningLoss(TinyCNN(num_classes=3), tiny_policy(objectives=[{"name": "ce"}]))
