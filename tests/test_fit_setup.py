@@ -122,7 +122,8 @@ def test_fit_warns_about_a_softmax_head(tmp_run):
 def test_fit_on_user_data_checks_labels_against_the_model(tmp_run):
     x, y = synthetic_tensors(32)
     y[5] = 7
-    with pytest.raises(harden.DataError, match=r"expected labels in \[0, 2\]"):
+    # user data: the classes are the model's logits, so a label beyond them names the head
+    with pytest.raises(harden.ModelError, match=r"got 3 logits and labels beyond them \(expected labels in \[0, 2\]"):
         harden.fit(
             TinyCNN(num_classes=3), tiny_policy(objectives=[{"name": "ce"}]), TensorDataset(x, y), run_dir=tmp_run
         )
