@@ -264,3 +264,17 @@ def data():
     from harden.testing import synthetic_tensors
 
     return synthetic_tensors(48, seed=3)
+
+
+@pytest.fixture
+def probe_sequence(monkeypatch):
+    """Make the per-epoch probe report the robust accuracies given, epoch by epoch (clean: 0.9)."""
+    import harden.fit_loop
+
+    def use(values):
+        def fake(run):
+            return {"val_clean_acc": 0.9, "val_pgd_acc": values[len(run.history)]}
+
+        monkeypatch.setattr(harden.fit_loop, "_evaluate", fake)
+
+    return use

@@ -148,19 +148,6 @@ def test_epoch_line_formats_the_record():
     assert epoch_line(bare, 1, 10) == "epoch 1/1  loss 2.000  2 non-finite steps skipped  0.0 s"
 
 
-@pytest.fixture
-def probe_sequence(monkeypatch):
-    """Make the per-epoch probe report the robust accuracies given, epoch by epoch (clean: 0.9)."""
-
-    def use(values):
-        def fake(run):
-            return {"val_clean_acc": 0.9, "val_pgd_acc": values[len(run.history)]}
-
-        monkeypatch.setattr(harden.fit_loop, "_evaluate", fake)
-
-    return use
-
-
 def best_policy(**train):
     return tiny_policy(
         train={"epochs": 6, "probe_examples": 16, "schedule": "constant", **train}, objectives=[{"name": "ce"}]

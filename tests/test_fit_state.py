@@ -476,19 +476,6 @@ def test_a_forged_history_is_a_checkpoint_error(tmp_path):
 # --- the best epoch, early stopping and metrics across a resume ---------------------------------------------
 
 
-@pytest.fixture
-def probe_sequence(monkeypatch):
-    """Make the per-epoch probe report the robust accuracies given, epoch by epoch (clean: 0.9)."""
-
-    def use(values):
-        def fake(run):
-            return {"val_clean_acc": 0.9, "val_pgd_acc": values[len(run.history)]}
-
-        monkeypatch.setattr(harden.fit_loop, "_evaluate", fake)
-
-    return use
-
-
 def best_policy(epochs, **train):
     train = {"epochs": epochs, "probe_examples": 16, "schedule": "constant", "tensorboard": False, **train}
     return tiny_policy(train=train, objectives=[{"name": "ce"}])
