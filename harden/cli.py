@@ -181,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         sign_key=args.sign_key,
         progress=not args.quiet,
+        baseline=args.baseline_weights,
         say=None
         if args.quiet
         else (lambda text: print(text, flush=True)),  # the plan first, then each stage's summary as it finishes

@@ -103,6 +103,12 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
         )
         if name == "run":
             p.add_argument("--sign-key", metavar="KEY", help="sign certificate.json with this Ed25519 private key")
+            p.add_argument(
+                "--baseline-weights",
+                metavar="FILE",
+                help="an undefended model's weights (the policy's architecture), verified by the same suite for "
+                "the certificate's baseline column and curve",
+            )
 
 
 def _model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:

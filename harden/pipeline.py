@@ -48,10 +48,10 @@ from harden.certificate import Certificate
 from harden.certify import assemble, verdict
 from harden.checkpoint import atomic_write
 from harden.data import DataBundle, eval_batches, load_data
-from harden.errors import DataError
+from harden.errors import DataError, ModelError
 from harden.export import ExportResult, export_onnx
-from harden.measure import Measurements, measure
-from harden.model_load import build_model
+from harden.measure import Measurements, measure, verify_baseline
+from harden.model_load import build_model, load_model
 from harden.models import model_device, prepare_model
 from harden.onnx_session import short_reason
 from harden.plan import Plan, make_plan, measure_pass_seconds
@@ -124,6 +124,7 @@ def run(
     allow_code: bool | Sequence[str] = False,
     progress: bool = True,
     say: Say | None = None,
+    baseline: nn.Module | str | Path | None = None,
 ) -> RunResult:
     """Fit, verify, certify and export a model under ``policy``; write everything into ``out``.
 
@@ -146,6 +147,9 @@ def run(
             estimate of the time, before training (:func:`plan_run`); each stage's summary as
             it finishes (fit, verify, export parity, the ONNX session); the certificate last.
             ``harden run`` passes ``print``.
+        baseline: an undefended model to verify with the same suite for the certificate's baseline
+            column and curve: an ``nn.Module``, or a weights file of the policy's architecture
+            (loaded as :func:`harden.model_load.load_model` does; normalization never switched).
 
     Returns:
         A :class:`RunResult`.
@@ -165,22 +169,46 @@ def run(
     """
     t0 = time.perf_counter()
     policy = checked(load_policy(policy, allow_code=allow_code) if isinstance(policy, (str, Path)) else policy)
+    if isinstance(baseline, (str, Path)) and not Path(baseline).is_file():  # before hours of training
+        raise ModelError(f"expected the baseline's weights file, got {str(baseline)!r} which does not exist")
     key = load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
     with RunFolder.open(out, resume=resume, overwrite=overwrite, policy_hash=policy_hash(policy)) as folder:
-        return _run(policy, folder, model, key, progress, t0, say or _silent)
+        return _run(policy, folder, _Inputs(model, baseline), key, progress, t0, say or _silent)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The models a run is handed: the one to harden (None: the policy's) and an undefended baseline."""
+
+    model: nn.Module | None
+    baseline: nn.Module | str | Path | None
+
+
+def _baseline_report(
+    policy: Policy, bundle: DataBundle, baseline: nn.Module | str | Path | None, device: torch.device, progress: bool
+) -> tuple[nn.Module | None, RobustnessReport | None]:
+    """The baseline (a module, or weights of the policy's architecture) verified by the same suite, or Nones."""
+    if baseline is None:
+        return None, None
+    if isinstance(baseline, nn.Module):
+        net = prepare_model(baseline, policy.model)
+    else:
+        net = load_model(None, policy, num_classes=bundle.num_classes, in_chans=bundle.in_chans, weights=baseline)
+    net = net.to(device)
+    return net, verify_baseline(net, policy, bundle.test, bundle=bundle, progress=progress)
 
 
 def _run(
     policy: Policy,
     folder: RunFolder,
-    model: nn.Module | None,
+    inputs: _Inputs,
     sign_key: Ed25519PrivateKey | None,
     progress: bool,
     t0: float,
     say: Say,
 ) -> RunResult:
     """The stages of :func:`run` in the opened run folder; ``certificate.json`` is written last."""
-    out = folder.path
+    out, model = folder.path, inputs.model
     bundle = load_data(policy.data)
     if say is not _silent and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
         for line in plan_run(policy, bundle, model).lines():
@@ -202,6 +230,9 @@ def _run(
     )
     atomic_write(out / "report.json", json.dumps(report.to_dict(), indent=2).encode())  # harden compare reads it
     say(report.summary())
+    base_net, base_report = _baseline_report(policy, bundle, inputs.baseline, model_device(net), progress)
+    if base_report is not None:
+        say(f"undefended baseline: clean {base_report.clean_accuracy:.2%}, robust {base_report.robust_accuracy:.2%}")
     measured = measure(net, policy, bundle.test, progress=False)
     exp = _export(net, policy, bundle, report, measured, out)
     say(export_summary(exp))
@@ -223,6 +254,8 @@ def _run(
         timings=timings,
         export=exp.to_dict(),
         onnx_black_box=None if shipped is None else _black_box_summary(shipped),
+        baseline_report=base_report,
+        baseline=base_net,
     )
     if cert.verdict != exp.metadata.get("certificate_verdict", cert.verdict):
         warnings.warn(

@@ -22,6 +22,7 @@ FLAGS = {
         "--resume",
         "--overwrite",
         "--sign-key",
+        "--baseline-weights",
     },
     "fit": {"--set", "--allow-code", "--trust-policy-code", "--out", "-q", "--quiet", "--resume", "--overwrite"},
     "verify": {

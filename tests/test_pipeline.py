@@ -282,3 +282,27 @@ def test_fit_summary_counts_the_epochs_trained_and_names_early_stopping_and_the_
     assert fit_summary(tiny_policy(train={"epochs": 3}), result(history=no_probe, best_epoch=None, stopped_early=False)) == [
         "trained 3 epoch(s) in 1.0 s -> w"
     ]
+
+
+def test_a_run_with_a_baseline_puts_it_beside_the_hardened_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from harden.errors import ModelError
+
+    policy = tiny_policy(verify={"checks": False}, export={"verify_examples": 0})
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ModelError, match="baseline's weights file"):
+        harden.run(policy, tmp_path / "never", progress=False, baseline=missing)
+    assert not (tmp_path / "never").exists()  # refused before the folder opened or anything trained
+    torch.manual_seed(0)
+    undefended = TinyCNN(num_classes=3)
+    weights = tmp_path / "base.safetensors"
+    save_file(undefended.state_dict(), str(weights))  # a plain state_dict of the policy's architecture
+    said: list[str] = []
+    result = harden.run(policy, tmp_path / "r", progress=False, baseline=weights, say=said.append)
+    cert = result.certificate
+    alone = harden.certify(undefended.eval(), policy, baseline=undefended, progress=False).baseline
+    assert cert.baseline is not None and cert.baseline.n == cert.n
+    same = (cert.baseline.clean_accuracy, cert.baseline.robust_accuracy)
+    assert same == (alone.clean_accuracy, alone.robust_accuracy)  # the same suite, examples and seed
+    assert any(line.startswith("undefended baseline: clean") for line in said)
