@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -264,7 +264,8 @@ def run_cascade(
         for xb, yb in eval_batches(sel.data, batch_size, limit):
             check_batch(xb, yb, in_chans=in_chans)
             x, y = to_device(xb, yb, device)
-            part = _lp_part(net, x, y, lp_attacks, keep_adversarial, fooled_adv, survived_adv)
+            moves = _BarMoves(bar, seen, x.shape[0], len(lp_attacks), len(other_attacks))
+            part = _lp_part(net, x, y, lp_attacks, keep_adversarial, fooled_adv, survived_adv, moves.lp)
             if result is None:
                 result = part
             else:
@@ -274,13 +275,14 @@ def run_cascade(
                 other_right[label] += right
                 other_n[label] += counted
                 other_outcomes[label] += outcome
+                moves.other(label)
             mask = _in_check(sel.check, check_examples, seen, x.shape[0]).to(x.device)
             if bool(mask.any()):
                 check_x.append(x[mask])
                 check_y.append(y[mask])
             labels += y.tolist()
             seen += x.shape[0]
-            bar.update(x.shape[0])
+            moves.done()
         if bar.total != seen:  # fewer examples than the limit: the bar ends full, at what was verified
             bar.total = seen
             bar.refresh()
@@ -302,6 +304,37 @@ def run_cascade(
     )
 
 
+class _BarMoves:
+    """Moves the verify bar within one batch: each attack an equal share, the l_p ones as they tick."""
+
+    def __init__(self, bar: tqdm, seen: int, n: int, n_lp: int, n_other: int) -> None:
+        self.bar, self.seen, self.n = bar, seen, n
+        self.parts = max(n_lp + n_other, 1)
+        self.lp_share = n_lp / self.parts
+        self.finished = 0
+
+    def _to(self, fraction: float, label: str) -> None:
+        at = self.seen + int(self.n * min(fraction, 1.0))
+        if at != self.bar.n:
+            self.bar.n = at
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.refresh()
+
+    def lp(self, label: str, done: float) -> None:
+        """The l_p cascade ticked: the fraction ``done`` of it is finished (``label`` is running)."""
+        self._to(done * self.lp_share, label)
+
+    def other(self, label: str) -> None:
+        """One attack outside the l_p threat model finished on this batch."""
+        self.finished += 1
+        self._to(self.lp_share + self.finished / self.parts, label)
+
+    def done(self) -> None:
+        """The batch is finished."""
+        self.bar.n = self.seen + self.n
+        self.bar.refresh()
+
+
 def _in_check(check: list[bool] | None, check_examples: int, seen: int, n: int) -> torch.Tensor:
     """Which of the ``n`` examples from position ``seen`` on are in the check subset (the leading ones without ``check``)."""
     if check is not None:
@@ -317,10 +350,11 @@ def _lp_part(
     keep: int,
     fooled: list[torch.Tensor],
     survived: list[torch.Tensor],
+    on_progress: Callable[[str, float], None] | None = None,
 ) -> SuiteResult:
     """The l_p cascade on one batch; up to ``keep`` worst-case inputs move into the two lists."""
     n_fooled = sum(a.shape[0] for a in fooled)
-    part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep)
+    part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep, on_progress=on_progress)
     if part.x_adv is not None:
         _harvest(part, keep, fooled, survived)
         part.x_adv = None  # kept what we need; do not accumulate every batch

@@ -143,6 +143,11 @@ def _attack_cost(name: str, params: dict[str, Any], num_classes: int) -> tuple[f
     what = (f"steps {steps}" if "steps" in params else "1 step") + (f", restarts {restarts}" if restarts > 1 else "")
     what += f", eot {eot}" if eot > 1 else ""
     what += f", {targets} targets" if targets > 1 else ""
+    screen = params.get("screen_steps")
+    if isinstance(screen, int) and screen < steps:  # every target screened, the best ones run in full
+        full = min(int(params.get("full_targets", 1)), targets)
+        what += f" screened with {screen} steps, {full} in full"
+        return float((targets * screen + full * restarts * steps) * eot), what
     return float(steps * restarts * eot * targets), what
 
 

@@ -156,9 +156,12 @@ class VerifySpec(Strict):
     """The attack suite and sanity checks run by ``harden verify`` / ``harden run``.
 
     Attributes:
-        preset: ``standard`` (AutoAttack's standard suite: APGD-CE, APGD-T, FAB-T, Square with
-            the reference settings) or ``quick`` (APGD-CE and APGD-T with 20 steps and 3
-            targets); its attacks run before ``attacks``. None: only ``attacks``.
+        preset: ``standard`` (AutoAttack's standard suite: APGD-CE, APGD-T, FAB-T and Square,
+            with the targeted attacks' 100-step runs spent on each example's most promising
+            target after a 10-step screen of all 9), ``reference`` (the same attacks with
+            AutoAttack's exact settings: 100 steps for every target) or ``quick`` (APGD-CE and
+            APGD-T with 20 steps and 3 targets); its attacks run before ``attacks``. None: only
+            ``attacks``.
         attacks: further attacks. The cascade runs white-box attacks first, then black-box
             ones, each only on the examples still robust; attacks outside the l_p threat model
             (``iwd``, ``invariance``) run on every clean-correct example and are reported apart.
@@ -176,7 +179,7 @@ class VerifySpec(Strict):
             ``first`` (the first N; on class-sorted data that covers few classes).
     """
 
-    preset: Literal["standard", "quick"] | None = None
+    preset: Literal["standard", "reference", "quick"] | None = None
     attacks: tuple[AttackSpec, ...] = Field(
         default_factory=lambda: ({"name": "fgsm"}, {"name": "pgd", "params": {"steps": 40}}),
         validate_default=True,  # with the validation context: the defaults are checked like written ones

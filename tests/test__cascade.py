@@ -241,7 +241,10 @@ class RecordingBar:
         self.n += k
 
     def refresh(self):
-        pass
+        self.positions = [*getattr(self, "positions", []), self.n]
+
+    def set_postfix_str(self, s, refresh=True):
+        self.labels = [*getattr(self, "labels", []), s]
 
 
 @pytest.mark.parametrize("kind", ["tuple", "shuffled-loader"])
@@ -256,3 +259,27 @@ def test_the_bar_ends_full_when_the_data_holds_fewer_examples_than_the_limit(mon
         cascade(trained, data, [], limit=360, batch_size=64)
     (bar,) = RecordingBar.bars
     assert bar.n == bar.total == 359
+
+
+class Ticking(Attack):
+    """Returns its input unchanged after ticking a quarter, a half and three quarters (not registered)."""
+
+    name = "ticking"
+
+    def perturb(self, model, x, y):
+        for done in (0.25, 0.5, 0.75):
+            self.tick(done)
+        return x
+
+
+def test_the_bar_moves_within_a_batch_as_the_attacks_tick(monkeypatch, trained):
+    monkeypatch.setattr(harden._cascade, "tqdm", RecordingBar)
+    RecordingBar.bars = []
+    x, y = synthetic_tensors(40, seed=5)
+    noise = ATTACKS.get("noise")(THREAT, {"samples": 1})
+    cascade(trained, (x, y), [Ticking(THREAT), Ticking(THREAT)], [noise], [None], batch_size=40)
+    (bar,) = RecordingBar.bars
+    # one batch of 40, three parts (two l_p attacks, one other): the bar rises in steps of 40/12 within it
+    assert bar.positions[0] == 3 and bar.positions[-1] == bar.n == bar.total == 40
+    assert bar.positions == sorted(bar.positions) and len(set(bar.positions)) >= 7
+    assert {"ticking", "ticking#2", "noise"} <= set(bar.labels)

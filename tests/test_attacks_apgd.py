@@ -10,7 +10,8 @@ from torch import nn
 import harden
 import harden.attacks.apgd  # registers apgd_ce and apgd_t
 from harden.attacks import ATTACKS, lp_norm
-from harden.attacks.apgd import APGDCE, APGDT, apgd_checkpoints, targeted_dlr_loss
+from harden.attacks.apgd import APGDCE, apgd_checkpoints
+from harden.attacks.apgd_t import APGDT
 from harden.attacks.pgd import PGD
 from harden.policy import ThreatModel
 from harden.testing import TinyCNN, TinyMLP, synthetic_tensors
@@ -106,32 +107,6 @@ def test_checkpoints_follow_the_paper():
     for steps in range(1, 400):
         w = apgd_checkpoints(steps)
         assert all(0 <= a < b < steps for a, b in zip([0, *w], w, strict=False))
-
-
-def test_targeted_dlr_loss():
-    torch.manual_seed(0)
-    z = torch.randn(64, 10)
-    y, t = torch.randint(0, 10, (64,)), torch.randint(0, 10, (64,))
-    s = z.sort(dim=1, descending=True).values
-    rows = torch.arange(64)
-    expected = -(z[rows, y] - z[rows, t]) / (s[:, 0] - (s[:, 2] + s[:, 3]) / 2 + 1e-12)
-    torch.testing.assert_close(targeted_dlr_loss(z, y, t), expected)
-    # fewer than 4 classes: the targeted margin z_t - z_y
-    for c in (2, 3):
-        zc = z[:, :c].clone().requires_grad_(True)
-        yc, tc = y % c, (y + 1) % c
-        loss_c = targeted_dlr_loss(zc, yc, tc)
-        torch.testing.assert_close(loss_c, zc[rows, tc] - zc[rows, yc])
-        (g,) = torch.autograd.grad(loss_c.sum(), zc)
-        assert (g.abs().sum(1) > 0).all()
-
-
-def test_apgd_t_targets_are_the_runner_up_classes_capped():
-    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 4.0, 6.0]])
-    targets = APGDT(ThreatModel(), {"n_target_classes": 9})._targets(logits)
-    assert len(targets) == 2  # capped at num_classes - 1
-    assert targets[0].tolist() == [2, 0] and targets[1].tolist() == [0, 1]
-    assert len(APGDT(ThreatModel(), {"n_target_classes": 1})._targets(logits)) == 1
 
 
 # --------------------------------------------------------------------------- threat model

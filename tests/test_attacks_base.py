@@ -125,3 +125,41 @@ def test_eot_is_a_parameter_of_the_gradient_attacks_only():
             ATTACKS.get(name)(ThreatModel(), {"eot": 0})
     with pytest.raises(harden.PolicyError, match="eot"):
         ATTACKS.get("square")(ThreatModel(), {"eot": 2})
+
+
+def test_attacks_freeze_the_parameters_and_restore_each_flag_also_on_error():
+    from harden.testing import TinyCNN
+
+    model = TinyCNN(num_classes=3)
+    list(model.parameters())[-1].requires_grad_(False)  # a parameter the user froze stays frozen
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner, fail=False):
+            super().__init__()
+            self.inner, self.fail = inner, fail
+
+        def forward(self, x):
+            seen.append([p.requires_grad for p in self.inner.parameters()])
+            if self.fail:
+                raise RuntimeError("boom")
+            return self.inner(x)
+
+    x, y = synthetic_tensors(4, num_classes=3)
+    flags = [p.requires_grad for p in model.parameters()]
+    ATTACKS.get("pgd")(ThreatModel(eps=0.1), {"steps": 2})(Spy(model), x, y)
+    assert seen and all(not any(s) for s in seen)  # frozen during the attack
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with pytest.raises(RuntimeError, match="boom"):
+        ATTACKS.get("pgd")(ThreatModel(eps=0.1), {"steps": 2})(Spy(model, fail=True), x, y)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_tick_clamps_and_is_silent_without_a_listener():
+    pgd = ATTACKS.get("pgd")(ThreatModel(eps=0.1))
+    pgd.tick(0.5)  # no listener: nothing happens
+    heard = []
+    pgd.on_progress = heard.append
+    for done in (-1, 0.5, 2):
+        pgd.tick(done)
+    assert heard == [0.0, 0.5, 1.0]

@@ -224,3 +224,19 @@ def test_an_attack_that_drives_the_logits_to_nan_breaks_the_example_and_does_not
     assert float(delta.abs().amax() if norm == "linf" else delta.norm(dim=1).max()) <= eps * (1 + 1e-5)
     right, counted = attack.score(model, x[:2], y[:2])
     assert right.tolist() == [True, False] and bool(counted.all())
+
+
+def test_run_suite_reports_each_attacks_ticks_as_a_share_of_the_cascade(trained_xy):
+    model, x, y = trained_xy
+    heard = []
+    attacks = [
+        ATTACKS.get("apgd_t")(ThreatModel(eps=0.01), {"steps": 3, "n_target_classes": 2}),
+        ATTACKS.get("fgsm")(ThreatModel(eps=0.01)),
+    ]
+    before = attacks[0].on_progress
+    run_suite(model, x, y, attacks, on_progress=lambda label, done: heard.append((label, done)))
+    fractions = [d for _, d in heard]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {label for label, d in heard if d <= 0.5} == {"apgd_t"} and heard[-1][0] == "fgsm"
+    assert any(0 < d < 0.5 for _, d in heard)  # apgd_t ticked between its targets
+    assert attacks[0].on_progress is before  # the hook is the caller's again

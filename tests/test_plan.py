@@ -103,3 +103,13 @@ def test_measuring_a_pass_leaves_the_model_and_the_rng_alone():
     assert not model.training
     assert torch.equal(torch.random.get_rng_state(), state)
     assert measure_pass_seconds(TinyCNN(num_classes=3), (torch.rand(4, 1, 8, 8), torch.arange(4) % 3)) > 0
+
+
+def test_a_screened_targeted_attack_costs_its_screen_runs_plus_the_full_runs():
+    from harden.plan import _attack_cost
+
+    ref, what_ref = _attack_cost("apgd_t", {"steps": 100, "n_target_classes": 9}, 10)
+    screened, what = _attack_cost("apgd_t", {"steps": 100, "n_target_classes": 9, "screen_steps": 10}, 10)
+    assert ref == 900 and screened == 9 * 10 + 100 and "screened with 10 steps, 1 in full" in what
+    two, _ = _attack_cost("fab_t", {"steps": 100, "n_target_classes": 3, "screen_steps": 5, "full_targets": 2}, 4)
+    assert two == 3 * 5 + 2 * 100 and "screened" not in what_ref

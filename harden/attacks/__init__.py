@@ -5,6 +5,7 @@ Look attacks up by name (``ATTACKS.get("pgd")``); third-party attacks register t
 """
 
 from harden.attacks import apgd as _apgd  # noqa: F401  (registers)
+from harden.attacks import apgd_t as _apgd_t  # noqa: F401  (registers)
 from harden.attacks import fab as _fab  # noqa: F401  (registers)
 from harden.attacks import fgsm as _fgsm  # noqa: F401  (registers)
 from harden.attacks import invariance as _invariance  # noqa: F401  (registers)

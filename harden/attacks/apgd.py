@@ -33,7 +33,8 @@ checkpoint; after a restart from the best point, the next window's first compari
 the best loss; checkpoints follow the ceil rule (identical to the reference at 100 steps).
 Beyond both: the first (not the last) misclassifying iterate is returned, a still-robust
 example gets its best-loss point (the reference returns the clean input), and APGD-T with
-fewer than 4 classes uses the targeted margin loss (see :func:`targeted_dlr_loss`).
+fewer than 4 classes uses the targeted margin loss (see
+:func:`harden.attacks.apgd_t.targeted_dlr_loss`). APGD-T lives in :mod:`harden.attacks.apgd_t`.
 """
 
 from __future__ import annotations
@@ -52,12 +53,9 @@ from harden.batches import predictions
 __all__ = [
     "APGD",
     "APGDCE",
-    "APGDT",
     "APGDParams",
-    "APGDTParams",
     "apgd_checkpoints",
     "ce_loss",
-    "targeted_dlr_loss",
 ]
 
 #: momentum of every step after the first (alpha in the paper)
@@ -84,24 +82,6 @@ class APGDParams(EOTParams):
     rho: float = Field(0.75, gt=0, le=1)
 
 
-class APGDTParams(APGDParams):
-    """Parameters of :class:`APGDT`.
-
-    Attributes:
-        steps: iterations per run and target (the reference uses 100).
-        restarts: runs from fresh random starts per target; later runs attack only the examples
-            not yet fooled.
-        rho: a checkpoint halves the step size when fewer than this fraction of the steps since
-            the previous checkpoint increased the loss.
-        eot: forward/backward passes averaged into each step's loss and gradient (EOT, Athalye
-            et al. 2018), for models with a random forward pass; 1: one pass.
-        n_target_classes: target the classes with the 2nd, 3rd, ... highest clean logit, this
-            many of them (capped at ``num_classes - 1``); each target gets ``restarts`` runs.
-    """
-
-    n_target_classes: int = Field(9, ge=1, le=100_000)
-
-
 def apgd_checkpoints(steps: int) -> list[int]:
     """Iterations after which APGD checks its step size: ``ceil(p_j * steps)``, below ``steps``.
 
@@ -126,33 +106,6 @@ def apgd_checkpoints(steps: int) -> list[int]:
 def ce_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example cross-entropy with the label (``target`` is ignored)."""
     return F.cross_entropy(logits, y, reduction="none")
-
-
-def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """Targeted DLR loss ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``, per example.
-
-    ``z_pi1 >= z_pi2 >= ...`` are the sorted logits. With fewer than 4 classes there is no
-    ``z_pi4`` and the loss falls back to the targeted margin ``z_t - z_y`` (denominator 1). A
-    rank-clamped denominator is no good there: with 3 classes, ``z_pi1 - z_pi3`` lets the attack
-    raise the loss towards 0 by pushing the third logit down, without ever crossing the decision
-    boundary; with 2 classes it makes the loss constant. The margin keeps what matters to APGD:
-    it is invariant to shifting the logits, and APGD is invariant to rescaling a loss.
-
-    Example:
-        >>> z = torch.tensor([[4.0, 2.0, 1.0, 0.0, -1.0]])
-        >>> targeted_dlr_loss(z, torch.tensor([0]), torch.tensor([1]))
-        tensor([-0.5714])
-        >>> targeted_dlr_loss(z[:, :3], torch.tensor([0]), torch.tensor([1]))
-        tensor([-2.])
-    """
-    if target is None:
-        raise ValueError("expected target classes for the targeted DLR loss, got None")
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    z_t = logits.gather(1, target[:, None]).squeeze(1)
-    if logits.shape[1] < 4:
-        return z_t - z_y
-    top = logits.topk(4, dim=1).values
-    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
 @dataclass
@@ -220,6 +173,28 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
+@dataclass
+class _Best:
+    """Per example of a call: the returned point, whether it fools, and its run's best loss."""
+
+    out: torch.Tensor
+    fooled: torch.Tensor
+    loss: torch.Tensor
+
+    @staticmethod
+    def start(x: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor) -> _Best:
+        """The clean batch; examples misclassified already count as fooled (NaN logits: no answer)."""
+        fooled = predictions(clean_logits) != y
+        return _Best(x.clone(), fooled, torch.full(y.shape, float("-inf"), device=x.device))
+
+    def take(self, todo: torch.Tensor, adv: torch.Tensor, fooled: torch.Tensor, loss: torch.Tensor) -> None:
+        """Keep a run's point where it fools or beats the best loss so far."""
+        take = fooled | (loss > self.loss[todo])
+        self.out[todo] = torch.where(_bcast(take, adv), adv, self.out[todo])
+        self.loss[todo] = torch.where(take, loss, self.loss[todo])
+        self.fooled[todo] = fooled
+
+
 class APGD(Attack):
     """Shared machinery of :class:`APGDCE` and :class:`APGDT` (not registered itself)."""
 
@@ -236,26 +211,45 @@ class APGD(Attack):
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Run ``restarts`` runs (per target class), each on the examples not fooled so far."""
         p: APGDParams = self.params
+        clean_logits = self._clean_logits(model, x)
+        best = _Best.start(x, y, clean_logits)
+        targets = self._targets(clean_logits)
+        total = len(targets) * p.restarts
+        for k, target in enumerate(targets):
+            if not self._runs(model, x, y, target, p.steps, p.restarts, best):
+                break
+            self.tick((k + 1) * p.restarts / total)
+        return best.out
+
+    def _clean_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the clean batch (EOT: their mean over ``eot`` passes)."""
+        eot = self.params.eot
         with torch.no_grad():
-            clean_logits = model(x)
-            for _ in range(p.eot - 1):  # EOT: the mean clean logits pick the targets
-                clean_logits = clean_logits + model(x)
-            if p.eot > 1:
-                clean_logits = clean_logits / p.eot
-        fooled = predictions(clean_logits) != y  # NaN logits: no answer, nothing to attack
-        out = x.clone()
-        best_loss = torch.full(y.shape, float("-inf"), device=x.device)
-        for target in self._targets(clean_logits):
-            for _ in range(p.restarts):
-                todo = (~fooled).nonzero().squeeze(1)
-                if todo.numel() == 0:
-                    return out
-                adv, run_fooled, run_loss = self._run(model, x[todo], y[todo], None if target is None else target[todo])
-                take = run_fooled | (run_loss > best_loss[todo])
-                out[todo] = torch.where(_bcast(take, adv), adv, out[todo])
-                best_loss[todo] = torch.where(take, run_loss, best_loss[todo])
-                fooled[todo] = run_fooled
-        return out
+            logits = model(x)
+            for _ in range(eot - 1):
+                logits = logits + model(x)
+        return logits / eot if eot > 1 else logits
+
+    def _runs(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        steps: int,
+        restarts: int,
+        best: _Best,
+    ) -> bool:
+        """``restarts`` runs of ``steps`` steps, each on the examples not fooled yet; False once none is left."""
+        for _ in range(restarts):
+            todo = (~best.fooled).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                return False
+            adv, run_fooled, run_loss = self._run(
+                model, x[todo], y[todo], None if target is None else target[todo], steps
+            )
+            best.take(todo, adv, run_fooled, run_loss)
+        return True
 
     def _forward_backward(
         self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
@@ -265,15 +259,15 @@ class APGD(Attack):
         return loss, grad, predictions(logits) != y
 
     def _run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One APGD run; returns the adversarial points, whether each fooled, and the best loss."""
+        """One APGD run of ``steps`` steps; returns the adversarial points, whether each fooled, and the best loss."""
         p: APGDParams = self.params
         s = self._start(model, x, y, target)
         res_adv, res_fooled, res_loss = s.x_adv.clone(), s.fooled.clone(), s.loss_best.clone()
-        checkpoints = apgd_checkpoints(p.steps)
+        checkpoints = apgd_checkpoints(steps)
         last_ckpt = 0
-        for i in range(p.steps):
+        for i in range(steps):
             s.x_old, s.x_adv = s.x_adv, self._step(s, MOMENTUM if i > 0 else 1.0)
             loss, s.grad, wrong = self._forward_backward(model, s.x_adv, s.y, s.target)
             s.record(loss, wrong)
@@ -356,37 +350,3 @@ class APGDCE(APGD):
     name = "apgd_ce"
     Params = APGDParams
     example_params = {"steps": 5}
-
-
-@ATTACKS.register("apgd_t")
-class APGDT(APGD):
-    """APGD on the targeted DLR loss (AutoAttack's ``apgd-t``), in the linf or l2 ball.
-
-    The targets are the classes with the 2nd, 3rd, ... highest logit on the clean input; each
-    gets ``restarts`` runs on the examples still robust. Success means misclassification (any
-    class other than the label), as in AutoAttack. With fewer than 4 classes see
-    :func:`targeted_dlr_loss` for the loss used.
-
-    Example:
-        >>> from harden.policy import ThreatModel
-        >>> from harden.testing import TinyMLP
-        >>> _ = torch.manual_seed(0)
-        >>> x, y = torch.rand(8, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-        >>> attack = APGDT(ThreatModel(norm="l2", eps=0.5), {"steps": 20, "n_target_classes": 3})
-        >>> adv = attack(TinyMLP(num_classes=5), x, y)
-        >>> bool((adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5)
-        True
-    """
-
-    name = "apgd_t"
-    Params = APGDTParams
-    example_params = {"steps": 5, "n_target_classes": 2}
-
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        """The targeted DLR loss (:func:`targeted_dlr_loss`)."""
-        return targeted_dlr_loss(logits, y, target)
-
-    def _targets(self, clean_logits: torch.Tensor) -> list[torch.Tensor | None]:
-        n_targets = min(self.params.n_target_classes, clean_logits.shape[1] - 1)
-        order = clean_logits.argsort(dim=1, descending=True)
-        return [order[:, r] for r in range(1, n_targets + 1)]

