@@ -31,7 +31,7 @@ import platform
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +46,7 @@ __all__ = [
     "CERTIFICATE_SCHEMA_VERSION",
     "MAX_CERTIFICATE_BYTES",
     "SUPPORTED_SCHEMA_VERSIONS",
+    "VERIFY_TIME_PARTS",
     "BaselineSummary",
     "Certificate",
     "ClassResult",
@@ -53,6 +54,7 @@ __all__ = [
     "SaliencyExample",
     "SmoothingSummary",
     "environment",
+    "fields_after",
     "requirement_results",
     "requirement_values",
     "verdict_rule",
@@ -64,9 +66,11 @@ __all__ = [
 # 2.3: requirements (certify.require and their results), baseline (the undefended model's figures), per_class,
 #      sample, check_n / check_clean_accuracy, eps_intervals; a check may be SKIP. A 2.2 file still loads (the new
 #      fields take their empty defaults) and its signature still verifies (canonical_bytes leaves them out).
-CERTIFICATE_SCHEMA_VERSION = "2.3"
+# 2.4: verify_seconds (where verify's time went: attacks, other attacks, set-up, checks, eps sweep, rest) and
+#      per_check_seconds (each sanity check's cost); 2.2 and 2.3 files load and verify as before.
+CERTIFICATE_SCHEMA_VERSION = "2.4"
 #: the versions ``Certificate.load`` and ``harden inspect`` accept
-SUPPORTED_SCHEMA_VERSIONS = ("2.2", "2.3")
+SUPPORTED_SCHEMA_VERSIONS = ("2.2", "2.3", "2.4")
 #: the fields 2.3 added: a 2.2 certificate has none of them (they are left out of its canonical bytes)
 FIELDS_SINCE_2_3 = (
     "requirements",
@@ -77,6 +81,12 @@ FIELDS_SINCE_2_3 = (
     "check_clean_accuracy",
     "eps_intervals",
 )
+#: the fields 2.4 added (left out of the canonical bytes of a 2.2 or 2.3 certificate)
+FIELDS_SINCE_2_4 = ("verify_seconds", "per_check_seconds")
+#: a part of ``verify_seconds`` (:meth:`harden.verify.RobustnessReport.time_split`)
+VerifyPart = Literal["attacks", "other_attacks", "setup", "checks", "eps_sweep", "rest"]
+#: the parts of ``verify_seconds``, in order
+VERIFY_TIME_PARTS: tuple[str, ...] = get_args(VerifyPart)
 RENDERINGS = {"md": "certificate.md", "html": "certificate.html"}
 _Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _PACKAGES = (
@@ -92,6 +102,17 @@ _PACKAGES = (
     "pydantic",
     "scipy",
 )
+
+
+def fields_after(version: str) -> tuple[str, ...]:
+    """The fields later schema versions added: a certificate of ``version`` has none of them.
+
+    Example:
+        >>> fields_after("2.3"), fields_after(CERTIFICATE_SCHEMA_VERSION)
+        (('verify_seconds', 'per_check_seconds'), ())
+    """
+    later = {"2.2": FIELDS_SINCE_2_3 + FIELDS_SINCE_2_4, "2.3": FIELDS_SINCE_2_4}
+    return later.get(version, ())
 
 
 def environment() -> dict[str, str]:
@@ -325,6 +346,9 @@ class Certificate(BaseModel):
         check_n, check_clean_accuracy: the check subset (the sanity checks and the eps curve ran
             on it; the curve's eps 0 point is its clean accuracy) and its clean accuracy.
         eps_intervals: the 95% Wilson interval of each eps-curve point (out of ``check_n``).
+        verify_seconds: where the verification's wall time went, by part (:data:`VERIFY_TIME_PARTS`:
+            the l_p attacks, the other attacks, set-up, the sanity checks, the eps sweep, the rest).
+        per_check_seconds: each sanity check's wall time by id (the attacks it ran included).
         signature: ``{"algorithm": "ed25519", "key_id", "signature"}`` over :meth:`canonical_bytes`
             (None: unsigned); see :mod:`harden.signing`.
     """
@@ -372,6 +396,8 @@ class Certificate(BaseModel):
     check_n: int | None = Field(None, ge=1)
     check_clean_accuracy: float | None = Field(None, ge=0, le=1)
     eps_intervals: list[tuple[float, float]] = Field(default_factory=list)
+    verify_seconds: dict[VerifyPart, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    per_check_seconds: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
 
     def measured_values(self) -> dict[str, float | None]:
         """What a requirement may name: :func:`requirement_values` of this certificate."""
@@ -382,8 +408,8 @@ class Certificate(BaseModel):
 
         It is computed from the JSON the certificate serializes to (tuples become lists, floats
         their shortest repr), so a certificate loaded from ``certificate.json`` gives the very bytes
-        that were signed. A 2.2 certificate's bytes leave out the fields 2.3 added, so its
-        signature still verifies.
+        that were signed. An older certificate's bytes leave out the fields later versions added
+        (:func:`fields_after`), so its signature still verifies.
 
         Example:
             >>> cert = Certificate(verdict="EMPIRICAL", created="2025-01-01T00:00:00+00:00", policy_name="p",
@@ -392,7 +418,7 @@ class Certificate(BaseModel):
             >>> cert.canonical_bytes()[:40]
             b'{"attacks":[],"baseline":null,"broken_by'
         """
-        skip = {"signature", *(FIELDS_SINCE_2_3 if self.schema_version == "2.2" else ())}
+        skip = {"signature", *fields_after(self.schema_version)}
         doc = json.loads(self.model_dump_json(exclude=skip))
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 

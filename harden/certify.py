@@ -136,7 +136,7 @@ def _baseline(report: RobustnessReport, policy: Policy, model: nn.Module | None)
 
 
 def _reader_fields(report: RobustnessReport, policy: Policy, measured: Measurements) -> dict[str, Any]:
-    """The targets' results, per-class counts, the sample and the check subset (schema 2.3)."""
+    """The targets' results, per-class counts, the sample and the check subset (2.3); verify's time split (2.4)."""
     values = requirement_values(report.clean_accuracy, report.robust_accuracy, report.per_attack, measured.smoothing)
     check_n = _check_n(report, policy)
     check_clean = getattr(report, "check_clean_accuracy", None) if check_n is not None else None
@@ -149,6 +149,8 @@ def _reader_fields(report: RobustnessReport, policy: Policy, measured: Measureme
         "check_n": check_n,
         "check_clean_accuracy": check_clean,
         "eps_intervals": _eps_intervals(report.eps_curve, check_n),
+        "verify_seconds": report.time_split() if report.cascade_seconds > 0 else {},  # 2.4: when verify timed it
+        "per_check_seconds": dict(report.per_check_seconds),
     }
 
 

@@ -11,21 +11,29 @@ SKIP and why: it never counts as a pass.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from harden.attacks.base import restore_modes, save_modes
-from harden.attacks.pgd import PGD
-from harden.batches import predictions
+from harden.check_context import AttackState, CheckContext
 from harden.policy import ThreatModel
 
-__all__ = ["CHECKS", "CheckContext", "CheckResult", "CheckSpec", "Status", "onnx_black_box_check", "run_checks"]
+__all__ = [
+    "CHECKS",
+    "AttackState",
+    "CheckContext",
+    "CheckResult",
+    "CheckSpec",
+    "Status",
+    "onnx_black_box_check",
+    "run_checks",
+]
 
 #: A check's outcome: SKIP means it had nothing to test (the detail says why); it is not a pass.
 Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
@@ -33,79 +41,23 @@ Status = Literal["PASS", "WARN", "FAIL", "SKIP"]
 
 @dataclass(frozen=True)
 class CheckResult:
-    """The outcome of one check."""
+    """The outcome of one check; ``seconds`` is its wall time (the attacks it ran included)."""
 
     id: str
     status: Status
     detail: str
     raised_if: str
     remedy: str
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, str]:
-        """A JSON-able dict."""
-        return asdict(self)
+        """The JSON-able record of the check (its texts; ``seconds`` is reported apart).
 
-
-@dataclass
-class CheckContext:
-    """What the checks look at: the model, a subset of test data, the threat model, and the suite.
-
-    Attributes:
-        model: the model under evaluation (modes are restored after each check).
-        x: pixels of the check subset.
-        y: labels of the check subset.
-        threat: the threat model.
-        num_classes: classes of the task (for chance level).
-        steps: PGD steps used by the checks' own attacks.
-        broken_by: per example of the full evaluation, the first attack that fooled it.
-        white_box: attack labels of the suite that use the model's gradients.
-        history: per-epoch training history (for the catastrophic-overfitting probe).
-        black_box: attack labels of the l_p suite that do not use the model's gradients.
-        indices: per example of ``broken_by``, its index in the verified data (the examples a
-            check lists are named by it); empty: by position.
-    """
-
-    model: nn.Module
-    x: torch.Tensor
-    y: torch.Tensor
-    threat: ThreatModel
-    num_classes: int
-    steps: int = 20
-    broken_by: Sequence[str] = ()
-    white_box: Sequence[str] = ()
-    history: Sequence[dict[str, Any]] = ()
-    black_box: Sequence[str] = ()
-    indices: Sequence[int] = ()
-
-    def clean_accuracy(self) -> float:
-        """Accuracy on the clean check subset."""
-        with torch.no_grad():
-            return float((predictions(self.model(self.x)) == self.y).float().mean())
-
-    def pgd_accuracy(
-        self,
-        eps: float | None = None,
-        steps: int | None = None,
-        restarts: int = 1,
-        step_size: float | None = None,
-        seed: int | None = None,
-    ) -> float:
-        """Accuracy under PGD on the subset.
-
-        With ``seed`` the random start is drawn from that seed (without touching the global RNG),
-        so runs differing only in steps or restarts share their first iterates.
+        Example:
+            >>> sorted(CheckResult("a", "PASS", "fine", "never", "none", seconds=0.5).to_dict())
+            ['detail', 'id', 'raised_if', 'remedy', 'status']
         """
-        threat = self.threat if eps is None else self.threat.model_copy(update={"eps": eps})
-        atk = PGD(threat, {"steps": steps or self.steps, "restarts": restarts, "step_size": step_size})
-        if seed is None:
-            x_adv = atk(self.model, self.x, self.y)
-        else:
-            dev = self.x.device
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                torch.manual_seed(seed)
-                x_adv = atk(self.model, self.x, self.y)
-        with torch.no_grad():
-            return float((predictions(self.model(x_adv)) == self.y).float().mean())
+        return {k: v for k, v in asdict(self).items() if k != "seconds"}
 
 
 @dataclass(frozen=True)
@@ -145,8 +97,8 @@ def _chance(ctx: CheckContext) -> float:
     "forward passes; fix batch-dependent layers (BatchNorm in train mode)",
 )
 def _deterministic(ctx: CheckContext) -> tuple[Status, str]:
+    a = ctx.logits()  # the first call (shared with the other checks), against a second one
     with torch.no_grad():
-        a = ctx.model(ctx.x)
         b = ctx.model(ctx.x)
         k = min(8, ctx.x.shape[0])
         single = torch.cat([ctx.model(ctx.x[i : i + 1]) for i in range(k)])
@@ -165,8 +117,7 @@ def _deterministic(ctx: CheckContext) -> tuple[Status, str]:
     "return logits (drop the final softmax); cross-entropy on probabilities saturates and masks gradients",
 )
 def _logits(ctx: CheckContext) -> tuple[Status, str]:
-    with torch.no_grad():
-        out = ctx.model(ctx.x)
+    out = ctx.logits()
     sums = out.sum(1)
     if bool((out >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
         return "FAIL", "outputs are probabilities (non-negative rows summing to 1)"
@@ -221,7 +172,7 @@ def _large_eps_check(ctx: CheckContext) -> tuple[Status, str]:
             "SKIP",
             f"clean accuracy {clean:.1%} is already within 5 points of chance ({chance:.1%}): nothing to lower",
         )
-    acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
+    acc = ctx.attack(eps).accuracy  # continues the largest radius attacked below (the eps sweep's)
     status: Status = "PASS" if acc <= chance + 0.05 else "FAIL"
     return status, f"accuracy {acc:.1%} at eps={eps:.3g} (chance {chance:.1%})"
 
@@ -237,34 +188,37 @@ def _unbounded(ctx: CheckContext) -> tuple[Status, str]:
     clean = ctx.clean_accuracy()
     if clean <= 0.01:  # the check cannot fail
         return "SKIP", f"clean accuracy {clean:.1%}: the model is right on (almost) no check example, nothing to attack"
-    acc = ctx.pgd_accuracy(eps=eps, steps=ctx.steps)
+    acc = ctx.attack(eps).accuracy  # continues the largest radius attacked below
     status: Status = "PASS" if acc <= 0.01 else "FAIL"
     return status, f"success {1 - acc:.1%} with eps={eps:.3g}"
 
 
 @_check(
     "more_iterations_never_help",
-    "PGD with twice the steps or 3 restarts, from the same random start and with the same step size (so "
-    "each attack extends the base one and can only fool more), leaves more examples correct than the base "
+    "PGD with twice the steps (the base run continued from its last iterate) or 3 restarts (2 more random "
+    "starts on the examples it left right), with the same step size (so each attack extends the base one and "
+    "can only fool more), leaves more examples correct than the base "
     "run, beyond 1 example (FAIL: the model's answers are random or the gradients inconsistent), or lowers "
     "accuracy by more than 5 points (WARN: the evaluation had not converged)",
     "raise steps/restarts until accuracy stops falling; randomness that favours the model points at a "
     "stochastic defence (use EOT: params: {eot: 10} on pgd / apgd_ce / apgd_t)",
 )
 def _more_iterations(ctx: CheckContext) -> tuple[Status, str]:
-    eps = ctx.threat.eps
     if ctx.clean_accuracy() == 0.0:
         return "SKIP", "clean accuracy 0%: the model is right on no check example, nothing to attack"
-    alpha = 2.5 * eps / ctx.steps  # the base run's step, kept for the longer runs
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    base = ctx.pgd_accuracy(steps=ctx.steps, step_size=alpha, seed=seed)
-    double = ctx.pgd_accuracy(steps=2 * ctx.steps, step_size=alpha, seed=seed)
-    restarts = ctx.pgd_accuracy(steps=ctx.steps, restarts=3, step_size=alpha, seed=seed)
-    detail = f"PGD-{ctx.steps} {base:.1%}, PGD-{2 * ctx.steps} {double:.1%}, 3 restarts {restarts:.1%}"
+    base = ctx.attack(ctx.threat.eps)  # the eps sweep's run at the threat's eps, when it ran
+    # with the base run's step (2.5 eps / steps): twice the steps is the base run continued from its
+    # last iterate; 3 restarts are 2 more runs from fresh random starts, each on the examples still
+    # right. Each figure is a fresh forward pass on the attack's points.
+    double = ctx.extend(base).accuracy
+    more = ctx.extend(ctx.extend(base, restart=1), restart=2)
+    base_acc, restarts = base.accuracy, more.accuracy
+    warm = f" (continuing eps={base.start:.3g})" if base.start else ""
+    detail = f"PGD-{ctx.steps} {base_acc:.1%}{warm}, PGD-{2 * ctx.steps} {double:.1%}, 3 restarts {restarts:.1%}"
     n = ctx.x.shape[0]
-    if max(double, restarts) > base + 1.5 / n:  # more than one example
+    if max(double, restarts) > base_acc + 1.5 / n:  # more than one example
         return "FAIL", detail
-    if min(double, restarts) < base - 0.05:
+    if min(double, restarts) < base_acc - 0.05:
         return "WARN", detail
     return "PASS", detail
 
@@ -342,9 +296,9 @@ def run_checks(
         with tqdm(total=len(todo), desc="checks", disable=not progress, leave=False, unit="check") as bar:
             for cid in todo:
                 bar.set_postfix_str(cid, refresh=False)
-                spec = CHECKS[cid]
+                spec, t0 = CHECKS[cid], time.perf_counter()
                 status, detail = spec.fn(ctx)
-                out[cid] = CheckResult(cid, status, detail, spec.raised_if, spec.remedy)
+                out[cid] = CheckResult(cid, status, detail, spec.raised_if, spec.remedy, time.perf_counter() - t0)
                 bar.update(1)
     finally:
         restore_modes(ctx.model, modes)

@@ -9,7 +9,9 @@ per-attack accuracy <= clean along the cascade; each Wilson interval is the one 
 per-example radii; the export's hash is the ONNX hash. Since 2.3 also ``requirements`` (each
 target re-parsed and re-evaluated against the certificate's own numbers), ``baseline`` (the
 undefended model's figures fit together as the model's do), the per-class counts and the check
-subset (in ``accuracy``) and the eps-curve intervals (in ``intervals``).
+subset (in ``accuracy``) and the eps-curve intervals (in ``intervals``). Since 2.4 (in ``checks``)
+each sanity check's cost belongs to a recorded check, and together they fit in the time the checks
+took (``verify_seconds``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from collections.abc import Mapping
 
 from harden.certificate import (
     CERTIFICATE_SCHEMA_VERSION,
-    FIELDS_SINCE_2_3,
     SUPPORTED_SCHEMA_VERSIONS,
     Certificate,
+    fields_after,
     requirement_results,
     verdict_rule,
 )
@@ -163,6 +165,10 @@ def _checks_problems(cert: Certificate) -> list[str]:
             out.append(f"check {cid} is filed under another id ({c.get('id')!r})")
     if (cert.onnx_black_box is None) != ("onnx_black_box" not in cert.checks):
         out.append("onnx_black_box results and the onnx_black_box check come together, got one without the other")
+    out += [f"check {cid} has a cost but no record" for cid in cert.per_check_seconds if cid not in cert.checks]
+    spent, total = sum(cert.per_check_seconds.values()), cert.verify_seconds.get("checks")
+    if total is not None and spent > total + 1e-6:  # each check's time lies within the checks' time
+        out.append(f"the checks cost {spent:.6g} s one by one, more than the {total:.6g} s they took together")
     return out
 
 
@@ -245,11 +251,12 @@ def _schema_problems(cert: Certificate) -> list[str]:
             f"schema {cert.schema_version!r}; this harden checks {' and '.join(map(repr, SUPPORTED_SCHEMA_VERSIONS))} "
             "certificates (re-run with this version)"
         ]
-    if cert.schema_version != CERTIFICATE_SCHEMA_VERSION:
-        default = Certificate.model_fields
-        late = [f for f in FIELDS_SINCE_2_3 if getattr(cert, f) != default[f].get_default(call_default_factory=True)]
-        if late:
-            return [f"schema {cert.schema_version!r} has no {', '.join(late)} (fields of {CERTIFICATE_SCHEMA_VERSION})"]
+    fields = Certificate.model_fields
+    later = fields_after(cert.schema_version)
+    late = [f for f in later if getattr(cert, f) != fields[f].get_default(call_default_factory=True)]
+    if late:
+        newest = CERTIFICATE_SCHEMA_VERSION
+        return [f"schema {cert.schema_version!r} has no {', '.join(late)} (fields of later versions, up to {newest})"]
     return []
 
 

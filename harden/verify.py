@@ -4,7 +4,10 @@ Attacks run as a cascade (each only on the examples still robust); the report gi
 worst case and how many examples survived after each attack, per class too. The examples are a
 seeded class-balanced sample of the test split (``verify.sample``); the eps sweep and the
 sanity checks run on a smaller class-balanced subset of them (``verify.check_examples``), whose
-own clean accuracy the report states beside the headline one.
+own clean accuracy the report states beside the headline one. The eps sweep attacks its radii
+smallest first, each continuing the one below, and the checks continue its runs
+(:class:`harden.checks.CheckContext`); the report says where the time went
+(:meth:`RobustnessReport.time_split`) and what each check cost.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from harden._cascade import CascadeTally, prepared_attacks, run_cascade
-from harden.attacks import ATTACKS
 from harden.attacks.base import Attack, restore_modes, save_modes
 from harden.attacks.suite import preset_specs
 from harden.checks import CheckContext, run_checks
@@ -28,7 +30,6 @@ from harden.errors import DataError, ModelError
 from harden.models import model_device, prepare_model
 from harden.policy import Policy
 from harden.policy_io import checked
-from harden.probe import accuracy
 
 #: classes listed one by one in :meth:`RobustnessReport.summary` (beyond: the worst few)
 SUMMARY_CLASSES = 20
@@ -78,6 +79,14 @@ class RobustnessReport:
             0.0 when ``check_n`` is 0.
         sample: how the examples were drawn from the data: ``balanced`` (a seeded
             class-balanced sample) or ``first`` (the first ``n``).
+        sweep_seconds: wall time of the eps sweep.
+        check_seconds: wall time of the sanity checks, in all.
+        per_check_seconds: wall time of each sanity check by id (the attacks it ran included;
+            the PGD runs it continues from the eps sweep count in ``sweep_seconds``).
+        setup_seconds: wall time before the cascade: loading data, building and preparing the
+            attacks (a transfer surrogate trained here, the invariance-example pool).
+        cascade_seconds: wall time of the cascade: the l_p attacks (``attack_seconds``), the
+            attacks outside the l_p threat model and the per-batch bookkeeping.
     """
 
     n: int
@@ -101,6 +110,11 @@ class RobustnessReport:
     check_n: int = 0
     check_clean_accuracy: float = 0.0
     sample: str = "first"
+    sweep_seconds: float = 0.0
+    check_seconds: float = 0.0
+    per_check_seconds: dict[str, float] = field(default_factory=dict)
+    setup_seconds: float = 0.0
+    cascade_seconds: float = 0.0
 
     @property
     def reliable(self) -> bool:
@@ -119,6 +133,30 @@ class RobustnessReport:
         for c in self.checks.values():
             counts[c["status"]] = counts.get(c["status"], 0) + 1
         return counts
+
+    def time_split(self) -> dict[str, float]:
+        """Where the wall time of :func:`verify` went, in seconds; the parts add up to ``seconds``.
+
+        ``attacks``: the l_p attacks; ``other_attacks``: the rest of the cascade (attacks outside
+        the l_p threat model, per-batch bookkeeping); ``setup``; ``checks``; ``eps_sweep``;
+        ``rest``: the remainder (model preparation, the report).
+
+        Example:
+            >>> r = RobustnessReport(1, 1.0, 1.0, {}, {}, {"pgd": 6.0}, {}, [], 10.0, cascade_seconds=7.0,
+            ...     check_seconds=1.5, sweep_seconds=1.0, setup_seconds=0.25)
+            >>> r.time_split()
+            {'attacks': 6.0, 'other_attacks': 1.0, 'setup': 0.25, 'checks': 1.5, 'eps_sweep': 1.0, 'rest': 0.25}
+        """
+        attacks = sum(self.attack_seconds.values())
+        out = {
+            "attacks": attacks,
+            "other_attacks": max(self.cascade_seconds - attacks, 0.0),
+            "setup": self.setup_seconds,
+            "checks": self.check_seconds,
+            "eps_sweep": self.sweep_seconds,
+        }
+        out["rest"] = max(self.seconds - sum(out.values()), 0.0)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (without the ``adversarial`` tensor)."""
@@ -146,13 +184,23 @@ class RobustnessReport:
             lines.append(f"sanity checks ({subset}):")
         for cid, c in self.checks.items():
             status = "SKIP (N/A)" if c["status"] == "SKIP" else c["status"]
-            lines.append(f"  check {status:<4} {cid}: {c['detail']}")
+            cost = f" ({self.per_check_seconds[cid]:.1f} s)" if cid in self.per_check_seconds else ""
+            lines.append(f"  check {status:<4} {cid}: {c['detail']}{cost}")
         if self.checks:
             counts = self.check_counts()
             tally = f"{counts['PASS']} checks pass" + (f", {counts['WARN']} warn" if counts["WARN"] else "")
             tally += f", {counts['FAIL']} failed" if counts["FAIL"] else ""
-            word = "UNRELIABLE" if not self.reliable else "RELIABLE" if counts["PASS"] else "NOT ASSESSED (no check passed)"
+            word = (
+                "UNRELIABLE"
+                if not self.reliable
+                else "RELIABLE"
+                if counts["PASS"]
+                else "NOT ASSESSED (no check passed)"
+            )
             lines.append(f"evaluation {word} ({tally}, {counts['SKIP']} skipped, N/A)")
+        if self.cascade_seconds > 0:  # verify measured where its time went
+            parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in self.time_split().items() if v >= 0.05)
+            lines.append(f"time {self.seconds:.1f} s: {parts}")
         return "\n".join(lines)
 
     def _per_class_lines(self) -> list[str]:
@@ -185,10 +233,16 @@ def _check_head(logits: int, classes: int | None, needed: int) -> None:
         )
 
 
-def _eps_curve(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: Policy, clean: float, progress: bool
-) -> list[tuple[float, float]]:
-    """PGD accuracy on the check subset ``(x, y)`` per radius; eps 0 is its clean accuracy ``clean``."""
+def _eps_curve(ctx: CheckContext, policy: Policy, clean: float, progress: bool) -> list[tuple[float, float]]:
+    """PGD accuracy on the check subset per radius, smallest first; eps 0 is its clean accuracy ``clean``.
+
+    Each radius continues the one below (:meth:`harden.checks.CheckContext.attack`): an example
+    fooled at a smaller radius stays fooled (its point is inside the larger ball) and only the
+    examples still right are attacked, from their point there. Every figure stays an upper bound
+    of the accuracy under attack at its radius, and the curve never rises for a deterministic
+    model. The runs are cached in ``ctx``: the checks continue them (the one at the threat's eps
+    is the base run of ``more_iterations_never_help``).
+    """
     spec = policy.verify
     asked = (
         spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
@@ -200,14 +254,13 @@ def _eps_curve(
     with tqdm(total=len(radii), desc="eps sweep", disable=not progress, leave=False, unit="eps") as bar:
         for eps in radii:
             bar.set_postfix_str(f"eps={eps:g}", refresh=False)
-            pgd = ATTACKS.get("pgd")(policy.threat.model_copy(update={"eps": eps}), {"steps": spec.check_steps})
-            right = int(accuracy(model, pgd(model, x, y), y).sum())
-            out.append((float(eps), right / len(y)))  # a whole count over n in float64, as the certificate checks it
+            state = ctx.attack(float(eps))
+            out.append((float(eps), int(state.right.sum()) / len(ctx.y)))  # a whole count over n, in float64
             bar.update(1)
     return out
 
 
-def _sanity_checks(
+def _check_context(
     net: nn.Module,
     cx: torch.Tensor,
     cy: torch.Tensor,
@@ -216,25 +269,23 @@ def _sanity_checks(
     lp_attacks: list[Attack],
     policy: Policy,
     history: list[dict[str, Any]] | None,
-    progress: bool,
-) -> dict[str, dict[str, str]]:
-    """Run the sanity checks on the check examples ``(cx, cy)``, with the cascade's outcomes."""
-    result = tally.result
-    labels = list(zip(result.labels, lp_attacks, strict=True))
-    ctx = CheckContext(
+) -> CheckContext:
+    """What the eps sweep and the sanity checks share: the check examples ``(cx, cy)`` and the cascade's outcomes."""
+    labels = list(zip(tally.result.labels, lp_attacks, strict=True))
+    return CheckContext(
         net,
         cx,
         cy,
         policy.threat,
         num_classes,
         steps=policy.verify.check_steps,
-        broken_by=result.broken_by,
+        broken_by=tally.result.broken_by,
         white_box=[lb for lb, a in labels if a.white_box],
         history=history or [],
         black_box=[lb for lb, a in labels if not a.white_box],
         indices=tally.indices,
+        seed=policy.seed,
     )
-    return {k: v.to_dict() for k, v in run_checks(ctx, progress=progress).items()}
 
 
 def _class_names(data: EvalData, bundle: DataBundle | None) -> tuple[str, ...] | None:
@@ -265,7 +316,9 @@ def verify(
     which). The l_p attacks run as a cascade (white-box first), each only on the examples still
     robust; attacks outside the l_p threat model run on every example and are reported apart.
     Then the eps sweep and the sanity checks run on a class-balanced subset of
-    ``verify.check_examples`` of them (its clean accuracy is ``report.check_clean_accuracy``).
+    ``verify.check_examples`` of them (its clean accuracy is ``report.check_clean_accuracy``):
+    the sweep's radii each continue the one below (an example fooled at a smaller radius stays
+    fooled, only the others are attacked again), and the checks continue the sweep's runs.
     The model is used on the device it is on (batches follow it) and its train/eval modes are
     restored. Attacks are seeded with ``policy.seed`` without touching the global RNG.
 
@@ -310,11 +363,13 @@ def verify(
         data = bundle.test
     specs = [*preset_specs(policy.verify.preset), *policy.verify.attacks]
     lp_attacks, other_attacks, other_caps = prepared_attacks(specs, policy, bundle, device)
+    setup = time.perf_counter() - t0
     modes = save_modes(net)
     net.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(policy.seed)
+            t1 = time.perf_counter()
             tally = run_cascade(
                 net,
                 data,
@@ -331,6 +386,7 @@ def verify(
                 sample=policy.verify.sample,
                 seed=policy.seed,
             )
+            cascade = time.perf_counter() - t1
             cx, cy = torch.cat(tally.check_x), torch.cat(tally.check_y)
             with torch.no_grad():
                 logits = int(net(cx[:1]).shape[1])
@@ -339,17 +395,22 @@ def verify(
             fields = tally.report_fields(
                 policy, specs, 0.0, num_classes=num_classes, class_names=_class_names(data, bundle)
             )
-            curve = _eps_curve(net, cx, cy, policy, fields["check_clean_accuracy"], progress)
-            checks = (
-                _sanity_checks(net, cx, cy, num_classes, tally, lp_attacks, policy, history, progress)
-                if policy.verify.checks
-                else {}
-            )
+            ctx = _check_context(net, cx, cy, num_classes, tally, lp_attacks, policy, history)
+            t2 = time.perf_counter()
+            curve = _eps_curve(ctx, policy, fields["check_clean_accuracy"], progress)
+            t3 = time.perf_counter()
+            results = run_checks(ctx, progress=progress) if policy.verify.checks else {}
+            t4 = time.perf_counter()
     finally:
         restore_modes(net, modes)
     return RobustnessReport(
         **{**fields, "seconds": time.perf_counter() - t0},
         eps_curve=curve,
-        checks=checks,
+        checks={k: v.to_dict() for k, v in results.items()},
         adversarial=tally.adversarial,
+        sweep_seconds=t3 - t2,
+        check_seconds=t4 - t3,
+        per_check_seconds={k: v.seconds for k, v in results.items()},
+        setup_seconds=setup,
+        cascade_seconds=cascade,
     )

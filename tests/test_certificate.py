@@ -57,7 +57,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.signature is None
     assert loaded.model_copy(update={"rendered": {}}) == cert
     assert Certificate.load(tmp_path) == loaded  # a directory means its certificate.json
-    assert json.loads(path.read_text())["schema_version"] == CERTIFICATE_SCHEMA_VERSION == "2.3"
+    assert json.loads(path.read_text())["schema_version"] == CERTIFICATE_SCHEMA_VERSION == "2.4"
     assert path.read_text().startswith('{\n  "')  # human-readable: indented
     # the renderings do not depend on rendered / signature: the loaded certificate renders the same files
     assert (tmp_path / "certificate.md").read_text() == to_markdown(loaded) == to_markdown(cert)
@@ -288,9 +288,9 @@ def test_load_refuses_a_fifo_or_device_without_blocking(tmp_path):
 
 
 def _without_2_3(doc):
-    from harden.certificate import FIELDS_SINCE_2_3
+    from harden.certificate import FIELDS_SINCE_2_3, FIELDS_SINCE_2_4
 
-    return {k: v for k, v in doc.items() if k not in FIELDS_SINCE_2_3}
+    return {k: v for k, v in doc.items() if k not in FIELDS_SINCE_2_3 + FIELDS_SINCE_2_4}
 
 
 def test_a_signed_2_2_certificate_still_loads_and_its_signature_verifies(tmp_path):
@@ -349,3 +349,37 @@ def test_load_accepts_a_run_directory_and_says_so_when_it_has_no_certificate(tmp
     with pytest.raises(IntegrityError) as info:
         Certificate.load(tmp_path / "empty")  # a folder: its certificate.json, never IsADirectoryError
     assert str(info.value) == msg and "empty/certificate.json: expected a readable certificate" in msg
+
+
+def test_a_signed_2_3_certificate_still_loads_and_its_signature_verifies(tmp_path):
+    from harden.certificate import FIELDS_SINCE_2_4
+    from harden.signing import sign
+
+    generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+    doc = json.loads(tiny_cert(check_n=10, check_clean_accuracy=0.9).model_dump_json(exclude={"signature"}))
+    doc = {k: v for k, v in doc.items() if k not in FIELDS_SINCE_2_4}
+    doc["schema_version"] = "2.3"
+    signed = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()  # what 2.3 signed
+    doc["signature"] = sign(load_private_key(tmp_path / "k"), signed)
+    (tmp_path / "certificate.json").write_text(json.dumps(doc, indent=2))
+    old = Certificate.load(tmp_path)
+    assert old.schema_version == "2.3" and old.check_n == 10 and old.verify_seconds == {}
+    assert old.canonical_bytes() == signed  # the 2.4 fields (at their defaults) are not part of it
+    verify_signature(load_public_key(tmp_path / "k.pub"), old.canonical_bytes(), old.signature)
+    timed = tiny_cert(verify_seconds={"attacks": 2.0, "checks": 0.5}, per_check_seconds={"a": 0.25})
+    assert b'"per_check_seconds":{"a":0.25}' in timed.canonical_bytes()  # a 2.4 certificate signs its times
+    assert b'"verify_seconds"' not in signed
+
+
+def test_verify_times_are_named_parts_and_never_negative():
+    from harden.certificate import VERIFY_TIME_PARTS, fields_after
+
+    assert VERIFY_TIME_PARTS == ("attacks", "other_attacks", "setup", "checks", "eps_sweep", "rest")
+    assert fields_after("2.2")[-2:] == fields_after("2.3") == ("verify_seconds", "per_check_seconds")
+    assert fields_after(CERTIFICATE_SCHEMA_VERSION) == ()
+    with pytest.raises(pydantic.ValidationError):
+        tiny_cert(verify_seconds={"lunch": 1.0})
+    with pytest.raises(pydantic.ValidationError):
+        tiny_cert(verify_seconds={"checks": -1.0})
+    with pytest.raises(pydantic.ValidationError):
+        tiny_cert(per_check_seconds={"a": -0.5})

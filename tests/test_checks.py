@@ -215,3 +215,52 @@ def test_listed_examples_are_named_by_their_index_in_the_data():
     assert "(indices 106, 112, 121," in detail  # positions 2, 4, 7 of the verified examples
     onnx = onnx_black_box_check(["", "", ""], ["", "square", ""], indices=[7, 40, 90])
     assert onnx.status == "FAIL" and onnx.detail.endswith("(indices 40)")
+
+
+class _Counting(torch.nn.Module):
+    """Counts the examples that go through the model (forward passes of the checks' attacks)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.model(x)
+
+
+def test_more_iterations_continues_the_sweeps_run_on_the_examples_it_left_right(trained):
+    net = _Counting(trained)
+    ctx = _ctx(net)
+    base = ctx.attack(0.1)  # the eps sweep's run at the threat's eps
+    left, n = int(base.right.sum()), len(ctx.y)
+    net.rows = 0
+    result = run_checks(ctx, ["more_iterations_never_help"])["more_iterations_never_help"]
+    assert result.detail.startswith(f"PGD-10 {base.accuracy:.1%}, PGD-20 ")  # from a random start: no note
+    # PGD-20 = 10 more steps on the `left` examples, 3 restarts = 2 runs of 10 on at most them; a fresh
+    # forward pass on the n points scores each of the 3 runs. Three independent runs would pass 120 n.
+    assert 0 < net.rows <= 3 * 10 * left + 3 * n
+    assert left < n  # so the bound is below what the runs on every example would cost
+
+
+class _Coin(torch.nn.Module):
+    """Random answers on every call (the forward pass is pure noise)."""
+
+    def forward(self, x):
+        return torch.randn(x.shape[0], 3) + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_more_iterations_can_fail_on_a_model_whose_answers_are_random():
+    statuses = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ctx = _ctx(_Coin())
+        statuses.append(run_checks(ctx, ["more_iterations_never_help"])["more_iterations_never_help"].status)
+    # each figure is a fresh forward pass: random answers make a longer run look better than the base
+    assert "FAIL" in statuses, statuses
+
+
+def test_each_check_reports_its_own_time_apart_from_its_record(trained):
+    results = run_checks(_ctx(trained), ["logits_not_probabilities", "large_eps_to_chance"])
+    assert all(r.seconds >= 0.0 for r in results.values())
+    assert set(results["large_eps_to_chance"].to_dict()) == {"id", "status", "detail", "raised_if", "remedy"}

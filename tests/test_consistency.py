@@ -4,7 +4,7 @@ import pytest
 
 import harden
 import harden.certificate
-from harden.certificate import FIELDS_SINCE_2_3, Certificate, ClassResult
+from harden.certificate import FIELDS_SINCE_2_3, FIELDS_SINCE_2_4, Certificate, ClassResult
 from harden.consistency import consistency_problems
 from harden.testing import TinyCNN, synthetic_tensors, tiny_policy
 
@@ -87,7 +87,7 @@ def test_the_2_3_parts_are_consistent_and_each_forgery_is_caught(full):
 
 def test_schema_2_2_is_accepted_without_2_3_fields(cert, full):
     fields = Certificate.model_fields
-    old = {f: fields[f].get_default(call_default_factory=True) for f in FIELDS_SINCE_2_3}
+    old = {f: fields[f].get_default(call_default_factory=True) for f in FIELDS_SINCE_2_3 + FIELDS_SINCE_2_4}
     assert failing(cert, schema_version="2.2", **old) == set()  # a 2.2 certificate has nothing of 2.3
     assert failing(cert, schema_version="2.2", **{**old, "check_n": cert.check_n}) == {"schema"}
     assert failing(full, schema_version="2.2") == {"schema"}  # 2.3 fields under a 2.2 label
@@ -100,3 +100,22 @@ def test_a_skip_is_a_known_status_and_never_a_failure(cert):
     assert "checks" not in failing(cert, checks=skipped, verdict=decided, verdict_reason=reason)
     assert decided == "EMPIRICAL" and "not tested (SKIP, N/A)" in reason
     assert "verdict" in failing(cert, checks=skipped)  # the reason must say what was not tested
+
+
+def test_schema_2_3_is_accepted_without_the_verify_times(cert):
+    assert cert.verify_seconds and cert.schema_version == "2.4"  # certify records them
+    fields = Certificate.model_fields
+    old = {f: fields[f].get_default(call_default_factory=True) for f in FIELDS_SINCE_2_4}
+    assert failing(cert, schema_version="2.3", **old) == set()
+    assert failing(cert, schema_version="2.3") == {"schema"}  # 2.4 fields under a 2.3 label
+
+
+def test_check_costs_belong_to_recorded_checks_and_fit_in_the_checks_time(cert):
+    record = {"id": "a", "status": "PASS", "detail": "", "raised_if": "", "remedy": ""}
+    times = {**cert.verify_seconds, "checks": 1.0}
+    fine = {"checks": {"a": record}, "verify_seconds": times, "per_check_seconds": {"a": 1.0}}
+    decided, reason = harden.certificate.verdict_rule(fine["checks"], cert.smoothing)
+    fine |= {"verdict": decided, "verdict_reason": reason}
+    assert failing(cert, **fine) == set()
+    assert failing(cert, **{**fine, "per_check_seconds": {"b": 0.5}}) == {"checks"}  # no such check
+    assert failing(cert, **{**fine, "per_check_seconds": {"a": 1.5}}) == {"checks"}  # more than the checks took

@@ -137,3 +137,24 @@ def test_markdown_renders_every_section_and_table(cert):
         assert f"## {section.title}\n" in md
         for head, _ in _tables(section):
             assert "| " + " | ".join(head) + " |" in md
+
+
+def test_each_checks_cost_the_check_subset_and_the_verify_time_split_are_shown():
+    checks = {"my_check": {"id": "my_check", "status": "PASS"}, "other": {"id": "other", "status": "PASS"}}
+    times = {"attacks": 6.0, "other_attacks": 0.0, "setup": 0.5, "checks": 1.0, "eps_sweep": 2.0, "rest": 0.5}
+    cert = bare(checks=checks, check_n=200, per_check_seconds={"my_check": 0.25}, verify_seconds=times)
+    by = _by_title(cert)
+    ((head, rows),) = _tables(by["Sanity checks"])
+    assert head[-1] == "time" and [r[-1] for r in rows] == ["0.25 s", DASH]  # a check without a cost reads DASH
+    # the widest 95% Wilson half-width out of 200 (at 50%): 1.96 * sqrt(0.25 / 200 + 1.96**2 / 160000) / 1.0192
+    assert "a 95% Wilson interval at most 6.9 points either side" in by["Sanity checks"].blocks[2]
+    assert "The checks ran on the check subset: 200 of the verified examples" in by["Sanity checks"].blocks[2]
+    repro = by["Reproducibility"]
+    assert "Verification time, 10.00 s in all:" in repro.blocks
+    ((_, split),) = [t for t in _tables(repro) if t[0][0] == "part of verification"]
+    assert [r[1:] for r in split] == [
+        ["6.00 s", "60.0%"], ["0.00 s", "0.0%"], ["0.50 s", "5.0%"], ["1.00 s", "10.0%"], ["2.00 s", "20.0%"],
+        ["0.50 s", "5.0%"],
+    ]  # fmt: skip
+    assert split[3][0] == "sanity checks" and split[4][0] == "eps sweep"
+    assert not [t for t in _tables(_by_title(bare())["Reproducibility"]) if t[0][0] == "part of verification"]

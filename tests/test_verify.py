@@ -372,3 +372,34 @@ def test_a_head_of_the_wrong_size_is_blamed_on_the_model_not_the_data():
     x, y = synthetic_tensors(24)  # labels 0..2
     with pytest.raises(ModelError, match=r"at least 3 logits .* got 2: set model.num_classes"):
         verify(TinyCNN(num_classes=2), tiny_policy(verify={"checks": False}), (x, y), progress=False)
+
+
+def test_the_report_says_where_the_time_went_and_what_each_check_cost(trained):
+    policy = tiny_policy(verify={"n_examples": 30, "check_examples": 12, "check_steps": 2, "eps_sweep": [0.05, 0.1]})
+    report = verify(trained, policy, synthetic_tensors(30, seed=5), progress=False)
+    assert set(report.per_check_seconds) == set(report.checks) == set(CHECKS)
+    assert all(v >= 0.0 for v in report.per_check_seconds.values())
+    # each check's interval lies within the checks' one (same clock); 1e-9 s covers float addition
+    assert sum(report.per_check_seconds.values()) <= report.check_seconds + 1e-9
+    split = report.time_split()
+    assert list(split) == ["attacks", "other_attacks", "setup", "checks", "eps_sweep", "rest"]
+    assert split["checks"] == report.check_seconds and split["eps_sweep"] == report.sweep_seconds
+    assert split["attacks"] == sum(report.attack_seconds.values()) and all(v >= 0.0 for v in split.values())
+    assert abs(sum(split.values()) - report.seconds) <= 1e-9  # the parts add up to verify's wall time
+    assert report.to_dict()["per_check_seconds"] == report.per_check_seconds
+    assert f"time {report.seconds:.1f} s: " in report.summary()
+    cost = report.per_check_seconds["more_iterations_never_help"]
+    assert f"{report.checks['more_iterations_never_help']['detail']} ({cost:.1f} s)" in report.summary()
+
+
+def test_the_eps_curve_never_rises_and_its_run_at_eps_is_the_checks_base_run(trained):
+    policy = tiny_policy(
+        verify={"n_examples": 45, "check_examples": 30, "check_steps": 3, "eps_sweep": [0.025, 0.05, 0.1, 0.2]}
+    )
+    report = verify(trained, policy, synthetic_tensors(45, seed=5), progress=False)
+    accs = [a for _, a in report.eps_curve]
+    assert all(b <= a for a, b in itertools.pairwise(accs)), report.eps_curve  # warm starts: fooled stays fooled
+    assert accs[0] > accs[-1]  # it falls, so the comparison above tests something
+    at_eps = dict(report.eps_curve)[0.1]
+    detail = report.checks["more_iterations_never_help"]["detail"]
+    assert detail.startswith(f"PGD-3 {at_eps:.1%} (continuing eps=0.05), PGD-6 ")  # says what its base run was
