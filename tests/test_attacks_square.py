@@ -6,7 +6,7 @@ images); the cross-checks against torchattacks are marked slow.
 
 import pytest
 import torch
-from helpers_attacks import acc, check_box_edge, check_inside_ball_and_box, check_same_seed
+from helpers_attacks import acc, assert_not_weaker, check_box_edge, check_inside_ball_and_box, check_same_seed
 from torch import nn
 
 import harden
@@ -128,6 +128,16 @@ def test_square_restarts_only_attack_the_rest(synthetic_cnn):
     assert sum(spy.rows) == x.shape[0] + int(attack.last_query_counts.sum())
 
 
+def test_square_reports_progress(synthetic_cnn):
+    net, x, y = synthetic_cnn
+    attack = Square(LINF, {"n_queries": 120, "restarts": 2})
+    done: list[float] = []
+    attack.on_progress = done.append
+    attack(net, x, y)
+    assert len(done) >= 2 and done == sorted(done)  # every 50 iterations and at each restart's end
+    assert done[0] == 0.0 and done[-1] == 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("threat", "ta_norm"),
@@ -138,7 +148,8 @@ def test_square_at_least_as_strong_as_torchattacks(threat, ta_norm, digits_cnn):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = digits_cnn  # 359 images
     torch.manual_seed(0)
-    ours = acc(model, Square(threat, {"n_queries": 1000})(model, x, y), y)
-    theirs = acc(model, torchattacks.Square(model, norm=ta_norm, eps=threat.eps, n_queries=1000, seed=0)(x, y), y)
-    assert ours < acc(model, x, y)
-    assert ours <= theirs + 0.01
+    adv = Square(threat, {"n_queries": 1000})(model, x, y)
+    ref_adv = torchattacks.Square(model, norm=ta_norm, eps=threat.eps, n_queries=1000, seed=0)(x, y)
+    assert acc(model, adv, y) < acc(model, x, y)
+    # exact one-sided McNemar test on the examples only one of the two attacks breaks
+    assert_not_weaker(model, adv, ref_adv, y)

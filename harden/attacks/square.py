@@ -27,12 +27,20 @@ places a window on the last row/column); the l2 step normalises the available ma
 as in the authors' original code; the budget ``n_queries`` counts the initial evaluation, so no
 example ever costs more than ``n_queries`` queries per restart (the one clean evaluation that
 selects the correctly classified examples is not counted).
+
+Cost: an iteration is one forward pass of the examples still searched plus bookkeeping on their
+windows only. The linf proposal is written into the best point in place and the old window written
+back where it was rejected; the l2 step reads both windows and gets every norm it needs from them
+(the one of the old perturbation is kept per example), so its only full-size work is the difference
+to the best point and the rescaling to norm eps, in a reused buffer. The window offsets and the l2
+patch are computed once per square size.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -111,24 +119,69 @@ def _eta(s: int, device: torch.device) -> torch.Tensor:
     return delta / delta.norm().clamp_min(1e-12)
 
 
-def _window_mask(pos_h: torch.Tensor, pos_w: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
-    """Boolean ``(N, 1, h, w)`` masks of ``s x s`` windows with top-left corners ``(pos_h, pos_w)``."""
-    rows = torch.arange(h, device=pos_h.device).view(1, h) - pos_h.view(-1, 1)
-    cols = torch.arange(w, device=pos_w.device).view(1, w) - pos_w.view(-1, 1)
-    in_r = (rows >= 0) & (rows < s)
-    in_c = (cols >= 0) & (cols < s)
-    return (in_r[:, :, None] & in_c[:, None, :])[:, None]
+@dataclass
+class _State:
+    """The examples a run still searches: compact, contiguous rows (``best`` is updated in place)."""
+
+    act: torch.Tensor  #: their rows in the run's batch
+    x: torch.Tensor
+    y: torch.Tensor
+    best: torch.Tensor  #: best point found so far
+    margin: torch.Tensor  #: its margin
+    norm: torch.Tensor  #: ``||best - x||_2`` per row (what the l2 step needs of the old perturbation)
+    work: torch.Tensor  #: l2: a reused buffer for the candidates (allocating one costs more than the math)
+
+    @classmethod
+    def of(
+        cls, act: torch.Tensor, x: torch.Tensor, y: torch.Tensor, best: torch.Tensor, m: torch.Tensor, l2: bool
+    ) -> _State:
+        """The rows ``act`` of a run's batch (copies: the run's tensors are not touched)."""
+        xa, ba = x[act].contiguous(), best[act].contiguous()
+        work = torch.empty_like(xa) if l2 else xa[:0]
+        return cls(act, xa, y[act], ba, m[act], _l2n(ba - xa, (1, 2, 3)).view(-1), work)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row but ``rows`` (a boolean mask)."""
+        self.act, self.x, self.y, self.best = self.act[rows], self.x[rows], self.y[rows], self.best[rows]
+        self.margin, self.norm = self.margin[rows], self.norm[rows]
+        self.work = self.work[: self.x.shape[0]]  # a contiguous prefix: no new buffer
 
 
-def _place(patches: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Paste per-example ``(N, s, s)`` patches at ``(pos_h, pos_w)`` of zero ``(N, 1, h, w)`` maps."""
-    n, s = patches.shape[0], patches.shape[1]
-    rows = torch.arange(h, device=patches.device).view(1, h) - pos_h.view(-1, 1)
-    cols = torch.arange(w, device=patches.device).view(1, w) - pos_w.view(-1, 1)
-    inside = ((rows >= 0) & (rows < s))[:, :, None] & ((cols >= 0) & (cols < s))[:, None, :]
-    batch = torch.arange(n, device=patches.device).view(-1, 1, 1)
-    vals = patches[batch, rows.clamp(0, s - 1)[:, :, None], cols.clamp(0, s - 1)[:, None, :]]
-    return (vals * inside)[:, None]
+class _Windows:
+    """Flat offsets of the pixels of an ``s x s`` window in a contiguous ``(c, h, w)`` image.
+
+    The offsets change only when the schedule changes the side ``s``, so they are computed once
+    per side (at most ten times a run); a window at ``(top, left)`` covers the flat positions
+    ``top * w + left + offsets``. ``rows``/``cols`` give each window pixel's place in the window.
+    """
+
+    def __init__(self, c: int, h: int, w: int, device: torch.device) -> None:
+        self.c, self.h, self.w, self.device = c, h, w, device
+        self.side = -1
+        self.offsets = self.rows = self.cols = torch.zeros(0, dtype=torch.long, device=device)
+        self._eta_side = -1
+        self._etas = (self.offsets, self.offsets)
+
+    def patterns(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The l2 patch :func:`_eta` of side ``s`` and its transpose, flattened (cached per side)."""
+        if s != self._eta_side:
+            eta = _eta(s, self.device)
+            self._etas, self._eta_side = (eta.flatten(), eta.t().flatten()), s
+        return self._etas
+
+    def at(self, s: int) -> torch.Tensor:
+        """``(c * s * s,)`` offsets of the window pixels, channel-major (cached for the last side)."""
+        if s != self.side:
+            r = torch.arange(s, device=self.device)
+            self.rows, self.cols = r.repeat_interleave(s), r.repeat(s)
+            plane = self.rows * self.w + self.cols
+            chans = torch.arange(self.c, device=self.device) * (self.h * self.w)
+            self.offsets, self.side = (chans.view(-1, 1) + plane.view(1, -1)).flatten(), s
+        return self.offsets
+
+    def index(self, pos_h: torch.Tensor, pos_w: torch.Tensor, s: int) -> torch.Tensor:
+        """``(N, c * s * s)`` flat indices, per example, of the windows at ``(pos_h, pos_w)``."""
+        return (pos_h * self.w + pos_w).view(-1, 1) + self.at(s).view(1, -1)
 
 
 def _random_signs(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -149,7 +202,7 @@ def _nonempty_subsets(n: int, c: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _l2n(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    return t.pow(2).sum(dim=dims, keepdim=True).sqrt()
+    return torch.linalg.vector_norm(t, dim=dims, keepdim=True)
 
 
 @ATTACKS.register("square")
@@ -195,15 +248,17 @@ class Square(Attack):
             best = x.clone()
             best_margin = margin(model(x), y)
             queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            for _ in range(p.restarts):
+            for restart in range(p.restarts):
                 todo = (best_margin >= 0).nonzero().squeeze(1)
                 if todo.numel() == 0:
                     break
-                adv, m, q = self._run(model, x[todo], y[todo])
+                adv, m, q = self._run(model, x[todo], y[todo], restart)
                 queries[todo] += q
                 better = m < best_margin[todo]
                 best[todo[better]] = adv[better]
                 best_margin[todo[better]] = m[better]
+                self.tick((restart + 1) / p.restarts)
+        self.tick(1.0)  # also when every example was fooled before the last restart
         self.last_query_counts = queries.cpu()
         self.last_margins = best_margin.cpu()
         self.last_queries = float(queries.float().mean())
@@ -227,78 +282,112 @@ class Square(Attack):
                 delta[:, :, top : top + s, left : left + s] += patch * _random_signs((n, c, 1, 1), x)
         return (x + delta / _l2n(delta, (1, 2, 3)).clamp_min(1e-12) * eps).clamp(0.0, 1.0)
 
-    def _propose(self, x: torch.Tensor, x_best: torch.Tensor, it: int) -> torch.Tensor:
-        """One random-search candidate per example (windows drawn per example)."""
+    def _side(self, it: int, h: int, w: int) -> int:
+        """Side of the squares at iteration ``it`` (odd and >= 3 for l2, as in the paper's code)."""
         p: SquareParams = self.params
-        eps = self.threat.eps
-        n, c, h, w = x.shape
-        frac = p_schedule(it, p.n_queries, p.p_init)
-        side = math.sqrt(frac * h * w)  # = sqrt(p * n_features / c)
+        side = math.sqrt(p_schedule(it, p.n_queries, p.p_init) * h * w)  # = sqrt(p * n_features / c)
         if self.threat.norm == "linf":
-            s = min(max(round(side), 1), h, w)
-            pos_h = torch.randint(0, h - s + 1, (n,), device=x.device)
-            pos_w = torch.randint(0, w - s + 1, (n,), device=x.device)
-            mask = _window_mask(pos_h, pos_w, s, h, w)
-            signs = _random_signs((n, c, 1, 1), x)
-            cand = torch.where(mask, (x + eps * signs).clamp(0.0, 1.0), x_best)
-            # A draw that leaves the window as it is gets redrawn, as in the paper's code. Any other
-            # colour changes the window (clip(x + eps) != clip(x - eps) for eps > 0), so redrawing
-            # until a change is a uniform draw among the 2^c - 1 other colours: flip a non-empty,
-            # uniformly drawn set of channels.
-            same = (cand - x_best).abs().flatten(1).amax(dim=1) < 1e-7
-            flips = 1 - 2 * _nonempty_subsets(n, c, x).view(n, c, 1, 1)
-            signs = torch.where(same.view(-1, 1, 1, 1), signs * flips, signs)
-            return torch.where(mask, (x + eps * signs).clamp(0.0, 1.0), x_best)
-
+            return min(max(round(side), 1), h, w)
         s = min(max(round(side), 3), h, w)
-        if s % 2 == 0 and s + 1 <= min(h, w):
-            s += 1
-        delta = x_best - x
-        pos_h = torch.randint(0, h - s + 1, (n,), device=x.device)
-        pos_w = torch.randint(0, w - s + 1, (n,), device=x.device)
-        pos_h2 = torch.randint(0, h - s + 1, (n,), device=x.device)
-        pos_w2 = torch.randint(0, w - s + 1, (n,), device=x.device)
-        mask1 = _window_mask(pos_h, pos_w, s, h, w).to(x.dtype)
-        union = torch.maximum(mask1, _window_mask(pos_h2, pos_w2, s, h, w).to(x.dtype))
-        norm_img = _l2n(delta, (1, 2, 3))
-        norm_w1 = _l2n(delta * mask1, (2, 3))  # per channel
-        norm_union = _l2n(delta * union, (2, 3))
-        eta = _eta(s, x.device)
-        flip = torch.rand(n, device=x.device) > 0.5
-        patches = torch.where(flip.view(-1, 1, 1), eta.t().expand(n, s, s), eta.expand(n, s, s))
-        fresh = _place(patches, pos_h, pos_w, h, w) * _random_signs((n, c, 1, 1), x)
-        new = fresh + delta * mask1 / (norm_w1 + 1e-12)
-        budget = ((eps**2 - norm_img**2).clamp_min(0.0) / c + norm_union**2).sqrt()
-        new = new / _l2n(new, (2, 3)).clamp_min(1e-12) * budget
-        delta = delta * (1 - union) + new * mask1
-        return (x + delta / _l2n(delta, (1, 2, 3)).clamp_min(1e-12) * eps).clamp(0.0, 1.0)
+        return s + 1 if s % 2 == 0 and s + 1 <= min(h, w) else s
+
+    def _step_linf(self, model: nn.Module, st: _State, it: int, win: _Windows) -> None:
+        """One linf proposal per example, queried; ``st`` keeps the accepted ones.
+
+        Only the windows are touched: the proposal is written into ``st.best`` in place, a copy
+        of it is queried (a model that changes or keeps its input cannot touch the search's
+        state), and the old window is written back where the margin did not drop.
+        """
+        eps = self.threat.eps
+        n, c, h, w = st.x.shape
+        s = self._side(it, h, w)
+        pos_h = torch.randint(0, h - s + 1, (n,), device=st.x.device)
+        pos_w = torch.randint(0, w - s + 1, (n,), device=st.x.device)
+        signs = _random_signs((n, c, 1), st.x)
+        idx = win.index(pos_h, pos_w, s)
+        x_win = st.x.view(n, -1).gather(1, idx).view(n, c, -1)
+        flat = st.best.view(n, -1)
+        old = flat.gather(1, idx)
+        new = (x_win + eps * signs).clamp_(0.0, 1.0).view(n, -1)
+        # A draw that leaves the window as it is gets redrawn, as in the paper's code. Any other
+        # colour changes the window (clip(x + eps) != clip(x - eps) for eps > 0), so redrawing
+        # until a change is a uniform draw among the 2^c - 1 other colours: flip a non-empty,
+        # uniformly drawn set of channels.
+        same = (new - old).abs().amax(dim=1) < 1e-7
+        flips = 1 - 2 * _nonempty_subsets(n, c, st.x).view(n, c, 1)
+        signs = torch.where(same.view(-1, 1, 1), signs * flips, signs)
+        new = (x_win + eps * signs).clamp_(0.0, 1.0).view(n, -1)
+        flat.scatter_(1, idx, new)
+        m_new = margin(model(st.best.clone()), st.y)
+        improved = m_new < st.margin
+        flat.scatter_(1, idx, torch.where(improved.view(-1, 1), new, old))
+        st.margin = torch.where(improved, m_new, st.margin)
+
+    def _step_l2(self, model: nn.Module, st: _State, it: int, win: _Windows) -> None:
+        """One l2 proposal per example, queried; ``st`` keeps the accepted ones.
+
+        The window norms come from the window pixels alone (the union of the two windows is the
+        first window plus the second one's pixels outside it), and so does the norm of the new
+        perturbation (the old norm, minus the union's old mass, plus the first window's new mass);
+        the full-size work is the difference to the best point, the rescaling to norm eps and the
+        query.
+        """
+        eps = self.threat.eps
+        n, c, h, w = st.x.shape
+        s = self._side(it, h, w)
+        delta = torch.sub(st.best, st.x, out=st.work)
+        pos_h = torch.randint(0, h - s + 1, (n,), device=st.x.device)
+        pos_w = torch.randint(0, w - s + 1, (n,), device=st.x.device)
+        pos_h2 = torch.randint(0, h - s + 1, (n,), device=st.x.device)
+        pos_w2 = torch.randint(0, w - s + 1, (n,), device=st.x.device)
+        idx1, idx2 = win.index(pos_h, pos_w, s), win.index(pos_h2, pos_w2, s)
+        flat = delta.view(n, -1)
+        d1, d2 = flat.gather(1, idx1).view(n, c, -1), flat.gather(1, idx2).view(n, c, -1)
+        rows = (pos_h2 - pos_h).view(-1, 1) + win.rows  # window-2 pixels in window-1 coordinates
+        cols = (pos_w2 - pos_w).view(-1, 1) + win.cols
+        in_first = (rows >= 0) & (rows < s) & (cols >= 0) & (cols < s)
+        sq_w1 = d1.square().sum(dim=2, keepdim=True)  # per channel
+        sq_union = sq_w1 + d2.square().masked_fill_(in_first.view(n, 1, -1), 0.0).sum(dim=2, keepdim=True)
+        eta, eta_t = win.patterns(s)
+        flip = torch.rand(n, device=st.x.device) > 0.5
+        fresh = torch.where(flip.view(-1, 1, 1), eta_t, eta) * _random_signs((n, c, 1), st.x)
+        new = fresh + d1 / (sq_w1.sqrt() + 1e-12)
+        sq_img = st.norm.square().view(n, 1, 1)
+        new = new / _l2n(new, (2,)).clamp_min(1e-12) * ((eps**2 - sq_img).clamp_min(0.0) / c + sq_union).sqrt()
+        flat.scatter_(1, idx2, 0.0).scatter_(1, idx1, new.view(n, -1))
+        sq_new = (sq_img.view(n) - sq_union.sum(dim=(1, 2)) + new.square().sum(dim=(1, 2))).clamp_min(0.0)
+        scale = (eps / sq_new.sqrt().clamp_min(1e-12)).view(n, 1, 1, 1)
+        x_new = torch.addcmul(st.x, delta, scale, out=delta).clamp_(0.0, 1.0)  # in the buffer
+        m_new = margin(model(x_new), st.y)
+        improved = m_new < st.margin
+        won = improved.nonzero().squeeze(1)  # few rows: cheaper than a full-size torch.where
+        if won.numel() > 0:
+            st.best[won] = x_new[won]
+            st.norm[won] = _l2n(x_new[won] - st.x[won], (1, 2, 3)).view(-1)
+        st.margin = torch.where(improved, m_new, st.margin)
 
     def _run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, restart: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One search; returns the best points, their margins and the queries spent per example."""
         p: SquareParams = self.params
         x_best = self._init(x)
         best_margin = margin(model(x_best), y)
         queries = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
-        # compact working copies of the examples still to fool
-        act = (best_margin >= 0).nonzero().squeeze(1)
-        xa, ya, xba, ma = x[act], y[act], x_best[act], best_margin[act]
-        qa = queries[act]
+        st = _State.of((best_margin >= 0).nonzero().squeeze(1), x, y, x_best, best_margin, self.threat.norm == "l2")
+        win = _Windows(x.shape[1], x.shape[2], x.shape[3], x.device)
+        step = self._step_linf if self.threat.norm == "linf" else self._step_l2
         for it in range(p.n_queries - 1):
-            if act.numel() == 0:
+            if st.act.numel() == 0:
                 break
-            x_new = self._propose(xa, xba, it)
-            m_new = margin(model(x_new), ya)
-            qa = qa + 1
-            improved = m_new < ma
-            xba = torch.where(improved.view(-1, 1, 1, 1), x_new, xba)
-            ma = torch.where(improved, m_new, ma)
-            done = ma < 0
+            if it % 50 == 0:
+                self.tick((restart + it / p.n_queries) / p.restarts)
+            step(model, st, it, win)
+            done = st.margin < 0
             if bool(done.any()):
-                idx = act[done]
-                x_best[idx], best_margin[idx], queries[idx] = xba[done], ma[done], qa[done]
-                keep = ~done
-                act, xa, ya, xba, ma, qa = act[keep], xa[keep], ya[keep], xba[keep], ma[keep], qa[keep]
-        x_best[act], best_margin[act], queries[act] = xba, ma, qa
+                idx = st.act[done]
+                # every example still searched has spent one query per iteration plus the first one
+                x_best[idx], best_margin[idx], queries[idx] = st.best[done], st.margin[done], it + 2
+                st.keep(~done)
+        x_best[st.act], best_margin[st.act], queries[st.act] = st.best, st.margin, p.n_queries
         return x_best, best_margin, queries
