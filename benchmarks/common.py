@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -163,3 +165,63 @@ def base_parser(
     ap.add_argument("--device", choices=device_choices, default="cpu", help=device_help)
     ap.add_argument("--results", type=Path, default=None, help="results directory (default benchmarks/results)")
     return ap
+
+
+# ---------------------------------------------------------------------------------------------
+# A PGD-trained MNIST model from elsewhere (benchmarks/attacks.py verifies a model harden did not
+# train, as a user's would be): the MNIST challenge CNN of Madry et al. (two 5x5 convolutions of 32
+# and 64 channels, each followed by 2x2 max-pooling, a 1,024-unit layer, 10 logits), adversarially
+# trained by a plain PyTorch loop with PGD-10 (step eps/4, random start) at linf eps 0.3 on the
+# mnist-5k training split, eps ramped up over the first 4 epochs, Adam at 1e-3, batches of 64,
+# seed 0. Nothing of harden's training code runs.
+ELSEWHERE_EPS = 0.3
+
+
+def madry_cnn() -> nn.Sequential:
+    """The MNIST challenge CNN (Madry et al. 2018), for 1x28x28 inputs in [0, 1]."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 10),
+    )
+
+
+def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10) -> torch.Tensor:
+    delta = (torch.rand_like(x) * 2 - 1) * eps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model((x + delta).clamp(0, 1)), y), delta)
+        delta = (delta.detach() + 0.25 * eps * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1)
+
+
+def train_elsewhere(x: torch.Tensor, y: torch.Tensor, epochs: int, device: torch.device) -> nn.Module:
+    """PGD adversarial training of :func:`madry_cnn` on ``(x, y)`` by a hand-written loop; returns it in eval mode."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = madry_cnn().to(device)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for epoch in range(epochs):
+            eps = min(ELSEWHERE_EPS, ELSEWHERE_EPS * (epoch + 1) / 4)
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), 64):
+                xb, yb = x[order[i : i + 64]].to(device), y[order[i : i + 64]].to(device)
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                adv = _pgd(model, xb, yb, eps)
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                model.train()
+                opt.zero_grad()
+                F.cross_entropy(model(adv), yb).backward()
+                opt.step()
+    return model.eval()

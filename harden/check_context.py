@@ -124,8 +124,13 @@ class CheckContext:
                 ``k`` starts afresh from the random start number ``k`` of ``seed``.
 
         The step is ``2.5 * eps / steps``, as PGD's default.
+
+        Raises:
+            ValueError: ``eps`` below ``base.eps`` (the kept points would lie outside its ball).
         """
         eps = base.eps if eps is None else eps
+        if eps < base.eps:
+            raise ValueError(f"expected eps >= the base run's {base.eps:g} (its points lie in that ball), got {eps:g}")
         todo = base.right
         x, y, out = self.x[todo], self.y[todo], base.x_adv.clone()
         if x.shape[0]:

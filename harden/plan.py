@@ -42,8 +42,10 @@ _LOSS_PASSES: dict[str, int] = {"ce": 1, "gaussian_aug": 1, "pgd_at": 1, "trades
 _EXACT = frozenset({"ce", "gaussian_aug", "pgd_at"})
 #: a forward alone costs about a third of a forward-backward pass
 _FORWARD = 1 / 3
-#: PGD runs of the sanity checks, in units of ``check_steps`` (see harden.checks)
-_CHECK_RUNS = 8
+#: PGD runs of the sanity checks beyond the eps sweep's, in units of ``check_steps`` (an upper
+#: bound: harden.checks continues the sweep's runs on the examples still right): the large-eps and
+#: unbounded runs, the base run continued, and two more restarts
+_CHECK_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ def _verify_lines(policy: Policy, n_test: int, num_classes: int) -> tuple[list[s
         spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
     )
     if spec.checks:
-        checks = k * spec.check_steps * (_CHECK_RUNS + len(radii))
+        base = 0 if policy.threat.eps in radii else 1  # the checks' own run at eps when the sweep has none
+        checks = k * spec.check_steps * (_CHECK_RUNS + base + len(radii))
         sweep = ", ".join(f"{e:.4g}" for e in radii) if radii else "none"
         lines.append(f"          checks on ({k} examples, PGD-{spec.check_steps}); eps sweep {sweep}")
     else:

@@ -156,12 +156,12 @@ class VerifySpec(Strict):
     """The attack suite and sanity checks run by ``harden verify`` / ``harden run``.
 
     Attributes:
-        preset: ``standard`` (AutoAttack's standard suite: APGD-CE, APGD-T, FAB-T and Square,
-            with the targeted attacks' 100-step runs spent on each example's most promising
-            target after a 10-step screen of all 9), ``reference`` (the same attacks with
-            AutoAttack's exact settings: 100 steps for every target) or ``quick`` (APGD-CE and
-            APGD-T with 20 steps and 3 targets); its attacks run before ``attacks``. None: only
-            ``attacks``.
+        preset: ``standard`` (AutoAttack's standard suite: APGD-CE with 100 steps, APGD-T
+            with a 10-step screen of its 9 targets and a 100-step run on each example's most
+            promising one, FAB-T with 10 steps per target, Square with 5,000 queries),
+            ``reference`` (the same attacks with AutoAttack's exact settings: 100 steps for every
+            target) or ``quick`` (APGD-CE and APGD-T with 20 steps and 3 targets); its attacks run
+            before ``attacks``. None: only ``attacks``.
         attacks: further attacks. The cascade runs white-box attacks first, then black-box
             ones, each only on the examples still robust; attacks outside the l_p threat model
             (``iwd``, ``invariance``) run on every clean-correct example and are reported apart.

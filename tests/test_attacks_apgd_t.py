@@ -161,6 +161,7 @@ def test_progress_ticks_rise_to_one():
         torch.manual_seed(0)
         attack(model, x, y)
         assert ticks and ticks == sorted(ticks) and all(0 < t <= 1 for t in ticks)
+        assert ticks[-1] == 1.0  # nothing was fooled at this eps: every run ran
 
 
 @pytest.mark.slow
@@ -180,3 +181,10 @@ def test_screened_apgd_t_not_weaker_than_torchattacks_default(digits_cnn, norm):
     assert_not_weaker(model, ours, theirs, y)
     with torch.no_grad():
         assert (model(ours).argmax(1) == y).float().mean() < (model(x).argmax(1) == y).float().mean()
+
+
+def test_screening_with_one_class_has_no_target_and_returns_the_input():
+    x, y = torch.rand(3, 1, 8, 8), torch.zeros(3, dtype=torch.long)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    out = APGDT(ThreatModel(eps=0.1), {"steps": 4, "screen_steps": 2})(model, x, y)
+    assert torch.equal(out, x)

@@ -378,7 +378,7 @@ def test_fab_at_least_as_strong_as_torchattacks(threat, ta_norm, digits_cnn):
 @pytest.mark.slow
 @TA_THREATS
 def test_screened_fab_not_weaker_than_torchattacks_default(threat, ta_norm, digits_cnn):
-    """harden's standard setting (10-step screen, one 100-step full target) vs torchattacks' AutoAttack FAB-T (10 steps)."""
+    """Screened FAB-T (10-step screen, one 100-step full target) vs torchattacks' AutoAttack FAB-T (10 steps)."""
     model, x, y = digits_cnn
     theirs = torchattacks_fab(model, threat, ta_norm, 10, x, y)
     torch.manual_seed(0)

@@ -39,7 +39,6 @@ def test_each_attack_run_is_honest_warm_and_kept(trained):
     assert large.accuracy <= small.accuracy <= ctx.clean_accuracy()
 
 
-
 def test_extend_continues_only_the_examples_still_right_and_never_undoes_a_break(trained):
     ctx = _ctx(trained, seed=3)
     base = ctx.attack(0.1)
@@ -52,3 +51,11 @@ def test_extend_continues_only_the_examples_still_right_and_never_undoes_a_break
         fooled = ~base.right
         assert torch.equal(state.x_adv[fooled], base.x_adv[fooled])  # broken examples are kept as they were
         assert state.accuracy <= base.accuracy
+
+
+def test_extend_refuses_a_radius_below_the_base_run(trained):
+    import pytest
+
+    ctx = _ctx(trained)
+    with pytest.raises(ValueError, match="eps >="):
+        ctx.extend(ctx.attack(0.1), eps=0.05)

@@ -121,7 +121,10 @@ class APGDT(APGD):
             return super().perturb(model, x, y)
         clean_logits = self._clean_logits(model, x)
         best = _Best.start(x, y, clean_logits)
-        targets = torch.stack([t for t in self._targets(clean_logits) if t is not None], dim=1)
+        listed = [t for t in self._targets(clean_logits) if t is not None]
+        if not listed:  # one class: no target to attack
+            return best.out
+        targets = torch.stack(listed, dim=1)
         k = targets.shape[1]
         full = min(p.full_targets, k)
         total = k * p.screen_steps + full * p.restarts * p.steps  # steps per example, for the progress

@@ -181,13 +181,16 @@ class Attack(ABC):
     #: Whether the attack changes the true label (invariance examples): scored by :meth:`score`
     #: against the new label and reported apart from the l_p worst case.
     changes_label: ClassVar[bool] = False
+    #: Whether ``__call__`` freezes the model's parameters while the attack runs (an attack that
+    #: needs parameter gradients, or a model that adapts its weights at test time, sets False).
+    freezes_parameters: ClassVar[bool] = True
+    #: called by :meth:`tick` with the fraction of the current call's work done (set by the suite)
+    on_progress: Callable[[float], None] | None = None
 
     def __init__(self, threat: ThreatModel, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         if not isinstance(threat, ThreatModel):
             raise ThreatModelError(f"expected a harden.ThreatModel, got {type(threat).__name__}")
         self.threat = threat
-        #: called by :meth:`tick` with the fraction of the current call's work done (set by the suite)
-        self.on_progress: Callable[[float], None] | None = None
         if isinstance(params, self.Params):
             self.params: Any = params
         else:
@@ -212,7 +215,7 @@ class Attack(ABC):
         self._check_inputs(model, x, y)
         modes = save_modes(model)
         model.eval()
-        frozen = freeze_parameters(model)
+        frozen = freeze_parameters(model) if self.freezes_parameters else []
         try:
             with torch.enable_grad():
                 x_adv = self.perturb(model, x.detach(), y.detach())

@@ -358,7 +358,7 @@ class Square(Attack):
         sq_new = (sq_img.view(n) - sq_union.sum(dim=(1, 2)) + new.square().sum(dim=(1, 2))).clamp_min(0.0)
         scale = (eps / sq_new.sqrt().clamp_min(1e-12)).view(n, 1, 1, 1)
         x_new = torch.addcmul(st.x, delta, scale, out=delta).clamp_(0.0, 1.0)  # in the buffer
-        m_new = margin(model(x_new), st.y)
+        m_new = margin(model(x_new.clone()), st.y)  # a copy: the model cannot touch the buffer
         improved = m_new < st.margin
         won = improved.nonzero().squeeze(1)  # few rows: cheaper than a full-size torch.where
         if won.numel() > 0:
