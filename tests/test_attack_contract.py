@@ -43,6 +43,8 @@ class Unseeded(Broken):
 
 
 class LeavesGrads(Broken):
+    freezes_parameters = False  # opted out of the base class's freezing, so it can leave gradients
+
     def perturb(self, model, x, y):
         F.cross_entropy(model(x), y).backward()  # onto the parameters
         return x
