@@ -163,3 +163,53 @@ def test_tick_clamps_and_is_silent_without_a_listener():
     for done in (-1, 0.5, 2):
         pgd.tick(done)
     assert heard == [0.0, 0.5, 1.0]
+
+
+def test_channels_last_weights_puts_the_very_same_tensors_back():
+    from harden.attacks.base import channels_last_weights
+    from harden.testing import TinyCNN, TinyMLP
+
+    model = TinyCNN(num_classes=3)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    x = torch.rand(2, 1, 8, 8)
+    restore = channels_last_weights(model, x)
+    assert restore is not None
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # the 16 -> 32 channel convolution changed its layout
+    restore()
+    for name, p in model.named_parameters():  # the very same storage, the same values
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]) and p.is_contiguous()
+    assert channels_last_weights(TinyMLP(num_classes=3), x) is None  # no 4-D weight: nothing to change
+
+
+class _ViewNet(torch.nn.Module):
+    """A CNN that flattens with .view(): fails on a channels_last activation, so Square must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv(x)))).view(x.shape[0], -1))
+
+
+def test_square_falls_back_to_the_models_own_layout_and_restores_it():
+    torch.manual_seed(0)
+    model = _ViewNet().eval()
+    x, y = synthetic_tensors(6, num_classes=3)
+    from harden.attacks.base import channels_last_weights
+
+    restore = channels_last_weights(model, x)
+    with pytest.raises(RuntimeError), torch.no_grad():  # the case the fallback is for
+        model(x)
+    restore()
+    ptr = model.conv2.weight.data_ptr()
+    adv = ATTACKS.get("square")(ThreatModel(eps=0.1), {"n_queries": 20})(model, x, y)
+    # float32 pixels in [0, 1]: x + 0.1 rounds once (2^-24 relative), so |adv - x| <= 0.1 + 2^-23
+    assert float((adv - x).abs().max()) <= 0.1 + 2**-23
+    assert model.conv2.weight.data_ptr() == ptr and model.conv2.weight.is_contiguous()
+    with torch.no_grad():
+        assert model(adv).shape == (6, 3)  # the model works in its own layout afterwards

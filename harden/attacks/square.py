@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from harden.attacks.base import ATTACKS, Attack, AttackParams
+from harden.attacks.base import ATTACKS, Attack, AttackParams, channels_last_weights
 from harden.policy import ThreatModel
 
 __all__ = ["Square", "SquareParams", "margin", "p_schedule"]
@@ -242,22 +242,43 @@ class Square(Attack):
         self.last_margins: torch.Tensor = torch.zeros(0)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Run ``restarts`` searches, each on the examples the previous ones did not fool."""
+        """Run ``restarts`` searches, each on the examples the previous ones did not fool.
+
+        On the CPU the queries run with the model's 4-D weights held channels_last
+        (:func:`harden.attacks.base.channels_last_weights`; put back bit for bit after): the
+        margins may differ from the standard layout's by float32 rounding, never the threat model.
+        """
+        restore = channels_last_weights(model, x)
+        try:
+            with torch.no_grad():
+                return self._search(model, x, y, restore)
+        finally:
+            if restore is not None:
+                restore()  # idempotent: also after a fallback in _search
+
+    def _search(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, layout: Any) -> torch.Tensor:
+        """The restarts; the first query falls back to the model's own layout if channels_last breaks it."""
         p: SquareParams = self.params
-        with torch.no_grad():
-            best = x.clone()
-            best_margin = margin(model(x), y)
-            queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            for restart in range(p.restarts):
-                todo = (best_margin >= 0).nonzero().squeeze(1)
-                if todo.numel() == 0:
-                    break
-                adv, m, q = self._run(model, x[todo], y[todo], restart)
-                queries[todo] += q
-                better = m < best_margin[todo]
-                best[todo[better]] = adv[better]
-                best_margin[todo[better]] = m[better]
-                self.tick((restart + 1) / p.restarts)
+        best = x.clone()
+        try:
+            first = model(x)
+        except RuntimeError:
+            if layout is None:
+                raise
+            layout()  # e.g. a .view() of a channels_last activation: back to the model's own layout
+            first = model(x)
+        best_margin = margin(first, y)
+        queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for restart in range(p.restarts):
+            todo = (best_margin >= 0).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            adv, m, q = self._run(model, x[todo], y[todo], restart)
+            queries[todo] += q
+            better = m < best_margin[todo]
+            best[todo[better]] = adv[better]
+            best_margin[todo[better]] = m[better]
+            self.tick((restart + 1) / p.restarts)
         self.tick(1.0)  # also when every example was fooled before the last restart
         self.last_query_counts = queries.cpu()
         self.last_margins = best_margin.cpu()
