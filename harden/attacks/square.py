@@ -201,6 +201,12 @@ def _nonempty_subsets(n: int, c: int, like: torch.Tensor) -> torch.Tensor:
         bits[empty] = torch.randint(0, 2, (int(empty.sum()), c), device=like.device)
 
 
+def _layout_error(exc: RuntimeError) -> bool:
+    """Whether an error is torch refusing a memory layout (a ``.view()`` of non-contiguous strides)."""
+    text = str(exc)
+    return "stride" in text or "contiguous" in text or "view size" in text
+
+
 def _l2n(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=dims, keepdim=True)
 
@@ -262,9 +268,9 @@ class Square(Attack):
         best = x.clone()
         try:
             first = model(x)
-        except RuntimeError:
-            if layout is None:
-                raise
+        except RuntimeError as exc:
+            if layout is None or not _layout_error(exc):
+                raise  # the model's own error, as the attack contract asks
             layout()  # e.g. a .view() of a channels_last activation: back to the model's own layout
             first = model(x)
         best_margin = margin(first, y)
