@@ -242,6 +242,16 @@ def test_run_suite_reports_each_attacks_ticks_as_a_share_of_the_cascade(trained_
     assert attacks[0].on_progress is before  # the hook is the caller's again
 
 
+def test_run_suite_progress_stays_a_fraction_when_an_attack_fools_examples(trained_xy):
+    """The fraction after each attack is (its position + 1) / attacks, whatever examples it fooled."""
+    model, x, y = trained_xy
+    heard = []
+    attacks = [ATTACKS.get("fgsm")(ThreatModel(eps=0.5)), ATTACKS.get("fgsm")(ThreatModel(eps=0.5))]
+    result = run_suite(model, x, y, attacks, on_progress=lambda label, done: heard.append((label, done)))
+    assert result.broken_by.count("fgsm") > 1  # the first attack fooled examples past position 1
+    assert heard == [("fgsm", 0.5), ("fgsm#2", 1.0)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_the_standard_presets_white_box_attacks_are_not_weaker_than_the_reference(digits_cnn, norm):

@@ -168,8 +168,8 @@ def run_suite(
                 fooled = _predict(model, x_adv) != y[idx]
                 if worst is not None:
                     worst[idx] = x_adv.detach()
-                for i in idx[fooled].tolist():
-                    broken[i] = label
+                for j in idx[fooled].tolist():
+                    broken[j] = label
                 correct[idx[fooled]] = False
             seconds[label] = time.perf_counter() - t0
             still[label] = correct.clone().cpu()
