@@ -41,6 +41,9 @@ class CascadeTally:
             not measured (beyond the attack's ``n_examples``, or no example could be built).
         check_x: the inputs of the check subset, as per-batch slices.
         check_y: their labels, as per-batch slices.
+        check_adv: their worst-case inputs under the l_p suite, as per-batch slices on the batches'
+            device: the point of the attack that fooled the example, else the last attack's output;
+            the clean input where no attack ran (wrong when clean, or no l_p attack).
         adversarial: up to ``keep_adversarial`` worst-case inputs (CPU, float32): the examples an
             attack fooled first, then attacked examples that survived; None when none were kept.
         indices: per verified example, its index in the data handed to :func:`run_cascade`.
@@ -55,6 +58,7 @@ class CascadeTally:
     other_outcomes: dict[str, list[int]] = field(default_factory=dict)
     check_x: list[torch.Tensor] = field(default_factory=list)
     check_y: list[torch.Tensor] = field(default_factory=list)
+    check_adv: list[torch.Tensor] = field(default_factory=list)
     adversarial: torch.Tensor | None = None
     indices: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
@@ -254,6 +258,7 @@ def run_cascade(
     other_outcomes: dict[str, list[int]] = {label: [] for label in other_labels}
     check_x: list[torch.Tensor] = []
     check_y: list[torch.Tensor] = []
+    check_adv: list[torch.Tensor] = []
     labels: list[int] = []
     fooled_adv: list[torch.Tensor] = []  # worst-case inputs that fooled the model, then survivors'
     survived_adv: list[torch.Tensor] = []
@@ -265,7 +270,13 @@ def run_cascade(
             check_batch(xb, yb, in_chans=in_chans)
             x, y = to_device(xb, yb, device)
             moves = _BarMoves(bar, seen, x.shape[0], len(lp_attacks), len(other_attacks))
-            part = _lp_part(net, x, y, lp_attacks, keep_adversarial, fooled_adv, survived_adv, moves.lp)
+            mask = _in_check(sel.check, check_examples, seen, x.shape[0])
+            part = _lp_part(net, x, y, lp_attacks, (keep_adversarial, fooled_adv, survived_adv), mask, moves.lp)
+            if bool(mask.any()):
+                check_x.append(x[mask.to(x.device)])
+                check_y.append(y[mask.to(x.device)])
+                check_adv.append(part.x_adv[mask].to(x.device) if part.x_adv is not None else x[mask.to(x.device)])
+            part.x_adv = None  # kept what we need; do not accumulate every batch
             if result is None:
                 result = part
             else:
@@ -276,10 +287,6 @@ def run_cascade(
                 other_n[label] += counted
                 other_outcomes[label] += outcome
                 moves.other(label)
-            mask = _in_check(sel.check, check_examples, seen, x.shape[0]).to(x.device)
-            if bool(mask.any()):
-                check_x.append(x[mask])
-                check_y.append(y[mask])
             labels += y.tolist()
             seen += x.shape[0]
             moves.done()
@@ -296,6 +303,7 @@ def run_cascade(
         other_outcomes=other_outcomes,
         check_x=check_x,
         check_y=check_y,
+        check_adv=check_adv,
         adversarial=kept if kept is not None and kept.shape[0] else None,
         indices=sel.indices[:seen] if sel.indices is not None else list(range(seen)),
         labels=labels,
@@ -347,17 +355,20 @@ def _lp_part(
     x: torch.Tensor,
     y: torch.Tensor,
     lp_attacks: Sequence[Attack],
-    keep: int,
-    fooled: list[torch.Tensor],
-    survived: list[torch.Tensor],
+    kept: tuple[int, list[torch.Tensor], list[torch.Tensor]],
+    check: torch.Tensor,
     on_progress: Callable[[str, float], None] | None = None,
 ) -> SuiteResult:
-    """The l_p cascade on one batch; up to ``keep`` worst-case inputs move into the two lists."""
-    n_fooled = sum(a.shape[0] for a in fooled)
-    part = run_suite(net, x, y, lp_attacks, keep_adversarial=n_fooled < keep, on_progress=on_progress)
+    """The l_p cascade on one batch; up to ``keep`` worst-case inputs move into the two lists of ``kept``.
+
+    The result holds the batch's worst-case inputs (``x_adv``) when some are still to be kept or
+    the batch has examples of the check subset (``check``).
+    """
+    keep, fooled, survived = kept
+    want = sum(a.shape[0] for a in fooled) < keep or bool(check.any())
+    part = run_suite(net, x, y, lp_attacks, keep_adversarial=want, on_progress=on_progress)
     if part.x_adv is not None:
         _harvest(part, keep, fooled, survived)
-        part.x_adv = None  # kept what we need; do not accumulate every batch
     return part
 
 

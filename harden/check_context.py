@@ -1,8 +1,12 @@
 """What the sanity checks look at, and the PGD runs they share (:class:`CheckContext`).
 
 The checks (:mod:`harden.checks`) and the eps sweep of :func:`harden.verify` read one context:
-the clean logits are computed once, and every PGD run of a radius is cached, continued (more
-steps, restarts) and warm-started from the largest radius below it, so that no run is repeated.
+the clean logits are computed once, the threat's radius starts from the suite's own worst case
+(``suite_adv``: what the cascade already computed, not attacked again), and every PGD run of a
+radius is cached and continued (more steps, restarts), so that no run is repeated. A radius above
+the threat's continues the largest one below it; a radius below it attacks only the examples
+fooled at the nearest larger one (a point of a smaller ball lies in the larger one, which was
+searched already).
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harden.attacks.base import input_grad, normalize_grad, project, restore_modes, save_modes
+from harden.attacks.base import (
+    channels_last_weights,
+    input_grad,
+    layout_error,
+    normalize_grad,
+    project,
+    restore_modes,
+    save_modes,
+)
 from harden.attacks.pgd import random_start
 from harden.batches import predictions
 from harden.policy import ThreatModel
@@ -34,13 +46,17 @@ class AttackState:
         x_adv: per example, the first iterate the model got wrong (it stopped there), else the last.
         right: per example, the model is right at ``x_adv`` (a fresh forward pass, not the attack's
             own bookkeeping): the figure an attack reports is this count over the subset.
-        start: the radius whose points the run continued (0.0: it started from random points).
+        start: the radius whose points the run continued (0.0: it started from random points,
+            or it is the suite's own outcome).
+        origin: what produced the points: ``"pgd"`` (the checks' PGD) or ``"suite"`` (the
+            verification's attack suite, at the threat's radius).
     """
 
     eps: float
     x_adv: torch.Tensor
     right: torch.Tensor
     start: float = 0.0
+    origin: str = "pgd"
 
     @property
     def accuracy(self) -> float:
@@ -61,7 +77,10 @@ class CheckContext:
         y: labels of the check subset.
         threat: the threat model.
         num_classes: classes of the task (for chance level).
-        steps: PGD steps used by the checks' own attacks.
+        steps: PGD steps of the checks' own runs (``more_iterations_never_help``'s continuation
+            and restart: :meth:`extend`).
+        sweep_steps: PGD steps of each radius of :meth:`attack` (the eps sweep, and the
+            large-radius checks that continue it); None: ``steps``.
         broken_by: per example of the full evaluation, the first attack that fooled it.
         white_box: attack labels of the suite that use the model's gradients.
         history: per-epoch training history (for the catastrophic-overfitting probe).
@@ -69,6 +88,13 @@ class CheckContext:
         indices: per example of ``broken_by``, its index in the verified data (the examples a
             check lists are named by it); empty: by position.
         seed: the seed of the checks' random starts (None: drawn once from the global RNG).
+        suite_adv: per example of the subset, its worst-case input under the verification's l_p
+            suite at ``threat.eps`` (the point of the attack that fooled it, else the last attack's
+            output; the clean input where none ran). Given, it is the run at ``threat.eps``; None:
+            that radius is attacked with PGD like any other.
+
+    Raises:
+        ValueError: ``suite_adv`` not of the shape of ``x``.
     """
 
     model: nn.Module
@@ -77,14 +103,21 @@ class CheckContext:
     threat: ThreatModel
     num_classes: int
     steps: int = 20
+    sweep_steps: int | None = None
     broken_by: Sequence[str] = ()
     white_box: Sequence[str] = ()
     history: Sequence[dict[str, Any]] = ()
     black_box: Sequence[str] = ()
     indices: Sequence[int] = ()
     seed: int | None = None
+    suite_adv: torch.Tensor | None = None
     _logits: torch.Tensor | None = field(default=None, init=False, repr=False)
     _states: dict[float, AttackState] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.suite_adv is not None and self.suite_adv.shape != self.x.shape:
+            got = tuple(self.suite_adv.shape)
+            raise ValueError(f"expected suite_adv of the check subset's shape {tuple(self.x.shape)}, got {got}")
 
     def logits(self) -> torch.Tensor:
         """The model's logits on the clean subset (computed once, in eval mode)."""
@@ -98,23 +131,66 @@ class CheckContext:
         return float((predictions(self.logits()) == self.y).float().mean())
 
     def attack(self, eps: float) -> AttackState:
-        """PGD with ``steps`` steps of ``2.5 * eps / steps`` at radius ``eps`` on the subset (cached).
+        """Where the examples of the subset stand at radius ``eps`` (cached): the suite's outcome, or PGD.
 
-        Warm and monotone: the run continues the largest radius already attacked below ``eps``
-        (else the clean inputs, from a random start seeded by ``seed``). An example wrong there
-        keeps its point, which lies inside the smaller ball and so inside this one; only the
-        examples still right are attacked, each from its point there. Every example counted
-        wrong has a point inside the eps ball where a fresh forward pass is wrong, so the
-        accuracy is an upper bound of the accuracy under attack at ``eps`` (never above the
-        figure at a smaller radius for a deterministic model).
+        At ``threat.eps`` with ``suite_adv``: the suite's own worst case (nothing is attacked).
+        Otherwise PGD with ``sweep_steps`` steps of ``2.5 * eps / sweep_steps``, warm and monotone:
+
+        - above every radius below it that was attacked (and above ``threat.eps`` when the suite's
+          outcome is given), the run continues the largest radius below (else the clean inputs,
+          from a random start seeded by ``seed``): an example wrong there keeps its point, which
+          lies inside the smaller ball; only the examples still right are attacked, from their
+          point there;
+        - below ``threat.eps`` when the suite's outcome is given, only the examples fooled at the
+          nearest larger radius are attacked, from their point there projected onto this ball;
+          an example that no attack fooled in the larger ball counts as right (its clean input)
+          without being attacked again. Ask such radii largest first (as :func:`harden.verify`'s
+          sweep does) so that each continues the next.
+
+        Every example counted wrong has a point inside the eps ball where a fresh forward pass is
+        wrong, so the accuracy is an upper bound of the accuracy under attack at ``eps`` (never
+        above the figure at a smaller radius for a deterministic model).
         """
+        suite = self._suite()
         if eps not in self._states:
-            below = [e for e in self._states if e < eps]
-            base = self._states[max(below)] if below else AttackState(0.0, self.x, predictions(self.logits()) == self.y)
-            self._states[eps] = self.extend(base, eps=eps, restart=None if below else 0)
+            if suite is not None and eps < suite.eps:
+                self._states[eps] = self._shrink(self._states[min(e for e in self._states if e > eps)], eps)
+            else:
+                below = [e for e in self._states if e < eps]
+                clean = AttackState(0.0, self.x, predictions(self.logits()) == self.y)
+                base = self._states[max(below)] if below else clean
+                self._states[eps] = self.extend(base, eps=eps, restart=None if below else 0, steps=self.sweep_steps)
         return self._states[eps]
 
-    def extend(self, base: AttackState, *, eps: float | None = None, restart: int | None = None) -> AttackState:
+    def _suite(self) -> AttackState | None:
+        """The suite's outcome at ``threat.eps`` (a fresh forward pass on ``suite_adv``), cached; None without it."""
+        eps = float(self.threat.eps)
+        if self.suite_adv is not None and eps not in self._states:
+            with _eval(self.model), torch.no_grad():
+                right = predictions(self.model(self.suite_adv)) == self.y
+            self._states[eps] = AttackState(eps, self.suite_adv, right, origin="suite")
+        return self._states.get(eps) if self.suite_adv is not None else None
+
+    def _shrink(self, base: AttackState, eps: float) -> AttackState:
+        """PGD at ``eps`` below ``base.eps`` on the examples right when clean and fooled at ``base``, from their point there.
+
+        The others keep their clean input: right when clean and not fooled in the larger ball
+        (counted right, not attacked), or wrong when clean.
+        """
+        todo = (predictions(self.logits()) == self.y) & ~base.right
+        out = self.x.clone()
+        if bool(todo.any()):
+            x, y = self.x[todo], self.y[todo]
+            with _eval(self.model):
+                start = project(base.x_adv[todo], x, self.threat.norm, eps)
+                out[todo] = self._pgd(x, y, start, eps, self.sweep_steps or self.steps)
+        with _eval(self.model), torch.no_grad():
+            right = predictions(self.model(out)) == self.y
+        return AttackState(eps, out, right, base.eps)
+
+    def extend(
+        self, base: AttackState, *, eps: float | None = None, restart: int | None = None, steps: int | None = None
+    ) -> AttackState:
         """``steps`` more PGD steps on the examples still right in ``base``; the others keep their point.
 
         Args:
@@ -122,6 +198,7 @@ class CheckContext:
             eps: the radius (default ``base.eps``; not below it).
             restart: None continues from the points of ``base`` (projected onto the eps ball);
                 ``k`` starts afresh from the random start number ``k`` of ``seed``.
+            steps: PGD steps (None: the context's ``steps``).
 
         The step is ``2.5 * eps / steps``, as PGD's default.
 
@@ -139,38 +216,66 @@ class CheckContext:
             else:
                 start = self._random_start(x, eps, restart)
             with _eval(self.model):
-                out[todo] = self._pgd(x, y, start, eps)
+                out[todo] = self._pgd(x, y, start, eps, steps or self.steps)
         with _eval(self.model), torch.no_grad():
             right = predictions(self.model(out)) == self.y
         return AttackState(eps, out, right, base.eps if restart is None else 0.0)
 
-    def _pgd(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, eps: float) -> torch.Tensor:
+    def _pgd(self, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
         """``steps`` PGD steps (cross-entropy, step ``2.5 * eps / steps``) from ``start`` in the eps ball and [0, 1].
 
         An example stops at the first iterate the model gets wrong (that point is returned, as PGD's
         ``select: misclassified`` keeps it); the others return their last iterate. The parameters
-        are frozen meanwhile (no weight gradients); a non-finite gradient entry moves nothing.
+        are frozen meanwhile (no weight gradients); a non-finite gradient entry moves nothing. On
+        the CPU the model's 4-D weights are held channels_last meanwhile
+        (:func:`harden.attacks.base.channels_last_weights`: the same gradients up to float32
+        rounding, 10-30 % faster on the convolutional models measured; put back bit for bit after),
+        unless the model breaks on that layout (then it keeps its own).
         """
-        norm, alpha, model = self.threat.norm, 2.5 * eps / self.steps, self.model
-        out, idx, cur = start.clone(), torch.arange(x.shape[0], device=x.device), start
+        model = self.model
         frozen = [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
+        layout = channels_last_weights(model, x)
         try:
             with torch.enable_grad():
-                for _ in range(self.steps):
-                    logits, grad = input_grad(model, cur, partial(_ce, y=y))
-                    going = predictions(logits) == y
-                    if not bool(going.all()):  # the examples fooled here stop, at this iterate
-                        out[idx[~going]] = cur[~going]
-                        idx, x, y, cur, grad = idx[going], x[going], y[going], cur[going], grad[going]
-                        if idx.numel() == 0:
-                            break
-                    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-                    cur = project(cur + alpha * normalize_grad(grad, norm), x, norm, eps)
+                try:
+                    first = input_grad(model, start, partial(_ce, y=y))
+                except RuntimeError as exc:
+                    if layout is None or not layout_error(exc):
+                        raise
+                    layout()  # the model views a channels_last activation: back to its own layout
+                    layout = None
+                    first = input_grad(model, start, partial(_ce, y=y))
+                return self._steps(x, y, start, eps, steps, first)
         finally:
+            if layout is not None:
+                layout()
             for p in frozen:
                 p.requires_grad_(True)
+
+    def _steps(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        start: torch.Tensor,
+        eps: float,
+        steps: int,
+        first: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """The PGD loop of :meth:`_pgd`; ``first`` is the logits and gradient at ``start``."""
+        norm, alpha = self.threat.norm, 2.5 * eps / steps
+        out, idx, cur = start.clone(), torch.arange(x.shape[0], device=x.device), start
+        for k in range(steps):
+            logits, grad = first if k == 0 else input_grad(self.model, cur, partial(_ce, y=y))
+            going = predictions(logits) == y
+            if not bool(going.all()):  # the examples fooled here stop, at this iterate
+                out[idx[~going]] = cur[~going]
+                idx, x, y, cur, grad = idx[going], x[going], y[going], cur[going], grad[going]
+                if idx.numel() == 0:
+                    break
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            cur = project(cur + alpha * normalize_grad(grad, norm), x, norm, eps)
         out[idx] = cur
         return out
 

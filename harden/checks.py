@@ -195,30 +195,32 @@ def _unbounded(ctx: CheckContext) -> tuple[Status, str]:
 
 @_check(
     "more_iterations_never_help",
-    "PGD with twice the steps (the base run continued from its last iterate) or 3 restarts (2 more random "
-    "starts on the examples it left right), with the same step size (so each attack extends the base one and "
-    "can only fool more), leaves more examples correct than the base "
-    "run, beyond 1 example (FAIL: the model's answers are random or the gradients inconsistent), or lowers "
-    "accuracy by more than 5 points (WARN: the evaluation had not converged)",
+    "the base run at the threat's eps (the suite's own worst case on the check subset, else the checks' PGD) "
+    "continued by PGD for check_steps more steps from its points, then one PGD run from a fresh random start, "
+    "each only on the examples still right (so each can only fool more), leaves more examples correct than the "
+    "base run, beyond 1 example (FAIL: the model's answers are random or the gradients inconsistent), or "
+    "lowers accuracy by more than 5 points (WARN: the evaluation had not converged)",
     "raise steps/restarts until accuracy stops falling; randomness that favours the model points at a "
     "stochastic defence (use EOT: params: {eot: 10} on pgd / apgd_ce / apgd_t)",
 )
 def _more_iterations(ctx: CheckContext) -> tuple[Status, str]:
     if ctx.clean_accuracy() == 0.0:
         return "SKIP", "clean accuracy 0%: the model is right on no check example, nothing to attack"
-    base = ctx.attack(ctx.threat.eps)  # the eps sweep's run at the threat's eps, when it ran
-    # with the base run's step (2.5 eps / steps): twice the steps is the base run continued from its
-    # last iterate; 3 restarts are 2 more runs from fresh random starts, each on the examples still
-    # right. Each figure is a fresh forward pass on the attack's points.
-    double = ctx.extend(base).accuracy
-    more = ctx.extend(ctx.extend(base, restart=1), restart=2)
-    base_acc, restarts = base.accuracy, more.accuracy
-    warm = f" (continuing eps={base.start:.3g})" if base.start else ""
-    detail = f"PGD-{ctx.steps} {base_acc:.1%}{warm}, PGD-{2 * ctx.steps} {double:.1%}, 3 restarts {restarts:.1%}"
+    base = ctx.attack(ctx.threat.eps)  # the suite's outcome on the subset, or the eps sweep's run at eps
+    # PGD with step 2.5 eps / steps: the base continued from its points, then a run from a fresh seeded
+    # random start on the examples still right. Each figure is a fresh forward pass on the points.
+    more = ctx.extend(base)
+    restart = ctx.extend(more, restart=1)
+    base_acc, more_acc, restart_acc = base.accuracy, more.accuracy, restart.accuracy
+    if base.origin == "suite":
+        what = "the suite"
+    else:
+        what = f"PGD-{ctx.steps}" + (f" (continuing eps={base.start:.3g})" if base.start else "")
+    detail = f"{what} {base_acc:.1%}, +{ctx.steps} steps {more_acc:.1%}, +1 random restart {restart_acc:.1%}"
     n = ctx.x.shape[0]
-    if max(double, restarts) > base_acc + 1.5 / n:  # more than one example
+    if max(more_acc, restart_acc) > base_acc + 1.5 / n:  # more than one example
         return "FAIL", detail
-    if min(double, restarts) < base_acc - 0.05:
+    if restart_acc < base_acc - 0.05:
         return "WARN", detail
     return "PASS", detail
 

@@ -42,10 +42,11 @@ _LOSS_PASSES: dict[str, int] = {"ce": 1, "gaussian_aug": 1, "pgd_at": 1, "trades
 _EXACT = frozenset({"ce", "gaussian_aug", "pgd_at"})
 #: a forward alone costs about a third of a forward-backward pass
 _FORWARD = 1 / 3
-#: PGD runs of the sanity checks beyond the eps sweep's, in units of ``check_steps`` (an upper
-#: bound: harden.checks continues the sweep's runs on the examples still right): the large-eps and
-#: unbounded runs, the base run continued, and two more restarts
-_CHECK_RUNS = 5
+#: PGD runs of the sanity checks in units of ``check_steps`` (an upper bound: each runs only on the
+#: examples still right): the suite's outcome continued, and one more random start
+_CHECK_RUNS = 2
+#: runs of ``sweep_steps`` the checks add to the eps sweep: the large-eps and unbounded radii
+_LARGE_RUNS = 2
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,16 @@ def _verify_lines(policy: Policy, n_test: int, num_classes: int) -> tuple[list[s
     radii = (
         spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
     )
+    # the suite's own outcome is the run at the threat's eps; every other radius one run of sweep_steps
+    sweep_runs = len({e for e in radii if e != policy.threat.eps}) + (0 if passes else 1)
+    sweep = ", ".join(f"{e:.4g}" for e in radii) if radii else "none"
     if spec.checks:
-        base = 0 if policy.threat.eps in radii else 1  # the checks' own run at eps when the sweep has none
-        checks = k * spec.check_steps * (_CHECK_RUNS + base + len(radii))
-        sweep = ", ".join(f"{e:.4g}" for e in radii) if radii else "none"
-        lines.append(f"          checks on ({k} examples, PGD-{spec.check_steps}); eps sweep {sweep}")
+        checks = k * (spec.check_steps * _CHECK_RUNS + spec.sweep_steps * (sweep_runs + _LARGE_RUNS))
+        what = f"checks on ({k} examples, PGD-{spec.check_steps}); eps sweep {sweep} (PGD-{spec.sweep_steps})"
     else:
-        lines.append("          checks off (no sanity checks, no eps sweep)")
+        checks = k * spec.sweep_steps * sweep_runs if radii else 0.0
+        what = f"checks off; eps sweep {sweep} (PGD-{spec.sweep_steps}, {k} examples)" if radii else "checks off"
+    lines.append(f"          {what}")
     return lines, passes, checks
 
 

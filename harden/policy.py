@@ -168,12 +168,16 @@ class VerifySpec(Strict):
             Default (no preset): FGSM then PGD-40.
         n_examples: test examples to attack: a seeded class-balanced sample of the test split
             (``sample: first``: the first N).
-        eps_sweep: radii for the robust-accuracy-against-eps curve (PGD with ``check_steps``
-            steps on the check subset); None: 0.25, 0.5, 1, 1.5 and 2 times ``threat.eps``;
-            empty: no curve.
+        eps_sweep: radii for the robust-accuracy-against-eps curve on the check subset; None:
+            0.25, 0.5, 1, 1.5 and 2 times ``threat.eps``; empty: no curve. At ``threat.eps`` the
+            point is the suite's own worst case; the other radii run PGD with ``sweep_steps``
+            steps, each continuing a neighbouring radius (see ``harden.verify``).
         checks: run the gradient-masking / evaluation sanity checks.
         check_examples: test examples used by the checks and the eps sweep.
-        check_steps: PGD steps of the checks' own attacks.
+        check_steps: PGD steps of the checks' own runs (``more_iterations_never_help``: the
+            suite's outcome continued by this many steps, then one run from a random start).
+        sweep_steps: PGD steps of each radius of the eps sweep and of the large-radius checks
+            that continue it (``large_eps_to_chance``, ``unbounded_attack_succeeds``).
         sample: how ``n_examples`` and ``check_examples`` are drawn from the test split:
             ``balanced`` (a class-balanced sample seeded by ``seed``, in test-split order) or
             ``first`` (the first N; on class-sorted data that covers few classes).
@@ -190,6 +194,7 @@ class VerifySpec(Strict):
     checks: bool = True
     check_examples: int = Field(200, ge=8)
     check_steps: int = Field(20, ge=1, le=10_000)
+    sweep_steps: int = Field(10, ge=1, le=10_000)
     sample: Literal["balanced", "first"] = "balanced"
 
     @model_validator(mode="after")

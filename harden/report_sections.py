@@ -372,8 +372,9 @@ def _per_class_section(cert: Certificate) -> Section:
 def _eps_section(cert: Certificate) -> Section:
     m = f" on the {cert.check_n}-example check subset" if cert.check_n else ""
     text = (
-        f"PGD accuracy as the {threat_text(cert)} budget varies{m} (eps 0: its clean accuracy); the shaded band is "
-        "the 95% Wilson interval, the dashed line the threat's eps."
+        f"Accuracy under attack as the {threat_text(cert)} budget varies{m} (eps 0: its clean accuracy; the other "
+        "radii than the threat's are PGD runs continuing a neighbouring radius); the shaded band is the 95% Wilson "
+        "interval, the dashed line the threat's eps."
     )
     head = ["eps", "accuracy", "95% Wilson interval"]
     rows = []

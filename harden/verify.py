@@ -234,14 +234,18 @@ def _check_head(logits: int, classes: int | None, needed: int) -> None:
 
 
 def _eps_curve(ctx: CheckContext, policy: Policy, clean: float, progress: bool) -> list[tuple[float, float]]:
-    """PGD accuracy on the check subset per radius, smallest first; eps 0 is its clean accuracy ``clean``.
+    """Accuracy on the check subset per radius, smallest first; eps 0 is its clean accuracy ``clean``.
 
-    Each radius continues the one below (:meth:`harden.checks.CheckContext.attack`): an example
-    fooled at a smaller radius stays fooled (its point is inside the larger ball) and only the
-    examples still right are attacked, from their point there. Every figure stays an upper bound
-    of the accuracy under attack at its radius, and the curve never rises for a deterministic
-    model. The runs are cached in ``ctx``: the checks continue them (the one at the threat's eps
-    is the base run of ``more_iterations_never_help``).
+    At the threat's eps it is the suite's own worst case on the subset (the cascade's points, not
+    attacked again). Above it, each radius continues the one below with PGD: an example fooled at
+    a smaller radius stays fooled (its point is inside the larger ball) and only the examples
+    still right are attacked, from their point there. Below it, the radii go largest first and
+    each attacks with PGD only the examples fooled at the next larger one, from their point
+    there; one that no attack fooled in the larger ball counts as right
+    (:meth:`harden.checks.CheckContext.attack`). Every figure stays an upper bound of the
+    accuracy under attack at its radius, and the curve never rises for a deterministic model.
+    The runs are cached in ``ctx``: the checks continue them (the suite's outcome is the base
+    run of ``more_iterations_never_help``).
     """
     spec = policy.verify
     asked = (
@@ -250,14 +254,15 @@ def _eps_curve(ctx: CheckContext, policy: Policy, clean: float, progress: bool) 
     radii = [e for e in sorted(asked) if not (policy.threat.norm == "linf" and e > 1)]  # linf 1 covers the box
     if not radii:
         return []
-    out = [(0.0, clean)]
+    threat = policy.threat.eps
+    order = sorted((e for e in radii if e < threat), reverse=True) + [e for e in radii if e >= threat]
+    right: dict[float, int] = {}
     with tqdm(total=len(radii), desc="eps sweep", disable=not progress, leave=False, unit="eps") as bar:
-        for eps in radii:
+        for eps in order:
             bar.set_postfix_str(f"eps={eps:g}", refresh=False)
-            state = ctx.attack(float(eps))
-            out.append((float(eps), int(state.right.sum()) / len(ctx.y)))  # a whole count over n, in float64
+            right[eps] = int(ctx.attack(float(eps)).right.sum())
             bar.update(1)
-    return out
+    return [(0.0, clean), *((float(e), right[e] / len(ctx.y)) for e in radii)]  # whole counts over n, in float64
 
 
 def _check_context(
@@ -270,7 +275,10 @@ def _check_context(
     policy: Policy,
     history: list[dict[str, Any]] | None,
 ) -> CheckContext:
-    """What the eps sweep and the sanity checks share: the check examples ``(cx, cy)`` and the cascade's outcomes."""
+    """What the eps sweep and the sanity checks share: the check examples ``(cx, cy)`` and the cascade's outcomes.
+
+    The suite's worst-case inputs of the check examples are the run at the threat's eps.
+    """
     labels = list(zip(tally.result.labels, lp_attacks, strict=True))
     return CheckContext(
         net,
@@ -279,12 +287,14 @@ def _check_context(
         policy.threat,
         num_classes,
         steps=policy.verify.check_steps,
+        sweep_steps=policy.verify.sweep_steps,
         broken_by=tally.result.broken_by,
         white_box=[lb for lb, a in labels if a.white_box],
         history=history or [],
         black_box=[lb for lb, a in labels if not a.white_box],
         indices=tally.indices,
         seed=policy.seed,
+        suite_adv=torch.cat(tally.check_adv) if tally.check_adv and lp_attacks else None,  # no l_p attack: PGD
     )
 
 

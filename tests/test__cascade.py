@@ -125,6 +125,25 @@ def test_check_examples_are_the_leading_examples_and_limit_stops_early(trained):
     assert tally.result.clean_correct.shape == (20,)
 
 
+def test_the_check_subsets_worst_case_inputs_are_the_suites_points_across_batches(trained):
+    """check_adv: the fooling point where an attack fooled the example, the last attack's output where none did,
+    the clean input where the model was wrong when clean; collected also when no adversarial input is kept."""
+    x, y = synthetic_tensors(30, seed=5)
+    y[[0, 9]] = (y[[0, 9]] + 1) % 3  # two wrong labels: the model is wrong on them when clean
+    fgsm, recorder = ATTACKS.get("fgsm")(THREAT), Recorder(THREAT)
+    tally = cascade(trained, (x, y), [fgsm, recorder], check_examples=19, batch_size=8)
+    adv = torch.cat(tally.check_adv)
+    assert adv.shape == x[:19].shape and tally.adversarial is None  # nothing kept for the report
+    wrong, fooled = (predictions(trained, x[:19]) != y[:19]), tally.result.still_correct["fgsm"][:19].logical_not()
+    fooled &= ~wrong
+    held = ~(wrong | fooled)
+    assert bool(wrong.any()) and bool(fooled.any()) and bool(held.any())  # every case occurs
+    assert torch.equal(adv[wrong], x[:19][wrong])
+    assert torch.equal(adv[held], x[:19][held])  # the recorder, the last attack, returns its input
+    assert torch.equal(adv[fooled], fgsm(trained, x[:19][fooled], y[:19][fooled]))  # fgsm is deterministic
+    assert bool((predictions(trained, adv[fooled]) != y[:19][fooled]).all())
+
+
 def test_report_fields_follow_the_tally(trained):
     x, y = synthetic_tensors(24, seed=5)
     policy = tiny_policy()

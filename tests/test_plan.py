@@ -82,12 +82,25 @@ def test_the_lines_name_attacks_checks_smoothing_and_the_onnx_attack():
     assert "smoothing: 100 noise draws (sigma 0.25) on 20 examples" in text
     assert "its session attacked on 30 examples" in text
     more = plan_of(verify={"checks": True, "check_examples": 16, "check_steps": 3, "eps_sweep": [0.1, 0.2]})
-    assert "checks on (16 examples, PGD-3); eps sweep 0.1, 0.2" in "\n".join(more.lines())
+    assert "checks on (16 examples, PGD-3); eps sweep 0.1, 0.2 (PGD-10)" in "\n".join(more.lines())
     # attack passes follow steps x restarts: doubling the restarts doubles the verify count's attack part
     a = plan_of(verify={"attacks": [{"name": "pgd", "params": {"steps": 7, "restarts": 1}}], "checks": False})
     b = plan_of(verify={"attacks": [{"name": "pgd", "params": {"steps": 7, "restarts": 2}}], "checks": False})
     clean = 192 / 3 / 64  # one forward of every test example (a third of a pass), in batches of 64
     assert b.passes["verify"] - clean == pytest.approx(2 * (a.passes["verify"] - clean))
+
+
+def test_the_checks_count_their_runs_and_the_sweep_radii_beside_the_suites_own_point():
+    """Upper bound per check example: 2 runs of check_steps (the suite's outcome continued, one restart), one run of
+    sweep_steps per radius other than the threat's (that one is the suite's), and the large-eps and unbounded runs."""
+    spec = {"check_examples": 16, "check_steps": 3, "sweep_steps": 5, "eps_sweep": [0.05, 0.1, 0.2]}
+    policy = tiny_policy(verify=spec)
+    assert policy.threat.eps == 0.1  # so the radius 0.1 costs nothing
+    bs = policy.data.batch_size  # the plan counts passes of a training batch
+    assert plan_of(verify=spec).passes["checks"] == pytest.approx(16 * (3 * 2 + 5 * (2 + 2)) / bs)
+    off = plan_of(verify={**spec, "checks": False})
+    assert off.passes["checks"] == pytest.approx(16 * 5 * 2 / bs)  # the sweep runs without the checks
+    assert "checks off; eps sweep 0.05, 0.1, 0.2 (PGD-5, 16 examples)" in "\n".join(off.lines())
 
 
 def test_measuring_a_pass_leaves_the_model_and_the_rng_alone():

@@ -173,6 +173,7 @@ def test_l2_allows_eps_above_one():
         ("objectives: [{name: ce}]\nmodel: {name: 'timm:resnet10x'}\n", "model.name", "did you mean 'resnet10t'"),
         ("objectives: [{name: ce}]\ndata: {name: mnist5k}\n", "data.name", "did you mean 'mnist-5k'?"),
         ("objectives: [{name: ce, weight: 0}, {name: trades, weight: 0}]\n", "objectives", "weight > 0"),
+        ("objectives: [{name: ce}]\nverify: {sweep_steps: 0}\n", "verify.sweep_steps", "expected a number >= 1, got 0"),
         ("objectives: []\n", "objectives", "at least 1 item"),
         ("seed: 1\n", "objectives", "required key"),
     ],

@@ -402,4 +402,13 @@ def test_the_eps_curve_never_rises_and_its_run_at_eps_is_the_checks_base_run(tra
     assert accs[0] > accs[-1]  # it falls, so the comparison above tests something
     at_eps = dict(report.eps_curve)[0.1]
     detail = report.checks["more_iterations_never_help"]["detail"]
-    assert detail.startswith(f"PGD-3 {at_eps:.1%} (continuing eps=0.05), PGD-6 ")  # says what its base run was
+    assert detail.startswith(f"the suite {at_eps:.1%}, +3 steps ")  # says what its base run was
+
+
+def test_the_eps_curve_at_the_threats_eps_is_the_suites_own_figure(trained):
+    """Every verified example in the check subset: the curve's point at eps is the robust accuracy, not a new run."""
+    policy = tiny_policy(verify={"n_examples": 30, "check_examples": 30, "eps_sweep": [0.05, 0.1, 0.2]})
+    report = verify(trained, policy, synthetic_tensors(30, seed=5), progress=False)
+    assert report.check_n == report.n == 30
+    assert dict(report.eps_curve)[0.1] == report.robust_accuracy
+    assert 0.0 < report.robust_accuracy < report.clean_accuracy  # the suite fooled some, not all

@@ -37,6 +37,7 @@ __all__ = [
     "channels_last_weights",
     "freeze_parameters",
     "input_grad",
+    "layout_error",
     "loss_grad",
     "lp_norm",
     "normalize_grad",
@@ -158,6 +159,22 @@ def channels_last_weights(model: nn.Module, x: torch.Tensor) -> Callable[[], Non
             t.data = data
 
     return restore
+
+
+def layout_error(exc: RuntimeError) -> bool:
+    """Whether an error is torch refusing a memory layout (a ``.view()`` of non-contiguous strides).
+
+    A model that breaks on :func:`channels_last_weights` (its forward views a channels_last
+    activation) raises such an error; the caller then puts the model's own layout back.
+
+    Example:
+        >>> layout_error(RuntimeError("view size is not compatible with input tensor's size and stride"))
+        True
+        >>> layout_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    text = str(exc)
+    return "stride" in text or "contiguous" in text or "view size" in text
 
 
 def freeze_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from harden.attacks.base import ATTACKS, Attack, AttackParams, channels_last_weights
+from harden.attacks.base import ATTACKS, Attack, AttackParams, channels_last_weights, layout_error
 from harden.policy import ThreatModel
 
 __all__ = ["Square", "SquareParams", "margin", "p_schedule"]
@@ -201,12 +201,6 @@ def _nonempty_subsets(n: int, c: int, like: torch.Tensor) -> torch.Tensor:
         bits[empty] = torch.randint(0, 2, (int(empty.sum()), c), device=like.device)
 
 
-def _layout_error(exc: RuntimeError) -> bool:
-    """Whether an error is torch refusing a memory layout (a ``.view()`` of non-contiguous strides)."""
-    text = str(exc)
-    return "stride" in text or "contiguous" in text or "view size" in text
-
-
 def _l2n(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=dims, keepdim=True)
 
@@ -269,7 +263,7 @@ class Square(Attack):
         try:
             first = model(x)
         except RuntimeError as exc:
-            if layout is None or not _layout_error(exc):
+            if layout is None or not layout_error(exc):
                 raise  # the model's own error, as the attack contract asks
             layout()  # e.g. a .view() of a channels_last activation: back to the model's own layout
             first = model(x)
