@@ -273,9 +273,10 @@ def run_cascade(
             mask = _in_check(sel.check, check_examples, seen, x.shape[0])
             part = _lp_part(net, x, y, lp_attacks, (keep_adversarial, fooled_adv, survived_adv), mask, moves.lp)
             if bool(mask.any()):
-                check_x.append(x[mask.to(x.device)])
-                check_y.append(y[mask.to(x.device)])
-                check_adv.append(part.x_adv[mask].to(x.device) if part.x_adv is not None else x[mask.to(x.device)])
+                on = mask.to(x.device)
+                check_x.append(x[on])
+                check_y.append(y[on])
+                check_adv.append(x[on] if part.x_adv is None else part.x_adv[mask].to(x.device))  # x_adv is on the CPU
             part.x_adv = None  # kept what we need; do not accumulate every batch
             if result is None:
                 result = part
@@ -359,11 +360,7 @@ def _lp_part(
     check: torch.Tensor,
     on_progress: Callable[[str, float], None] | None = None,
 ) -> SuiteResult:
-    """The l_p cascade on one batch; up to ``keep`` worst-case inputs move into the two lists of ``kept``.
-
-    The result holds the batch's worst-case inputs (``x_adv``) when some are still to be kept or
-    the batch has examples of the check subset (``check``).
-    """
+    """The l_p cascade on one batch (with ``x_adv`` if inputs are to be kept or ``check`` has any); some move to ``kept``."""
     keep, fooled, survived = kept
     want = sum(a.shape[0] for a in fooled) < keep or bool(check.any())
     part = run_suite(net, x, y, lp_attacks, keep_adversarial=want, on_progress=on_progress)

@@ -11,7 +11,7 @@ searched already).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,7 +34,23 @@ from harden.attacks.pgd import random_start
 from harden.batches import predictions
 from harden.policy import ThreatModel
 
-__all__ = ["AttackState", "CheckContext"]
+__all__ = ["AttackState", "CheckContext", "sweep_radii"]
+
+
+def sweep_radii(asked: Sequence[float] | None, threat: ThreatModel) -> list[float]:
+    """The eps sweep's radii, smallest first, each once.
+
+    ``asked`` (None: 0.25, 0.5, 1, 1.5 and 2 times ``threat.eps``), without linf radii above 1
+    (the ball of radius 1 already covers the whole box).
+
+    Example:
+        >>> sweep_radii(None, ThreatModel(eps=0.2))
+        [0.05, 0.1, 0.2, 0.30000000000000004, 0.4]
+        >>> sweep_radii([0.5, 2.0, 0.5], ThreatModel(eps=0.1))
+        [0.5]
+    """
+    radii = asked if asked is not None else [f * threat.eps for f in (0.25, 0.5, 1, 1.5, 2)]
+    return sorted({float(e) for e in radii if not (threat.norm == "linf" and e > 1)})
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,8 @@ class CheckContext:
             that radius is attacked with PGD like any other.
 
     Raises:
-        ValueError: ``suite_adv`` not of the shape of ``x``.
+        ValueError: ``suite_adv`` not of the shape, dtype and device of ``x``. Its points are
+            projected onto the eps ball around ``x`` and [0, 1] (a no-op on an attack's output).
     """
 
     model: nn.Module
@@ -115,9 +132,34 @@ class CheckContext:
     _states: dict[float, AttackState] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.suite_adv is not None and self.suite_adv.shape != self.x.shape:
-            got = tuple(self.suite_adv.shape)
-            raise ValueError(f"expected suite_adv of the check subset's shape {tuple(self.x.shape)}, got {got}")
+        adv = self.suite_adv
+        if adv is None:
+            return
+        if adv.shape != self.x.shape or adv.dtype != self.x.dtype or adv.device != self.x.device:
+            want = f"{tuple(self.x.shape)} {self.x.dtype} on {self.x.device}"
+            raise ValueError(
+                f"expected suite_adv like the check subset ({want}), got {tuple(adv.shape)} {adv.dtype} on {adv.device}"
+            )
+        self.suite_adv = project(adv, self.x, self.threat.norm, float(self.threat.eps))
+
+    def sweep(
+        self, radii: Sequence[float], on_radius: Callable[[float], None] | None = None
+    ) -> dict[float, AttackState]:
+        """:meth:`attack` every radius of ``radii`` in the order that keeps the curve monotone.
+
+        With the suite's outcome: the radii below ``threat.eps`` largest first (each continues the
+        next larger one), then the others smallest first; without it, smallest first.
+        ``on_radius(eps)`` hears each radius before it runs (a progress bar).
+        """
+        unique = sorted(set(radii))
+        suite = self._suite()
+        below = [e for e in reversed(unique) if suite is not None and e < suite.eps]
+        out: dict[float, AttackState] = {}
+        for eps in below + [e for e in unique if e not in below]:
+            if on_radius is not None:
+                on_radius(eps)
+            out[eps] = self.attack(eps)
+        return out
 
     def logits(self) -> torch.Tensor:
         """The model's logits on the clean subset (computed once, in eval mode)."""
@@ -236,8 +278,9 @@ class CheckContext:
         frozen = [p for p in model.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-        layout = channels_last_weights(model, x)
+        layout = None
         try:
+            layout = channels_last_weights(model, x)
             with torch.enable_grad():
                 try:
                     first = input_grad(model, start, partial(_ce, y=y))

@@ -172,7 +172,7 @@ def _large_eps_check(ctx: CheckContext) -> tuple[Status, str]:
             "SKIP",
             f"clean accuracy {clean:.1%} is already within 5 points of chance ({chance:.1%}): nothing to lower",
         )
-    acc = ctx.attack(eps).accuracy  # continues the largest radius attacked below (the eps sweep's)
+    acc = ctx.attack(eps).accuracy  # continues a neighbouring radius of the eps sweep (CheckContext.attack)
     status: Status = "PASS" if acc <= chance + 0.05 else "FAIL"
     return status, f"accuracy {acc:.1%} at eps={eps:.3g} (chance {chance:.1%})"
 
@@ -188,7 +188,7 @@ def _unbounded(ctx: CheckContext) -> tuple[Status, str]:
     clean = ctx.clean_accuracy()
     if clean <= 0.01:  # the check cannot fail
         return "SKIP", f"clean accuracy {clean:.1%}: the model is right on (almost) no check example, nothing to attack"
-    acc = ctx.attack(eps).accuracy  # continues the largest radius attacked below
+    acc = ctx.attack(eps).accuracy  # continues the largest radius attacked below (CheckContext.attack)
     status: Status = "PASS" if acc <= 0.01 else "FAIL"
     return status, f"success {1 - acc:.1%} with eps={eps:.3g}"
 
@@ -215,7 +215,8 @@ def _more_iterations(ctx: CheckContext) -> tuple[Status, str]:
     if base.origin == "suite":
         what = "the suite"
     else:
-        what = f"PGD-{ctx.steps}" + (f" (continuing eps={base.start:.3g})" if base.start else "")
+        steps = ctx.sweep_steps or ctx.steps  # the base run is the sweep's run at eps
+        what = f"PGD-{steps}" + (f" (continuing eps={base.start:.3g})" if base.start else "")
     detail = f"{what} {base_acc:.1%}, +{ctx.steps} steps {more_acc:.1%}, +1 random restart {restart_acc:.1%}"
     n = ctx.x.shape[0]
     if max(more_acc, restart_acc) > base_acc + 1.5 / n:  # more than one example

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harden.attacks import ATTACKS
 from harden.attacks.suite import preset_specs
+from harden.check_context import sweep_radii
 from harden.models import model_device
 from harden.objectives import OBJECTIVES
 from harden.policy import Policy
@@ -154,6 +156,12 @@ def _attack_cost(name: str, params: dict[str, Any], num_classes: int) -> tuple[f
     return float(steps * restarts * eot * targets), what
 
 
+def _in_cascade(name: str) -> bool:
+    """Whether the attack ``name`` joins the l_p cascade (bounded, label-preserving), as :func:`harden.attacks.suite.order_attacks` decides."""
+    cls = ATTACKS.get(name)
+    return bool(cls.bounded and not cls.changes_label)
+
+
 def _verify_lines(policy: Policy, n_test: int, num_classes: int) -> tuple[list[str], float, float]:
     """(lines, attack passes, check passes) of the verification stage, in example passes."""
     spec = policy.verify
@@ -167,14 +175,15 @@ def _verify_lines(policy: Policy, n_test: int, num_classes: int) -> tuple[list[s
     lines = [f"verify    {n} test examples ({spec.sample}); attacks: {', '.join(attacks) or 'none'}"]
     checks = 0.0
     k = min(spec.check_examples, n_test)
-    radii = (
-        spec.eps_sweep if spec.eps_sweep is not None else tuple(f * policy.threat.eps for f in (0.25, 0.5, 1, 1.5, 2))
-    )
-    # the suite's own outcome is the run at the threat's eps; every other radius one run of sweep_steps
-    sweep_runs = len({e for e in radii if e != policy.threat.eps}) + (0 if passes else 1)
+    radii = sweep_radii(spec.eps_sweep, policy.threat)
+    eps = policy.threat.eps
+    # the suite's own outcome is the run at the threat's eps; without an l_p attack it is a PGD run too
+    own = 0 if any(_in_cascade(a.name) for a in [*preset_specs(spec.preset), *spec.attacks]) else 1
+    sweep_runs = len([e for e in radii if e != eps]) + (own if eps in radii else 0)
+    base_run = 0 if eps in radii else own  # more_iterations_never_help's base when the sweep has no eps
     sweep = ", ".join(f"{e:.4g}" for e in radii) if radii else "none"
     if spec.checks:
-        checks = k * (spec.check_steps * _CHECK_RUNS + spec.sweep_steps * (sweep_runs + _LARGE_RUNS))
+        checks = k * (spec.check_steps * _CHECK_RUNS + spec.sweep_steps * (sweep_runs + base_run + _LARGE_RUNS))
         what = f"checks on ({k} examples, PGD-{spec.check_steps}); eps sweep {sweep} (PGD-{spec.sweep_steps})"
     else:
         checks = k * spec.sweep_steps * sweep_runs if radii else 0.0

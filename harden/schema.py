@@ -165,8 +165,18 @@ class _NamedSpec(Strict):
         return copied
 
     def _carry(self, kind: str, cls: Any) -> None:
+        """Validate ``params`` with ``cls.Params`` and keep them filled with its defaults.
+
+        A parameter the ``Params`` model names in ``added_later`` is left out while at its
+        default, so the hash of a policy that does not use it is what it was before it existed.
+        """
         validated = _validate_params(kind, self.name, cls.Params, self.params)
-        object.__setattr__(self, "params", validated.model_dump(mode="json"))
+        filled = validated.model_dump(mode="json")
+        fields = cls.Params.model_fields
+        for name in getattr(cls.Params, "added_later", ()):
+            if name in filled and name in fields and filled[name] == fields[name].default:
+                del filled[name]
+        object.__setattr__(self, "params", filled)
         self._checked = validated
 
 

@@ -183,6 +183,26 @@ def test_channels_last_weights_puts_the_very_same_tensors_back():
     assert channels_last_weights(TinyMLP(num_classes=3), x) is None  # no 4-D weight: nothing to change
 
 
+def test_channels_last_weights_puts_back_what_it_swapped_when_a_copy_fails(monkeypatch):
+    from harden.attacks import base
+    from harden.testing import TinyCNN
+
+    model = TinyCNN(num_classes=3)
+    before = [(p.data_ptr(), p.stride()) for p in model.parameters()]
+    calls, real = [], torch.empty_like
+
+    def failing(*args, **kwargs):  # the second weight's copy runs out of memory
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base.torch, "empty_like", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        base.channels_last_weights(model, torch.rand(2, 1, 8, 8))
+    assert len(calls) == 2 and [(p.data_ptr(), p.stride()) for p in model.parameters()] == before
+
+
 class _ViewNet(torch.nn.Module):
     """A CNN that flattens with .view(): fails on a channels_last activation, so Square must fall back."""
 

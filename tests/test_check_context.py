@@ -1,5 +1,7 @@
 """harden.check_context: the checks' shared clean logits and PGD runs (cached, continued, warm-started)."""
 
+import itertools
+
 import torch
 
 from harden.check_context import CheckContext
@@ -89,7 +91,8 @@ def test_the_suites_outcome_is_the_run_at_the_threats_eps_and_is_not_attacked_ag
     net, ctx, adv = _with_suite(trained)
     state = ctx.attack(0.1)
     assert net.rows == len(ctx.y)  # one fresh forward pass on the suite's points, no PGD step
-    assert state.origin == "suite" and state.x_adv is adv and ctx.attack(0.1) is state
+    assert state.origin == "suite" and ctx.attack(0.1) is state
+    assert torch.equal(state.x_adv, adv)  # an attack's output is inside the ball: held as it is
     with torch.no_grad():
         assert torch.equal(state.right, trained(adv).argmax(1) == ctx.y)
     assert 0 < state.accuracy < ctx.clean_accuracy()  # the suite fooled some examples, not all
@@ -141,7 +144,7 @@ def test_suite_points_of_another_shape_are_refused(trained):
     import pytest
 
     x, y = synthetic_tensors(8, seed=2)
-    with pytest.raises(ValueError, match="suite_adv of the check subset's shape"):
+    with pytest.raises(ValueError, match="expected suite_adv like the check subset"):
         CheckContext(trained, x, y, ThreatModel(eps=0.1), num_classes=3, suite_adv=x[:4])
 
 
@@ -188,10 +191,12 @@ def test_a_model_that_breaks_on_channels_last_is_attacked_in_its_own_layout():
                 model(x)
         finally:
             restore()
+    standard, ptr = model.conv.weight.stride(), model.conv.weight.data_ptr()
     state = CheckContext(model, x, y, ThreatModel(eps=0.3), num_classes=3, steps=5).attack(0.3)
     with torch.no_grad():
         assert torch.equal(state.right, model(state.x_adv).argmax(1) == y)
-    assert model.conv.weight.is_contiguous() and model.conv.weight.requires_grad
+    assert model.conv.weight.stride() == standard and model.conv.weight.data_ptr() == ptr  # the same tensor back
+    assert model.conv.weight.requires_grad
 
 
 class _Broken(torch.nn.Module):
@@ -212,6 +217,50 @@ def test_an_error_of_the_model_that_is_not_about_layout_propagates():
 
     x, y = synthetic_tensors(8, seed=2)
     model = _Broken().eval()
+    standard, ptr = model.conv.weight.stride(), model.conv.weight.data_ptr()
     with pytest.raises(RuntimeError, match="the model's own failure"):
         CheckContext(model, x, y, ThreatModel(eps=0.1), num_classes=3, steps=2).attack(0.1)
-    assert model.conv.weight.is_contiguous() and model.conv.weight.requires_grad  # put back on the way out
+    assert model.conv.weight.stride() == standard and model.conv.weight.data_ptr() == ptr  # put back on the way out
+    assert model.conv.weight.requires_grad
+
+
+class _Band(torch.nn.Module):
+    """Deterministic: wrong (class 1) only where the image mean lies near 0.575, right (class 0) elsewhere."""
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(m), 1.0 - 1000 * (m - 0.575) ** 2], 1)
+
+
+def test_the_sweep_never_rises_without_the_suites_outcome_whatever_order_the_radii_come_in():
+    """Without suite_adv every radius continues the one below: the order of the list must not matter. (The band
+    model is wrong only in a thin shell of image means, so independent runs per radius do rise.)"""
+    x, y = torch.full((8, 1, 4, 4), 0.5), torch.zeros(8, dtype=torch.long)
+    ctx = CheckContext(_Band(), x, y, ThreatModel(eps=0.3), num_classes=2, steps=1, sweep_steps=1)
+    states = ctx.sweep([0.15, 0.075, 0.3, 0.45, 0.6, 0.15])
+    assert list(states) == [0.075, 0.15, 0.3, 0.45, 0.6]  # smallest first, each once
+    accs = [states[e].accuracy for e in sorted(states)]
+    assert accs[0] < 1.0  # the smallest radius fools some examples, so the comparison below tests something
+    assert all(b <= a for a, b in itertools.pairwise(accs)), accs
+
+
+def test_with_the_suites_outcome_the_sweep_goes_down_from_the_threats_eps_then_up(trained):
+    _, ctx, _ = _with_suite(trained)
+    heard = []
+    states = ctx.sweep([0.2, 0.025, 0.1, 0.05], on_radius=heard.append)
+    assert heard == [0.05, 0.025, 0.1, 0.2] and states[0.1].origin == "suite"
+    accs = [states[e].accuracy for e in sorted(states)]
+    assert all(b <= a for a, b in itertools.pairwise(accs)) and accs[0] > accs[-1], accs
+
+
+def test_suite_points_are_held_inside_the_ball_and_must_match_the_subset():
+    import pytest
+
+    x, y = synthetic_tensors(8, seed=2)
+    far = (x + 0.5).clamp(0, 1.5)  # outside the eps ball and the box
+    ctx = CheckContext(_Band(), x, y, ThreatModel(eps=0.1), num_classes=3, suite_adv=far)
+    assert ctx.suite_adv is not None
+    assert float((ctx.suite_adv - x).abs().amax()) <= 0.1 + 1e-6  # float32 pixels <= 1: one rounding
+    assert float(ctx.suite_adv.min()) >= 0.0 and float(ctx.suite_adv.max()) <= 1.0
+    with pytest.raises(ValueError, match="expected suite_adv like the check subset"):
+        CheckContext(_Band(), x, y, ThreatModel(eps=0.1), num_classes=3, suite_adv=x.double())

@@ -243,6 +243,13 @@ def test_more_iterations_continues_the_sweeps_run_on_the_examples_it_left_right(
     assert left < n  # so the bound is below what the runs on every example would cost
 
 
+def test_more_iterations_names_the_sweeps_steps_when_its_base_run_is_the_sweeps(trained):
+    x, y = synthetic_tensors(96, seed=2)
+    ctx = CheckContext(trained, x, y, ThreatModel(eps=0.1), num_classes=3, steps=10, sweep_steps=4, seed=1)
+    result = run_checks(ctx, ["more_iterations_never_help"])["more_iterations_never_help"]
+    assert result.detail.startswith(f"PGD-4 {ctx.attack(0.1).accuracy:.1%}, +10 steps ")
+
+
 class _Coin(torch.nn.Module):
     """Random answers on every call (the forward pass is pure noise)."""
 

@@ -120,6 +120,30 @@ def test_hash_ignores_comments_key_order_and_spelled_out_defaults(tmp_path):
     assert policy_hash(c) != policy_hash(a)
 
 
+def test_fields_added_later_leave_the_hash_of_a_policy_that_does_not_use_them_as_it_was():
+    """verify.sweep_steps and the targeted attacks' screen_steps / full_targets are left out of the dump at their
+    defaults: the pinned hash is the one harden 0.1.0 gave this policy before those fields existed."""
+    body = {
+        "seed": 3,
+        "objectives": [{"name": "ce"}],
+        "threat": {"eps": 0.1},
+        "verify": {"attacks": [{"name": "apgd_t", "params": {"steps": 5}}, {"name": "fab_t", "params": {"steps": 5}}]},
+    }
+    plain = validate_policy(body)
+    assert policy_hash(plain) == "847b44b4185e345f8e73794f345bc425905e335d4885d1d1434d6b05290911fb"
+    dumped = plain.model_dump(mode="json")["verify"]
+    assert "sweep_steps" not in dumped and plain.verify.sweep_steps == 10
+    assert all("screen_steps" not in a["params"] and "full_targets" not in a["params"] for a in dumped["attacks"])
+    spelled = {"screen_steps": None, "full_targets": 1, "steps": 5}  # the defaults written out
+    attacks = [{"name": "apgd_t", "params": spelled}, {"name": "fab_t", "params": spelled}]
+    same = validate_policy({**body, "verify": {"attacks": attacks, "sweep_steps": 10}})
+    assert policy_hash(same) == policy_hash(plain)
+    screened = [{"name": "apgd_t", "params": {**spelled, "screen_steps": 2}}, attacks[1]]
+    assert policy_hash(validate_policy({**body, "verify": {"attacks": screened}})) != policy_hash(plain)
+    used = validate_policy({**body, "verify": {**body["verify"], "sweep_steps": 5}})
+    assert used.model_dump(mode="json")["verify"]["sweep_steps"] == 5 and policy_hash(used) != policy_hash(plain)
+
+
 def test_hash_is_stable_across_calls():
     p = tiny_policy()
     assert policy_hash(p) == policy_hash(tiny_policy()) == policy_hash(p)

@@ -275,25 +275,6 @@ def test_checks_that_tested_nothing_skip_and_never_count_as_passes(trained):
     assert "check SKIP (N/A) no_catastrophic_overfitting" in report.summary()
 
 
-def test_a_summary_whose_checks_all_skipped_is_not_assessed_not_reliable():
-    skipped = {"status": "SKIP", "detail": "no history"}
-    report = harden.RobustnessReport(
-        8, 0.0, 0.0, {}, {}, {}, {"norm": "linf", "eps": 0.1}, [], 0.0, checks={"a": skipped, "b": skipped}
-    )
-    assert report.reliable  # nothing failed ...
-    assert "evaluation NOT ASSESSED (no check passed) (0 checks pass, 2 skipped, N/A)" in report.summary()
-
-
-def test_a_summary_of_many_classes_lists_the_five_with_the_lowest_robust_accuracy():
-    per_class = [{"label": c, "name": f"c{c}", "n": 10, "clean": 10, "robust": (c * 7) % 11} for c in range(25)]
-    report = harden.RobustnessReport(250, 1.0, 0.5, {}, {}, {}, {"norm": "linf", "eps": 0.1}, [], 0.0)
-    report.per_class = per_class
-    lines = report.summary().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("per class (the 5 of 25"))
-    worst = sorted(per_class, key=lambda c: (c["robust"], c["label"]))[:5]
-    assert [line.split()[0] for line in lines[start + 1 : start + 6]] == [str(c["label"]) for c in worst]
-
-
 class Bars:
     """Stands in for tqdm in every verification module: records each bar's label, total and count."""
 

@@ -16,6 +16,8 @@ attack is exactly the reference.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -46,6 +48,8 @@ class APGDTParams(APGDParams):
     """
 
     n_target_classes: int = Field(9, ge=1, le=100_000)
+    #: left out of a policy's dump at their defaults: a policy that does not use them hashes as before
+    added_later: ClassVar[frozenset[str]] = frozenset({"screen_steps", "full_targets"})
     screen_steps: int | None = Field(None, ge=1, le=100_000)
     full_targets: int = Field(1, ge=1, le=100_000)
 

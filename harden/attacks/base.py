@@ -131,11 +131,12 @@ def restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
 
 
 def channels_last_weights(model: nn.Module, x: torch.Tensor) -> Callable[[], None] | None:
-    """Hold the model's 4-D weights in channels_last for forward-only queries on the CPU.
+    """Hold the model's 4-D weights in channels_last on the CPU (Square's queries, the checks' PGD).
 
     A convolution whose weight is channels_last runs oneDNN's NHWC kernels: on 2 CPU cores the
     MNIST challenge CNN answered a batch of 90 in 10 ms instead of 16 ms, its logits within
-    1e-6 of the standard layout's (float32 rounding of another summation order). Returns the
+    1e-6 of the standard layout's (float32 rounding of another summation order), and its input
+    gradient of 100 images took 33 ms instead of 40 ms. Returns the
     function that puts the very same tensors back (bit for bit), or None where nothing changed:
     not on the CPU, no 4-D weight, or weights already channels_last.
 
@@ -151,13 +152,17 @@ def channels_last_weights(model: nn.Module, x: torch.Tensor) -> Callable[[], Non
     if x.device.type != "cpu" or not held or not all(t.is_contiguous() for t in held):
         return None
     saved = [(t, t.data) for t in held]
-    for t, data in saved:  # a fresh copy: with one input channel .contiguous() would keep NCHW strides
-        t.data = torch.empty_like(data, memory_format=torch.channels_last).copy_(data)
 
     def restore() -> None:
         for t, data in saved:
             t.data = data
 
+    try:
+        for t, data in saved:  # a fresh copy: with one input channel .contiguous() would keep NCHW strides
+            t.data = torch.empty_like(data, memory_format=torch.channels_last).copy_(data)
+    except BaseException:  # out of memory part way: the tensors already swapped go back
+        restore()
+        raise
     return restore
 
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, Field
@@ -99,6 +99,8 @@ class FABParams(AttackParams):
     eta: float = Field(1.05, ge=1, le=10)
     beta: float = Field(0.9, gt=0, le=1)
     early_stop: bool = True
+    #: left out of a policy's dump at their defaults: a policy that does not use them hashes as before
+    added_later: ClassVar[frozenset[str]] = frozenset({"screen_steps", "full_targets"})
     screen_steps: int | None = Field(None, ge=1, le=100_000)
     full_targets: int = Field(1, ge=1, le=100_000)
 
