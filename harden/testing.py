@@ -20,11 +20,12 @@ from __future__ import annotations
 from harden.attack_contract import check_attack
 from harden.data import synthetic_bundle, synthetic_tensors
 from harden.objective_contract import check_objective
-from harden.tiny import ConstantClassifier, QuantizedInput, SoftmaxHead, TinyCNN, TinyMLP, tiny_policy
+from harden.tiny import ConstantClassifier, QuantizedInput, RowCounter, SoftmaxHead, TinyCNN, TinyMLP, tiny_policy
 
 __all__ = [
     "ConstantClassifier",
     "QuantizedInput",
+    "RowCounter",
     "SoftmaxHead",
     "TinyCNN",
     "TinyMLP",

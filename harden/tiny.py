@@ -179,6 +179,30 @@ _TINY: dict[str, Any] = {
 }
 
 
+class RowCounter(nn.Module):
+    """Wraps a model and counts the rows (examples) of every forward pass: what an attack or check costs.
+
+    Example:
+        >>> import torch
+        >>> counted = RowCounter(TinyMLP(num_classes=3))
+        >>> _ = counted(torch.rand(4, 1, 8, 8)); _ = counted(torch.rand(2, 1, 8, 8))
+        >>> counted.rows
+        6
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        #: rows seen by :meth:`forward` since it was built (or last set to 0)
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's output; ``rows`` grows by the batch size."""
+        self.rows += x.shape[0]
+        out: torch.Tensor = self.model(x)
+        return out
+
+
 def _merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in updates.items():

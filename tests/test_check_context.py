@@ -6,7 +6,7 @@ import torch
 
 from harden.check_context import CheckContext
 from harden.policy import ThreatModel
-from harden.testing import synthetic_tensors
+from harden.testing import RowCounter, synthetic_tensors
 
 
 def _ctx(model, **kw):
@@ -63,24 +63,12 @@ def test_extend_refuses_a_radius_below_the_base_run(trained):
         ctx.extend(ctx.attack(0.1), eps=0.05)
 
 
-class _Counting(torch.nn.Module):
-    """Counts the rows of every forward pass."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows = model, 0
-
-    def forward(self, x):
-        self.rows += x.shape[0]
-        return self.model(x)
-
-
 def _with_suite(model, **kw):
     from harden.attacks import ATTACKS
 
     x, y = synthetic_tensors(96, seed=2)
     adv = ATTACKS.get("pgd")(ThreatModel(eps=0.1), {"steps": 5})(model, x, y)  # the suite's points at eps 0.1
-    net = _Counting(model)
+    net = RowCounter(model)
     ctx = CheckContext(net, x, y, ThreatModel(eps=0.1), num_classes=3, steps=10, suite_adv=adv, seed=1, **kw)
     ctx.logits()
     net.rows = 0
@@ -127,7 +115,7 @@ def test_above_the_threats_eps_the_run_continues_the_suites_points(trained):
 
 
 def test_sweep_steps_set_each_radius_run_and_steps_the_checks_own_runs(trained):
-    net = _Counting(trained)
+    net = RowCounter(trained)
     x, y = synthetic_tensors(96, seed=2)
     ctx = CheckContext(net, x, y, ThreatModel(eps=0.1), num_classes=3, steps=10, sweep_steps=2, seed=1)
     ctx.logits()

@@ -7,7 +7,7 @@ import harden
 import harden.checks
 from harden.checks import CHECKS, CheckContext, Status, onnx_black_box_check, run_checks
 from harden.policy import ThreatModel
-from harden.testing import QuantizedInput, SoftmaxHead, TinyCNN, TinyMLP, synthetic_tensors, tiny_policy
+from harden.testing import QuantizedInput, RowCounter, SoftmaxHead, TinyCNN, TinyMLP, synthetic_tensors, tiny_policy
 
 
 def _ctx(model, **kw):
@@ -217,20 +217,8 @@ def test_listed_examples_are_named_by_their_index_in_the_data():
     assert onnx.status == "FAIL" and onnx.detail.endswith("(indices 40)")
 
 
-class _Counting(torch.nn.Module):
-    """Counts the examples that go through the model (forward passes of the checks' attacks)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.rows = model, 0
-
-    def forward(self, x):
-        self.rows += x.shape[0]
-        return self.model(x)
-
-
 def test_more_iterations_continues_the_sweeps_run_on_the_examples_it_left_right(trained):
-    net = _Counting(trained)
+    net = RowCounter(trained)
     ctx = _ctx(net)
     base = ctx.attack(0.1)  # the eps sweep's run at the threat's eps
     left, n = int(base.right.sum()), len(ctx.y)

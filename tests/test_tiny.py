@@ -84,3 +84,17 @@ def test_tiny_policy_merges_sections_and_leaves_the_default_alone():
     again = tiny_policy()
     assert again.train.epochs == 1 and again.threat.norm == "linf"
     assert tiny_policy(objectives=[{"name": "ce"}]).objectives[0].name == "ce"  # lists are replaced
+
+
+def test_row_counter_counts_every_forward_row_and_passes_the_output_through():
+    import torch
+
+    from harden.tiny import RowCounter, TinyMLP
+
+    torch.manual_seed(0)
+    inner = TinyMLP(num_classes=3).eval()
+    counted = RowCounter(inner)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(counted(x), inner(x)) and counted(x[:2]).shape == (2, 3)
+    assert counted.rows == 7
