@@ -8,7 +8,7 @@ import torch
 
 import harden.certificate as certificate_module
 import harden.certificate_io as certificate_io
-from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, SmoothingSummary, environment, verdict_rule
+from harden.certificate import CERTIFICATE_SCHEMA_VERSION, Certificate, environment
 from harden.errors import CheckpointError, IntegrityError
 from harden.report import to_html, to_markdown
 from harden.signing import generate_keypair, load_private_key, load_public_key, verify_signature
@@ -194,29 +194,6 @@ def test_load_turns_every_failure_into_one_line(tmp_path, monkeypatch):
     assert "MiB" in _load_error(tmp_path / "big.json")
 
 
-def test_verdict_rule_is_the_documented_rule():
-    def smoothing(**kw):
-        base = {
-            "sigma": 0.25, "n0": 8, "n": 32, "alpha": 0.001, "examples": 4, "abstentions": 0, "radius": 0.5,
-            "certified_accuracy": 0.5, "min_certified_accuracy": 0.5, "curve": [], "labels": [], "predictions": [],
-            "radii": [], "seconds": 1.0, "samples_per_second": 1.0,
-        }  # fmt: skip
-        return SmoothingSummary(**{**base, **kw})
-
-    passed = {"a": {"status": "PASS"}, "b": {"status": "WARN"}}
-    assert verdict_rule(passed, None)[0] == "EMPIRICAL"
-    assert verdict_rule(passed, smoothing()) == (
-        "CERTIFIED",
-        "smoothed classifier (sigma=0.25) certified on 50.0% of 4 examples at l2 radius 0.5 (alpha=0.001)",
-    )
-    assert verdict_rule(passed, smoothing(certified_accuracy=0.25))[0] == "EMPIRICAL"
-    assert verdict_rule(passed, smoothing(certified_accuracy=None))[0] == "EMPIRICAL"
-    assert "certify.radius is not set" in verdict_rule(passed, smoothing(radius=None))[1]
-    failed = {**passed, "c": {"status": "FAIL"}, "d": {"status": "FAIL"}}
-    assert verdict_rule(failed, smoothing()) == ("UNRELIABLE", "sanity check(s) failed: c, d")
-    assert verdict_rule({"odd": {"detail": "no status"}, "x": "not a mapping"}, None)[0] == "EMPIRICAL"
-
-
 def test_schema_refuses_unknown_keys_and_impossible_accuracies():
     with pytest.raises(pydantic.ValidationError, match="extra"):
         tiny_cert(surprise=1)
@@ -331,14 +308,6 @@ def test_requirement_results_recompute_from_the_numbers():
     cert = tiny_cert(requirements=requirement_results(texts[:1], values))
     assert cert.measured_values()["robust_accuracy"] == 0.5  # the certificate's own numbers
     assert Certificate.model_validate_json(cert.model_dump_json()) == cert
-
-
-def test_a_skipped_check_is_named_in_the_reason_and_never_a_failure():
-    skipped = {"a": {"status": "PASS"}, "white_box_beats_black_box": {"status": "SKIP"}}
-    decided, reason = verdict_rule(skipped, None)
-    assert decided == "EMPIRICAL" and reason.endswith("; not tested (SKIP, N/A): white_box_beats_black_box")
-    assert verdict_rule({**skipped, "b": {"status": "FAIL"}}, None) == ("UNRELIABLE", "sanity check(s) failed: b")
-    assert "SKIP" not in verdict_rule({"a": {"status": "PASS"}}, None)[1]
 
 
 def test_load_accepts_a_run_directory_and_says_so_when_it_has_no_certificate(tmp_path):
