@@ -12,12 +12,7 @@ from harden.report_sections import (
     ROBUST_LABEL,
     Plot,
     Section,
-    ci,
-    fmt,
-    pct,
     sections,
-    status_label,
-    threat_text,
 )
 
 ALWAYS = ["Threat model", "Accuracy", "Other threats", "Sanity checks", "Training", "Integrity", "Reproducibility"]
@@ -69,18 +64,6 @@ def _by_title(cert: Certificate) -> dict[str, Section]:
 
 def _tables(section: Section) -> list[tuple[list[str], list[list[str]]]]:
     return [b for b in section.blocks if isinstance(b, tuple)]
-
-
-def test_the_formats():
-    assert (pct(0.04), pct(1.0), pct(None)) == ("4.00%", "100.00%", DASH)
-    assert (fmt(None), fmt(False), fmt(2 / 3), fmt(7), fmt("x")) == (DASH, "false", "0.6667", "7", "x")
-    assert fmt({"a": 1, "b": None, "c": [0.5, True]}) == "a=1, c=0.5, true"
-    assert fmt({"b": None}) == DASH  # nothing set reads as missing, not as an empty cell
-    cert = bare(intervals={"robust": (0.015, 0.098)})
-    assert (ci(cert, "robust"), ci(cert, "clean")) == ("[1.50%, 9.80%]", DASH)
-    assert threat_text(cert) == "norm = linf, eps = 0.03"  # the unset radius left out
-    assert threat_text(bare(threat={})) == DASH
-    assert (status_label("SKIP"), status_label("FAIL")) == ("SKIP (N/A)", "FAIL")
 
 
 def test_a_bare_certificate_has_the_sections_every_certificate_has():
