@@ -25,17 +25,8 @@ import re
 from typing import TYPE_CHECKING
 
 from harden.plots import certificate_plots
-from harden.report_sections import (
-    CLEAN_LABEL,
-    DASH,
-    ROBUST_LABEL,
-    ci,
-    fmt,
-    pct,
-    sections,
-    status_label,
-    threat_text,
-)
+from harden.report_format import CLEAN_LABEL, DASH, ROBUST_LABEL, ci, fmt, pct, status_label, threat_text
+from harden.report_sections import sections
 
 if TYPE_CHECKING:
     from harden.certificate import Certificate
@@ -91,7 +82,10 @@ def _targets(cert: Certificate) -> list[tuple[str, str]]:
         measured = "not measured" if r.actual is None else f"measured {_frac(r.actual)}"
         status = "PASS" if r.passed else "FAIL"
         if r.passed and cert.verdict == "UNRELIABLE" and r.metric not in ("clean_accuracy", "certified_accuracy"):
-            status, measured = "FAIL", f"{measured}, but the evaluation is UNRELIABLE: the figure may overstate robustness"
+            status, measured = (
+                "FAIL",
+                f"{measured}, but the evaluation is UNRELIABLE: the figure may overstate robustness",
+            )
         out.append((status, f"Target: {r.text}: {status} ({measured})"))
     return out
 

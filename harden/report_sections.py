@@ -2,7 +2,7 @@
 
 :mod:`harden.report` renders these sections twice (Markdown and HTML), so both say the same
 things. The labels people read instead of JSON keys and the number formats live in
-:mod:`harden.report_format` (exported here too); here is one builder per section, in reading order:
+:mod:`harden.report_format` ; here is one builder per section, in reading order:
 threat model, accuracy, per class, other threats, accuracy vs eps, randomized smoothing, sanity
 checks, training, saliency, integrity, reproducibility. A :class:`Plot` block marks where the
 HTML page places a plot of :func:`harden.plots.certificate_plots`; Markdown leaves it out.
@@ -24,7 +24,6 @@ from harden.report_format import (
     Block,
     Plot,
     Section,
-    Table,
     attack_label,
     ci,
     fmt,
@@ -37,21 +36,7 @@ from harden.report_format import (
 if TYPE_CHECKING:
     from harden.certificate import Certificate, SmoothingSummary
 
-__all__ = [
-    "CLEAN_LABEL",
-    "DASH",
-    "ROBUST_LABEL",
-    "Block",
-    "Plot",
-    "Section",
-    "Table",
-    "ci",
-    "fmt",
-    "pct",
-    "sections",
-    "status_label",
-    "threat_text",
-]
+__all__ = ["sections"]  # the labels, formats and block types: harden.report_format
 
 
 def sections(cert: Certificate) -> list[Section]:

@@ -2,18 +2,7 @@
 
 from types import SimpleNamespace
 
-import harden.report_sections
-from harden.report_format import (
-    CHECK_LABELS,
-    DASH,
-    attack_label,
-    ci,
-    fmt,
-    key_label,
-    pct,
-    status_label,
-    threat_text,
-)
+from harden.report_format import CHECK_LABELS, DASH, attack_label, ci, fmt, key_label, pct, status_label, threat_text
 
 
 def test_the_formats():
@@ -33,7 +22,3 @@ def test_attacks_checks_and_keys_read_as_labels_and_unknown_ones_as_themselves()
     assert attack_label("my_attack#3") == "my_attack (run 3)"
     assert key_label("lr") == "Learning rate" and key_label("grad_norm") == "Grad norm"
     assert CHECK_LABELS["more_iterations_never_help"] == "More attack iterations do not help"
-
-
-def test_report_sections_exports_the_same_formats():
-    assert harden.report_sections.pct is pct and harden.report_sections.DASH == DASH

@@ -6,14 +6,8 @@ import pytest
 
 from harden.certificate import BaselineSummary, Certificate, ClassResult, SaliencyExample, SmoothingSummary
 from harden.report import to_markdown
-from harden.report_sections import (
-    CLEAN_LABEL,
-    DASH,
-    ROBUST_LABEL,
-    Plot,
-    Section,
-    sections,
-)
+from harden.report_format import CLEAN_LABEL, DASH, ROBUST_LABEL, Plot, Section
+from harden.report_sections import sections
 
 ALWAYS = ["Threat model", "Accuracy", "Other threats", "Sanity checks", "Training", "Integrity", "Reproducibility"]
 
