@@ -50,9 +50,10 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from harden.pipeline import RunResult, run
     from harden.policy import Policy, ThreatModel
     from harden.policy_io import dump_policy, load_policy, policy_hash, validate_policy
+    from harden.robustness import RobustnessReport
     from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
     from harden.train import FitResult, fit
-    from harden.verify import RobustnessReport, verify
+    from harden.verify import verify
     from harden.verify_onnx import OnnxReport, verify_onnx
 
 #: public name -> the module that defines it (imported on first access)
@@ -84,7 +85,7 @@ _LAZY: dict[str, str] = {
     "load_onnx": "harden.runtime",
     "FitResult": "harden.train",
     "fit": "harden.train",
-    "RobustnessReport": "harden.verify",
+    "RobustnessReport": "harden.robustness",
     "verify": "harden.verify",
     "OnnxReport": "harden.verify_onnx",
     "verify_onnx": "harden.verify_onnx",

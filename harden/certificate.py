@@ -92,7 +92,7 @@ FIELDS_SINCE_2_3 = (
 )
 #: the fields 2.4 added (left out of the canonical bytes of a 2.2 or 2.3 certificate)
 FIELDS_SINCE_2_4 = ("verify_seconds", "per_check_seconds")
-#: a part of ``verify_seconds`` (:meth:`harden.verify.RobustnessReport.time_split`)
+#: a part of ``verify_seconds`` (:meth:`harden.robustness.RobustnessReport.time_split`)
 VerifyPart = Literal["attacks", "other_attacks", "setup", "checks", "eps_sweep", "rest"]
 #: the parts of ``verify_seconds``, in order
 VERIFY_TIME_PARTS: tuple[str, ...] = get_args(VerifyPart)

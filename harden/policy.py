@@ -208,7 +208,7 @@ class VerifySpec(Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out: dict[str, Any] = handler(self)
-        if out.get("sweep_steps") == 10:  # at its default: the hash of a policy is what it was before it existed
+        if out.get("sweep_steps") == type(self).model_fields["sweep_steps"].default:  # as before it existed
             del out["sweep_steps"]
         return out
 

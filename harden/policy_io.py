@@ -404,6 +404,10 @@ def checked(policy: Policy) -> Policy:
 def dump_policy(policy: Policy) -> str:
     """The canonical YAML of a policy (every default filled in, keys in declaration order).
 
+    Fields added after a policy format was in use are left out at their defaults
+    (``verify.sweep_steps``, an objective's ``every``, a params model's ``added_later``), so an
+    older policy dumps and hashes as it did.
+
     Example:
         >>> "pgd_at" in dump_policy(Policy(objectives=[ObjectiveSpec(name="pgd_at")]))
         True

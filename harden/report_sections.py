@@ -24,6 +24,7 @@ from harden.report_format import (
     Block,
     Plot,
     Section,
+    Table,  # noqa: F401  (unused here: importable from this module as it was)
     attack_label,
     ci,
     fmt,

@@ -60,6 +60,7 @@ __all__ = [
     "catalog_of",
     "is_code",
     "is_code_ref",
+    "stored_params",
 ]
 
 #: half a level of an 8-bit pixel on the [0, 1] scale: an eps below it moves no 8-bit image
@@ -127,6 +128,29 @@ def _lookup(registry: Lookup, name: str) -> Any:
         raise PydanticCustomError("harden_nested", "{msg}", {"path": "name", "msg": str(exc)}) from None
 
 
+def stored_params(validated: BaseModel) -> dict[str, Any]:
+    """How a spec stores its validated params: every default filled in, as JSON values.
+
+    Except: a parameter its ``Params`` model names in ``added_later`` is left out while at its
+    default, so the hash of a policy that does not use it is what it was before it existed.
+
+    Example:
+        >>> from typing import ClassVar
+        >>> class P(BaseModel):
+        ...     steps: int = 10
+        ...     screen: int | None = None
+        ...     added_later: ClassVar[frozenset[str]] = frozenset({"screen"})
+        >>> stored_params(P()), stored_params(P(screen=3))
+        ({'steps': 10}, {'steps': 10, 'screen': 3})
+    """
+    filled = validated.model_dump(mode="json")
+    fields = type(validated).model_fields
+    for name in getattr(type(validated), "added_later", ()):
+        if name in filled and name in fields and filled[name] == fields[name].get_default(call_default_factory=True):
+            del filled[name]
+    return filled
+
+
 class _NamedSpec(Strict):
     """A named, parametrised entry (objective or attack) that carries its validated ``Params``.
 
@@ -148,7 +172,7 @@ class _NamedSpec(Strict):
         is unchecked again.
         """
         checked = self._checked
-        if checked is None or checked.model_dump(mode="json") != self.params:
+        if checked is None or stored_params(checked) != self.params:
             return None
         return checked
 
@@ -165,18 +189,9 @@ class _NamedSpec(Strict):
         return copied
 
     def _carry(self, kind: str, cls: Any) -> None:
-        """Validate ``params`` with ``cls.Params`` and keep them filled with its defaults.
-
-        A parameter the ``Params`` model names in ``added_later`` is left out while at its
-        default, so the hash of a policy that does not use it is what it was before it existed.
-        """
+        """Validate ``params`` with ``cls.Params`` and keep them as :func:`stored_params` writes them."""
         validated = _validate_params(kind, self.name, cls.Params, self.params)
-        filled = validated.model_dump(mode="json")
-        fields = cls.Params.model_fields
-        for name in getattr(cls.Params, "added_later", ()):
-            if name in filled and name in fields and filled[name] == fields[name].default:
-                del filled[name]
-        object.__setattr__(self, "params", filled)
+        object.__setattr__(self, "params", stored_params(validated))
         self._checked = validated
 
 

@@ -39,8 +39,8 @@ from harden.errors import ModelError
 from harden.models import model_device, prepare_model
 from harden.policy import AttackSpec, Policy
 from harden.policy_io import checked, policy_hash
+from harden.robustness import RobustnessReport
 from harden.runtime import OnnxClassifier, OnnxModule, load_onnx
-from harden.verify import RobustnessReport
 
 __all__ = ["DEFAULT_SQUARE_QUERIES", "OnnxReport", "gradient_free_specs", "verify_onnx"]
 
@@ -52,7 +52,7 @@ _RANK = {"transfer": 0, "square": 1, "noise": 2}
 
 @dataclass
 class OnnxReport(RobustnessReport):
-    """A :class:`harden.verify.RobustnessReport` measured on an ONNX session.
+    """A :class:`harden.robustness.RobustnessReport` measured on an ONNX session.
 
     Attributes:
         onnx: the file (``path``, ``sha256``), the providers that ran, the device and the
@@ -140,7 +140,7 @@ def verify_onnx(
         progress: show a progress bar.
 
     Returns:
-        An :class:`OnnxReport` (a :class:`harden.verify.RobustnessReport`; no checks, no eps
+        An :class:`OnnxReport` (a :class:`harden.robustness.RobustnessReport`; no checks, no eps
         curve) with the providers that ran.
 
     Raises:

@@ -9,7 +9,7 @@ import yaml
 
 import harden
 from harden.policy import Policy
-from harden.policy_io import dump_policy, load_policy, policy_hash, validate_policy
+from harden.policy_io import checked, dump_policy, load_policy, policy_hash, validate_policy
 from harden.testing import tiny_policy
 
 MINIMAL = {"objectives": [{"name": "ce"}]}
@@ -140,6 +140,8 @@ def test_fields_added_later_leave_the_hash_of_a_policy_that_does_not_use_them_as
     assert policy_hash(same) == policy_hash(plain)
     screened = [{"name": "apgd_t", "params": {**spelled, "screen_steps": 2}}, attacks[1]]
     assert policy_hash(validate_policy({**body, "verify": {"attacks": screened}})) != policy_hash(plain)
+    assert plain.checked and checked(plain) is plain  # the stored params still say what the checked ones say
+    assert all(type(a.params_for_build()).__name__ in {"APGDTParams", "FABParams"} for a in plain.verify.attacks)
     used = validate_policy({**body, "verify": {**body["verify"], "sweep_steps": 5}})
     assert used.model_dump(mode="json")["verify"]["sweep_steps"] == 5 and policy_hash(used) != policy_hash(plain)
 

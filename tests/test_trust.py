@@ -128,3 +128,32 @@ def test_the_refusal_suggests_allowing_the_module_not_its_whole_package():
         package = module.partition(".")[0]
         assert f"--allow-code {package} " not in msg and f"allow_code=[{package!r}]" not in msg, msg
         assert refuse_code([CodeReference("data.name", ref)], [module])  # the suggested remedy works
+
+
+def test_code_in_the_params_of_a_plugin_with_parameters_added_later_is_found():
+    """A Params model with ``added_later`` stores fewer keys than it dumps: its checked Params must still be walked."""
+    from harden.attacks.apgd_t import APGDTParams
+
+    class HookParams(APGDTParams):
+        hook: CodeRef | None = None
+
+    class Plugin:
+        Params = HookParams
+
+    class Attacks:
+        def get(self, name):
+            return Plugin if name == "my_apgdt" else ATTACKS.get(name)
+
+        def names(self):
+            return ["my_apgdt", *ATTACKS.names()]
+
+    catalog = Catalog(
+        objectives=CATALOG.objectives, attacks=Attacks(), datasets=CATALOG.datasets, check_model=CATALOG.check_model
+    )
+    doc = {"objectives": [{"name": "ce"}], "verify": {"attacks": [{"name": "my_apgdt", "params": {"hook": "os:system"}}]}}
+    policy = Policy.model_validate(doc, context={"harden": catalog})
+    spec = policy.verify.attacks[0]
+    assert "screen_steps" not in spec.params and isinstance(spec.checked_params, HookParams)  # left out, still checked
+    assert code_references(policy) == [CodeReference("verify.attacks.0.params.hook", "os:system")]
+    with pytest.raises(harden.PolicyError, match=r"^verify\.attacks\.0\.params\.hook: 'os:system' is code"):
+        check_code(policy)
